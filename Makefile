@@ -1,0 +1,35 @@
+# The two commands of the README, and the benchmarks. Everything installs what it needs first.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: deps build demo test test-unit bench-deploy openapi clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release -p shoal
+
+## make demo: build, start `shoal up` with simulated hosts, deploy a virtual cluster, print it.
+demo: build
+	scripts/demo.sh target/release/shoal
+
+## make test: the whole suite (unit, integration, end-to-end against real processes).
+test: deps
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## Rewrites docs/openapi.json from the code (the test fails when they differ).
+openapi:
+	UPDATE_OPENAPI=1 $(CARGO) test -p shoal-controller --test openapi
+
+bench-deploy: deps
+	$(CARGO) build --release -p shoal -p shoal-bench
+	target/release/bench-deploy target/release/shoal
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,314 @@
+//! The host agent. It joins the controller, reports its capacity and VMs in heartbeats, and
+//! carries out the controller's idempotent commands ("ensure these VMs run", "remove these")
+//! through a hypervisor driver.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use shoal_client::{Client, ClientError};
+use shoal_hv::Hypervisor;
+use shoal_model::agent::{
+    BatchResult, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus,
+};
+use shoal_model::api::{ErrorBody, ErrorDetail};
+use shoal_model::VmState;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Address the controller should use, when `listen` is a wildcard or behind NAT.
+    pub advertise: Option<String>,
+    pub controller_url: String,
+    pub data_dir: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub join_token: Option<String>,
+    pub heartbeat_interval: Duration,
+}
+
+/// What the agent keeps between restarts to prove who it is and who may command it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Credentials {
+    credential: Option<String>,
+    controller_token_hash: Option<String>,
+}
+
+impl Credentials {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("credentials.json")
+    }
+
+    fn load(dir: &Path) -> anyhow::Result<Credentials> {
+        match std::fs::read(Self::path(dir)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("corrupt {}", Self::path(dir).display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Credentials::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", Self::path(dir).display())),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = Self::path(dir);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        restrict(&tmp);
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Makes a secret file readable by its owner only.
+fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[derive(Clone)]
+struct AgentState {
+    hv: Arc<dyn Hypervisor>,
+    /// Hash of the token the controller must present; `None` on a loopback listener.
+    require: Option<String>,
+}
+
+/// A started agent. Dropping it does not stop it; call [`RunningAgent::stop`].
+pub struct RunningAgent {
+    pub name: String,
+    pub address: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    /// Stops serving and heartbeating. VMs keep running (a real hypervisor's processes outlive
+    /// the agent; the next agent start re-adopts them).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Vanishes at once, as a crashed host would: no goodbye, no more answers.
+    pub fn kill(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds the listener, registers with the controller (waiting for it to come up), then serves
+/// commands and sends heartbeats in the background.
+pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Result<RunningAgent> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("agent {}: cannot listen on {}", config.name, config.listen))?;
+    let local = listener.local_addr()?;
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let loopback = local.ip().is_loopback();
+
+    let mut creds = Credentials::load(&config.data_dir)?;
+    register(&config, &address, hv.as_ref(), &mut creds).await?;
+    if !loopback && creds.controller_token_hash.is_none() {
+        bail!(
+            "agent {} listens on {local} (not loopback) but the controller gave it no token to check commands with; \
+             start the controller on a non-loopback address too",
+            config.name
+        );
+    }
+
+    let state = AgentState {
+        hv: hv.clone(),
+        require: if loopback {
+            None
+        } else {
+            creds.controller_token_hash.clone()
+        },
+    };
+    let app = Router::new()
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/ensure", post(ensure_vms))
+        .route("/v1/vms/remove", post(remove_vms))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut rx = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!("agent server: {e}");
+        }
+    });
+    let heartbeats = tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, creds, stop_rx));
+    tracing::info!(agent = %config.name, %address, "agent started");
+    Ok(RunningAgent {
+        name: config.name,
+        address,
+        stop: stop_tx,
+        tasks: vec![server, heartbeats],
+    })
+}
+
+async fn register(
+    config: &AgentConfig,
+    address: &str,
+    hv: &dyn Hypervisor,
+    creds: &mut Credentials,
+) -> anyhow::Result<()> {
+    let req = RegisterRequest {
+        name: config.name.clone(),
+        address: address.to_string(),
+        driver: hv.driver().to_string(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        join_token: if creds.credential.is_some() {
+            None
+        } else {
+            config.join_token.clone()
+        },
+    };
+    let client = Client::new(&config.controller_url, creds.credential.clone());
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.register_agent(&req).await {
+            Ok(resp) => {
+                if resp.credential.is_some() {
+                    creds.credential = resp.credential;
+                }
+                if let Some(t) = resp.controller_token {
+                    creds.controller_token_hash = Some(hash_token(&t));
+                }
+                creds.save(&config.data_dir)?;
+                return Ok(());
+            }
+            Err(e @ ClientError::Transport { .. }) => {
+                tracing::warn!(agent = %config.name, "controller not reachable yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => bail!("agent {}: the controller refused to register it: {e}", config.name),
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    config: AgentConfig,
+    address: String,
+    hv: Arc<dyn Hypervisor>,
+    mut creds: Credentials,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut client = Client::new(&config.controller_url, creds.credential.clone());
+    loop {
+        let hb = Heartbeat {
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            vms: hv.list().await,
+        };
+        match client.heartbeat(&config.name, &hb).await {
+            Ok(()) => {}
+            // The controller no longer knows this host (its state was reset): join again.
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(agent = %config.name, "controller forgot this host, registering again");
+                if let Err(e) = register(&config, &address, hv.as_ref(), &mut creds).await {
+                    tracing::error!("{e:#}");
+                }
+                client = Client::new(&config.controller_url, creds.credential.clone());
+            }
+            Err(e) => tracing::warn!(agent = %config.name, "heartbeat failed: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.heartbeat_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(blake3::hash(token.as_bytes()).as_bytes())
+}
+
+async fn authenticate(State(state): State<AgentState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &state.require {
+        let presented = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented.map(hash_token).as_deref() != Some(expected.as_str()) {
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: "unauthorized".into(),
+                    message: "missing or invalid controller token".into(),
+                },
+            };
+            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn list_vms(State(state): State<AgentState>) -> Json<BatchResult> {
+    Json(BatchResult {
+        vms: state.hv.list().await,
+    })
+}
+
+async fn ensure_vms(State(state): State<AgentState>, Json(req): Json<EnsureVms>) -> Json<BatchResult> {
+    let results = futures::future::join_all(req.vms.iter().map(|spec| {
+        let hv = state.hv.clone();
+        async move {
+            match hv.ensure(spec).await {
+                Ok(s) => s,
+                Err(e) => VmStatus {
+                    uuid: spec.uuid,
+                    name: spec.name.clone(),
+                    state: VmState::Failed,
+                    reason: Some(e.to_string()),
+                },
+            }
+        }
+    }))
+    .await;
+    Json(BatchResult { vms: results })
+}
+
+/// Answers with the VMs that could not be removed (empty when all went).
+async fn remove_vms(State(state): State<AgentState>, Json(req): Json<RemoveVms>) -> Json<BatchResult> {
+    let mut failed = Vec::new();
+    for uuid in req.uuids {
+        if let Err(e) = state.hv.remove(uuid).await {
+            failed.push(VmStatus {
+                uuid,
+                name: String::new(),
+                state: VmState::Failed,
+                reason: Some(e.to_string()),
+            });
+        }
+    }
+    Json(BatchResult { vms: failed })
+}

@@ -1,0 +1,362 @@
+//! HTTP clients: [`Client`] for the controller's REST API (the CLI, tests and benchmarks use it)
+//! and [`AgentClient`] for a host agent's command API (the controller uses it).
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_model::agent::{
+    BatchResult, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms,
+};
+use shoal_model::api::{
+    ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster,
+};
+use shoal_model::{Host, Operation, OperationState, Template, Vm};
+use thiserror::Error;
+use uuid::Uuid;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot reach {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("operation {id} failed: {message}")]
+    OperationFailed { id: Uuid, message: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Shared plumbing: base URL, optional bearer token, JSON in and out, errors decoded.
+#[derive(Clone)]
+struct Http {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Http {
+    fn new(base: &str, token: Option<String>, timeout: Duration) -> Http {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(8)
+            .build()
+            .expect("HTTP client builds");
+        Http {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        if status.is_success() {
+            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(body).map_err(|e| ClientError::Api {
+                status: status.as_u16(),
+                code: "bad_response".into(),
+                message: format!("unexpected response from {}: {e}", self.base),
+            });
+        }
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => ClientError::Api {
+                status: status.as_u16(),
+                code: b.error.code,
+                message: b.error.message,
+            },
+            Err(_) => ClientError::Api {
+                status: status.as_u16(),
+                code: default_code(status).into(),
+                message: format!(
+                    "{} answered {status}: {}",
+                    self.base,
+                    String::from_utf8_lossy(&bytes).trim()
+                ),
+            },
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.request(Method::DELETE, path)).await
+    }
+}
+
+fn default_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "not_found",
+        _ => "http_error",
+    }
+}
+
+/// Client of the controller's REST API.
+#[derive(Clone)]
+pub struct Client {
+    http: Http,
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Client {
+        Client {
+            http: Http::new(url, token, Duration::from_secs(120)),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.http.base
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<Host>, ClientError> {
+        self.http.get("/v1/hosts").await
+    }
+
+    /// Creates a one-time token with which an agent can join.
+    pub async fn create_join_token(&self) -> Result<String, ClientError> {
+        let v: serde_json::Value = self.http.post("/v1/hosts/join-tokens", &()).await?;
+        Ok(v["token"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Streams the image file to the controller.
+    pub async fn import_template(&self, name: &str, file: &Path) -> Result<Template, ClientError> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| ClientError::File {
+                path: file.display().to_string(),
+                source,
+            })?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|source| ClientError::File {
+                path: file.display().to_string(),
+                source,
+            })?
+            .len();
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+        let rb = self
+            .http
+            .request(Method::PUT, &format!("/v1/templates/{}", seg(name)))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(stream));
+        self.http.send(rb).await
+    }
+
+    pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
+        self.http.get("/v1/templates").await
+    }
+
+    pub async fn delete_template(&self, name: &str) -> Result<(), ClientError> {
+        self.http
+            .delete(&format!("/v1/templates/{}", seg(name)))
+            .await
+    }
+
+    pub async fn create_profile(&self, req: &CreateProfile) -> Result<ProfileView, ClientError> {
+        self.http.post("/v1/profiles", req).await
+    }
+
+    pub async fn profiles(&self) -> Result<Vec<ProfileView>, ClientError> {
+        self.http.get("/v1/profiles").await
+    }
+
+    pub async fn profile(&self, name: &str) -> Result<ProfileView, ClientError> {
+        self.http.get(&format!("/v1/profiles/{}", seg(name))).await
+    }
+
+    pub async fn delete_profile(&self, name: &str) -> Result<(), ClientError> {
+        self.http.delete(&format!("/v1/profiles/{}", seg(name))).await
+    }
+
+    pub async fn create_cluster(&self, req: &CreateCluster) -> Result<Operation, ClientError> {
+        self.http.post("/v1/clusters", req).await
+    }
+
+    pub async fn clusters(&self) -> Result<Vec<ClusterView>, ClientError> {
+        self.http.get("/v1/clusters").await
+    }
+
+    pub async fn cluster(&self, name: &str) -> Result<ClusterView, ClientError> {
+        self.http.get(&format!("/v1/clusters/{}", seg(name))).await
+    }
+
+    pub async fn scale_cluster(&self, name: &str, size: u32) -> Result<Operation, ClientError> {
+        self.http
+            .post(
+                &format!("/v1/clusters/{}/scale", seg(name)),
+                &ScaleCluster { size },
+            )
+            .await
+    }
+
+    pub async fn delete_cluster(&self, name: &str) -> Result<Operation, ClientError> {
+        self.http.delete(&format!("/v1/clusters/{}", seg(name))).await
+    }
+
+    pub async fn vms(&self, cluster: Option<&str>) -> Result<Vec<Vm>, ClientError> {
+        match cluster {
+            Some(c) => self.http.get(&format!("/v1/vms?cluster={}", seg(c))).await,
+            None => self.http.get("/v1/vms").await,
+        }
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Vm, ClientError> {
+        self.http.get(&format!("/v1/vms/{}", seg(name))).await
+    }
+
+    pub async fn operations(&self) -> Result<Vec<Operation>, ClientError> {
+        self.http.get("/v1/operations").await
+    }
+
+    pub async fn operation(&self, id: Uuid) -> Result<Operation, ClientError> {
+        self.http.get(&format!("/v1/operations/{id}")).await
+    }
+
+    /// Polls an operation until it ends, calling `progress` whenever it changes. A failed
+    /// operation is an error carrying its message.
+    pub async fn wait(
+        &self,
+        id: Uuid,
+        mut progress: impl FnMut(&Operation),
+    ) -> Result<Operation, ClientError> {
+        let mut last: Option<Operation> = None;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let op = self.operation(id).await?;
+            if last.as_ref() != Some(&op) {
+                progress(&op);
+            }
+            match op.state {
+                OperationState::Succeeded => return Ok(op),
+                OperationState::Failed => {
+                    return Err(ClientError::OperationFailed {
+                        id,
+                        message: op.error.clone().unwrap_or_else(|| "unknown error".into()),
+                    })
+                }
+                OperationState::Running => {}
+            }
+            last = Some(op);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Raw GET, for documents that have no typed method (`/openapi.json`).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.http.get(path).await
+    }
+
+    /// An agent's registration (agents use this; the token is the join token or credential).
+    pub async fn register_agent(
+        &self,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, ClientError> {
+        self.http.post("/v1/agents/register", req).await
+    }
+
+    pub async fn heartbeat(&self, host: &str, hb: &Heartbeat) -> Result<(), ClientError> {
+        self.http
+            .post(&format!("/v1/agents/{}/heartbeat", seg(host)), hb)
+            .await
+    }
+}
+
+/// Client of one host agent's command API.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: Http,
+}
+
+impl AgentClient {
+    pub fn new(url: &str, token: Option<String>, timeout: Duration) -> AgentClient {
+        AgentClient {
+            http: Http::new(url, token, timeout),
+        }
+    }
+
+    pub async fn ensure(&self, req: &EnsureVms) -> Result<BatchResult, ClientError> {
+        self.http.post("/v1/vms/ensure", req).await
+    }
+
+    pub async fn remove(&self, req: &RemoveVms) -> Result<BatchResult, ClientError> {
+        self.http.post("/v1/vms/remove", req).await
+    }
+
+    pub async fn list(&self) -> Result<BatchResult, ClientError> {
+        self.http.get("/v1/vms").await
+    }
+}
+
+/// Percent-encodes one path segment (names are validated server-side, but a bad name must reach
+/// the server intact to be refused with its own message).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,103 @@
+//! Where agents join and report. Authenticated by join token or the agent's own credential, not
+//! by the admin token.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use shoal_model::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use shoal_model::{now_ms, validate_name};
+use shoal_store::{Compare, Op, Txn};
+
+use crate::auth::{self, TokenKind, TokenRecord};
+use crate::db::{enc, host_key, put, token_key, HostRecord};
+use crate::error::{ApiError, ApiResult};
+use crate::Controller;
+
+/// An agent joins (with a one-time join token) or re-registers (with its credential).
+#[utoipa::path(post, path = "/v1/agents/register", tag = "agents", request_body = RegisterRequest,
+    responses((status = 200, body = RegisterResponse), (status = 401, body = shoal_model::api::ErrorBody)))]
+pub async fn register(
+    State(ctl): State<Controller>,
+    headers: HeaderMap,
+    Json(req): Json<RegisterRequest>,
+) -> ApiResult<Json<RegisterResponse>> {
+    validate_name("host", &req.name)?;
+    if req.cpus == 0 || req.memory_mib == 0 {
+        return Err(ApiError::Invalid(format!(
+            "host {:?} reports {} vCPU and {} MiB: both must be positive",
+            req.name, req.cpus, req.memory_mib
+        )));
+    }
+    let key = host_key(&req.name);
+    let existing = ctl.db.get::<HostRecord>(&key).await?;
+    let record = HostRecord {
+        name: req.name.clone(),
+        address: req.address.clone(),
+        driver: req.driver.clone(),
+        cpus: req.cpus,
+        memory_mib: req.memory_mib,
+        joined_unix_ms: existing.as_ref().map(|e| e.value.joined_unix_ms).unwrap_or_else(now_ms),
+    };
+    let mut txn = Txn::new().then(put(key, &record));
+    let mut credential = None;
+    if ctl.auth_required() {
+        let presented = auth::bearer(&headers).map(str::to_string);
+        let by_credential = match &presented {
+            Some(t) => auth::require_agent(&ctl, &headers, &req.name).await.is_ok() && !t.is_empty(),
+            None => false,
+        };
+        if !by_credential {
+            // A join token is spent in the same transaction that admits the host.
+            let Some(join) = &req.join_token else {
+                return Err(ApiError::Unauthorized(format!(
+                    "host {:?} must join with a join token (shoal host join-token) or its credential",
+                    req.name
+                )));
+            };
+            let (rec, rev) = match auth::lookup(&ctl.db, join).await? {
+                Some((r, rev)) if r.kind == TokenKind::Join => (r, rev),
+                _ => return Err(ApiError::Unauthorized("invalid or already used join token".into())),
+            };
+            let _ = rec;
+            let cred = auth::new_token();
+            let agent_rec = TokenRecord {
+                kind: TokenKind::Agent,
+                host: Some(req.name.clone()),
+                created_unix_ms: now_ms(),
+            };
+            let jk = token_key(&auth::hash(join));
+            txn = txn
+                .when(Compare::ModRevision(jk.clone(), rev))
+                .then(Op::Delete(jk))
+                .then(Op::Put(token_key(&auth::hash(&cred)), enc(&agent_rec)));
+            credential = Some(cred);
+        }
+    }
+    if !ctl.db.store.txn(txn).await?.succeeded {
+        return Err(ApiError::Unauthorized("invalid or already used join token".into()));
+    }
+    ctl.record_heartbeat(&req.name, Vec::new());
+    tracing::info!(host = %req.name, address = %req.address, "host registered");
+    ctl.wake.notify_one();
+    Ok(Json(RegisterResponse {
+        credential,
+        controller_token: Some(ctl.controller_token().to_string()),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/agents/{name}/heartbeat", tag = "agents", request_body = Heartbeat,
+    params(("name" = String, Path, description = "Host name")),
+    responses((status = 200), (status = 401, body = shoal_model::api::ErrorBody), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn heartbeat(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(hb): Json<Heartbeat>,
+) -> ApiResult<Json<()>> {
+    auth::require_agent(&ctl, &headers, &name).await?;
+    if ctl.db.store.get(&host_key(&name)).await?.is_none() {
+        return Err(ApiError::not_found("host", name));
+    }
+    ctl.record_heartbeat(&name, hb.vms);
+    Ok(Json(()))
+}

@@ -1,0 +1,85 @@
+use std::collections::HashMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use shoal_model::api::{ClusterView, CreateCluster, ScaleCluster};
+use shoal_model::{Cluster, Operation, VmState};
+
+use crate::deploy;
+use crate::error::{ApiError, ApiResult};
+use crate::Controller;
+
+/// Plans the whole cluster (prepare images, configure VMs, choose hosts) and records it, or
+/// refuses with nothing created; the hosts then start their VMs. Returns the operation.
+#[utoipa::path(post, path = "/v1/clusters", tag = "clusters", request_body = CreateCluster,
+    responses((status = 202, body = Operation), (status = 400, body = shoal_model::api::ErrorBody),
+              (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn create_cluster(
+    State(ctl): State<Controller>,
+    Json(req): Json<CreateCluster>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    Ok((StatusCode::ACCEPTED, Json(deploy::create_cluster(&ctl, req).await?)))
+}
+
+async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<ClusterView>> {
+    let mut counts: HashMap<String, (u32, u32)> = HashMap::new();
+    for vm in ctl.db.vms().await? {
+        let e = counts.entry(vm.cluster).or_default();
+        e.1 += 1;
+        if vm.state == VmState::Running {
+            e.0 += 1;
+        }
+    }
+    Ok(clusters
+        .into_iter()
+        .map(|c| {
+            let (running, total) = counts.get(&c.name).copied().unwrap_or_default();
+            ClusterView {
+                cluster: c,
+                vms_running: running,
+                vms_total: total,
+            }
+        })
+        .collect())
+}
+
+#[utoipa::path(get, path = "/v1/clusters", tag = "clusters", responses((status = 200, body = [ClusterView])))]
+pub async fn list_clusters(State(ctl): State<Controller>) -> ApiResult<Json<Vec<ClusterView>>> {
+    let clusters = ctl.db.clusters().await?;
+    Ok(Json(views(&ctl, clusters).await?))
+}
+
+#[utoipa::path(get, path = "/v1/clusters/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses((status = 200, body = ClusterView), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn show_cluster(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<ClusterView>> {
+    let c = ctl
+        .db
+        .get::<Cluster>(&crate::db::cluster_key(&name))
+        .await?
+        .ok_or_else(|| ApiError::not_found("cluster", &name))?;
+    let mut v = views(&ctl, vec![c.value]).await?;
+    Ok(Json(v.remove(0)))
+}
+
+#[utoipa::path(post, path = "/v1/clusters/{name}/scale", tag = "clusters", request_body = ScaleCluster,
+    params(("name" = String, Path, description = "Cluster name")),
+    responses((status = 202, body = Operation), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn scale_cluster(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Json(req): Json<ScaleCluster>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    Ok((StatusCode::ACCEPTED, Json(deploy::scale_cluster(&ctl, &name, req.size).await?)))
+}
+
+#[utoipa::path(delete, path = "/v1/clusters/{name}", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name")),
+    responses((status = 202, body = Operation), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn delete_cluster(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    Ok((StatusCode::ACCEPTED, Json(deploy::delete_cluster(&ctl, &name).await?)))
+}

@@ -1,0 +1,99 @@
+//! The REST API: one module per resource, mirroring the CLI's nouns. Everything under `/v1/`
+//! except the agents' endpoints needs the admin token when the listener is not loopback.
+
+use axum::middleware;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use utoipa::OpenApi;
+
+use crate::{auth, Controller};
+
+pub mod agents;
+pub mod clusters;
+pub mod hosts;
+pub mod operations;
+pub mod profiles;
+pub mod templates;
+pub mod vms;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs and operations."),
+    paths(
+        hosts::list_hosts, hosts::create_join_token,
+        templates::import_template, templates::list_templates, templates::show_template, templates::delete_template,
+        profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
+        clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster,
+        vms::list_vms, vms::show_vm,
+        operations::list_operations, operations::show_operation,
+        agents::register, agents::heartbeat,
+    ),
+    components(schemas(shoal_model::api::ErrorBody)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(c) = openapi.components.as_mut() {
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed as `docs/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("OpenAPI document serialises")
+}
+
+pub fn router(ctl: Controller) -> Router {
+    let operator = Router::new()
+        .route("/v1/hosts", get(hosts::list_hosts))
+        .route("/v1/hosts/join-tokens", post(hosts::create_join_token))
+        .route("/v1/templates", get(templates::list_templates))
+        .route(
+            "/v1/templates/{name}",
+            put(templates::import_template)
+                .get(templates::show_template)
+                .delete(templates::delete_template),
+        )
+        .route(
+            "/v1/profiles",
+            get(profiles::list_profiles).post(profiles::create_profile),
+        )
+        .route(
+            "/v1/profiles/{name}",
+            get(profiles::show_profile).delete(profiles::delete_profile),
+        )
+        .route(
+            "/v1/clusters",
+            get(clusters::list_clusters).post(clusters::create_cluster),
+        )
+        .route(
+            "/v1/clusters/{name}",
+            get(clusters::show_cluster).delete(clusters::delete_cluster),
+        )
+        .route("/v1/clusters/{name}/scale", post(clusters::scale_cluster))
+        .route("/v1/vms", get(vms::list_vms))
+        .route("/v1/vms/{name}", get(vms::show_vm))
+        .route("/v1/operations", get(operations::list_operations))
+        .route("/v1/operations/{id}", get(operations::show_operation))
+        .layer(middleware::from_fn_with_state(ctl.clone(), auth::require_admin));
+    let agents = Router::new()
+        .route("/v1/agents/register", post(agents::register))
+        .route("/v1/agents/{name}/heartbeat", post(agents::heartbeat));
+    operator
+        .merge(agents)
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(ctl)
+}

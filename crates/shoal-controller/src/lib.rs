@@ -1,0 +1,265 @@
+//! The controller: the REST API operators use, the endpoint agents report to, and the
+//! reconcilers that drive hosts toward the declared virtual clusters. All durable state lives in
+//! the state store; what is only in memory (heartbeats, in-flight commands) is rebuilt after a
+//! restart from the agents' next reports.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use shoal_client::AgentClient;
+use shoal_model::agent::VmStatus;
+use shoal_model::{now_ms, HostState, Ipv4Subnet};
+use shoal_store::{FileStore, Store};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub mod api;
+pub mod auth;
+pub mod db;
+mod deploy;
+pub mod error;
+mod ipam;
+mod reconcile;
+
+pub use db::Db;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Pool the clusters' subnets are cut from.
+    pub subnet_pool: Ipv4Subnet,
+    /// Prefix length of a cluster's subnet (a larger cluster gets the shortest prefix that fits).
+    pub subnet_prefix: u8,
+    /// A host with no heartbeat for this long is down.
+    pub host_timeout: Duration,
+    /// How often the reconciler runs when nothing wakes it.
+    pub reconcile_interval: Duration,
+    /// An operation whose VMs have not all started by then fails and is rolled back.
+    pub operation_timeout: Duration,
+    /// HTTP timeout of one command to an agent.
+    pub agent_timeout: Duration,
+}
+
+impl ControllerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ControllerConfig {
+        ControllerConfig {
+            listen,
+            data_dir,
+            subnet_pool: "10.200.0.0/16".parse().expect("valid default pool"),
+            subnet_prefix: 24,
+            host_timeout: Duration::from_secs(10),
+            reconcile_interval: Duration::from_millis(500),
+            operation_timeout: Duration::from_secs(600),
+            agent_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the controller last heard from a host's agent.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub seen: Instant,
+    pub seen_unix_ms: u64,
+    pub vms: Vec<VmStatus>,
+}
+
+pub struct Inner {
+    pub db: Db,
+    pub config: ControllerConfig,
+    auth_required: bool,
+    controller_token: String,
+    started: Instant,
+    live: Mutex<HashMap<String, Liveness>>,
+    /// Serialises plan-and-commit of cluster and VM changes in this process; the store's
+    /// compare-and-swap keeps them safe against any other writer.
+    pub write_lock: tokio::sync::Mutex<()>,
+    /// Wakes the reconciler early.
+    pub wake: Notify,
+    /// VMs with a command on its way to their host, not to be sent again meanwhile.
+    inflight: Mutex<HashSet<(Uuid, String)>>,
+    /// One HTTP client per agent address, so connections are reused.
+    agents: Mutex<HashMap<String, AgentClient>>,
+}
+
+#[derive(Clone)]
+pub struct Controller(Arc<Inner>);
+
+impl Deref for Controller {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Controller {
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
+    }
+
+    pub fn controller_token(&self) -> &str {
+        &self.controller_token
+    }
+
+    /// Up when heard from within the host timeout. Right after a controller start nobody has
+    /// been heard from yet: hosts get one timeout of grace instead of all being declared down.
+    pub fn host_state(&self, name: &str) -> (HostState, Option<u64>) {
+        let timeout = self.config.host_timeout;
+        match self.live.lock().expect("liveness lock").get(name) {
+            Some(l) if l.seen.elapsed() < timeout => (HostState::Up, Some(l.seen_unix_ms)),
+            Some(l) => (HostState::Down, Some(l.seen_unix_ms)),
+            None if self.started.elapsed() < timeout => (HostState::Up, None),
+            None => (HostState::Down, None),
+        }
+    }
+
+    pub fn record_heartbeat(&self, host: &str, vms: Vec<VmStatus>) {
+        self.live.lock().expect("liveness lock").insert(
+            host.to_string(),
+            Liveness {
+                seen: Instant::now(),
+                seen_unix_ms: now_ms(),
+                vms,
+            },
+        );
+    }
+
+    pub fn liveness(&self) -> HashMap<String, Liveness> {
+        self.live.lock().expect("liveness lock").clone()
+    }
+
+    /// Creates a one-time join token for an agent.
+    pub async fn mint_join_token(&self) -> error::ApiResult<String> {
+        let t = auth::new_token();
+        auth::register_token(&self.db, &t, auth::TokenKind::Join, None).await?;
+        Ok(t)
+    }
+
+    /// Marks `uuids` as having a command under way to `host`; returns those that were not already.
+    fn claim_inflight(&self, host: &str, uuids: impl IntoIterator<Item = Uuid>) -> Vec<Uuid> {
+        let mut set = self.inflight.lock().expect("inflight lock");
+        uuids
+            .into_iter()
+            .filter(|u| set.insert((*u, host.to_string())))
+            .collect()
+    }
+
+    fn release_inflight(&self, host: &str, uuids: &[Uuid]) {
+        let mut set = self.inflight.lock().expect("inflight lock");
+        for u in uuids {
+            set.remove(&(*u, host.to_string()));
+        }
+    }
+
+    fn agent(&self, address: &str) -> AgentClient {
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .entry(address.to_string())
+            .or_insert_with(|| {
+                AgentClient::new(
+                    address,
+                    Some(self.controller_token.clone()),
+                    self.config.agent_timeout,
+                )
+            })
+            .clone()
+    }
+}
+
+/// A controller serving on its listener, with its reconciler running.
+pub struct RunningController {
+    pub controller: Controller,
+    /// Base URL of the API.
+    pub url: String,
+    /// The admin API token (also in `<data-dir>/admin.token`).
+    pub admin_token: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningController {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(config: ControllerConfig) -> anyhow::Result<RunningController> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        FileStore::open(config.data_dir.join("state"))
+            .with_context(|| format!("opening the state store in {}", config.data_dir.display()))?,
+    );
+    start_with_store(config, store).await
+}
+
+pub async fn start_with_store(
+    config: ControllerConfig,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<RunningController> {
+    std::fs::create_dir_all(config.data_dir.join("templates"))
+        .with_context(|| format!("creating {}/templates", config.data_dir.display()))?;
+    let admin_path = config.data_dir.join("admin.token");
+    let admin_token = auth::load_or_create_secret(&admin_path)
+        .with_context(|| format!("admin token {}", admin_path.display()))?;
+    let ctl_path = config.data_dir.join("controller.token");
+    let controller_token = auth::load_or_create_secret(&ctl_path)
+        .with_context(|| format!("controller token {}", ctl_path.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("controller: cannot listen on {}", config.listen))?;
+    let local = listener.local_addr()?;
+    let db = Db { store };
+    auth::register_token(&db, &admin_token, auth::TokenKind::Admin, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let controller = Controller(Arc::new(Inner {
+        db,
+        auth_required: !local.ip().is_loopback(),
+        controller_token,
+        started: Instant::now(),
+        live: Mutex::new(HashMap::new()),
+        write_lock: tokio::sync::Mutex::new(()),
+        wake: Notify::new(),
+        inflight: Mutex::new(HashSet::new()),
+        agents: Mutex::new(HashMap::new()),
+        config,
+    }));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = api::router(controller.clone());
+    let mut rx = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!("controller server: {e}");
+        }
+    });
+    let reconciler = tokio::spawn(reconcile::run(controller.clone(), stop_rx));
+    let url = format!("http://{local}");
+    tracing::info!(%url, auth = controller.auth_required, "controller started");
+    Ok(RunningController {
+        controller,
+        url,
+        admin_token,
+        stop: stop_tx,
+        tasks: vec![server, reconciler],
+    })
+}

@@ -1,0 +1,598 @@
+//! The reconciler: step 4 of every deployment and everything that keeps hosts matching the
+//! store. Each pass reads the state under the write lock, settles what can be settled in the
+//! store (re-placing VMs stranded on a down host, advancing or rolling back operations, finishing
+//! deletions), then sends the hosts their commands in parallel without holding the lock. All
+//! commands are idempotent, so a pass interrupted by a crash is simply run again after restart.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use shoal_model::agent::{EnsureVms, RemoveVms, VmSpec, VmStatus};
+use shoal_model::{
+    format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind,
+    OperationState, StepState, Vm, VmState,
+};
+use shoal_policy::{place_gang, GangRequest};
+use shoal_store::{Compare, Op, Txn};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
+use crate::deploy::host_snapshot;
+use crate::error::ApiResult;
+use crate::Controller;
+
+pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = pass(&ctl).await {
+            tracing::warn!("reconcile pass failed: {e}");
+        }
+        tokio::select! {
+            _ = ctl.wake.notified() => {}
+            _ = tokio::time::sleep(ctl.config.reconcile_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Commands one pass decided to send, per host address.
+#[derive(Default)]
+struct Commands {
+    ensure: BTreeMap<String, (String, Vec<VmSpec>)>,
+    remove: BTreeMap<String, (String, Vec<Uuid>)>,
+}
+
+async fn pass(ctl: &Controller) -> ApiResult<()> {
+    let commands = {
+        let _guard = ctl.write_lock.lock().await;
+        settle(ctl).await?
+    };
+    dispatch(ctl, commands);
+    Ok(())
+}
+
+/// Everything a pass decides from, read at one point.
+struct Snapshot {
+    hosts: HashMap<String, HostRecord>,
+    clusters: HashMap<String, Versioned<Cluster>>,
+    vms: Vec<Versioned<Vm>>,
+    templates: HashMap<String, TemplateRecord>,
+    ops: Vec<Operation>,
+}
+
+async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
+    Ok(Snapshot {
+        hosts: ctl
+            .db
+            .values::<HostRecord>("/hosts/")
+            .await?
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect(),
+        clusters: ctl
+            .db
+            .list::<Cluster>("/clusters/")
+            .await?
+            .into_iter()
+            .map(|c| (c.value.name.clone(), c))
+            .collect(),
+        vms: ctl.db.list("/vms/").await?,
+        templates: ctl
+            .db
+            .templates()
+            .await?
+            .into_iter()
+            .map(|t| (t.template.name.clone(), t))
+            .collect(),
+        ops: ctl
+            .db
+            .operations()
+            .await?
+            .into_iter()
+            .filter(|o| o.state == OperationState::Running)
+            .collect(),
+    })
+}
+
+async fn settle(ctl: &Controller) -> ApiResult<Commands> {
+    let mut s = read(ctl).await?;
+    let up = |h: &str| ctl.host_state(h).0 == HostState::Up;
+
+    // VMs whose host went down before confirming them never ran: place them elsewhere.
+    let stranded: Vec<Versioned<Vm>> = s
+        .vms
+        .iter()
+        .filter(|v| v.value.state == VmState::Pending && !up(&v.value.host))
+        .map(|v| Versioned {
+            value: v.value.clone(),
+            mod_revision: v.mod_revision,
+        })
+        .collect();
+    // VMs to delete from a host that is down cannot be told to go; forget them now. If the host
+    // comes back, the orphan sweep below removes them then.
+    let forgotten: Vec<Vm> = s
+        .vms
+        .iter()
+        .filter(|v| v.value.state == VmState::Deleting && !up(&v.value.host))
+        .map(|v| v.value.clone())
+        .collect();
+    let mut changed = false;
+    for v in stranded {
+        replace_stranded(ctl, &s, v).await?;
+        changed = true;
+    }
+    if !forgotten.is_empty() {
+        tracing::warn!(count = forgotten.len(), "forgetting VMs to delete on down hosts");
+        release_vms(ctl, &forgotten).await?;
+        changed = true;
+    }
+    // VMs the hosts report as failed or gone since they ran.
+    let live = ctl.liveness();
+    for v in &s.vms {
+        let vm = &v.value;
+        if vm.state != VmState::Running {
+            continue;
+        }
+        let Some(l) = live.get(&vm.host) else { continue };
+        if let Some(rep) = l.vms.iter().find(|r| r.uuid == vm.uuid) {
+            if rep.state != VmState::Running {
+                set_state(ctl, v, rep.state, rep.reason.clone()).await?;
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        s = read(ctl).await?;
+    }
+
+    finish_deleted_clusters(ctl, &s).await?;
+    advance_operations(ctl, &s).await?;
+    update_cluster_states(ctl, &s).await?;
+
+    // Commands for the hosts.
+    let mut cmds = Commands::default();
+    let mut known: HashSet<(Uuid, &str)> = HashSet::new();
+    for v in &s.vms {
+        let vm = &v.value;
+        known.insert((vm.uuid, vm.host.as_str()));
+        let Some(host) = s.hosts.get(&vm.host) else { continue };
+        if !up(&host.name) {
+            continue;
+        }
+        match vm.state {
+            VmState::Pending => {
+                let Some(spec) = spec_for(&s, vm) else { continue };
+                cmds.ensure
+                    .entry(host.name.clone())
+                    .or_insert_with(|| (host.address.clone(), Vec::new()))
+                    .1
+                    .push(spec);
+            }
+            VmState::Deleting => cmds
+                .remove
+                .entry(host.name.clone())
+                .or_insert_with(|| (host.address.clone(), Vec::new()))
+                .1
+                .push(vm.uuid),
+            _ => {}
+        }
+    }
+    // Orphans: VMs a host runs that the store does not place there (a rolled-back deployment
+    // whose host was unreachable, a VM re-placed away from a host that came back).
+    for (host, l) in &live {
+        let Some(rec) = s.hosts.get(host) else { continue };
+        for r in &l.vms {
+            if !known.contains(&(r.uuid, host.as_str())) {
+                tracing::info!(vm = %r.name, %host, "removing orphan VM");
+                cmds.remove
+                    .entry(host.clone())
+                    .or_insert_with(|| (rec.address.clone(), Vec::new()))
+                    .1
+                    .push(r.uuid);
+            }
+        }
+    }
+    Ok(cmds)
+}
+
+fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
+    let cluster = &s.clusters.get(&vm.cluster)?.value;
+    let template = s.templates.get(&vm.template)?;
+    Some(VmSpec {
+        uuid: vm.uuid,
+        name: vm.name.clone(),
+        cpus: vm.cpus,
+        memory_mib: vm.memory_mib,
+        disk_mib: vm.disk_mib,
+        template: vm.template.clone(),
+        template_hash: template.template.hash.clone(),
+        ip: vm.ip,
+        prefix_len: cluster.subnet.prefix(),
+        gateway: cluster.subnet.gateway(),
+        mac: vm.mac,
+        user_data: cluster.shape.user_data.clone(),
+    })
+}
+
+/// Sends every host its batch, all hosts at once. Results are written back as they arrive.
+fn dispatch(ctl: &Controller, cmds: Commands) {
+    for (host, (address, specs)) in cmds.ensure {
+        let uuids = ctl.claim_inflight(&host, specs.iter().map(|s| s.uuid));
+        if uuids.is_empty() {
+            continue;
+        }
+        let specs: Vec<VmSpec> = specs.into_iter().filter(|s| uuids.contains(&s.uuid)).collect();
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let result = ctl.agent(&address).ensure(&EnsureVms { vms: specs }).await;
+            match result {
+                Ok(r) => {
+                    if let Err(e) = record_started(&ctl, &host, &r.vms).await {
+                        tracing::warn!(%host, "recording started VMs: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(%host, "ensure failed: {e}"),
+            }
+            ctl.release_inflight(&host, &uuids);
+            ctl.wake.notify_one();
+        });
+    }
+    for (host, (address, uuids)) in cmds.remove {
+        let uuids = ctl.claim_inflight(&host, uuids);
+        if uuids.is_empty() {
+            continue;
+        }
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let result = ctl
+                .agent(&address)
+                .remove(&RemoveVms {
+                    uuids: uuids.clone(),
+                })
+                .await;
+            match result {
+                Ok(r) => {
+                    let failed: HashSet<Uuid> = r.vms.iter().map(|v| v.uuid).collect();
+                    for f in &r.vms {
+                        tracing::warn!(%host, vm = %f.uuid, "remove failed: {:?}", f.reason);
+                    }
+                    let gone: Vec<Uuid> = uuids.iter().copied().filter(|u| !failed.contains(u)).collect();
+                    if let Err(e) = record_removed(&ctl, &host, &gone).await {
+                        tracing::warn!(%host, "recording removed VMs: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(%host, "remove failed: {e}"),
+            }
+            ctl.release_inflight(&host, &uuids);
+            ctl.wake.notify_one();
+        });
+    }
+}
+
+/// Writes what a host answered to "ensure": running, or failed with its reason.
+async fn record_started(ctl: &Controller, host: &str, reports: &[VmStatus]) -> ApiResult<()> {
+    let _guard = ctl.write_lock.lock().await;
+    let by_uuid: HashMap<Uuid, &VmStatus> = reports.iter().map(|r| (r.uuid, r)).collect();
+    let mut txn = Txn::new();
+    for v in ctl.db.list::<Vm>("/vms/").await? {
+        let Some(r) = by_uuid.get(&v.value.uuid) else { continue };
+        if v.value.host != host || v.value.state != VmState::Pending {
+            continue;
+        }
+        let mut vm = v.value;
+        vm.state = r.state;
+        vm.reason = r.reason.clone();
+        let k = db::vm_key(&vm.cluster, vm.index);
+        txn = txn
+            .when(Compare::ModRevision(k.clone(), v.mod_revision))
+            .then(put(k, &vm));
+    }
+    if !txn.success.is_empty() {
+        ctl.db.store.txn(txn).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the records of VMs their host confirmed removed, freeing their addresses and claims.
+async fn record_removed(ctl: &Controller, host: &str, uuids: &[Uuid]) -> ApiResult<()> {
+    let _guard = ctl.write_lock.lock().await;
+    let set: HashSet<&Uuid> = uuids.iter().collect();
+    let vms: Vec<Vm> = ctl
+        .db
+        .vms()
+        .await?
+        .into_iter()
+        .filter(|v| v.host == host && v.state == VmState::Deleting && set.contains(&v.uuid))
+        .collect();
+    release_vms(ctl, &vms).await
+}
+
+/// One transaction that deletes VMs and gives back everything they held.
+async fn release_vms(ctl: &Controller, vms: &[Vm]) -> ApiResult<()> {
+    if vms.is_empty() {
+        return Ok(());
+    }
+    let mut freed: BTreeMap<&str, Claim> = BTreeMap::new();
+    let mut txn = Txn::new();
+    for vm in vms {
+        let c = freed.entry(vm.host.as_str()).or_default();
+        c.cpus += vm.cpus;
+        c.memory_mib += vm.memory_mib;
+        c.vms += 1;
+        txn = txn
+            .then(Op::Delete(db::vm_key(&vm.cluster, vm.index)))
+            .then(Op::Delete(db::ip_key(&vm.ip)))
+            .then(Op::Delete(db::mac_key(&vm.mac)));
+    }
+    for (host, f) in freed {
+        let key = db::claim_key(host);
+        let cur = ctl.db.get::<Claim>(&key).await?;
+        let (mut c, rev) = cur.map(|v| (v.value, v.mod_revision)).unwrap_or_default();
+        c.cpus = c.cpus.saturating_sub(f.cpus);
+        c.memory_mib = c.memory_mib.saturating_sub(f.memory_mib);
+        c.vms = c.vms.saturating_sub(f.vms);
+        txn = txn
+            .when(Compare::ModRevision(key.clone(), rev))
+            .then(put(key, &c));
+    }
+    ctl.db.store.txn(txn).await?;
+    Ok(())
+}
+
+async fn set_state(ctl: &Controller, v: &Versioned<Vm>, state: VmState, reason: Option<String>) -> ApiResult<()> {
+    let mut vm = v.value.clone();
+    vm.state = state;
+    vm.reason = reason;
+    let k = db::vm_key(&vm.cluster, vm.index);
+    ctl.db
+        .store
+        .txn(
+            Txn::new()
+                .when(Compare::ModRevision(k.clone(), v.mod_revision))
+                .then(put(k, &vm)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Moves a VM that never started off its down host, or fails it when no host can take it.
+async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> ApiResult<()> {
+    let old = v.value.host.clone();
+    let Some(cluster) = s.clusters.get(&v.value.cluster) else {
+        return Ok(());
+    };
+    let siblings: Vec<Vm> = s
+        .vms
+        .iter()
+        .filter(|o| o.value.cluster == v.value.cluster && o.value.uuid != v.value.uuid)
+        .map(|o| o.value.clone())
+        .collect();
+    let snap = host_snapshot(ctl, &siblings).await?;
+    let req = GangRequest {
+        count: 1,
+        cpus: v.value.cpus,
+        memory_mib: v.value.memory_mib,
+        placement: cluster.value.placement,
+        anti_affinity: cluster.value.anti_affinity,
+    };
+    let k = db::vm_key(&v.value.cluster, v.value.index);
+    match place_gang(&snap.views, &req) {
+        Ok(plan) => {
+            let h = plan[0];
+            let new_host = snap.views[h].name.clone();
+            tracing::warn!(vm = %v.value.name, from = %old, to = %new_host, "host down before the VM started; placing it elsewhere");
+            let mut vm = v.value.clone();
+            vm.host = new_host.clone();
+            let mut txn = Txn::new()
+                .when(Compare::ModRevision(k.clone(), v.mod_revision))
+                .then(put(k, &vm));
+            let (mut add, add_rev) = snap.claims[h];
+            add.cpus += vm.cpus;
+            add.memory_mib += vm.memory_mib;
+            add.vms += 1;
+            let ak = db::claim_key(&new_host);
+            txn = txn.when(Compare::ModRevision(ak.clone(), add_rev)).then(put(ak, &add));
+            if let Some(oi) = snap.views.iter().position(|x| x.name == old) {
+                let (mut sub, sub_rev) = snap.claims[oi];
+                sub.cpus = sub.cpus.saturating_sub(vm.cpus);
+                sub.memory_mib = sub.memory_mib.saturating_sub(vm.memory_mib);
+                sub.vms = sub.vms.saturating_sub(1);
+                let sk = db::claim_key(&old);
+                txn = txn.when(Compare::ModRevision(sk.clone(), sub_rev)).then(put(sk, &sub));
+            }
+            ctl.db.store.txn(txn).await?;
+        }
+        Err(e) => {
+            let reason = format!(
+                "host {old} went down before the VM started, and no other host can take it ({} vCPU, {}): {e}",
+                req.cpus,
+                format_mib(req.memory_mib)
+            );
+            set_state(ctl, &v, VmState::Failed, Some(reason)).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
+    for c in s.clusters.values() {
+        if c.value.state != ClusterState::Deleting || s.vms.iter().any(|v| v.value.cluster == c.value.name) {
+            continue;
+        }
+        let ck = db::cluster_key(&c.value.name);
+        ctl.db
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::ModRevision(ck.clone(), c.mod_revision))
+                    .then(Op::Delete(ck))
+                    .then(Op::Delete(db::subnet_key(&c.value.subnet))),
+            )
+            .await?;
+        tracing::info!(cluster = %c.value.name, "cluster deleted");
+    }
+    Ok(())
+}
+
+async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
+    let by_name: HashMap<&str, &Versioned<Vm>> = s.vms.iter().map(|v| (v.value.name.as_str(), v)).collect();
+    for op in &s.ops {
+        let mut new = op.clone();
+        let total = op.vms.len() as u64;
+        let removing = matches!(op.kind, OperationKind::ClusterDelete) || op.steps.len() == 1;
+        if removing {
+            let left = op.vms.iter().filter(|n| by_name.contains_key(n.as_str())).count() as u64;
+            let cluster_gone = !s.clusters.contains_key(&op.target);
+            let done = left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone);
+            set_execute(&mut new, total - left, total, format!("{} of {total} VMs removed", total - left));
+            if done {
+                finish(&mut new, None);
+            }
+        } else {
+            let vms: Vec<&Versioned<Vm>> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
+            let running = vms.iter().filter(|v| v.value.state == VmState::Running).count() as u64;
+            let failed = vms.iter().find(|v| v.value.state == VmState::Failed);
+            let timed_out = now_ms().saturating_sub(op.created_unix_ms) > ctl.config.operation_timeout.as_millis() as u64;
+            set_execute(&mut new, running, total, format!("{running} of {total} VMs running"));
+            let failure = if let Some(f) = failed {
+                Some(format!(
+                    "VM {} failed on host {}: {}",
+                    f.value.name,
+                    f.value.host,
+                    f.value.reason.as_deref().unwrap_or("no reason given")
+                ))
+            } else if vms.len() < op.vms.len() {
+                Some("VMs of the operation disappeared before they started".to_string())
+            } else if timed_out && running < total {
+                let waiting: Vec<String> = vms
+                    .iter()
+                    .filter(|v| v.value.state != VmState::Running)
+                    .take(5)
+                    .map(|v| format!("{} ({} on {})", v.value.name, v.value.state.as_str(), v.value.host))
+                    .collect();
+                Some(format!(
+                    "timed out after {:?} waiting for {} VMs: {}",
+                    ctl.config.operation_timeout,
+                    total - running,
+                    waiting.join(", ")
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = failure {
+                roll_back(ctl, s, op).await?;
+                if let Some(st) = new.step_mut("execute") {
+                    st.state = StepState::Failed;
+                }
+                let what = if op.kind == OperationKind::ClusterCreate {
+                    format!("cluster {} rolled back", op.target)
+                } else {
+                    format!("cluster {} rolled back to {} VMs", op.target, op.previous_size)
+                };
+                finish(&mut new, Some(format!("{reason}; {what}")));
+            } else if running == total {
+                finish(&mut new, None);
+            }
+        }
+        if &new != op {
+            ctl.db.store.put(&db::operation_key(&op.id), db::enc(&new)).await?;
+        }
+    }
+    Ok(())
+}
+
+fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {
+    if let Some(st) = op.step_mut("execute") {
+        st.done = done;
+        st.total = total;
+        st.message = message;
+    }
+}
+
+fn finish(op: &mut Operation, error: Option<String>) {
+    op.state = if error.is_some() {
+        OperationState::Failed
+    } else {
+        OperationState::Succeeded
+    };
+    if error.is_none() {
+        if let Some(st) = op.step_mut("execute") {
+            st.state = StepState::Done;
+        }
+    }
+    op.error = error;
+    op.finished_unix_ms = Some(now_ms());
+}
+
+/// Undoes a failed create or scale-up: its VMs are removed and the cluster returns to its
+/// previous size (a failed create deletes the cluster).
+async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<()> {
+    let Some(c) = s.clusters.get(&op.target) else {
+        return Ok(());
+    };
+    let ck = db::cluster_key(&c.value.name);
+    let mut cluster = c.value.clone();
+    if op.kind == OperationKind::ClusterCreate {
+        cluster.size = 0;
+        cluster.state = ClusterState::Deleting;
+    } else {
+        cluster.size = op.previous_size;
+    }
+    let mut txn = Txn::new()
+        .when(Compare::ModRevision(ck.clone(), c.mod_revision))
+        .then(put(ck, &cluster));
+    let names: HashSet<&str> = op.vms.iter().map(String::as_str).collect();
+    for v in &s.vms {
+        let doomed = v.value.cluster == op.target
+            && (op.kind == OperationKind::ClusterCreate || names.contains(v.value.name.as_str()));
+        if doomed && v.value.state != VmState::Deleting {
+            let mut vm = v.value.clone();
+            vm.state = VmState::Deleting;
+            let k = db::vm_key(&vm.cluster, vm.index);
+            txn = txn.when(Compare::ModRevision(k.clone(), v.mod_revision)).then(put(k, &vm));
+        }
+    }
+    ctl.db.store.txn(txn).await?;
+    Ok(())
+}
+
+async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
+    let busy: HashSet<&str> = s.ops.iter().map(|o| o.target.as_str()).collect();
+    let mut counts: HashMap<&str, (u32, u32, u32)> = HashMap::new();
+    for v in &s.vms {
+        let e = counts.entry(v.value.cluster.as_str()).or_default();
+        e.0 += 1;
+        match v.value.state {
+            VmState::Running => e.1 += 1,
+            VmState::Failed => e.2 += 1,
+            _ => {}
+        }
+    }
+    for c in s.clusters.values() {
+        if c.value.state == ClusterState::Deleting {
+            continue;
+        }
+        let (total, running, failed) = counts.get(c.value.name.as_str()).copied().unwrap_or_default();
+        let state = if failed > 0 {
+            ClusterState::Degraded
+        } else if !busy.contains(c.value.name.as_str()) && total == c.value.size && running == total {
+            ClusterState::Ready
+        } else {
+            ClusterState::Converging
+        };
+        if state != c.value.state {
+            let mut cluster = c.value.clone();
+            cluster.state = state;
+            let ck = db::cluster_key(&cluster.name);
+            ctl.db
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(ck.clone(), c.mod_revision))
+                        .then(put(ck, &cluster)),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+

@@ -1,0 +1,84 @@
+//! What the controller and a host agent say to each other.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::net::MacAddr;
+use crate::objects::VmState;
+
+/// Everything a host needs to run one VM. Sent whole so that "ensure" is idempotent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub uuid: Uuid,
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: Option<u64>,
+    pub template: String,
+    /// Content hash of the template image, so the host can tell a renamed or replaced image.
+    pub template_hash: String,
+    #[schema(value_type = String)]
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    #[schema(value_type = String)]
+    pub gateway: Ipv4Addr,
+    #[schema(value_type = String)]
+    pub mac: MacAddr,
+    pub user_data: Option<String>,
+}
+
+/// A VM as its host sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    pub uuid: Uuid,
+    pub name: String,
+    pub state: VmState,
+    pub reason: Option<String>,
+}
+
+/// Sent by an agent to join: with a one-time join token the first time, with its own credential after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    pub name: String,
+    /// Base URL the controller reaches the agent on.
+    pub address: String,
+    pub driver: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// One-time join token (first registration on an authenticated controller).
+    pub join_token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterResponse {
+    /// The agent's own credential for heartbeats, when the controller requires one. Keep it secret.
+    pub credential: Option<String>,
+    /// The token the controller presents on its commands to this agent. Keep it secret.
+    pub controller_token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnsureVms {
+    pub vms: Vec<VmSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RemoveVms {
+    pub uuids: Vec<Uuid>,
+}
+
+/// Per-VM outcome of a batch command; a failure of one VM never fails the batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchResult {
+    pub vms: Vec<VmStatus>,
+}

@@ -1,0 +1,68 @@
+//! Request and error bodies of the controller's REST API.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::objects::{AntiAffinity, Placement, Profile, VmShape};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateProfile {
+    pub name: String,
+    pub parent: Option<String>,
+    pub template: Option<String>,
+    pub cpus: Option<u32>,
+    /// Memory as a size string (`512MiB`, `2GiB`).
+    pub memory: Option<String>,
+    /// Disk as a size string.
+    pub disk: Option<String>,
+    pub network: Option<String>,
+    pub user_data: Option<String>,
+}
+
+/// A profile and what it resolves to after inheritance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProfileView {
+    #[serde(flatten)]
+    pub profile: Profile,
+    pub effective: VmShape,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateCluster {
+    pub name: String,
+    pub profile: String,
+    pub size: u32,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub anti_affinity: AntiAffinity,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ScaleCluster {
+    pub size: u32,
+}
+
+/// A cluster with the counts of its VMs by state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    #[serde(flatten)]
+    pub cluster: crate::objects::Cluster,
+    pub vms_running: u32,
+    pub vms_total: u32,
+}
+
+/// Every error the API returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code: `not_found`, `conflict`, `invalid`, `in_use`,
+    /// `insufficient_capacity`, `unauthorized`, `unavailable`, `internal`.
+    pub code: String,
+    /// What was wrong, naming the offending value.
+    pub message: String,
+}

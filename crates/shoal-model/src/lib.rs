@@ -1,0 +1,15 @@
+//! Shoal's vocabulary: the objects an operator manipulates (hosts, templates, profiles, virtual
+//! clusters, VMs, operations), how they are named and sized, and the JSON exchanged between the
+//! CLI, the controller and the host agents. No I/O lives here.
+
+pub mod agent;
+pub mod api;
+pub mod name;
+pub mod net;
+pub mod objects;
+pub mod size;
+
+pub use name::{validate_name, NameError};
+pub use net::{Ipv4Subnet, MacAddr, NetError};
+pub use objects::*;
+pub use size::{format_mib, parse_size_mib, SizeError};

@@ -1,0 +1,254 @@
+//! The objects Shoal manages. Each is stored as JSON under its own key in the state store and
+//! served as-is by the API, so the stored form and the API form are one type.
+
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::net::{Ipv4Subnet, MacAddr};
+
+/// Milliseconds since the Unix epoch, the timestamp unit of every stored object.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeats arrive on time.
+    Up,
+    /// No heartbeat within the host timeout; nothing new is placed there.
+    Down,
+}
+
+/// A physical host, as the controller knows it: what the agent registered plus what is claimed on it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub name: String,
+    pub state: HostState,
+    /// Base URL of the host's agent.
+    pub address: String,
+    /// Hypervisor driver the agent runs (`sim` or `qemu`).
+    pub driver: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub used_cpus: u32,
+    pub used_memory_mib: u64,
+    /// VMs placed on the host.
+    pub vms: u32,
+    pub joined_unix_ms: u64,
+    /// Last heartbeat seen by this controller process, if any since it started.
+    pub last_heartbeat_unix_ms: Option<u64>,
+}
+
+/// A template: a disk image VMs are cloned from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub name: String,
+    /// `raw` or `qcow2`, detected from the content.
+    pub format: String,
+    pub size_bytes: u64,
+    /// `blake3:<hex>` of the image bytes.
+    pub hash: String,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Put each VM on the host with the most room left: balances load.
+    #[default]
+    Spread,
+    /// Put each VM on the fullest host it fits on: frees whole hosts.
+    Pack,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AntiAffinity {
+    #[default]
+    None,
+    /// At most one VM of the cluster per host.
+    Host,
+}
+
+/// A reusable VM configuration. Fields left empty are inherited from the parent profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Profile {
+    pub name: String,
+    pub parent: Option<String>,
+    pub template: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
+    pub network: Option<String>,
+    /// cloud-init user data handed to every VM made from the profile.
+    pub user_data: Option<String>,
+    pub created_unix_ms: u64,
+}
+
+/// What a VM is made of once a profile and its ancestors are resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmShape {
+    pub template: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Disk size; `None` keeps the template's size.
+    pub disk_mib: Option<u64>,
+    pub network: Option<String>,
+    pub user_data: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterState {
+    /// VMs are being created or removed to reach the requested size.
+    Converging,
+    /// Every VM runs.
+    Ready,
+    /// Some VMs failed.
+    Degraded,
+    /// Being deleted.
+    Deleting,
+}
+
+/// A virtual cluster: N VMs from one profile, on their own subnet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Cluster {
+    pub name: String,
+    pub profile: String,
+    /// The profile as resolved when the cluster was created; later profile edits do not touch it.
+    pub shape: VmShape,
+    /// Desired number of VMs.
+    pub size: u32,
+    pub placement: Placement,
+    pub anti_affinity: AntiAffinity,
+    #[schema(value_type = String, example = "10.200.0.0/24")]
+    pub subnet: Ipv4Subnet,
+    pub state: ClusterState,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Configured and placed; the host has not confirmed it yet.
+    Pending,
+    /// The host is creating it.
+    Creating,
+    Running,
+    Stopped,
+    Suspended,
+    Failed,
+    /// Being removed from its host.
+    Deleting,
+}
+
+impl VmState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Pending => "pending",
+            VmState::Creating => "creating",
+            VmState::Running => "running",
+            VmState::Stopped => "stopped",
+            VmState::Suspended => "suspended",
+            VmState::Failed => "failed",
+            VmState::Deleting => "deleting",
+        }
+    }
+}
+
+/// A virtual machine of a virtual cluster. Identity (uuid, name, MAC, IP) is always Shoal's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// `<cluster>-<index>`; also the guest's hostname.
+    pub name: String,
+    pub uuid: Uuid,
+    pub cluster: String,
+    pub index: u32,
+    pub host: String,
+    pub state: VmState,
+    #[schema(value_type = String, example = "10.200.0.2")]
+    pub ip: Ipv4Addr,
+    #[schema(value_type = String, example = "52:54:00:12:34:56")]
+    pub mac: MacAddr,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: Option<u64>,
+    pub template: String,
+    /// Why the VM is failed, when it is.
+    pub reason: Option<String>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    ClusterCreate,
+    ClusterScale,
+    ClusterDelete,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+/// The four steps of a deployment, in order. Deletions use only `execute`.
+pub const DEPLOY_STEPS: [&str; 4] = [
+    "prepare_images",
+    "configure_vms",
+    "choose_hosts",
+    "execute",
+];
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OperationStep {
+    pub name: String,
+    pub state: StepState,
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+/// A long-running change, with its progress. Returned by every asynchronous API call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: Uuid,
+    pub kind: OperationKind,
+    /// The cluster the operation works on.
+    pub target: String,
+    pub state: OperationState,
+    pub steps: Vec<OperationStep>,
+    /// VMs the operation creates (create, scale up) or removes (scale down, delete).
+    pub vms: Vec<String>,
+    /// The cluster size before the operation, to roll back to if it fails.
+    pub previous_size: u32,
+    pub error: Option<String>,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+}
+
+impl Operation {
+    pub fn step_mut(&mut self, name: &str) -> Option<&mut OperationStep> {
+        self.steps.iter_mut().find(|s| s.name == name)
+    }
+}

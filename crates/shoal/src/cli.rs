@@ -1,0 +1,251 @@
+//! The command line, as the CLI contract fixes it: `shoal [--url URL] [--output table|json] NOUN VERB`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Virtual clusters of QEMU VMs on a pool of hosts")]
+pub struct Cli {
+    /// Controller URL [default: $SHOAL_URL, the config file, then http://127.0.0.1:7700]
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// Output format of client commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controller.
+    Server(ServerArgs),
+    /// Run a host agent.
+    Agent(AgentArgs),
+    /// All-in-one: a controller and N local host agents in one process.
+    Up(UpArgs),
+    /// Physical hosts.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Templates (disk images VMs are cloned from).
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Profiles (reusable VM configurations).
+    #[command(subcommand)]
+    Profile(ProfileCmd),
+    /// Virtual clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Long-running operations and their progress.
+    #[command(subcommand)]
+    Operation(OperationCmd),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerOpts {
+    /// Where the controller keeps its state, tokens and templates.
+    #[arg(long, default_value = "/var/lib/shoal")]
+    pub data_dir: PathBuf,
+    /// Pool that virtual clusters' subnets are cut from.
+    #[arg(long, default_value = "10.200.0.0/16")]
+    pub subnet_pool: String,
+    /// Prefix length of each cluster's subnet.
+    #[arg(long, default_value_t = 24)]
+    pub subnet_prefix: u8,
+    /// Seconds without a heartbeat after which a host is down.
+    #[arg(long, default_value_t = 10.0)]
+    pub host_timeout: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Address of the API. Anything but loopback requires tokens.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub controller: ControllerOpts,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Driver {
+    /// Simulated VMs (no QEMU): for scale tests, demos and the simulator.
+    Sim,
+    /// Real QEMU virtual machines.
+    Qemu,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HostOpts {
+    /// vCPUs the host offers to VMs [default: the machine's]
+    #[arg(long)]
+    pub host_cpus: Option<u32>,
+    /// Memory the host offers to VMs, in MiB [default: the machine's]
+    #[arg(long)]
+    pub host_memory: Option<u64>,
+    /// Hypervisor driver.
+    #[arg(long, value_enum, default_value_t = Driver::Sim)]
+    pub driver: Driver,
+    /// Simulated driver: milliseconds a VM takes to boot.
+    #[arg(long, default_value_t = 0)]
+    pub sim_boot_ms: u64,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 1.0)]
+    pub heartbeat: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// This host's name.
+    #[arg(long)]
+    pub name: String,
+    /// Controller URL.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    pub controller: String,
+    /// Address of the agent's command API. Anything but loopback requires the controller's token.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// URL the controller should use to reach this agent [default: from --listen]
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Where the agent keeps its credential and VMs.
+    #[arg(long, default_value = "/var/lib/shoal-agent")]
+    pub data_dir: PathBuf,
+    /// One-time join token (needed once, when the controller is not on loopback).
+    #[arg(long, env = "SHOAL_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    #[command(flatten)]
+    pub host: HostOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// How many local host agents to run.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: u32,
+    /// Address of the controller's API.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub controller: ControllerOpts,
+    #[command(flatten)]
+    pub host: HostOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// List hosts with their capacity and usage.
+    List,
+    /// Create a one-time token with which a new agent joins.
+    JoinToken,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Upload an image file as a template.
+    Import { name: String, file: PathBuf },
+    List,
+    Show { name: String },
+    /// Delete a template no profile or cluster uses.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProfileCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. 512MiB or 2GiB.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Disk size, e.g. 10GiB [default: the template's]
+        #[arg(long)]
+        disk: Option<String>,
+        /// Profile to inherit unset fields from.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Network to join [default: the cluster's own]
+        #[arg(long)]
+        network: Option<String>,
+        /// File with cloud-init user data.
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+    },
+    List,
+    Show { name: String },
+    Delete { name: String },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PlacementArg {
+    Spread,
+    Pack,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AntiAffinityArg {
+    None,
+    Host,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Deploy a virtual cluster of SIZE VMs from a profile.
+    Create {
+        name: String,
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        size: u32,
+        #[arg(long, value_enum, default_value_t = PlacementArg::Spread)]
+        placement: PlacementArg,
+        #[arg(long, value_enum, default_value_t = AntiAffinityArg::None)]
+        anti_affinity: AntiAffinityArg,
+        /// Wait until every VM runs, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    List,
+    Show { name: String },
+    /// Grow or shrink a virtual cluster.
+    Scale {
+        name: String,
+        #[arg(long)]
+        size: u32,
+        #[arg(long)]
+        wait: bool,
+    },
+    Delete {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperationCmd {
+    List,
+    Show { id: String },
+}

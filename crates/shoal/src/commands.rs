@@ -1,0 +1,230 @@
+//! The client commands: each turns into one API call (plus polling for `--wait`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_client::Client;
+use shoal_model::api::{CreateCluster, CreateProfile};
+use shoal_model::{AntiAffinity, Operation, Placement, StepState};
+
+use crate::cli::*;
+use crate::{daemons, output};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    match cli.command {
+        Command::Server(a) => return daemons::server(a).await,
+        Command::Agent(a) => return daemons::agent(a).await,
+        Command::Up(a) => return daemons::up(a).await,
+        _ => {}
+    }
+    let client = connect(cli.url)?;
+    match cli.command {
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) => unreachable!("handled above"),
+        Command::Host(HostCmd::List) => output::emit(out, &client.hosts().await?, output::hosts),
+        Command::Host(HostCmd::JoinToken) => {
+            let token = client.create_join_token().await?;
+            output::emit(out, &serde_json::json!({ "token": token }), |_| format!("{token}\n"))
+        }
+        Command::Template(t) => match t {
+            TemplateCmd::Import { name, file } => {
+                let t = client.import_template(&name, &file).await?;
+                output::emit(out, &t, output::template)
+            }
+            TemplateCmd::List => output::emit(out, &client.templates().await?, output::templates),
+            TemplateCmd::Show { name } => {
+                let t = client.templates().await?.into_iter().find(|t| t.name == name);
+                let t = t.ok_or_else(|| anyhow::anyhow!("template {name:?} not found"))?;
+                output::emit(out, &t, output::template)
+            }
+            TemplateCmd::Delete { name } => {
+                client.delete_template(&name).await?;
+                eprintln!("template {name} deleted");
+            }
+        },
+        Command::Profile(p) => match p {
+            ProfileCmd::Create {
+                name,
+                template,
+                cpus,
+                memory,
+                disk,
+                parent,
+                network,
+                user_data,
+            } => {
+                let user_data = match user_data {
+                    Some(path) => Some(
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading user data {}", path.display()))?,
+                    ),
+                    None => None,
+                };
+                let req = CreateProfile {
+                    name,
+                    parent,
+                    template,
+                    cpus,
+                    memory,
+                    disk,
+                    network,
+                    user_data,
+                };
+                output::emit(out, &client.create_profile(&req).await?, output::profile)
+            }
+            ProfileCmd::List => output::emit(out, &client.profiles().await?, output::profiles),
+            ProfileCmd::Show { name } => output::emit(out, &client.profile(&name).await?, output::profile),
+            ProfileCmd::Delete { name } => {
+                client.delete_profile(&name).await?;
+                eprintln!("profile {name} deleted");
+            }
+        },
+        Command::Cluster(c) => match c {
+            ClusterCmd::Create {
+                name,
+                profile,
+                size,
+                placement,
+                anti_affinity,
+                wait,
+            } => {
+                let req = CreateCluster {
+                    name,
+                    profile,
+                    size,
+                    placement: match placement {
+                        PlacementArg::Spread => Placement::Spread,
+                        PlacementArg::Pack => Placement::Pack,
+                    },
+                    anti_affinity: match anti_affinity {
+                        AntiAffinityArg::None => AntiAffinity::None,
+                        AntiAffinityArg::Host => AntiAffinity::Host,
+                    },
+                };
+                let op = client.create_cluster(&req).await?;
+                finish(&client, out, op, wait).await?
+            }
+            ClusterCmd::List => output::emit(out, &client.clusters().await?, output::clusters),
+            ClusterCmd::Show { name } => output::emit(out, &client.cluster(&name).await?, output::cluster),
+            ClusterCmd::Scale { name, size, wait } => {
+                let op = client.scale_cluster(&name, size).await?;
+                finish(&client, out, op, wait).await?
+            }
+            ClusterCmd::Delete { name, wait } => {
+                let op = client.delete_cluster(&name).await?;
+                finish(&client, out, op, wait).await?
+            }
+        },
+        Command::Vm(VmCmd::List { cluster }) => {
+            output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms)
+        }
+        Command::Vm(VmCmd::Show { name }) => output::emit(out, &client.vm(&name).await?, output::vm),
+        Command::Operation(OperationCmd::List) => {
+            output::emit(out, &client.operations().await?, output::operations)
+        }
+        Command::Operation(OperationCmd::Show { id }) => {
+            let id = id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("invalid operation id {id:?}: expected a UUID"))?;
+            output::emit(out, &client.operation(id).await?, output::operation)
+        }
+    }
+    Ok(())
+}
+
+/// Prints the operation, or with `--wait` follows it to the end with a progress display.
+async fn finish(client: &Client, out: Output, op: Operation, wait: bool) -> anyhow::Result<()> {
+    if !wait {
+        output::emit(out, &op, output::operation);
+        return Ok(());
+    }
+    let done = follow(client, &op).await?;
+    output::emit(out, &done, output::operation);
+    Ok(())
+}
+
+/// Follows an operation: one line per finished step, a bar for the step under way.
+pub async fn follow(client: &Client, op: &Operation) -> anyhow::Result<Operation> {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let total_steps = op.steps.len();
+    let mut printed = vec![false; total_steps];
+    let say = |line: String| {
+        if tty {
+            bar.println(line)
+        } else {
+            eprintln!("{line}")
+        }
+    };
+    let result = client
+        .wait(op.id, |op| {
+            for (i, s) in op.steps.iter().enumerate() {
+                if s.state == StepState::Done && !printed[i] {
+                    printed[i] = true;
+                    say(format!("[{}/{total_steps}] {:<15} {}", i + 1, s.name, s.message));
+                } else if s.state == StepState::Running {
+                    bar.set_prefix(format!("[{}/{total_steps}] {}", i + 1, s.name));
+                    bar.set_length(s.total);
+                    bar.set_position(s.done);
+                    bar.set_message(s.message.clone());
+                }
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
+/// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
+fn connect(url: Option<String>) -> anyhow::Result<Client> {
+    let config = read_config()?;
+    let url = url
+        .or_else(|| std::env::var("SHOAL_URL").ok().filter(|s| !s.is_empty()))
+        .or_else(|| config.get("url").cloned())
+        .unwrap_or_else(|| "http://127.0.0.1:7700".into());
+    let token = std::env::var("SHOAL_TOKEN")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| config.get("token").cloned());
+    Ok(Client::new(&url, token))
+}
+
+/// `$SHOAL_CONFIG`, else `~/.config/shoal/config.toml`: `key = "value"` lines (`url`, `token`).
+fn read_config() -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let path = match std::env::var_os("SHOAL_CONFIG") {
+        Some(p) => PathBuf::from(p),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".config/shoal/config.toml"),
+            None => return Ok(Default::default()),
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut out = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key = \"value\"", path.display(), n + 1))?;
+        out.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+    }
+    Ok(out)
+}

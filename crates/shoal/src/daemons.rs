@@ -1,0 +1,178 @@
+//! The long-running commands: `server`, `agent`, and `up` (all-in-one).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use shoal_agent::AgentConfig;
+use shoal_controller::ControllerConfig;
+use shoal_hv::{Hypervisor, SimDriver};
+
+use crate::cli::{AgentArgs, ControllerOpts, Driver, HostOpts, ServerArgs, UpArgs};
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow::Result<ControllerConfig> {
+    let mut c = ControllerConfig::new(listen, o.data_dir.clone());
+    c.subnet_pool = o
+        .subnet_pool
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--subnet-pool: {e}"))?;
+    if o.subnet_prefix < c.subnet_pool.prefix() || o.subnet_prefix > 30 {
+        bail!(
+            "--subnet-prefix {}: must be between the pool's /{} and /30",
+            o.subnet_prefix,
+            c.subnet_pool.prefix()
+        );
+    }
+    c.subnet_prefix = o.subnet_prefix;
+    if !(o.host_timeout > 0.0) {
+        bail!("--host-timeout {}: must be positive", o.host_timeout);
+    }
+    c.host_timeout = Duration::from_secs_f64(o.host_timeout);
+    Ok(c)
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    init_logging();
+    let running = shoal_controller::start(controller_config(a.listen, &a.controller)?).await?;
+    eprintln!("shoal controller listening on {}", running.url);
+    if running.controller.auth_required() {
+        eprintln!(
+            "authentication required: API token in {}",
+            a.controller.data_dir.join("admin.token").display()
+        );
+    }
+    stop_signal().await;
+    eprintln!("stopping");
+    running.stop().await;
+    Ok(())
+}
+
+fn machine_cpus() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+fn machine_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+fn hypervisor(h: &HostOpts, dir: &std::path::Path) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    match h.driver {
+        Driver::Sim => Ok(Arc::new(SimDriver::open(
+            &dir.join("sim"),
+            Duration::from_millis(h.sim_boot_ms),
+        )?)),
+        Driver::Qemu => bail!("--driver qemu is not available yet in this build; use --driver sim"),
+    }
+}
+
+fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &HostOpts) -> anyhow::Result<AgentConfig> {
+    if !(h.heartbeat > 0.0) {
+        bail!("--heartbeat {}: must be positive", h.heartbeat);
+    }
+    Ok(AgentConfig {
+        name,
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        advertise: None,
+        controller_url: controller,
+        data_dir: dir,
+        cpus: h.host_cpus.unwrap_or_else(machine_cpus),
+        memory_mib: h.host_memory.unwrap_or_else(machine_memory_mib),
+        join_token: None,
+        heartbeat_interval: Duration::from_secs_f64(h.heartbeat),
+    })
+}
+
+pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    init_logging();
+    let mut config = agent_config(a.name, a.controller, a.data_dir.clone(), &a.host)?;
+    config.listen = a.listen;
+    config.advertise = a.advertise;
+    config.join_token = a.join_token;
+    let hv = hypervisor(&a.host, &a.data_dir)?;
+    let running = shoal_agent::start(config, hv).await?;
+    eprintln!("shoal agent {} serving on {}", running.name, running.address);
+    stop_signal().await;
+    running.stop().await;
+    Ok(())
+}
+
+pub async fn up(a: UpArgs) -> anyhow::Result<()> {
+    init_logging();
+    if a.hosts == 0 || a.hosts > 1000 {
+        bail!("--hosts {}: must be between 1 and 1000", a.hosts);
+    }
+    let ctl = shoal_controller::start(controller_config(a.listen, &a.controller)?).await?;
+    // Agents reach the controller on loopback even when it also listens elsewhere.
+    let port = ctl.url.rsplit(':').next().unwrap_or("7700");
+    let ctl_url = if a.listen.ip().is_unspecified() {
+        format!("http://127.0.0.1:{port}")
+    } else {
+        ctl.url.clone()
+    };
+    let mut agents = Vec::new();
+    for i in 1..=a.hosts {
+        let name = format!("host{i}");
+        let dir = a.controller.data_dir.join("agents").join(&name);
+        let mut config = agent_config(name.clone(), ctl_url.clone(), dir.clone(), &a.host)?;
+        if ctl.controller.auth_required() && !dir.join("credentials.json").exists() {
+            config.join_token = Some(
+                ctl.controller
+                    .mint_join_token()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
+        let hv = hypervisor(&a.host, &dir)?;
+        agents.push(
+            shoal_agent::start(config, hv)
+                .await
+                .with_context(|| format!("starting agent {name}"))?,
+        );
+    }
+    eprintln!(
+        "shoal up: controller at {} with {} {:?} hosts; Ctrl-C to stop",
+        ctl.url,
+        a.hosts,
+        a.host.driver
+    );
+    if ctl.controller.auth_required() {
+        eprintln!(
+            "authentication required: API token in {}",
+            a.controller.data_dir.join("admin.token").display()
+        );
+    }
+    stop_signal().await;
+    eprintln!("stopping");
+    for ag in agents {
+        ag.stop().await;
+    }
+    ctl.stop().await;
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! How results reach people (aligned tables, key/value sheets) and scripts (`--output json`).
+
+use serde::Serialize;
+use shoal_model::api::{ClusterView, ProfileView};
+use shoal_model::{format_mib, Host, Operation, Template, Vm};
+
+use crate::cli::Output;
+
+/// An aligned table with an upper-case header row.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+    out
+}
+
+/// `key: value` lines for one object.
+pub fn sheet(pairs: Vec<(&str, String)>) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    pairs
+        .into_iter()
+        .map(|(k, v)| format!("{:<w$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+pub fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> String) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("API values serialise")
+        ),
+        Output::Table => print!("{}", human(value)),
+    }
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn json_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub fn hosts(hosts: &Vec<Host>) -> String {
+    table(
+        &["name", "state", "driver", "cpus", "used cpus", "memory", "used memory", "vms", "address"],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.name.clone(),
+                    json_name(&h.state),
+                    h.driver.clone(),
+                    h.cpus.to_string(),
+                    h.used_cpus.to_string(),
+                    format_mib(h.memory_mib),
+                    format_mib(h.used_memory_mib),
+                    h.vms.to_string(),
+                    h.address.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn templates(ts: &Vec<Template>) -> String {
+    table(
+        &["name", "format", "size", "hash"],
+        ts.iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    t.format.clone(),
+                    format!("{} B", t.size_bytes),
+                    t.hash.chars().take(23).collect(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn template(t: &Template) -> String {
+    sheet(vec![
+        ("name", t.name.clone()),
+        ("format", t.format.clone()),
+        ("size", format!("{} bytes", t.size_bytes)),
+        ("hash", t.hash.clone()),
+    ])
+}
+
+pub fn profiles(ps: &Vec<ProfileView>) -> String {
+    table(
+        &["name", "parent", "template", "cpus", "memory", "disk"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    p.profile.name.clone(),
+                    opt(&p.profile.parent),
+                    p.effective.template.clone(),
+                    p.effective.cpus.to_string(),
+                    format_mib(p.effective.memory_mib),
+                    p.effective.disk_mib.map(format_mib).unwrap_or_else(|| "template".into()),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn profile(p: &ProfileView) -> String {
+    let inherited = |own: bool| if own { "" } else { " (inherited)" };
+    let e = &p.effective;
+    let o = &p.profile;
+    sheet(vec![
+        ("name", o.name.clone()),
+        ("parent", opt(&o.parent)),
+        ("template", format!("{}{}", e.template, inherited(o.template.is_some()))),
+        ("cpus", format!("{}{}", e.cpus, inherited(o.cpus.is_some()))),
+        ("memory", format!("{}{}", format_mib(e.memory_mib), inherited(o.memory_mib.is_some()))),
+        (
+            "disk",
+            format!(
+                "{}{}",
+                e.disk_mib.map(format_mib).unwrap_or_else(|| "template's size".into()),
+                inherited(o.disk_mib.is_some())
+            ),
+        ),
+        ("network", opt(&e.network)),
+        ("user data", e.user_data.as_ref().map(|u| format!("{} bytes", u.len())).unwrap_or_else(|| "-".into())),
+    ])
+}
+
+pub fn clusters(cs: &Vec<ClusterView>) -> String {
+    table(
+        &["name", "profile", "size", "running", "state", "subnet", "placement"],
+        cs.iter()
+            .map(|c| {
+                vec![
+                    c.cluster.name.clone(),
+                    c.cluster.profile.clone(),
+                    c.cluster.size.to_string(),
+                    c.vms_running.to_string(),
+                    json_name(&c.cluster.state),
+                    c.cluster.subnet.to_string(),
+                    format!("{}/{}", json_name(&c.cluster.placement), json_name(&c.cluster.anti_affinity)),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn cluster(c: &ClusterView) -> String {
+    let k = &c.cluster;
+    sheet(vec![
+        ("name", k.name.clone()),
+        ("profile", k.profile.clone()),
+        ("state", json_name(&k.state)),
+        ("size", k.size.to_string()),
+        ("vms", format!("{} running of {}", c.vms_running, c.vms_total)),
+        ("subnet", k.subnet.to_string()),
+        ("placement", json_name(&k.placement)),
+        ("anti-affinity", json_name(&k.anti_affinity)),
+        ("template", k.shape.template.clone()),
+        ("vm shape", format!("{} vCPU, {}", k.shape.cpus, format_mib(k.shape.memory_mib))),
+    ])
+}
+
+pub fn vms(vms: &Vec<Vm>) -> String {
+    table(
+        &["name", "cluster", "host", "state", "ip", "mac", "cpus", "memory"],
+        vms.iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.cluster.clone(),
+                    v.host.clone(),
+                    v.state.as_str().into(),
+                    v.ip.to_string(),
+                    v.mac.to_string(),
+                    v.cpus.to_string(),
+                    format_mib(v.memory_mib),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn vm(v: &Vm) -> String {
+    sheet(vec![
+        ("name", v.name.clone()),
+        ("uuid", v.uuid.to_string()),
+        ("cluster", v.cluster.clone()),
+        ("host", v.host.clone()),
+        ("state", v.state.as_str().into()),
+        ("ip", v.ip.to_string()),
+        ("mac", v.mac.to_string()),
+        ("cpus", v.cpus.to_string()),
+        ("memory", format_mib(v.memory_mib)),
+        ("template", v.template.clone()),
+        ("reason", opt(&v.reason)),
+    ])
+}
+
+fn progress(o: &Operation) -> String {
+    o.steps
+        .iter()
+        .map(|s| format!("{} {}/{}", s.name, s.done, s.total))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn operations(ops: &Vec<Operation>) -> String {
+    table(
+        &["id", "kind", "target", "state", "progress", "error"],
+        ops.iter()
+            .map(|o| {
+                vec![
+                    o.id.to_string(),
+                    json_name(&o.kind),
+                    o.target.clone(),
+                    json_name(&o.state),
+                    progress(o),
+                    opt(&o.error),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn operation(o: &Operation) -> String {
+    let mut out = sheet(vec![
+        ("id", o.id.to_string()),
+        ("kind", json_name(&o.kind)),
+        ("target", o.target.clone()),
+        ("state", json_name(&o.state)),
+        ("error", opt(&o.error)),
+    ]);
+    out.push_str(&table(
+        &["step", "state", "done", "message"],
+        o.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                vec![
+                    format!("{}. {}", i + 1, s.name),
+                    json_name(&s.state),
+                    format!("{}/{}", s.done, s.total),
+                    s.message.clone(),
+                ]
+            })
+            .collect(),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["name", "ip"], vec![vec!["web-0".into(), "10.200.0.2".into()], vec!["db-10".into(), "x".into()]]);
+        insta::assert_snapshot!(t, @r"
+        NAME   IP
+        web-0  10.200.0.2
+        db-10  x
+        ");
+    }
+}
