@@ -23,7 +23,7 @@ use crate::Controller;
 
 pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = pass(&ctl).await {
+        if let Err(e) = pass(&ctl, &stop).await {
             tracing::warn!("reconcile pass failed: {e}");
         }
         tokio::select! {
@@ -41,13 +41,25 @@ struct Commands {
     remove: BTreeMap<String, (String, Vec<Uuid>)>,
 }
 
-async fn pass(ctl: &Controller) -> ApiResult<()> {
+async fn pass(ctl: &Controller, stop: &watch::Receiver<bool>) -> ApiResult<()> {
     let commands = {
         let _guard = ctl.write_lock.lock().await;
         settle(ctl).await?
     };
-    dispatch(ctl, commands);
+    dispatch(ctl, commands, stop);
     Ok(())
+}
+
+/// Runs a command task until it ends or the controller stops, whichever is first: a stopped
+/// controller writes nothing more.
+fn spawn_until_stopped(stop: &watch::Receiver<bool>, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    });
 }
 
 /// Everything a pass decides from, read at one point.
@@ -214,7 +226,7 @@ fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
 }
 
 /// Sends every host its batch, all hosts at once. Results are written back as they arrive.
-fn dispatch(ctl: &Controller, cmds: Commands) {
+fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
     for (host, (address, specs)) in cmds.ensure {
         let uuids = ctl.claim_inflight(&host, specs.iter().map(|s| s.uuid));
         if uuids.is_empty() {
@@ -222,7 +234,7 @@ fn dispatch(ctl: &Controller, cmds: Commands) {
         }
         let specs: Vec<VmSpec> = specs.into_iter().filter(|s| uuids.contains(&s.uuid)).collect();
         let ctl = ctl.clone();
-        tokio::spawn(async move {
+        spawn_until_stopped(stop, async move {
             let result = ctl.agent(&address).ensure(&EnsureVms { vms: specs }).await;
             match result {
                 Ok(r) => {
@@ -242,7 +254,7 @@ fn dispatch(ctl: &Controller, cmds: Commands) {
             continue;
         }
         let ctl = ctl.clone();
-        tokio::spawn(async move {
+        spawn_until_stopped(stop, async move {
             let result = ctl
                 .agent(&address)
                 .remove(&RemoveVms {
