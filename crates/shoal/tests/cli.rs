@@ -1,0 +1,132 @@
+//! The CLI contract, end to end: a real `shoal up` process and the CLI run as separate processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn cli_contract_from_template_to_deleted_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let mut up = Daemon::spawn(
+        &["up", "--hosts", "3", "--driver", "sim", "--listen", &format!("127.0.0.1:{port}"),
+          "--data-dir", data.to_str().unwrap(), "--host-cpus", "4", "--host-memory", "8192"],
+        &dir.path().join("up.log"),
+    );
+    wait_ready(&url, &up);
+    eventually(Duration::from_secs(10), "3 hosts", || json(&url, &["host", "list"]).as_array().unwrap().len() == 3);
+
+    let hosts = json(&url, &["host", "list"]);
+    for key in ["name", "state", "cpus", "memory_mib", "used_cpus", "used_memory_mib"] {
+        assert!(hosts[0].get(key).is_some(), "host JSON lacks {key}: {hosts}");
+    }
+    assert_eq!(hosts[0]["state"], "up");
+    assert_eq!(hosts[0]["cpus"], 4);
+
+    let img = image(dir.path());
+    ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
+    let t = json(&url, &["template", "list"]);
+    assert_eq!(t[0]["name"], "deb");
+    assert_eq!(t[0]["size_bytes"], 64 * 1024);
+    assert!(t[0]["hash"].as_str().unwrap().starts_with("blake3:"));
+
+    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "512MiB"]);
+    ok(&url, &["profile", "create", "big", "--parent", "small", "--cpus", "2", "--disk", "2GiB"]);
+    let big = json(&url, &["profile", "show", "big"]);
+    assert_eq!(big["effective"]["memory_mib"], 512);
+    assert_eq!(big["effective"]["cpus"], 2);
+    assert_eq!(big["effective"]["disk_mib"], 2048);
+    assert_eq!(big["effective"]["template"], "deb");
+    let table = ok(&url, &["profile", "list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("big") && table.contains("small"));
+
+    // --wait shows the four steps and the table of the finished operation.
+    let o = cli(&url, &[], &["cluster", "create", "lab", "--profile", "big", "--size", "5", "--wait"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    for (i, step) in ["prepare_images", "configure_vms", "choose_hosts", "execute"].iter().enumerate() {
+        assert!(err.contains(&format!("[{}/4] {step}", i + 1)), "progress lacks {step}: {err}");
+    }
+    assert!(stdout(&o).contains("succeeded"));
+
+    let vms = json(&url, &["vm", "list", "--cluster", "lab"]);
+    let vms = vms.as_array().unwrap();
+    assert_eq!(vms.len(), 5);
+    for key in ["name", "uuid", "cluster", "host", "state", "ip", "mac", "cpus", "memory_mib"] {
+        assert!(vms[0].get(key).is_some(), "VM JSON lacks {key}");
+    }
+    assert!(vms.iter().all(|v| v["state"] == "running" && v["cpus"] == 2));
+    let vm = json(&url, &["vm", "show", "lab-3"]);
+    assert_eq!(vm["name"], "lab-3");
+    assert_eq!(vm["cluster"], "lab");
+    let c = json(&url, &["cluster", "show", "lab"]);
+    assert_eq!((c["size"].as_u64(), c["vms_running"].as_u64()), (Some(5), Some(5)));
+    assert_eq!(c["state"], "ready");
+    let vm_table = ok(&url, &["vm", "list"]);
+    assert!(vm_table.lines().next().unwrap().split_whitespace().eq(["NAME", "CLUSTER", "HOST", "STATE", "IP", "MAC", "CPUS", "MEMORY"]));
+    assert_eq!(vm_table.lines().count(), 6);
+
+    // Failures exit non-zero with the reason on stderr.
+    let e = fails(&url, &["cluster", "create", "huge", "--profile", "big", "--size", "10"]);
+    assert!(e.contains("needs 18 vCPU more than free on 3 hosts (2 free, 20 needed)"), "{e}");
+    assert!(fails(&url, &["cluster", "show", "ghost"]).contains("cluster \"ghost\" not found"));
+    assert!(fails(&url, &["profile", "create", "x", "--template", "deb", "--cpus", "1", "--memory", "12XB"]).contains("invalid size \"12XB\""));
+    assert!(fails(&url, &["cluster", "create", "lab", "--profile", "big", "--size", "1"]).contains("already exists"));
+    assert!(fails(&url, &["template", "delete", "deb"]).contains("in use"));
+    assert!(fails(&url, &["operation", "show", "nope"]).contains("invalid operation id"));
+
+    let o = cli(&url, &[], &["cluster", "scale", "lab", "--size", "2", "--wait"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&url, &["vm", "list"]).as_array().unwrap().len(), 2);
+    let ops = json(&url, &["operation", "list"]);
+    let ops = ops.as_array().unwrap();
+    assert_eq!(ops.len(), 2);
+    let id = ops[1]["id"].as_str().unwrap();
+    let op = json(&url, &["operation", "show", id]);
+    assert_eq!(op["kind"], "cluster_scale");
+    assert_eq!(op["state"], "succeeded");
+
+    ok(&url, &["cluster", "delete", "lab", "--wait"]);
+    assert!(json(&url, &["cluster", "list"]).as_array().unwrap().is_empty());
+    ok(&url, &["profile", "delete", "big"]);
+    ok(&url, &["profile", "delete", "small"]);
+    ok(&url, &["template", "delete", "deb"]);
+
+    // Ctrl-C stops `shoal up` cleanly.
+    let status = up.signal_and_wait("INT", Duration::from_secs(15)).expect("shoal up did not stop on SIGINT");
+    assert!(status.success(), "exit {status:?}: {}", up.log());
+}
+
+#[test]
+fn state_survives_a_restart_of_shoal_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let args = ["up", "--hosts", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap(),
+                "--host-cpus", "4", "--host-memory", "4096"];
+    let args: Vec<&str> = args.to_vec();
+    let mut up = Daemon::spawn(&args, &dir.path().join("up1.log"));
+    wait_ready(&url, &up);
+    let img = image(dir.path());
+    ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
+    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "256MiB"]);
+    ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "3", "--wait"]);
+    let before = json(&url, &["vm", "list"]);
+    up.signal_and_wait("TERM", Duration::from_secs(15)).expect("stop");
+
+    let up = Daemon::spawn(&args, &dir.path().join("up2.log"));
+    wait_ready(&url, &up);
+    let after = json(&url, &["vm", "list"]);
+    assert_eq!(before, after, "VMs changed across a restart");
+    assert_eq!(json(&url, &["cluster", "show", "lab"])["state"], "ready");
+    // It keeps working after the restart.
+    ok(&url, &["cluster", "scale", "lab", "--size", "4", "--wait"]);
+    let ips: std::collections::HashSet<String> = json(&url, &["vm", "list"]).as_array().unwrap().iter().map(|v| v["ip"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ips.len(), 4);
+}
