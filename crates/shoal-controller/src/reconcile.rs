@@ -34,11 +34,12 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Commands one pass decided to send, per host address.
+/// Commands one pass decided to send: per host, its address and the VMs with their store keys
+/// (an orphan, unknown to the store, has no key).
 #[derive(Default)]
 struct Commands {
-    ensure: BTreeMap<String, (String, Vec<VmSpec>)>,
-    remove: BTreeMap<String, (String, Vec<Uuid>)>,
+    ensure: BTreeMap<String, (String, Vec<(String, VmSpec)>)>,
+    remove: BTreeMap<String, (String, Vec<(Option<String>, Uuid)>)>,
 }
 
 async fn pass(ctl: &Controller, stop: &watch::Receiver<bool>) -> ApiResult<()> {
@@ -177,14 +178,14 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     .entry(host.name.clone())
                     .or_insert_with(|| (host.address.clone(), Vec::new()))
                     .1
-                    .push(spec);
+                    .push((db::vm_key(&vm.cluster, vm.index), spec));
             }
             VmState::Deleting => cmds
                 .remove
                 .entry(host.name.clone())
                 .or_insert_with(|| (host.address.clone(), Vec::new()))
                 .1
-                .push(vm.uuid),
+                .push((Some(db::vm_key(&vm.cluster, vm.index)), vm.uuid)),
             _ => {}
         }
     }
@@ -199,7 +200,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     .entry(host.clone())
                     .or_insert_with(|| (rec.address.clone(), Vec::new()))
                     .1
-                    .push(r.uuid);
+                    .push((None, r.uuid));
             }
         }
     }
@@ -227,18 +228,18 @@ fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
 
 /// Sends every host its batch, all hosts at once. Results are written back as they arrive.
 fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
-    for (host, (address, specs)) in cmds.ensure {
-        let uuids = ctl.claim_inflight(&host, specs.iter().map(|s| s.uuid));
+    for (host, (address, batch)) in cmds.ensure {
+        let uuids = ctl.claim_inflight(&host, batch.iter().map(|(_, s)| s.uuid));
         if uuids.is_empty() {
             continue;
         }
-        let specs: Vec<VmSpec> = specs.into_iter().filter(|s| uuids.contains(&s.uuid)).collect();
+        let (keys, specs): (Vec<String>, Vec<VmSpec>) =
+            batch.into_iter().filter(|(_, s)| uuids.contains(&s.uuid)).unzip();
         let ctl = ctl.clone();
         spawn_until_stopped(stop, async move {
-            let result = ctl.agent(&address).ensure(&EnsureVms { vms: specs }).await;
-            match result {
+            match ctl.agent(&address).ensure(&EnsureVms { vms: specs }).await {
                 Ok(r) => {
-                    if let Err(e) = record_started(&ctl, &host, &r.vms).await {
+                    if let Err(e) = record_started(&ctl, &host, &keys, &r.vms).await {
                         tracing::warn!(%host, "recording started VMs: {e}");
                     }
                 }
@@ -248,11 +249,16 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
             ctl.wake.notify_one();
         });
     }
-    for (host, (address, uuids)) in cmds.remove {
-        let uuids = ctl.claim_inflight(&host, uuids);
+    for (host, (address, batch)) in cmds.remove {
+        let uuids = ctl.claim_inflight(&host, batch.iter().map(|(_, u)| *u));
         if uuids.is_empty() {
             continue;
         }
+        let keys: Vec<String> = batch
+            .into_iter()
+            .filter(|(_, u)| uuids.contains(u))
+            .filter_map(|(k, _)| k)
+            .collect();
         let ctl = ctl.clone();
         spawn_until_stopped(stop, async move {
             let result = ctl
@@ -267,8 +273,7 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
                     for f in &r.vms {
                         tracing::warn!(%host, vm = %f.uuid, "remove failed: {:?}", f.reason);
                     }
-                    let gone: Vec<Uuid> = uuids.iter().copied().filter(|u| !failed.contains(u)).collect();
-                    if let Err(e) = record_removed(&ctl, &host, &gone).await {
+                    if let Err(e) = record_removed(&ctl, &host, &keys, &failed).await {
                         tracing::warn!(%host, "recording removed VMs: {e}");
                     }
                 }
@@ -280,14 +285,27 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
     }
 }
 
+/// Reads the VMs at `keys` that are still on `host`.
+async fn batch_vms(ctl: &Controller, host: &str, keys: &[String]) -> ApiResult<Vec<Versioned<Vm>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        if let Some(v) = ctl.db.get::<Vm>(k).await? {
+            if v.value.host == host {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Writes what a host answered to "ensure": running, or failed with its reason.
-async fn record_started(ctl: &Controller, host: &str, reports: &[VmStatus]) -> ApiResult<()> {
+async fn record_started(ctl: &Controller, host: &str, keys: &[String], reports: &[VmStatus]) -> ApiResult<()> {
     let _guard = ctl.write_lock.lock().await;
     let by_uuid: HashMap<Uuid, &VmStatus> = reports.iter().map(|r| (r.uuid, r)).collect();
     let mut txn = Txn::new();
-    for v in ctl.db.list::<Vm>("/vms/").await? {
+    for v in batch_vms(ctl, host, keys).await? {
         let Some(r) = by_uuid.get(&v.value.uuid) else { continue };
-        if v.value.host != host || v.value.state != VmState::Pending {
+        if v.value.state != VmState::Pending {
             continue;
         }
         let mut vm = v.value;
@@ -305,15 +323,13 @@ async fn record_started(ctl: &Controller, host: &str, reports: &[VmStatus]) -> A
 }
 
 /// Deletes the records of VMs their host confirmed removed, freeing their addresses and claims.
-async fn record_removed(ctl: &Controller, host: &str, uuids: &[Uuid]) -> ApiResult<()> {
+async fn record_removed(ctl: &Controller, host: &str, keys: &[String], failed: &HashSet<Uuid>) -> ApiResult<()> {
     let _guard = ctl.write_lock.lock().await;
-    let set: HashSet<&Uuid> = uuids.iter().collect();
-    let vms: Vec<Vm> = ctl
-        .db
-        .vms()
+    let vms: Vec<Vm> = batch_vms(ctl, host, keys)
         .await?
         .into_iter()
-        .filter(|v| v.host == host && v.state == VmState::Deleting && set.contains(&v.uuid))
+        .map(|v| v.value)
+        .filter(|v| v.state == VmState::Deleting && !failed.contains(&v.uuid))
         .collect();
     release_vms(ctl, &vms).await
 }
