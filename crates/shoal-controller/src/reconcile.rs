@@ -38,9 +38,12 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
 /// (an orphan, unknown to the store, has no key).
 #[derive(Default)]
 struct Commands {
-    ensure: BTreeMap<String, (String, Vec<(String, VmSpec)>)>,
-    remove: BTreeMap<String, (String, Vec<(Option<String>, Uuid)>)>,
+    ensure: BTreeMap<String, HostBatch<(String, VmSpec)>>,
+    remove: BTreeMap<String, HostBatch<(Option<String>, Uuid)>>,
 }
+
+/// A host's address and what to send it.
+type HostBatch<T> = (String, Vec<T>);
 
 async fn pass(ctl: &Controller, stop: &watch::Receiver<bool>) -> ApiResult<()> {
     let commands = {

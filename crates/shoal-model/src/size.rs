@@ -59,7 +59,7 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
         .checked_mul(kib_per_unit)
         .and_then(|w| w.checked_add(frac_val * kib_per_unit / scale))
         .ok_or_else(|| err("number too large"))?;
-    if frac_val * kib_per_unit % scale != 0 || kib % 1024 != 0 {
+    if !(frac_val * kib_per_unit).is_multiple_of(scale) || !kib.is_multiple_of(1024) {
         return Err(err("must be a whole number of MiB"));
     }
     let mib = kib / 1024;
@@ -71,9 +71,9 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
 
 /// Formats MiB the way [`parse_size_mib`] reads it back, in the largest exact unit.
 pub fn format_mib(mib: u64) -> String {
-    if mib != 0 && mib % (1024 * 1024) == 0 {
+    if mib != 0 && mib.is_multiple_of(1024 * 1024) {
         format!("{}TiB", mib / (1024 * 1024))
-    } else if mib != 0 && mib % 1024 == 0 {
+    } else if mib != 0 && mib.is_multiple_of(1024) {
         format!("{}GiB", mib / 1024)
     } else {
         format!("{mib}MiB")

@@ -33,7 +33,7 @@ fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow
         );
     }
     c.subnet_prefix = o.subnet_prefix;
-    if !(o.host_timeout > 0.0) {
+    if o.host_timeout.is_nan() || o.host_timeout <= 0.0 {
         bail!("--host-timeout {}: must be positive", o.host_timeout);
     }
     c.host_timeout = Duration::from_secs_f64(o.host_timeout);
@@ -93,7 +93,7 @@ fn hypervisor(h: &HostOpts, dir: &std::path::Path) -> anyhow::Result<Arc<dyn Hyp
 }
 
 fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &HostOpts) -> anyhow::Result<AgentConfig> {
-    if !(h.heartbeat > 0.0) {
+    if h.heartbeat.is_nan() || h.heartbeat <= 0.0 {
         bail!("--heartbeat {}: must be positive", h.heartbeat);
     }
     Ok(AgentConfig {

@@ -1,5 +1,8 @@
 //! How results reach people (aligned tables, key/value sheets) and scripts (`--output json`).
 
+// The renderers take `&Vec<T>` because `emit` hands them exactly what it serialises.
+#![allow(clippy::ptr_arg)]
+
 use serde::Serialize;
 use shoal_model::api::{ClusterView, ProfileView};
 use shoal_model::{format_mib, Host, Operation, Template, Vm};
