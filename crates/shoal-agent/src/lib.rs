@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use axum::extract::{Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,9 +16,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_client::{Client, ClientError};
-use shoal_hv::Hypervisor;
+use shoal_hv::{HvError, Hypervisor, TemplateFile, TemplateSource};
 use shoal_model::agent::{
-    BatchResult, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus,
+    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus,
 };
 use shoal_model::api::{ErrorBody, ErrorDetail};
 use shoal_model::VmState;
@@ -146,6 +146,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/ensure", post(ensure_vms))
         .route("/v1/vms/remove", post(remove_vms))
+        .route("/v1/vms/{uuid}/console", get(console))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -182,7 +183,7 @@ async fn register(
     let req = RegisterRequest {
         name: config.name.clone(),
         address: address.to_string(),
-        driver: hv.driver().to_string(),
+        driver: hv.driver(),
         cpus: config.cpus,
         memory_mib: config.memory_mib,
         join_token: if creds.credential.is_some() {
@@ -289,12 +290,63 @@ async fn ensure_vms(State(state): State<AgentState>, Json(req): Json<EnsureVms>)
                     name: spec.name.clone(),
                     state: VmState::Failed,
                     reason: Some(e.to_string()),
+                    // Not a state the driver holds: it only settles a VM still pending.
+                    seq: 0,
                 },
             }
         }
     }))
     .await;
     Json(BatchResult { vms: results })
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    offset: u64,
+    max: Option<usize>,
+}
+
+async fn console(
+    State(state): State<AgentState>,
+    UrlPath(uuid): UrlPath<uuid::Uuid>,
+    Query(q): Query<ConsoleQuery>,
+) -> Response {
+    match state.hv.console(uuid, q.offset, q.max.unwrap_or(1 << 20).min(4 << 20)).await {
+        Ok(c) => Json::<ConsoleChunk>(c).into_response(),
+        Err(e) => {
+            let status = match e {
+                HvError::NotFound(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: if status == StatusCode::NOT_FOUND { "not_found" } else { "internal" }.into(),
+                    message: e.to_string(),
+                },
+            };
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
+/// Fetches template files from the controller with this agent's credential (read when needed,
+/// since the agent gets it only when it registers).
+pub struct ControllerTemplates {
+    pub controller_url: String,
+    pub host: String,
+    pub data_dir: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl TemplateSource for ControllerTemplates {
+    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String> {
+        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
+        Client::new(&self.controller_url, creds.credential)
+            .download_template_file(&self.host, template, file.as_str(), dest)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Answers with the VMs that could not be removed (empty when all went).
@@ -307,6 +359,7 @@ async fn remove_vms(State(state): State<AgentState>, Json(req): Json<RemoveVms>)
                 name: String::new(),
                 state: VmState::Failed,
                 reason: Some(e.to_string()),
+                seq: 0,
             });
         }
     }

@@ -8,7 +8,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_model::agent::{
-    BatchResult, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms,
+    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms,
 };
 use shoal_model::api::{
     ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster,
@@ -175,29 +175,28 @@ impl Client {
         Ok(v["token"].as_str().unwrap_or_default().to_string())
     }
 
-    /// Streams the image file to the controller.
-    pub async fn import_template(&self, name: &str, file: &Path) -> Result<Template, ClientError> {
-        let f = tokio::fs::File::open(file)
-            .await
-            .map_err(|source| ClientError::File {
-                path: file.display().to_string(),
-                source,
-            })?;
-        let len = f
-            .metadata()
-            .await
-            .map_err(|source| ClientError::File {
-                path: file.display().to_string(),
-                source,
-            })?
-            .len();
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+    /// Uploads a template: its disk image and, for direct kernel boot, kernel, initrd and
+    /// command line. Files are streamed, not read into memory.
+    pub async fn import_template(&self, name: &str, files: &TemplateFiles) -> Result<Template, ClientError> {
+        let mut form = reqwest::multipart::Form::new().text("name", name.to_string());
+        form = form.part("disk", file_part(&files.disk).await?);
+        if let Some(k) = &files.kernel {
+            form = form.part("kernel", file_part(k).await?);
+        }
+        if let Some(i) = &files.initrd {
+            form = form.part("initrd", file_part(i).await?);
+        }
+        if let Some(c) = &files.cmdline {
+            form = form.text("cmdline", c.clone());
+        }
+        if let Some(r) = &files.ready_pattern {
+            form = form.text("ready_pattern", r.clone());
+        }
         let rb = self
             .http
-            .request(Method::PUT, &format!("/v1/templates/{}", seg(name)))
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(stream));
+            .request(Method::POST, "/v1/templates")
+            .timeout(Duration::from_secs(3600))
+            .multipart(form);
         self.http.send(rb).await
     }
 
@@ -263,6 +262,25 @@ impl Client {
         self.http.get(&format!("/v1/vms/{}", seg(name))).await
     }
 
+    /// `action` is `stop`, `start`, `suspend` or `resume`.
+    pub async fn vm_action(&self, name: &str, action: &str, force: bool) -> Result<Operation, ClientError> {
+        self.http
+            .post(&format!("/v1/vms/{}/{}?force={force}", seg(name), seg(action)), &())
+            .await
+    }
+
+    pub async fn cluster_action(&self, name: &str, action: &str) -> Result<Operation, ClientError> {
+        self.http
+            .post(&format!("/v1/clusters/{}/{}", seg(name), seg(action)), &())
+            .await
+    }
+
+    pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, ClientError> {
+        self.http
+            .get(&format!("/v1/vms/{}/console?offset={offset}", seg(name)))
+            .await
+    }
+
     pub async fn operations(&self) -> Result<Vec<Operation>, ClientError> {
         self.http.get("/v1/operations").await
     }
@@ -314,11 +332,85 @@ impl Client {
         self.http.post("/v1/agents/register", req).await
     }
 
+    /// Streams a template file (`disk`, `kernel`, `initrd`) to `dest` (agents use this).
+    pub async fn download_template_file(
+        &self,
+        host: &str,
+        template: &str,
+        file: &str,
+        dest: &Path,
+    ) -> Result<(), ClientError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let url = format!("/v1/agents/{}/templates/{}/{}", seg(host), seg(template), seg(file));
+        let resp = self
+            .http
+            .request(Method::GET, &url)
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.http.base.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            return self.http.send::<()>(self.http.request(Method::GET, &url)).await;
+        }
+        let io = |source| ClientError::File {
+            path: dest.display().to_string(),
+            source,
+        };
+        let mut f = tokio::fs::File::create(dest).await.map_err(io)?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| ClientError::Transport {
+                url: self.http.base.clone(),
+                source,
+            })?;
+            f.write_all(&chunk).await.map_err(io)?;
+        }
+        f.sync_all().await.map_err(io)?;
+        Ok(())
+    }
+
     pub async fn heartbeat(&self, host: &str, hb: &Heartbeat) -> Result<(), ClientError> {
         self.http
             .post(&format!("/v1/agents/{}/heartbeat", seg(host)), hb)
             .await
     }
+}
+
+/// The files of a template to upload.
+#[derive(Clone, Debug, Default)]
+pub struct TemplateFiles {
+    pub disk: std::path::PathBuf,
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
+    pub cmdline: Option<String>,
+    pub ready_pattern: Option<String>,
+}
+
+impl TemplateFiles {
+    pub fn disk(path: &Path) -> TemplateFiles {
+        TemplateFiles {
+            disk: path.to_path_buf(),
+            ..Default::default()
+        }
+    }
+}
+
+async fn file_part(path: &Path) -> Result<reqwest::multipart::Part, ClientError> {
+    let err = |source| ClientError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let f = tokio::fs::File::open(path).await.map_err(err)?;
+    let len = f.metadata().await.map_err(err)?.len();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+    Ok(reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+        .file_name(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .mime_str("application/octet-stream")
+        .expect("valid MIME type"))
 }
 
 /// Client of one host agent's command API.
@@ -344,6 +436,12 @@ impl AgentClient {
 
     pub async fn list(&self) -> Result<BatchResult, ClientError> {
         self.http.get("/v1/vms").await
+    }
+
+    pub async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, ClientError> {
+        self.http
+            .get(&format!("/v1/vms/{uuid}/console?offset={offset}&max={max}"))
+            .await
     }
 }
 

@@ -74,12 +74,23 @@ pub struct Claim {
     pub vms: u32,
 }
 
-/// A template record: the public object plus where its image file is.
+/// A template record: the public object plus where its files are.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TemplateRecord {
     #[serde(flatten)]
     pub template: Template,
+    /// The disk image.
     pub file: String,
+    #[serde(default)]
+    pub kernel_file: Option<String>,
+    #[serde(default)]
+    pub initrd_file: Option<String>,
+}
+
+impl TemplateRecord {
+    pub fn files(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.file).chain(self.kernel_file.iter()).chain(self.initrd_file.iter())
+    }
 }
 
 /// Typed access to the state store.

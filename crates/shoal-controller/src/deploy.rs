@@ -74,7 +74,7 @@ pub async fn profile_map(ctl: &Controller) -> ApiResult<HashMap<String, Profile>
         .collect())
 }
 
-fn new_operation(kind: OperationKind, target: &str, steps: &[&str], previous_size: u32) -> Operation {
+pub(crate) fn new_operation(kind: OperationKind, target: &str, steps: &[&str], previous_size: u32) -> Operation {
     Operation {
         id: Uuid::new_v4(),
         kind,
@@ -181,7 +181,11 @@ async fn plan_new_vms(
             memory_mib: cluster.shape.memory_mib,
             disk_mib: cluster.shape.disk_mib,
             template: cluster.shape.template.clone(),
+            desired: shoal_model::Power::Running,
+            force_stop: false,
             reason: None,
+            claimed: true,
+            observed_seq: 0,
             created_unix_ms: now,
         })
         .collect();
@@ -303,13 +307,13 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
     })
 }
 
-fn busy(ops: &[Operation], cluster: &str) -> Option<Operation> {
+pub(crate) fn busy(ops: &[Operation], cluster: &str) -> Option<Operation> {
     ops.iter()
         .find(|o| o.target == cluster && o.state == OperationState::Running)
         .cloned()
 }
 
-fn busy_error(cluster: &str, op: &Operation) -> ApiError {
+pub(crate) fn busy_error(cluster: &str, op: &Operation) -> ApiError {
     ApiError::Conflict(format!(
         "cluster {cluster:?} is busy with operation {} ({:?}); wait for it (shoal operation show {})",
         op.id, op.kind, op.id
@@ -365,7 +369,7 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
     Ok(op)
 }
 
-async fn commit(ctl: &Controller, txn: Txn, cluster: &str) -> ApiResult<()> {
+pub(crate) async fn commit(ctl: &Controller, txn: Txn, cluster: &str) -> ApiResult<()> {
     if !ctl.db.store.txn(txn).await?.succeeded {
         // Only another writer (another controller, or a race this process's lock did not
         // cover) can get here; nothing was written.

@@ -25,6 +25,7 @@ pub mod db;
 mod deploy;
 pub mod error;
 mod ipam;
+pub mod lifecycle;
 mod reconcile;
 
 pub use db::Db;
@@ -84,6 +85,9 @@ pub struct Inner {
     pub wake: Notify,
     /// VMs with a command on its way to their host, not to be sent again meanwhile.
     inflight: Mutex<HashSet<(Uuid, String)>>,
+    /// When "ensure" was last sent for a VM, and with which wanted power state: a VM still on
+    /// its way is asked again only now and then.
+    ensure_sent: Mutex<HashMap<Uuid, (Instant, shoal_model::Power)>>,
     /// One HTTP client per agent address, so connections are reused.
     agents: Mutex<HashMap<String, AgentClient>>,
 }
@@ -157,7 +161,20 @@ impl Controller {
         }
     }
 
-    fn agent(&self, address: &str) -> AgentClient {
+    /// Whether to send "ensure" for a VM that is not yet where it should be: at once when what
+    /// is wanted changed, else every few seconds.
+    fn ensure_due(&self, uuid: Uuid, power: shoal_model::Power) -> bool {
+        let mut sent = self.ensure_sent.lock().expect("ensure_sent lock");
+        match sent.get(&uuid) {
+            Some((at, p)) if *p == power && at.elapsed() < Duration::from_secs(5) => false,
+            _ => {
+                sent.insert(uuid, (Instant::now(), power));
+                true
+            }
+        }
+    }
+
+    pub(crate) fn agent(&self, address: &str) -> AgentClient {
         self.agents
             .lock()
             .expect("agents lock")
@@ -235,6 +252,7 @@ pub async fn start_with_store(
         wake: Notify::new(),
         inflight: Mutex::new(HashSet::new()),
         agents: Mutex::new(HashMap::new()),
+        ensure_sent: Mutex::new(HashMap::new()),
         config,
     }));
 

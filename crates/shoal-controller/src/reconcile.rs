@@ -141,20 +141,21 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         release_vms(ctl, &forgotten).await?;
         changed = true;
     }
-    // VMs the hosts report as failed or gone since they ran.
+    // What the hosts report, where it is newer than what the store has.
     let live = ctl.liveness();
+    let mut updates = Vec::new();
     for v in &s.vms {
-        let vm = &v.value;
-        if vm.state != VmState::Running {
+        if v.value.state == VmState::Pending {
             continue;
         }
-        let Some(l) = live.get(&vm.host) else { continue };
-        if let Some(rep) = l.vms.iter().find(|r| r.uuid == vm.uuid) {
-            if rep.state != VmState::Running {
-                set_state(ctl, v, rep.state, rep.reason.clone()).await?;
-                changed = true;
-            }
+        let Some(l) = live.get(&v.value.host) else { continue };
+        if let Some(new) = l.vms.iter().find(|r| r.uuid == v.value.uuid).and_then(|r| applied(&v.value, r)) {
+            updates.push((v, new));
         }
+    }
+    if !updates.is_empty() {
+        write_updates(ctl, &updates).await?;
+        changed = true;
     }
     if changed {
         s = read(ctl).await?;
@@ -174,8 +175,13 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         if !up(&host.name) {
             continue;
         }
+        let wants_ensure = match vm.state {
+            VmState::Pending => true,
+            VmState::Failed | VmState::Deleting => false,
+            state => state != vm.desired.target() && ctl.ensure_due(vm.uuid, vm.desired),
+        };
         match vm.state {
-            VmState::Pending => {
+            _ if wants_ensure => {
                 let Some(spec) = spec_for(&s, vm) else { continue };
                 cmds.ensure
                     .entry(host.name.clone())
@@ -221,6 +227,11 @@ fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
         disk_mib: vm.disk_mib,
         template: vm.template.clone(),
         template_hash: template.template.hash.clone(),
+        template_format: template.template.format.clone(),
+        kernel_boot: template.template.kernel_boot.clone(),
+        ready_pattern: template.template.ready_pattern.clone(),
+        power: vm.desired,
+        force_stop: vm.force_stop,
         ip: vm.ip,
         prefix_len: cluster.subnet.prefix(),
         gateway: cluster.subnet.gateway(),
@@ -301,28 +312,69 @@ async fn batch_vms(ctl: &Controller, host: &str, keys: &[String]) -> ApiResult<V
     Ok(out)
 }
 
-/// Writes what a host answered to "ensure": running, or failed with its reason.
+/// Writes what a host answered to "ensure".
 async fn record_started(ctl: &Controller, host: &str, keys: &[String], reports: &[VmStatus]) -> ApiResult<()> {
     let _guard = ctl.write_lock.lock().await;
     let by_uuid: HashMap<Uuid, &VmStatus> = reports.iter().map(|r| (r.uuid, r)).collect();
+    let vms = batch_vms(ctl, host, keys).await?;
+    let updates: Vec<(&Versioned<Vm>, Vm)> = vms
+        .iter()
+        .filter_map(|v| Some((v, applied(&v.value, by_uuid.get(&v.value.uuid)?)?)))
+        .collect();
+    write_updates(ctl, &updates).await
+}
+
+/// The VM after a host's report, if the report is newer than what the store has and changes
+/// something. A report without a sequence number (an "ensure" that failed outright) only
+/// settles a VM still pending.
+fn applied(vm: &Vm, r: &VmStatus) -> Option<Vm> {
+    let newer = r.seq > vm.observed_seq || (vm.state == VmState::Pending && r.seq == 0);
+    if vm.state == VmState::Deleting || !newer {
+        return None;
+    }
+    let mut new = vm.clone();
+    new.observed_seq = vm.observed_seq.max(r.seq);
+    new.state = r.state;
+    new.reason = r.reason.clone();
+    (new != *vm).then_some(new)
+}
+
+/// Writes VM updates in one transaction. A VM that became suspended gives its claim back.
+async fn write_updates(ctl: &Controller, updates: &[(&Versioned<Vm>, Vm)]) -> ApiResult<()> {
+    if updates.is_empty() {
+        return Ok(());
+    }
     let mut txn = Txn::new();
-    for v in batch_vms(ctl, host, keys).await? {
-        let Some(r) = by_uuid.get(&v.value.uuid) else { continue };
-        if v.value.state != VmState::Pending {
-            continue;
+    let mut freed: BTreeMap<&str, Claim> = BTreeMap::new();
+    for (old, new) in updates {
+        let mut new = new.clone();
+        if new.state == VmState::Suspended && new.claimed {
+            new.claimed = false;
+            let c = freed.entry(old.value.host.as_str()).or_default();
+            c.cpus += new.cpus;
+            c.memory_mib += new.memory_mib;
+            c.vms += 1;
         }
-        let mut vm = v.value;
-        vm.state = r.state;
-        vm.reason = r.reason.clone();
-        let k = db::vm_key(&vm.cluster, vm.index);
-        txn = txn
-            .when(Compare::ModRevision(k.clone(), v.mod_revision))
-            .then(put(k, &vm));
+        let k = db::vm_key(&new.cluster, new.index);
+        txn = txn.when(Compare::ModRevision(k.clone(), old.mod_revision)).then(put(k, &new));
     }
-    if !txn.success.is_empty() {
-        ctl.db.store.txn(txn).await?;
-    }
+    txn = release_claims(ctl, txn, &freed).await?;
+    ctl.db.store.txn(txn).await?;
     Ok(())
+}
+
+/// Adds to `txn` the subtraction of `freed` from each host's claim, compared on its revision.
+async fn release_claims(ctl: &Controller, mut txn: Txn, freed: &BTreeMap<&str, Claim>) -> ApiResult<Txn> {
+    for (host, f) in freed {
+        let key = db::claim_key(host);
+        let cur = ctl.db.get::<Claim>(&key).await?;
+        let (mut c, rev) = cur.map(|v| (v.value, v.mod_revision)).unwrap_or_default();
+        c.cpus = c.cpus.saturating_sub(f.cpus);
+        c.memory_mib = c.memory_mib.saturating_sub(f.memory_mib);
+        c.vms = c.vms.saturating_sub(f.vms);
+        txn = txn.when(Compare::ModRevision(key.clone(), rev)).then(put(key, &c));
+    }
+    Ok(txn)
 }
 
 /// Deletes the records of VMs their host confirmed removed, freeing their addresses and claims.
@@ -345,26 +397,18 @@ async fn release_vms(ctl: &Controller, vms: &[Vm]) -> ApiResult<()> {
     let mut freed: BTreeMap<&str, Claim> = BTreeMap::new();
     let mut txn = Txn::new();
     for vm in vms {
-        let c = freed.entry(vm.host.as_str()).or_default();
-        c.cpus += vm.cpus;
-        c.memory_mib += vm.memory_mib;
-        c.vms += 1;
+        if vm.claimed {
+            let c = freed.entry(vm.host.as_str()).or_default();
+            c.cpus += vm.cpus;
+            c.memory_mib += vm.memory_mib;
+            c.vms += 1;
+        }
         txn = txn
             .then(Op::Delete(db::vm_key(&vm.cluster, vm.index)))
             .then(Op::Delete(db::ip_key(&vm.ip)))
             .then(Op::Delete(db::mac_key(&vm.mac)));
     }
-    for (host, f) in freed {
-        let key = db::claim_key(host);
-        let cur = ctl.db.get::<Claim>(&key).await?;
-        let (mut c, rev) = cur.map(|v| (v.value, v.mod_revision)).unwrap_or_default();
-        c.cpus = c.cpus.saturating_sub(f.cpus);
-        c.memory_mib = c.memory_mib.saturating_sub(f.memory_mib);
-        c.vms = c.vms.saturating_sub(f.vms);
-        txn = txn
-            .when(Compare::ModRevision(key.clone(), rev))
-            .then(put(key, &c));
-    }
+    let txn = release_claims(ctl, txn, &freed).await?;
     ctl.db.store.txn(txn).await?;
     Ok(())
 }
@@ -469,59 +513,93 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
     for op in &s.ops {
         let mut new = op.clone();
         let total = op.vms.len() as u64;
-        let removing = matches!(op.kind, OperationKind::ClusterDelete) || op.steps.len() == 1;
-        if removing {
-            let left = op.vms.iter().filter(|n| by_name.contains_key(n.as_str())).count() as u64;
-            let cluster_gone = !s.clusters.contains_key(&op.target);
-            let done = left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone);
-            set_execute(&mut new, total - left, total, format!("{} of {total} VMs removed", total - left));
-            if done {
-                finish(&mut new, None);
-            }
-        } else {
-            let vms: Vec<&Versioned<Vm>> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
-            let running = vms.iter().filter(|v| v.value.state == VmState::Running).count() as u64;
-            let failed = vms.iter().find(|v| v.value.state == VmState::Failed);
-            let timed_out = now_ms().saturating_sub(op.created_unix_ms) > ctl.config.operation_timeout.as_millis() as u64;
-            set_execute(&mut new, running, total, format!("{running} of {total} VMs running"));
-            let failure = if let Some(f) = failed {
-                Some(format!(
-                    "VM {} failed on host {}: {}",
-                    f.value.name,
-                    f.value.host,
-                    f.value.reason.as_deref().unwrap_or("no reason given")
-                ))
-            } else if vms.len() < op.vms.len() {
-                Some("VMs of the operation disappeared before they started".to_string())
-            } else if timed_out && running < total {
-                let waiting: Vec<String> = vms
-                    .iter()
-                    .filter(|v| v.value.state != VmState::Running)
-                    .take(5)
-                    .map(|v| format!("{} ({} on {})", v.value.name, v.value.state.as_str(), v.value.host))
-                    .collect();
-                Some(format!(
-                    "timed out after {:?} waiting for {} VMs: {}",
-                    ctl.config.operation_timeout,
-                    total - running,
-                    waiting.join(", ")
-                ))
-            } else {
-                None
-            };
-            if let Some(reason) = failure {
-                roll_back(ctl, s, op).await?;
-                if let Some(st) = new.step_mut("execute") {
-                    st.state = StepState::Failed;
+        let vms: Vec<&Versioned<Vm>> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
+        let timed_out = now_ms().saturating_sub(op.created_unix_ms) > ctl.config.operation_timeout.as_millis() as u64;
+        let waiting = |pred: &dyn Fn(&Vm) -> bool| -> String {
+            vms.iter()
+                .filter(|v| !pred(&v.value))
+                .take(5)
+                .map(|v| format!("{} ({} on {})", v.value.name, v.value.state.as_str(), v.value.host))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match op.kind {
+            // Removals: done when the VMs (and, for a delete, the cluster) are gone.
+            OperationKind::ClusterDelete | OperationKind::ClusterScale if op.steps.len() == 1 => {
+                let left = vms.len() as u64;
+                let cluster_gone = !s.clusters.contains_key(&op.target);
+                set_execute(&mut new, total - left, total, format!("{} of {total} VMs removed", total - left));
+                if left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone) {
+                    finish(&mut new, None);
                 }
-                let what = if op.kind == OperationKind::ClusterCreate {
-                    format!("cluster {} rolled back", op.target)
+            }
+            // Deployments: done when every new VM runs; rolled back when one cannot.
+            OperationKind::ClusterCreate | OperationKind::ClusterScale => {
+                let running = vms.iter().filter(|v| v.value.state == VmState::Running).count() as u64;
+                set_execute(&mut new, running, total, format!("{running} of {total} VMs running"));
+                let failure = if let Some(f) = vms.iter().find(|v| v.value.state == VmState::Failed) {
+                    Some(format!(
+                        "VM {} failed on host {}: {}",
+                        f.value.name,
+                        f.value.host,
+                        f.value.reason.as_deref().unwrap_or("no reason given")
+                    ))
+                } else if vms.len() < op.vms.len() {
+                    Some("VMs of the operation disappeared before they started".to_string())
+                } else if timed_out && running < total {
+                    Some(format!(
+                        "timed out after {:?} waiting for {} VMs: {}",
+                        ctl.config.operation_timeout,
+                        total - running,
+                        waiting(&|v| v.state == VmState::Running)
+                    ))
                 } else {
-                    format!("cluster {} rolled back to {} VMs", op.target, op.previous_size)
+                    None
                 };
-                finish(&mut new, Some(format!("{reason}; {what}")));
-            } else if running == total {
-                finish(&mut new, None);
+                if let Some(reason) = failure {
+                    roll_back(ctl, s, op).await?;
+                    if let Some(st) = new.step_mut("execute") {
+                        st.state = StepState::Failed;
+                    }
+                    let what = if op.kind == OperationKind::ClusterCreate {
+                        format!("cluster {} rolled back", op.target)
+                    } else {
+                        format!("cluster {} rolled back to {} VMs", op.target, op.previous_size)
+                    };
+                    finish(&mut new, Some(format!("{reason}; {what}")));
+                } else if running == total {
+                    finish(&mut new, None);
+                }
+            }
+            // Power changes: done when every VM is where it is wanted.
+            _ => {
+                let at = |v: &Vm| v.state == v.desired.target();
+                let done = vms.iter().filter(|v| at(&v.value)).count() as u64;
+                set_execute(&mut new, done, total, format!("{done} of {total} VMs done"));
+                let failure = if let Some(f) = vms.iter().find(|v| {
+                    v.value.state == VmState::Failed || (v.value.reason.is_some() && !at(&v.value))
+                }) {
+                    Some(format!(
+                        "VM {} on host {}: {}",
+                        f.value.name,
+                        f.value.host,
+                        f.value.reason.as_deref().unwrap_or("failed")
+                    ))
+                } else if vms.len() < op.vms.len() {
+                    Some("VMs of the operation were deleted".to_string())
+                } else if timed_out && done < total {
+                    Some(format!("timed out after {:?} waiting for {}", ctl.config.operation_timeout, waiting(&at)))
+                } else {
+                    None
+                };
+                if let Some(reason) = failure {
+                    if let Some(st) = new.step_mut("execute") {
+                        st.state = StepState::Failed;
+                    }
+                    finish(&mut new, Some(reason));
+                } else if done == total {
+                    finish(&mut new, None);
+                }
             }
         }
         if &new != op {
@@ -588,25 +666,35 @@ async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<
 
 async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
     let busy: HashSet<&str> = s.ops.iter().map(|o| o.target.as_str()).collect();
-    let mut counts: HashMap<&str, (u32, u32, u32)> = HashMap::new();
+    let mut counts: HashMap<&str, HashMap<VmState, u32>> = HashMap::new();
     for v in &s.vms {
-        let e = counts.entry(v.value.cluster.as_str()).or_default();
-        e.0 += 1;
-        match v.value.state {
-            VmState::Running => e.1 += 1,
-            VmState::Failed => e.2 += 1,
-            _ => {}
+        *counts.entry(v.value.cluster.as_str()).or_default().entry(v.value.state).or_default() += 1;
+        // A VM operation keeps its cluster converging too.
+        if busy.contains(v.value.name.as_str()) {
+            counts.entry(v.value.cluster.as_str()).or_default().insert(VmState::Pending, 1);
         }
     }
     for c in s.clusters.values() {
         if c.value.state == ClusterState::Deleting {
             continue;
         }
-        let (total, running, failed) = counts.get(c.value.name.as_str()).copied().unwrap_or_default();
-        let state = if failed > 0 {
+        let empty = HashMap::new();
+        let n = counts.get(c.value.name.as_str()).unwrap_or(&empty);
+        let total: u32 = n.values().sum();
+        let all = |st: VmState| total == c.value.size && n.get(&st).copied().unwrap_or(0) == total;
+        let state = if n.contains_key(&VmState::Failed) {
             ClusterState::Degraded
-        } else if !busy.contains(c.value.name.as_str()) && total == c.value.size && running == total {
+        } else if busy.contains(c.value.name.as_str()) || n.contains_key(&VmState::Pending) {
+            ClusterState::Converging
+        } else if all(VmState::Running) {
             ClusterState::Ready
+        } else if all(VmState::Stopped) {
+            ClusterState::Stopped
+        } else if all(VmState::Suspended) {
+            ClusterState::Suspended
+        } else if n.keys().all(|st| matches!(st, VmState::Running | VmState::Stopped | VmState::Suspended)) && total == c.value.size {
+            // Some VMs stopped or suspended on their own request: not all is running.
+            ClusterState::Degraded
         } else {
             ClusterState::Converging
         };
@@ -626,4 +714,3 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
     }
     Ok(())
 }
-

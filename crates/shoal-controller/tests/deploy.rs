@@ -207,12 +207,12 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
 
     let f = h.dir.path().join("x.img");
     std::fs::write(&f, b"x").unwrap();
-    let e = c.import_template("t", &f).await.unwrap_err();
+    let e = c.import_template("t", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
     assert_eq!(e.code(), Some("already_exists"));
-    let e = c.import_template("Bad", &f).await.unwrap_err();
+    let e = c.import_template("Bad", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
     assert_eq!(e.code(), Some("invalid"));
     std::fs::write(&f, b"").unwrap();
-    let e = c.import_template("empty", &f).await.unwrap_err();
+    let e = c.import_template("empty", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
 
     assert_eq!(h.controller().db.store.revision().await.unwrap(), rev, "a refused request wrote to the store");

@@ -1,19 +1,27 @@
 //! The hypervisor boundary. The agent drives VMs only through [`Hypervisor`]; each driver is one
-//! module: [`sim`] keeps VMs as records (for scale tests, demos without KVM and the simulator).
+//! module: [`sim`] keeps VMs as records (for scale tests, demos without QEMU and the simulator),
+//! [`qemu`] runs each VM as a QEMU process driven over QMP.
+
+use std::path::Path;
 
 use async_trait::async_trait;
-use shoal_model::agent::{VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
 use thiserror::Error;
 use uuid::Uuid;
 
+pub mod demo_template;
+pub mod qemu;
 pub mod sim;
 
+pub use qemu::{QemuConfig, QemuDriver};
 pub use sim::SimDriver;
 
 #[derive(Debug, Error)]
 pub enum HvError {
     #[error("VM {name}: {reason}")]
     Vm { name: String, reason: String },
+    #[error("no VM {0} on this host")]
+    NotFound(Uuid),
     #[error("hypervisor state in {path}: {source}")]
     Io {
         path: String,
@@ -24,12 +32,41 @@ pub enum HvError {
 
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
-    /// Driver name as reported to the controller (`sim`, `qemu`).
-    fn driver(&self) -> &'static str;
-    /// Makes sure the VM exists and runs. Idempotent: a VM that already runs is left alone.
+    /// Driver name as reported to the controller (`sim`, `qemu/tcg`, `qemu/kvm`).
+    fn driver(&self) -> String;
+    /// Makes sure the VM exists and moves it toward `spec.power`. Idempotent. Answers with the
+    /// VM's status now; long transitions (boot, shutdown, suspend) continue in the background and
+    /// show in later calls and in [`Hypervisor::list`].
     async fn ensure(&self, spec: &VmSpec) -> Result<VmStatus, HvError>;
     /// Removes the VM and everything the host kept for it. Removing an unknown VM succeeds.
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError>;
     /// Every VM the host has.
     async fn list(&self) -> Vec<VmStatus>;
+    /// Up to `max` bytes of the VM's serial console from `offset`.
+    async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError>;
+}
+
+/// The files a template is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateFile {
+    Disk,
+    Kernel,
+    Initrd,
+}
+
+impl TemplateFile {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TemplateFile::Disk => "disk",
+            TemplateFile::Kernel => "kernel",
+            TemplateFile::Initrd => "initrd",
+        }
+    }
+}
+
+/// Where a host gets template files it does not have yet (the controller, for an agent).
+#[async_trait]
+pub trait TemplateSource: Send + Sync + 'static {
+    /// Downloads the file to `dest`; the caller verifies its hash.
+    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String>;
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use shoal_model::agent::{VmSpec, VmStatus};
-use shoal_model::VmState;
+use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
+use shoal_model::{Power, VmState};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -71,25 +71,36 @@ impl SimDriver {
 
 #[async_trait]
 impl Hypervisor for SimDriver {
-    fn driver(&self) -> &'static str {
-        "sim"
+    fn driver(&self) -> String {
+        "sim".into()
     }
 
+    /// Power transitions are instant; only the first boot takes the configured delay.
     async fn ensure(&self, spec: &VmSpec) -> Result<VmStatus, HvError> {
-        if let Some(v) = self.vms.lock().await.get(&spec.uuid) {
-            return Ok(v.clone());
-        }
-        if !self.boot_delay.is_zero() {
+        let known = self.vms.lock().await.contains_key(&spec.uuid);
+        if !known && !self.boot_delay.is_zero() {
             tokio::time::sleep(self.boot_delay).await;
         }
-        let status = VmStatus {
+        let mut vms = self.vms.lock().await;
+        let status = vms.entry(spec.uuid).or_insert_with(|| VmStatus {
             uuid: spec.uuid,
             name: spec.name.clone(),
             state: VmState::Running,
             reason: None,
+            seq: 1,
+        });
+        let target = spec.power.target();
+        let allowed = match (status.state, spec.power) {
+            (VmState::Stopped, Power::Suspended) => false,
+            (_, Power::Running) => true,
+            (s, _) => s == VmState::Running || s == target,
         };
-        let mut vms = self.vms.lock().await;
-        let status = vms.entry(spec.uuid).or_insert(status).clone();
+        if allowed && status.state != target {
+            status.state = target;
+            status.reason = None;
+            status.seq += 1;
+        }
+        let status = status.clone();
         self.persist(&vms).await?;
         Ok(status)
     }
@@ -104,6 +115,19 @@ impl Hypervisor for SimDriver {
 
     async fn list(&self) -> Vec<VmStatus> {
         self.vms.lock().await.values().cloned().collect()
+    }
+
+    async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {
+        let vms = self.vms.lock().await;
+        let v = vms.get(&uuid).ok_or(HvError::NotFound(uuid))?;
+        let text = format!("sim: {} is {}\n", v.name, v.state.as_str());
+        let start = (offset as usize).min(text.len());
+        let end = (start + max).min(text.len());
+        Ok(ConsoleChunk {
+            offset: start as u64,
+            next: end as u64,
+            data: text[start..end].to_string(),
+        })
     }
 }
 
@@ -120,6 +144,11 @@ mod tests {
             disk_mib: None,
             template: "t".into(),
             template_hash: "blake3:00".into(),
+            template_format: "raw".into(),
+            kernel_boot: None,
+            ready_pattern: None,
+            power: Power::Running,
+            force_stop: false,
             ip: "10.200.0.2".parse().unwrap(),
             prefix_len: 24,
             gateway: "10.200.0.1".parse().unwrap(),
@@ -136,6 +165,13 @@ mod tests {
         assert_eq!(d.ensure(&s).await.unwrap().state, VmState::Running);
         d.ensure(&s).await.unwrap();
         assert_eq!(d.list().await.len(), 1);
+        let mut stopped = s.clone();
+        stopped.power = Power::Stopped;
+        let st = d.ensure(&stopped).await.unwrap();
+        assert_eq!((st.state, st.seq), (VmState::Stopped, 2));
+        stopped.power = Power::Suspended;
+        assert_eq!(d.ensure(&stopped).await.unwrap().state, VmState::Stopped, "a stopped VM cannot be suspended");
+        assert_eq!(d.ensure(&s).await.unwrap().state, VmState::Running);
         drop(d);
         let d = SimDriver::open(dir.path(), Duration::ZERO).unwrap();
         assert_eq!(d.list().await[0].uuid, s.uuid);

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::net::MacAddr;
-use crate::objects::VmState;
+use crate::objects::{KernelBoot, Power, VmState};
 
 /// Everything a host needs to run one VM. Sent whole so that "ensure" is idempotent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -20,6 +20,19 @@ pub struct VmSpec {
     pub template: String,
     /// Content hash of the template image, so the host can tell a renamed or replaced image.
     pub template_hash: String,
+    /// `raw` or `qcow2`.
+    #[serde(default = "raw")]
+    pub template_format: String,
+    #[serde(default)]
+    pub kernel_boot: Option<KernelBoot>,
+    #[serde(default)]
+    pub ready_pattern: Option<String>,
+    /// The state the host must bring the VM to.
+    #[serde(default)]
+    pub power: Power,
+    /// Stop without waiting for the guest to power off (pulls the plug).
+    #[serde(default)]
+    pub force_stop: bool,
     #[schema(value_type = String)]
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
@@ -30,6 +43,10 @@ pub struct VmSpec {
     pub user_data: Option<String>,
 }
 
+fn raw() -> String {
+    "raw".into()
+}
+
 /// A VM as its host sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmStatus {
@@ -37,6 +54,20 @@ pub struct VmStatus {
     pub name: String,
     pub state: VmState,
     pub reason: Option<String>,
+    /// Increases with every change of the VM on its host.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// A slice of a VM's serial console.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleChunk {
+    /// Byte offset of `data` in the console log.
+    pub offset: u64,
+    /// Offset to ask for next.
+    pub next: u64,
+    /// Console bytes, lossily decoded as UTF-8.
+    pub data: String,
 }
 
 /// Sent by an agent to join: with a one-time join token the first time, with its own credential after.

@@ -47,7 +47,7 @@ pub struct Host {
     pub last_heartbeat_unix_ms: Option<u64>,
 }
 
-/// A template: a disk image VMs are cloned from.
+/// A template: a disk image VMs are cloned from, and how to boot it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Template {
     pub name: String,
@@ -56,7 +56,23 @@ pub struct Template {
     pub size_bytes: u64,
     /// `blake3:<hex>` of the image bytes.
     pub hash: String,
+    /// Direct kernel boot; `None` boots from the disk itself (real cloud images).
+    #[serde(default)]
+    pub kernel_boot: Option<KernelBoot>,
+    /// Text the guest prints on its serial console once configured; `None`: running is ready.
+    #[serde(default)]
+    pub ready_pattern: Option<String>,
     pub created_unix_ms: u64,
+}
+
+/// The kernel, initrd and command line a template boots with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct KernelBoot {
+    pub kernel_hash: String,
+    pub kernel_size: u64,
+    pub initrd_hash: Option<String>,
+    pub initrd_size: Option<u64>,
+    pub cmdline: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -114,6 +130,10 @@ pub enum ClusterState {
     Ready,
     /// Some VMs failed.
     Degraded,
+    /// Every VM stopped on request.
+    Stopped,
+    /// Every VM suspended on request: memory saved, hosts' resources given back.
+    Suspended,
     /// Being deleted.
     Deleting,
 }
@@ -133,6 +153,28 @@ pub struct Cluster {
     pub subnet: Ipv4Subnet,
     pub state: ClusterState,
     pub created_unix_ms: u64,
+}
+
+/// What an operator wants a VM to be doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Power {
+    #[default]
+    Running,
+    Stopped,
+    /// Memory saved to a file on the host, the VM's resources given back.
+    Suspended,
+}
+
+impl Power {
+    /// The state a VM reaches when it does what is wanted.
+    pub fn target(self) -> VmState {
+        match self {
+            Power::Running => VmState::Running,
+            Power::Stopped => VmState::Stopped,
+            Power::Suspended => VmState::Suspended,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -182,9 +224,26 @@ pub struct Vm {
     pub memory_mib: u64,
     pub disk_mib: Option<u64>,
     pub template: String,
+    /// What the operator wants; `state` is what the host last reported.
+    #[serde(default)]
+    pub desired: Power,
+    /// The last stop asked for is forced (no ACPI grace period).
+    #[serde(default)]
+    pub force_stop: bool,
     /// Why the VM is failed, when it is.
     pub reason: Option<String>,
+    /// Whether the VM's vCPUs and memory are claimed on its host (not while suspended).
+    #[serde(default = "yes")]
+    pub claimed: bool,
+    /// The host's sequence number of the last report applied, so that an older report never
+    /// overwrites a newer one.
+    #[serde(default)]
+    pub observed_seq: u64,
     pub created_unix_ms: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -193,6 +252,14 @@ pub enum OperationKind {
     ClusterCreate,
     ClusterScale,
     ClusterDelete,
+    ClusterStop,
+    ClusterStart,
+    ClusterSuspend,
+    ClusterResume,
+    VmStop,
+    VmStart,
+    VmSuspend,
+    VmResume,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -234,11 +301,12 @@ pub struct OperationStep {
 pub struct Operation {
     pub id: Uuid,
     pub kind: OperationKind,
-    /// The cluster the operation works on.
+    /// The cluster (or, for VM operations, the VM) the operation works on.
     pub target: String,
     pub state: OperationState,
     pub steps: Vec<OperationStep>,
-    /// VMs the operation creates (create, scale up) or removes (scale down, delete).
+    /// VMs the operation creates (create, scale up), removes (scale down, delete) or moves to
+    /// another power state (stop, start, suspend, resume).
     pub vms: Vec<String>,
     /// The cluster size before the operation, to roll back to if it fails.
     pub previous_size: u32,

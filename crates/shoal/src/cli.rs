@@ -85,6 +85,14 @@ pub enum Driver {
     Qemu,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when a probe VM really runs under it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct HostOpts {
     /// vCPUs the host offers to VMs [default: the machine's]
@@ -102,6 +110,18 @@ pub struct HostOpts {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat: f64,
+    /// QEMU driver: accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// QEMU driver: the emulator binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// QEMU driver: seconds a guest gets to power off after the ACPI button.
+    #[arg(long, default_value_t = 30.0)]
+    pub stop_timeout: f64,
+    /// QEMU driver: seconds a guest gets to print its template's ready pattern.
+    #[arg(long, default_value_t = 300.0)]
+    pub ready_timeout: f64,
 }
 
 #[derive(Args, Debug)]
@@ -152,8 +172,23 @@ pub enum HostCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCmd {
-    /// Upload an image file as a template.
-    Import { name: String, file: PathBuf },
+    /// Upload a disk image (raw or qcow2) as a template.
+    Import {
+        name: String,
+        file: PathBuf,
+        /// Boot this kernel directly instead of from the disk.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
+        /// Console text the guest prints when configured (VMs count as ready then).
+        #[arg(long)]
+        ready_pattern: Option<String>,
+    },
+    /// Build the demo template (host kernel, a busybox root, a NoCloud-reading init) and upload it.
+    BuildDemo { name: String },
     List,
     Show { name: String },
     /// Delete a template no profile or cluster uses.
@@ -233,6 +268,22 @@ pub enum ClusterCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Stop every VM of the cluster.
+    Stop(PowerArgs),
+    /// Start every VM of the cluster.
+    Start(PowerArgs),
+    /// Suspend the whole cluster: memory saved, hosts' resources freed.
+    Suspend(PowerArgs),
+    /// Resume a suspended cluster.
+    Resume(PowerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PowerArgs {
+    pub name: String,
+    /// Return at once instead of waiting for the operation.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,6 +293,25 @@ pub enum VmCmd {
         cluster: Option<String>,
     },
     Show { name: String },
+    /// Stop: ACPI power button, forced after the host's timeout.
+    Stop {
+        #[command(flatten)]
+        vm: PowerArgs,
+        /// Pull the plug at once.
+        #[arg(long)]
+        force: bool,
+    },
+    Start(PowerArgs),
+    /// Save the VM's memory on its host and free its resources.
+    Suspend(PowerArgs),
+    Resume(PowerArgs),
+    /// Print the serial console.
+    Console {
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

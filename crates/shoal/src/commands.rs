@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoal_client::Client;
+use shoal_client::{Client, TemplateFiles};
 use shoal_model::api::{CreateCluster, CreateProfile};
 use shoal_model::{AntiAffinity, Operation, Placement, StepState};
 
@@ -29,8 +29,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             output::emit(out, &serde_json::json!({ "token": token }), |_| format!("{token}\n"))
         }
         Command::Template(t) => match t {
-            TemplateCmd::Import { name, file } => {
-                let t = client.import_template(&name, &file).await?;
+            TemplateCmd::Import {
+                name,
+                file,
+                kernel,
+                initrd,
+                cmdline,
+                ready_pattern,
+            } => {
+                let files = TemplateFiles {
+                    disk: file,
+                    kernel,
+                    initrd,
+                    cmdline,
+                    ready_pattern,
+                };
+                let t = client.import_template(&name, &files).await?;
+                output::emit(out, &t, output::template)
+            }
+            TemplateCmd::BuildDemo { name } => {
+                let dir = tempfile::tempdir().context("creating a temporary directory")?;
+                let started = std::time::Instant::now();
+                let d = shoal_hv::demo_template::build_demo_template(dir.path())?;
+                eprintln!("built the demo template in {:.1} s", started.elapsed().as_secs_f64());
+                let files = TemplateFiles {
+                    disk: d.disk,
+                    kernel: Some(d.kernel),
+                    initrd: Some(d.initrd),
+                    cmdline: Some(d.cmdline),
+                    ready_pattern: Some(d.ready_pattern),
+                };
+                let t = client.import_template(&name, &files).await?;
                 output::emit(out, &t, output::template)
             }
             TemplateCmd::List => output::emit(out, &client.templates().await?, output::templates),
@@ -116,11 +145,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let op = client.delete_cluster(&name).await?;
                 finish(&client, out, op, wait).await?
             }
+            ClusterCmd::Stop(a) => power(&client, out, &a, None, "stop", false).await?,
+            ClusterCmd::Start(a) => power(&client, out, &a, None, "start", false).await?,
+            ClusterCmd::Suspend(a) => power(&client, out, &a, None, "suspend", false).await?,
+            ClusterCmd::Resume(a) => power(&client, out, &a, None, "resume", false).await?,
         },
         Command::Vm(VmCmd::List { cluster }) => {
             output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms)
         }
         Command::Vm(VmCmd::Show { name }) => output::emit(out, &client.vm(&name).await?, output::vm),
+        Command::Vm(VmCmd::Stop { vm, force }) => power(&client, out, &vm, Some(()), "stop", force).await?,
+        Command::Vm(VmCmd::Start(a)) => power(&client, out, &a, Some(()), "start", false).await?,
+        Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
+        Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
+        Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
         Command::Operation(OperationCmd::List) => {
             output::emit(out, &client.operations().await?, output::operations)
         }
@@ -132,6 +170,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A power change of a VM (`vm` is `Some`) or of a whole cluster; waits unless `--no-wait`.
+async fn power(client: &Client, out: Output, a: &PowerArgs, vm: Option<()>, action: &str, force: bool) -> anyhow::Result<()> {
+    let op = match vm {
+        Some(()) => client.vm_action(&a.name, action, force).await?,
+        None => client.cluster_action(&a.name, action).await?,
+    };
+    finish(client, out, op, !a.no_wait).await
+}
+
+/// Prints a VM's console; with `follow`, keeps printing what comes until interrupted.
+async fn console(client: &Client, name: &str, follow: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut offset = 0;
+    loop {
+        let chunk = client.console(name, offset).await?;
+        if !chunk.data.is_empty() {
+            let mut so = std::io::stdout().lock();
+            so.write_all(chunk.data.as_bytes())?;
+            so.flush()?;
+        }
+        let advanced = chunk.next > offset;
+        offset = chunk.next;
+        if !follow && !advanced {
+            return Ok(());
+        }
+        if !advanced {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
 }
 
 /// Prints the operation, or with `--wait` follows it to the end with a progress display.

@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use shoal_agent::AgentConfig;
 use shoal_controller::ControllerConfig;
-use shoal_hv::{Hypervisor, SimDriver};
+use shoal_hv::qemu::Accel;
+use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SimDriver};
 
-use crate::cli::{AgentArgs, ControllerOpts, Driver, HostOpts, ServerArgs, UpArgs};
+use crate::cli::{AccelArg, AgentArgs, ControllerOpts, Driver, HostOpts, ServerArgs, UpArgs};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
@@ -82,13 +83,37 @@ fn machine_memory_mib() -> u64 {
         .unwrap_or(1024)
 }
 
-fn hypervisor(h: &HostOpts, dir: &std::path::Path) -> anyhow::Result<Arc<dyn Hypervisor>> {
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if v.is_nan() || v <= 0.0 {
+        bail!("{flag} {v}: must be positive");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+async fn hypervisor(h: &HostOpts, config: &AgentConfig) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    let dir = &config.data_dir;
     match h.driver {
         Driver::Sim => Ok(Arc::new(SimDriver::open(
             &dir.join("sim"),
             Duration::from_millis(h.sim_boot_ms),
         )?)),
-        Driver::Qemu => bail!("--driver qemu is not available yet in this build; use --driver sim"),
+        Driver::Qemu => {
+            let mut q = QemuConfig::new(dir.join("qemu"));
+            q.qemu = h.qemu.clone();
+            q.accel = match h.accel {
+                AccelArg::Auto => None,
+                AccelArg::Kvm => Some(Accel::Kvm),
+                AccelArg::Tcg => Some(Accel::Tcg),
+            };
+            q.stop_timeout = seconds("--stop-timeout", h.stop_timeout)?;
+            q.ready_timeout = seconds("--ready-timeout", h.ready_timeout)?;
+            let source = Arc::new(shoal_agent::ControllerTemplates {
+                controller_url: config.controller_url.clone(),
+                host: config.name.clone(),
+                data_dir: config.data_dir.clone(),
+            });
+            Ok(QemuDriver::open(q, source).await?)
+        }
     }
 }
 
@@ -115,7 +140,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     config.listen = a.listen;
     config.advertise = a.advertise;
     config.join_token = a.join_token;
-    let hv = hypervisor(&a.host, &a.data_dir)?;
+    let hv = hypervisor(&a.host, &config).await?;
     let running = shoal_agent::start(config, hv).await?;
     eprintln!("shoal agent {} serving on {}", running.name, running.address);
     stop_signal().await;
@@ -136,26 +161,23 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     } else {
         ctl.url.clone()
     };
-    let mut agents = Vec::new();
-    for i in 1..=a.hosts {
+    // Agents start together: each probes its accelerator, which takes a moment.
+    let starts = (1..=a.hosts).map(|i| {
         let name = format!("host{i}");
         let dir = a.controller.data_dir.join("agents").join(&name);
-        let mut config = agent_config(name.clone(), ctl_url.clone(), dir.clone(), &a.host)?;
-        if ctl.controller.auth_required() && !dir.join("credentials.json").exists() {
-            config.join_token = Some(
-                ctl.controller
-                    .mint_join_token()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
-        }
-        let hv = hypervisor(&a.host, &dir)?;
-        agents.push(
+        let (host, ctl_url, controller) = (&a.host, ctl_url.clone(), ctl.controller.clone());
+        async move {
+            let mut config = agent_config(name.clone(), ctl_url, dir.clone(), host)?;
+            if controller.auth_required() && !dir.join("credentials.json").exists() {
+                config.join_token = Some(controller.mint_join_token().await.map_err(|e| anyhow::anyhow!("{e}"))?);
+            }
+            let hv = hypervisor(host, &config).await?;
             shoal_agent::start(config, hv)
                 .await
-                .with_context(|| format!("starting agent {name}"))?,
-        );
-    }
+                .with_context(|| format!("starting agent {name}"))
+        }
+    });
+    let agents: Vec<_> = futures::future::try_join_all(starts).await?;
     eprintln!(
         "shoal up: controller at {} with {} {:?} hosts; Ctrl-C to stop",
         ctl.url,

@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
 
     let img = dir.path().join("base.img");
     std::fs::write(&img, vec![1u8; 1 << 20])?;
-    client.import_template("base", &img).await?;
+    client.import_template("base", &shoal_client::TemplateFiles::disk(&img)).await?;
     client
         .create_profile(&CreateProfile {
             name: "small".into(),

@@ -83,3 +83,17 @@ pub async fn delete_cluster(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     Ok((StatusCode::ACCEPTED, Json(deploy::delete_cluster(&ctl, &name).await?)))
 }
+
+/// Stops, starts, suspends or resumes every VM of a virtual cluster as one operation.
+#[utoipa::path(post, path = "/v1/clusters/{name}/{action}", tag = "clusters",
+    params(("name" = String, Path, description = "Cluster name"),
+           ("action" = String, Path, description = "`stop`, `start`, `suspend` or `resume`"), crate::api::vms::ActionQuery),
+    responses((status = 202, body = Operation), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn cluster_action(
+    State(ctl): State<Controller>,
+    Path((name, verb)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<crate::api::vms::ActionQuery>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let a = crate::api::vms::action(&verb, q.force)?;
+    Ok((StatusCode::ACCEPTED, Json(crate::lifecycle::cluster_action(&ctl, &name, a).await?)))
+}

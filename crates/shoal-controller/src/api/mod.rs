@@ -1,8 +1,9 @@
 //! The REST API: one module per resource, mirroring the CLI's nouns. Everything under `/v1/`
 //! except the agents' endpoints needs the admin token when the listener is not loopback.
 
+use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
@@ -23,10 +24,10 @@ pub mod vms;
         hosts::list_hosts, hosts::create_join_token,
         templates::import_template, templates::list_templates, templates::show_template, templates::delete_template,
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
-        clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster,
-        vms::list_vms, vms::show_vm,
+        clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
+        vms::list_vms, vms::show_vm, vms::vm_action, vms::console,
         operations::list_operations, operations::show_operation,
-        agents::register, agents::heartbeat,
+        agents::register, agents::heartbeat, agents::template_file,
     ),
     components(schemas(shoal_model::api::ErrorBody)),
     modifiers(&BearerAuth),
@@ -59,12 +60,16 @@ pub fn router(ctl: Controller) -> Router {
     let operator = Router::new()
         .route("/v1/hosts", get(hosts::list_hosts))
         .route("/v1/hosts/join-tokens", post(hosts::create_join_token))
-        .route("/v1/templates", get(templates::list_templates))
+        .route(
+            "/v1/templates",
+            get(templates::list_templates)
+                // Images are gigabytes; they stream to disk, so no size limit applies.
+                .post(templates::import_template)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route(
             "/v1/templates/{name}",
-            put(templates::import_template)
-                .get(templates::show_template)
-                .delete(templates::delete_template),
+            get(templates::show_template).delete(templates::delete_template),
         )
         .route(
             "/v1/profiles",
@@ -83,14 +88,21 @@ pub fn router(ctl: Controller) -> Router {
             get(clusters::show_cluster).delete(clusters::delete_cluster),
         )
         .route("/v1/clusters/{name}/scale", post(clusters::scale_cluster))
+        .route("/v1/clusters/{name}/{action}", post(clusters::cluster_action))
         .route("/v1/vms", get(vms::list_vms))
         .route("/v1/vms/{name}", get(vms::show_vm))
+        .route("/v1/vms/{name}/console", get(vms::console))
+        .route("/v1/vms/{name}/{action}", post(vms::vm_action))
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))
         .layer(middleware::from_fn_with_state(ctl.clone(), auth::require_admin));
     let agents = Router::new()
         .route("/v1/agents/register", post(agents::register))
-        .route("/v1/agents/{name}/heartbeat", post(agents::heartbeat));
+        .route("/v1/agents/{name}/heartbeat", post(agents::heartbeat))
+        .route(
+            "/v1/agents/{name}/templates/{template}/{file}",
+            get(agents::template_file),
+        );
     operator
         .merge(agents)
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))

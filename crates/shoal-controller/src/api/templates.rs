@@ -1,9 +1,9 @@
-use axum::body::Body;
-use axum::extract::{Path, State};
+use std::path::{Path, PathBuf};
+
+use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
-use futures::StreamExt;
-use shoal_model::{now_ms, validate_name, Template};
+use shoal_model::{now_ms, validate_name, KernelBoot, Template};
 use shoal_store::{Compare, Op, Txn};
 use tokio::io::AsyncWriteExt;
 
@@ -11,90 +11,220 @@ use crate::db::{put, template_key, TemplateRecord};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
-/// Uploads an image file as a new template. The body is the image, streamed; it is hashed on the
-/// way in and becomes visible only once complete.
-#[utoipa::path(put, path = "/v1/templates/{name}", tag = "templates",
-    params(("name" = String, Path, description = "Template name")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image (raw or qcow2)"),
+/// The multipart form of a template upload, for the API document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct TemplateUpload {
+    /// Template name; send it first, so that a taken name is refused before the upload.
+    name: String,
+    /// The disk image (raw or qcow2).
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    disk: Vec<u8>,
+    /// Kernel for direct kernel boot (vmlinux ELF or bzImage).
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    kernel: Option<Vec<u8>>,
+    /// Initial ramdisk for direct kernel boot.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    initrd: Option<Vec<u8>>,
+    /// Kernel command line.
+    cmdline: Option<String>,
+    /// Console text the guest prints once configured.
+    ready_pattern: Option<String>,
+}
+
+/// A file received from the upload: where it is, its size, hash and first bytes.
+struct Received {
+    path: PathBuf,
+    size: u64,
+    hash: String,
+    head: Vec<u8>,
+}
+
+/// Uploads a template: a disk image, and for direct kernel boot a kernel, an initrd and a
+/// command line. Files are hashed on the way in; the template appears only once all is stored.
+#[utoipa::path(post, path = "/v1/templates", tag = "templates",
+    request_body(content = TemplateUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = Template), (status = 400, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn import_template(
     State(ctl): State<Controller>,
-    Path(name): Path<String>,
-    body: Body,
+    multipart: Multipart,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
-    validate_name("template", &name)?;
-    let key = template_key(&name);
-    if ctl.db.store.get(&key).await?.is_some() {
-        return Err(ApiError::exists("template", &name));
-    }
     let dir = ctl.config.data_dir.join("templates");
-    let file = dir.join(format!("{name}-{}.img", uuid::Uuid::new_v4().simple()));
-    let tmp = file.with_extension("partial");
-    let result = receive(body, &tmp).await;
-    let (size, hash, head) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+    let mut files: Vec<PathBuf> = Vec::new();
+    let result = import(&ctl, &dir, multipart, &mut files).await;
+    if result.is_err() {
+        for f in &files {
+            let _ = tokio::fs::remove_file(f).await;
         }
-    };
-    if size == 0 {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(ApiError::Invalid(format!("template {name:?}: the image is empty")));
     }
-    let template = Template {
-        name: name.clone(),
-        format: if head.starts_with(b"QFI\xfb") { "qcow2" } else { "raw" }.into(),
-        size_bytes: size,
-        hash: format!("blake3:{hash}"),
-        created_unix_ms: now_ms(),
-    };
-    let rec = TemplateRecord {
-        template: template.clone(),
-        file: file.display().to_string(),
-    };
-    let committed = async {
-        tokio::fs::rename(&tmp, &file)
-            .await
-            .map_err(|e| ApiError::Internal(format!("storing template {name:?}: {e}")))?;
-        let r = ctl
-            .db
-            .store
-            .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
-            .await?;
-        if !r.succeeded {
-            return Err(ApiError::exists("template", &name));
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = committed {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        let _ = tokio::fs::remove_file(&file).await;
-        return Err(e);
-    }
-    Ok((StatusCode::CREATED, Json(template)))
+    result.map(|t| (StatusCode::CREATED, Json(t)))
 }
 
-/// Writes the body to `path`, returning its size, BLAKE3 hex and first bytes.
-async fn receive(body: Body, path: &std::path::Path) -> ApiResult<(u64, String, Vec<u8>)> {
+async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut Vec<PathBuf>) -> ApiResult<Template> {
+    let bad = |e: axum::extract::multipart::MultipartError| ApiError::Invalid(format!("malformed upload: {e}"));
+    let mut name: Option<String> = None;
+    let (mut disk, mut kernel, mut initrd): (Option<Received>, Option<Received>, Option<Received>) = (None, None, None);
+    let (mut cmdline, mut ready) = (None, None);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        let field_name = field.name().unwrap_or_default().to_string();
+        match field_name.as_str() {
+            "name" => {
+                let n = field.text().await.map_err(bad)?;
+                validate_name("template", &n)?;
+                if ctl.db.store.get(&template_key(&n)).await?.is_some() {
+                    return Err(ApiError::exists("template", &n));
+                }
+                name = Some(n);
+            }
+            "disk" | "kernel" | "initrd" => {
+                let path = dir.join(format!("{id}.{field_name}.partial"));
+                files.push(path.clone());
+                let r = receive(field, &path).await?;
+                match field_name.as_str() {
+                    "disk" => disk = Some(r),
+                    "kernel" => kernel = Some(r),
+                    _ => initrd = Some(r),
+                }
+            }
+            "cmdline" => cmdline = Some(field.text().await.map_err(bad)?),
+            "ready_pattern" => ready = Some(field.text().await.map_err(bad)?).filter(|s| !s.is_empty()),
+            other => return Err(ApiError::Invalid(format!("unexpected upload field {other:?}"))),
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::Invalid("the upload has no template name".into()))?;
+    let disk = disk.ok_or_else(|| ApiError::Invalid(format!("template {name:?}: the upload has no disk image")))?;
+    if disk.size == 0 {
+        return Err(ApiError::Invalid(format!("template {name:?}: the disk image is empty")));
+    }
+    let format = if disk.head.starts_with(b"QFI\xfb") { "qcow2" } else { "raw" };
+    if format == "qcow2" {
+        check_qcow2(&name, &disk.path).await?;
+    }
+    if kernel.is_none() && (initrd.is_some() || cmdline.is_some()) {
+        return Err(ApiError::Invalid(format!(
+            "template {name:?}: an initrd or a kernel command line needs a kernel"
+        )));
+    }
+    if let Some(k) = &kernel {
+        let elf = k.head.starts_with(b"\x7fELF");
+        let bz = k.head.len() >= 0x206 && &k.head[0x202..0x206] == b"HdrS";
+        if !elf && !bz {
+            return Err(ApiError::Invalid(format!(
+                "template {name:?}: the kernel is neither an ELF vmlinux nor a bzImage"
+            )));
+        }
+    }
+    let kernel_boot = kernel.as_ref().map(|k| KernelBoot {
+        kernel_hash: k.hash.clone(),
+        kernel_size: k.size,
+        initrd_hash: initrd.as_ref().map(|i| i.hash.clone()),
+        initrd_size: initrd.as_ref().map(|i| i.size),
+        cmdline: cmdline.clone().unwrap_or_else(|| "console=ttyS0".into()),
+    });
+    let template = Template {
+        name: name.clone(),
+        format: format.into(),
+        size_bytes: disk.size,
+        hash: disk.hash.clone(),
+        kernel_boot,
+        ready_pattern: ready,
+        created_unix_ms: now_ms(),
+    };
+    // Final names; the `.partial` files are renamed only once everything checked out.
+    let final_path = |what: &str| dir.join(format!("{name}-{id}.{what}")).display().to_string();
+    let rec = TemplateRecord {
+        template: template.clone(),
+        file: final_path("disk"),
+        kernel_file: kernel.as_ref().map(|_| final_path("kernel")),
+        initrd_file: initrd.as_ref().map(|_| final_path("initrd")),
+    };
+    let moves = [
+        (Some(&disk), Some(&rec.file)),
+        (kernel.as_ref(), rec.kernel_file.as_ref()),
+        (initrd.as_ref(), rec.initrd_file.as_ref()),
+    ];
+    for (r, f) in moves {
+        if let (Some(r), Some(f)) = (r, f) {
+            tokio::fs::rename(&r.path, f)
+                .await
+                .map_err(|e| ApiError::Internal(format!("storing template {name:?}: {e}")))?;
+            files.push(PathBuf::from(f));
+        }
+    }
+    let key = template_key(&name);
+    let r = ctl
+        .db
+        .store
+        .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
+        .await?;
+    if !r.succeeded {
+        return Err(ApiError::exists("template", &name));
+    }
+    Ok(template)
+}
+
+/// Refuses a qcow2 image that is corrupt or depends on a backing file.
+async fn check_qcow2(name: &str, path: &Path) -> ApiResult<()> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot run qemu-img (install qemu-utils): {e}")))?;
+    if !out.status.success() {
+        return Err(ApiError::Invalid(format!(
+            "template {name:?}: the qcow2 image is unreadable: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if let Some(b) = info.get("backing-filename") {
+        return Err(ApiError::Invalid(format!(
+            "template {name:?}: the qcow2 image depends on a backing file ({b}); flatten it first (qemu-img convert)"
+        )));
+    }
+    let check = tokio::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot run qemu-img: {e}")))?;
+    if !check.status.success() {
+        return Err(ApiError::Invalid(format!(
+            "template {name:?}: the qcow2 image is corrupt: {}",
+            String::from_utf8_lossy(&check.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one uploaded file to `path`, hashing it on the way.
+async fn receive(mut field: axum::extract::multipart::Field<'_>, path: &Path) -> ApiResult<Received> {
     let io = |e: std::io::Error| ApiError::Internal(format!("writing {}: {e}", path.display()));
     let mut f = tokio::fs::File::create(path).await.map_err(io)?;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     let mut head = Vec::new();
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload interrupted after {size} bytes: {e}")))?;
-        if head.len() < 8 {
-            head.extend_from_slice(&chunk[..chunk.len().min(8 - head.len())]);
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::Invalid(format!("upload interrupted after {size} bytes: {e}")))?
+    {
+        if head.len() < 1024 {
+            head.extend_from_slice(&chunk[..chunk.len().min(1024 - head.len())]);
         }
         hasher.update(&chunk);
         f.write_all(&chunk).await.map_err(io)?;
         size += chunk.len() as u64;
     }
     f.sync_all().await.map_err(io)?;
-    Ok((size, hasher.finalize().to_hex().to_string(), head))
+    Ok(Received {
+        path: path.to_path_buf(),
+        size,
+        hash: format!("blake3:{}", hasher.finalize().to_hex()),
+        head,
+    })
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = [Template])))]
@@ -105,7 +235,7 @@ pub async fn list_templates(State(ctl): State<Controller>) -> ApiResult<Json<Vec
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",
     params(("name" = String, Path, description = "Template name")),
     responses((status = 200, body = Template), (status = 404, body = shoal_model::api::ErrorBody)))]
-pub async fn show_template(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<Template>> {
+pub async fn show_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<Template>> {
     ctl.db
         .get::<TemplateRecord>(&template_key(&name))
         .await?
@@ -117,7 +247,7 @@ pub async fn show_template(State(ctl): State<Controller>, Path(name): Path<Strin
 #[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates",
     params(("name" = String, Path, description = "Template name")),
     responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
-pub async fn delete_template(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<()>> {
+pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<()>> {
     let _guard = ctl.write_lock.lock().await;
     let key = template_key(&name);
     let rec = ctl
@@ -156,8 +286,10 @@ pub async fn delete_template(State(ctl): State<Controller>, Path(name): Path<Str
     if !r.succeeded {
         return Err(ApiError::Conflict(format!("template {name:?} changed while being deleted; try again")));
     }
-    if let Err(e) = tokio::fs::remove_file(&rec.value.file).await {
-        tracing::warn!("template {name}: removing {}: {e}", rec.value.file);
+    for f in rec.value.files() {
+        if let Err(e) = tokio::fs::remove_file(f).await {
+            tracing::warn!("template {name}: removing {f}: {e}");
+        }
     }
     Ok(Json(()))
 }

@@ -105,7 +105,7 @@ impl Harness {
     pub async fn template(&self, name: &str) {
         let f = self.dir.path().join(format!("{name}.img"));
         std::fs::write(&f, vec![7u8; 4096]).unwrap();
-        self.client.import_template(name, &f).await.unwrap();
+        self.client.import_template(name, &shoal_client::TemplateFiles::disk(&f)).await.unwrap();
     }
 
     pub async fn profile(&self, name: &str, template: &str, cpus: u32, memory: &str) {

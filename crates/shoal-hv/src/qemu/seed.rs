@@ -1,0 +1,73 @@
+//! The NoCloud seed: a small vfat volume labelled CIDATA holding `meta-data`, `user-data` and
+//! `network-config` (netplan v2), which cloud-init (and the demo guest) read at boot. Built with
+//! dosfstools and mtools, so no mount is needed.
+
+use std::path::Path;
+
+use shoal_model::agent::VmSpec;
+use tokio::process::Command;
+
+pub fn meta_data(spec: &VmSpec) -> String {
+    format!("instance-id: {}\nlocal-hostname: {}\n", spec.uuid, spec.name)
+}
+
+pub fn network_config(spec: &VmSpec) -> String {
+    format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: 1500\n",
+        mac = spec.mac,
+        ip = spec.ip,
+        prefix = spec.prefix_len,
+        gw = spec.gateway
+    )
+}
+
+/// Writes the seed image for `spec` to `path`.
+pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), String> {
+    let dir = path.with_extension("d");
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let files = [
+        ("meta-data", meta_data(spec)),
+        ("user-data", spec.user_data.clone().unwrap_or_default()),
+        ("network-config", network_config(spec)),
+    ];
+    for (name, content) in &files {
+        tokio::fs::write(dir.join(name), content)
+            .await
+            .map_err(|e| format!("writing seed file {name}: {e}"))?;
+    }
+    let _ = tokio::fs::remove_file(path).await;
+    // 1 MiB is enough for any user data we accept and is the smallest FAT12 mkfs takes happily.
+    let kib = (1024 + spec.user_data.as_ref().map_or(0, |u| u.len() / 1024 * 2)).to_string();
+    run(Command::new("mkfs.vfat").args(["-C", "-n", "CIDATA"]).arg(path).arg(&kib), "mkfs.vfat (dosfstools)").await?;
+    for (name, _) in &files {
+        run(
+            Command::new("mcopy")
+                .arg("-i")
+                .arg(path)
+                .arg(dir.join(name))
+                .arg(format!("::{name}")),
+            "mcopy (mtools)",
+        )
+        .await?;
+    }
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    Ok(())
+}
+
+async fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
