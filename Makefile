@@ -11,9 +11,10 @@ deps:
 build: deps
 	$(CARGO) build --release -p shoal
 
-## make demo: build, start `shoal up` with simulated hosts, deploy a virtual cluster, print it.
+## make demo: build, start `shoal up` with three QEMU hosts, deploy a virtual cluster of real VMs,
+## print it, keep running until Ctrl-C. `make demo DEMO_FLAGS=--exit` tears down and exits.
 demo: build
-	scripts/demo.sh target/release/shoal
+	scripts/demo.sh target/release/shoal $(DEMO_FLAGS)
 
 ## make test: the whole suite (unit, integration, end-to-end against real processes).
 test: deps

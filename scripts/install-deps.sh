@@ -7,6 +7,13 @@ set -euo pipefail
 PACKAGES=(
   ca-certificates
   iproute2
+  qemu-system-x86     # the VMs (pulls in SeaBIOS and the virtio-net option ROM)
+  qemu-utils          # qemu-img: copy-on-write overlays, qcow2 checks
+  busybox-static      # the demo template's root filesystem and initramfs
+  linux-image-cloud-amd64  # the demo template's kernel and modules
+  e2fsprogs           # mkfs.ext4 -d: the demo template's disk without a loop mount
+  dosfstools          # mkfs.vfat: NoCloud seeds
+  mtools              # mcopy: NoCloud seeds without a mount
 )
 
 missing=()

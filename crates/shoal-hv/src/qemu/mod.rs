@@ -518,7 +518,8 @@ impl QemuDriver {
         let exited = vm.process().map(|p| p.exited);
         loop {
             let text = read_from(&vm.path("console.log"), offset).await;
-            if text.contains(pattern) {
+            // The serial port writes byte by byte: only a whole line counts.
+            if text.split_inclusive('\n').any(|l| l.ends_with('\n') && l.contains(pattern)) {
                 return Ok(());
             }
             if let Some(how) = exited.as_ref().and_then(|e| e.borrow().clone()) {
@@ -629,6 +630,9 @@ impl QemuDriver {
     }
 
     /// Starts the transition `spec.power` asks for, unless one is under way or none is needed.
+    /// While a VM boots (created, started, resumed) it reports `creating`; while it stops or
+    /// suspends, `running`. Either way the reason of an earlier failure is cleared, so that it is
+    /// not taken for this attempt's.
     fn transition(self: &Arc<Self>, vm: Arc<Vm>, spec: VmSpec) {
         let driver = self.clone();
         tokio::spawn(async move {
@@ -636,74 +640,76 @@ impl QemuDriver {
             if vm.removed.load(Ordering::SeqCst) {
                 return;
             }
-            let mut from = vm.state();
-            // A VM that failed before it had a disk is created again from scratch.
-            if from == VmState::Failed && spec.power == Power::Running && !vm.path("disk.qcow2").exists() {
-                vm.set(VmState::Creating, None);
-                from = VmState::Creating;
-            }
-            // A new attempt starts with a clean slate: an old failure's reason must not be read
-            // as this attempt's.
-            vm.set(from, None);
-            let result = match (from, spec.power) {
-                (VmState::Creating, _) => {
-                    let r = driver.create(&vm, &spec).await;
-                    if let Err(e) = &r {
-                        // A VM that never came up leaves nothing behind.
-                        if let Some(p) = vm.process() {
-                            vm.expect_exit.store(true, Ordering::SeqCst);
-                            kill9(p.pid);
-                        }
-                        cleanup_dir(&vm.dir).await;
-                        vm.set(VmState::Failed, Some(e.clone()));
-                        return;
-                    }
-                    r.map(|_| VmState::Running)
-                }
-                (VmState::Running, Power::Stopped) => driver.shut_down(&vm, spec.force_stop).await.map(|_| VmState::Stopped),
-                (VmState::Running, Power::Suspended) => driver.suspend(&vm).await.map(|_| VmState::Suspended),
-                (VmState::Stopped | VmState::Failed, Power::Running) if vm.path("disk.qcow2").exists() => {
-                    let offset = console_len(&vm).await;
-                    async {
-                        let base = driver.template(&spec).await?;
-                        driver.launch(&vm, &spec, &base, false).await?;
-                        driver.wait_status(&vm, &["running"]).await?;
-                        if let Some(p) = &spec.ready_pattern {
-                            driver.wait_ready(&vm, p, offset).await?;
-                        }
-                        Ok(VmState::Running)
-                    }
-                    .await
-                }
-                (VmState::Suspended, Power::Running) => driver.resume(&vm, &spec).await.map(|_| VmState::Running),
+            let has_disk = vm.path("disk.qcow2").exists();
+            let step = match (vm.state(), spec.power) {
+                (VmState::Creating, _) => Step::Create,
+                (VmState::Failed, Power::Running) if !has_disk => Step::Create,
+                (VmState::Running, Power::Stopped) => Step::Stop,
+                (VmState::Running, Power::Suspended) => Step::Suspend,
+                (VmState::Stopped | VmState::Failed, Power::Running) => Step::Start,
+                (VmState::Suspended, Power::Running) => Step::Resume,
                 _ => return,
             };
-            match result {
-                Ok(s) => vm.set(s, None),
-                Err(e) if e.starts_with(QMP_DEAD) => {
-                    // A QEMU that no longer answers cannot be managed: fence it.
-                    if let Some(p) = vm.process() {
-                        vm.expect_exit.store(true, Ordering::SeqCst);
-                        kill9(p.pid);
-                    }
-                    tracing::warn!(vm = %spec.name, "{e}; QEMU killed");
-                    vm.set(VmState::Failed, Some(format!("{e}; QEMU was killed")));
+            match step {
+                Step::Create | Step::Start | Step::Resume => vm.set(VmState::Creating, None),
+                Step::Stop | Step::Suspend => vm.set(VmState::Running, None),
+            }
+            let result = match step {
+                Step::Create => driver.create(&vm, &spec).await.map(|_| VmState::Running),
+                Step::Start => driver.start(&vm, &spec).await.map(|_| VmState::Running),
+                Step::Stop => driver.shut_down(&vm, spec.force_stop).await.map(|_| VmState::Stopped),
+                Step::Suspend => driver.suspend(&vm).await.map(|_| VmState::Suspended),
+                Step::Resume => driver.resume(&vm, &spec).await.map(|_| VmState::Running),
+            };
+            let e = match result {
+                Ok(state) => return vm.set(state, None),
+                Err(e) => e,
+            };
+            tracing::warn!(vm = %spec.name, "{step:?} failed: {e}");
+            let alive = vm.process().map(|p| p.exited.borrow().is_none()).unwrap_or(false);
+            let fence = e.starts_with(QMP_DEAD);
+            if alive && (fence || matches!(step, Step::Create | Step::Start | Step::Resume)) {
+                // A VM that did not come up, or a QEMU that no longer answers, does not stay.
+                vm.expect_exit.store(true, Ordering::SeqCst);
+                if let Some(p) = vm.process() {
+                    kill9(p.pid);
                 }
-                Err(e) => {
-                    tracing::warn!(vm = %spec.name, "{from:?} -> {:?} failed: {e}", spec.power);
-                    // A failed start leaves QEMU down; a failed stop or suspend leaves it running.
-                    let now = if vm.process().map(|p| p.exited.borrow().is_none()).unwrap_or(false) {
-                        VmState::Running
-                    } else if from == VmState::Suspended {
-                        VmState::Suspended
-                    } else {
-                        VmState::Failed
-                    };
-                    vm.set(now, Some(e));
+            }
+            match step {
+                Step::Create => {
+                    // A VM that never came up leaves nothing behind.
+                    cleanup_dir(&vm.dir).await;
+                    vm.set(VmState::Failed, Some(e));
                 }
+                _ if fence => vm.set(VmState::Failed, Some(format!("{e}; QEMU was killed"))),
+                // The saved memory is still there: the VM stays suspended, to be resumed again.
+                Step::Resume => vm.set(VmState::Suspended, Some(format!("resume failed: {e}"))),
+                Step::Stop | Step::Suspend if alive => vm.set(VmState::Running, Some(e)),
+                _ => vm.set(VmState::Failed, Some(e)),
             }
         });
     }
+
+    /// Boots an existing VM again from its disk.
+    async fn start(self: &Arc<Self>, vm: &Arc<Vm>, spec: &VmSpec) -> Result<(), String> {
+        let offset = console_len(vm).await;
+        let base = self.template(spec).await?;
+        self.launch(vm, spec, &base, false).await?;
+        self.wait_status(vm, &["running"]).await?;
+        if let Some(p) = &spec.ready_pattern {
+            self.wait_ready(vm, p, offset).await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Create,
+    Start,
+    Stop,
+    Suspend,
+    Resume,
 }
 
 /// A template's files on this host.
