@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-unit bench-deploy openapi clean
+.PHONY: deps build demo test bench-deploy bench-vm openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -31,6 +31,10 @@ openapi:
 bench-deploy: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-deploy target/release/shoal
+
+bench-vm: deps
+	$(CARGO) build --release -p shoal -p shoal-bench
+	target/release/bench-vm target/release/shoal
 
 clean:
 	$(CARGO) clean

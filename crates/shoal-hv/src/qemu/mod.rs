@@ -72,6 +72,10 @@ struct Record {
     state: VmState,
     reason: Option<String>,
     seq: u64,
+    /// How long the last of each step took, in milliseconds (`clone`, `seed`, `qemu_start`,
+    /// `ready`, `suspend`, `resume`), and the size of the last saved memory (`state_bytes`).
+    #[serde(default)]
+    timings: std::collections::BTreeMap<String, f64>,
 }
 
 /// A QEMU process the driver watches: its pid, and how it ended once it has.
@@ -117,6 +121,12 @@ impl Vm {
         r.state = state;
         r.reason = reason;
         r.seq += 1;
+        self.persist(&r);
+    }
+
+    fn record_timing(&self, what: &str, value: f64) {
+        let mut r = self.record.lock().expect("vm record");
+        r.timings.insert(what.to_string(), value);
         self.persist(&r);
     }
 
@@ -371,15 +381,33 @@ impl QemuDriver {
             }
             img.arg(format!("{mib}M"));
         }
+        let t = std::time::Instant::now();
         run(&mut img, "qemu-img create (copy-on-write overlay)").await?;
+        vm.record_timing("clone_ms", ms(t));
+        let t = std::time::Instant::now();
         seed::write_seed(spec, &vm.path("seed.img")).await?;
+        vm.record_timing("seed_ms", ms(t));
+        self.boot(vm, spec, &base).await
+    }
+
+    /// Launches QEMU and waits until it runs and, when the template says how, until the guest
+    /// is ready.
+    async fn boot(self: &Arc<Self>, vm: &Arc<Vm>, spec: &VmSpec, base: &Base) -> Result<(), String> {
         let offset = console_len(vm).await;
-        self.launch(vm, spec, &base, false).await?;
+        let t = std::time::Instant::now();
+        self.launch(vm, spec, base, false).await?;
         self.wait_status(vm, &["running"]).await?;
+        vm.record_timing("qemu_start_ms", ms(t));
         if let Some(pattern) = &spec.ready_pattern {
             self.wait_ready(vm, pattern, offset).await?;
+            vm.record_timing("ready_ms", ms(t));
         }
         Ok(())
+    }
+
+    /// Timings of the VM's last create, boot, suspend and resume (see `vm.json`).
+    pub fn timings(&self, uuid: Uuid) -> Option<std::collections::BTreeMap<String, f64>> {
+        self.vm(uuid).map(|v| v.record.lock().expect("vm record").timings.clone())
     }
 
     /// Starts QEMU for `vm`; `incoming` resumes from `memory.state`.
@@ -658,8 +686,24 @@ impl QemuDriver {
                 Step::Create => driver.create(&vm, &spec).await.map(|_| VmState::Running),
                 Step::Start => driver.start(&vm, &spec).await.map(|_| VmState::Running),
                 Step::Stop => driver.shut_down(&vm, spec.force_stop).await.map(|_| VmState::Stopped),
-                Step::Suspend => driver.suspend(&vm).await.map(|_| VmState::Suspended),
-                Step::Resume => driver.resume(&vm, &spec).await.map(|_| VmState::Running),
+                Step::Suspend => {
+                    let t = std::time::Instant::now();
+                    let r = driver.suspend(&vm).await;
+                    if r.is_ok() {
+                        vm.record_timing("suspend_ms", ms(t));
+                        let size = std::fs::metadata(vm.path("memory.state")).map(|m| m.len()).unwrap_or(0);
+                        vm.record_timing("state_bytes", size as f64);
+                    }
+                    r.map(|_| VmState::Suspended)
+                }
+                Step::Resume => {
+                    let t = std::time::Instant::now();
+                    let r = driver.resume(&vm, &spec).await;
+                    if r.is_ok() {
+                        vm.record_timing("resume_ms", ms(t));
+                    }
+                    r.map(|_| VmState::Running)
+                }
             };
             let e = match result {
                 Ok(state) => return vm.set(state, None),
@@ -692,14 +736,8 @@ impl QemuDriver {
 
     /// Boots an existing VM again from its disk.
     async fn start(self: &Arc<Self>, vm: &Arc<Vm>, spec: &VmSpec) -> Result<(), String> {
-        let offset = console_len(vm).await;
         let base = self.template(spec).await?;
-        self.launch(vm, spec, &base, false).await?;
-        self.wait_status(vm, &["running"]).await?;
-        if let Some(p) = &spec.ready_pattern {
-            self.wait_ready(vm, p, offset).await?;
-        }
-        Ok(())
+        self.boot(vm, spec, &base).await
     }
 }
 
@@ -761,6 +799,10 @@ async fn cleanup_dir(dir: &Path) {
     for f in ["disk.qcow2", "seed.img", "qmp.sock", "qemu.pid", "memory.state", "memory.state.partial"] {
         let _ = tokio::fs::remove_file(dir.join(f)).await;
     }
+}
+
+fn ms(since: std::time::Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }
 
 async fn console_len(vm: &Vm) -> u64 {
@@ -841,6 +883,7 @@ impl Hypervisor for QemuDriver {
                         state: VmState::Creating,
                         reason: None,
                         seq: 1,
+                        timings: Default::default(),
                     }),
                     busy: tokio::sync::Mutex::new(()),
                     process: Mutex::new(None),
