@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm openapi clean
+.PHONY: deps build demo test bench-deploy bench-vm bench-placement openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -35,6 +35,12 @@ bench-deploy: deps
 bench-vm: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-vm target/release/shoal
+
+## Placement throughput and packing quality at 10,000 hosts, and rebalancing side by side with
+## Ganeti's hbal (installed if missing) on the states of ../shared/bench/hbal/gen.py.
+bench-placement: deps
+	$(CARGO) build --release -p shoal-bench --bin bench-placement
+	target/release/bench-placement
 
 clean:
 	$(CARGO) clean

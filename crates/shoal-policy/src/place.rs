@@ -599,8 +599,10 @@ impl<'s> Placer<'s> {
 
     /// The `k` hosts with the largest free share that pass every filter.
     fn most_free(&self, req: &GangRequest, ctx: &Ctx, k: usize, out: &mut Vec<usize>) {
+        /// (share, leftmost leaf below the node, node): largest share first; among equal
+        /// shares the leftmost leaf, and the deeper node, so that ties descend one path.
         #[derive(PartialEq)]
-        struct Item(f64, usize);
+        struct Item(f64, usize, usize);
         impl Eq for Item {}
         impl PartialOrd for Item {
             fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
@@ -609,13 +611,18 @@ impl<'s> Placer<'s> {
         }
         impl Ord for Item {
             fn cmp(&self, o: &Self) -> Ordering {
-                // Largest share first, then the leftmost node (earlier position).
-                self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+                self.0.total_cmp(&o.0).then(o.1.cmp(&self.1)).then(self.2.cmp(&o.2))
             }
         }
+        let leftmost = |mut i: usize| {
+            while i < self.leaves {
+                i *= 2;
+            }
+            i
+        };
         let mut heap = BinaryHeap::new();
-        heap.push(Item(self.share[1], 1));
-        while let Some(Item(_, node)) = heap.pop() {
+        heap.push(Item(self.share[1], leftmost(1), 1));
+        while let Some(Item(_, _, node)) = heap.pop() {
             if !self.fits_node(node, ctx.need) {
                 continue;
             }
@@ -629,7 +636,7 @@ impl<'s> Placer<'s> {
                 }
             } else {
                 for c in [2 * node, 2 * node + 1] {
-                    heap.push(Item(self.share[c], c));
+                    heap.push(Item(self.share[c], leftmost(c), c));
                 }
             }
         }
