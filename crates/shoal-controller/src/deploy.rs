@@ -301,6 +301,7 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
         claims.insert(host, (c, kv.mod_revision));
     }
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let draining = crate::plan::draining(ctl).await?;
     let mut snapshot = shoal_policy::Snapshot::default();
     let mut usage = Vec::with_capacity(hosts.len());
     let mut revs = Vec::with_capacity(hosts.len());
@@ -309,6 +310,8 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
         let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
         if ctl.host_state(&h.name).0 != HostState::Up {
             host.state = shoal_policy::HostState::Down;
+        } else if draining.contains(&h.name) {
+            host.state = shoal_policy::HostState::Draining;
         }
         snapshot.hosts.push(host);
         usage.push([claim.cpus as u64, claim.memory_mib, 0]);

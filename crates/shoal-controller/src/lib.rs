@@ -25,6 +25,7 @@ pub mod db;
 mod deploy;
 pub mod error;
 mod ipam;
+pub mod plan;
 pub mod lifecycle;
 mod reconcile;
 

@@ -10,7 +10,7 @@ use crate::place::{Assignment, PlacementError};
 use crate::score::ScoreBreakdown;
 
 /// One host's verdict for the request's first VM.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostVerdict {
     pub host: String,
     /// The first filter that rejected the host, if one did.
@@ -24,12 +24,16 @@ pub struct HostVerdict {
 }
 
 /// Why a plan is what it is.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Explanation {
     pub request: GangRequest,
+    /// Every host's verdict; empty when explanations were not asked for.
     pub hosts: Vec<HostVerdict>,
-    /// The plan, or the binding constraint when the gang does not fit.
-    pub plan: Result<Vec<Assignment>, PlacementError>,
+    /// Where each VM goes; empty when the gang does not fit.
+    pub plan: Vec<Assignment>,
+    /// The binding constraint, when the gang does not fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Explanation {
@@ -38,10 +42,15 @@ impl Explanation {
         hosts: Vec<HostVerdict>,
         plan: Result<Vec<Assignment>, PlacementError>,
     ) -> Explanation {
+        let (plan, error) = match plan {
+            Ok(p) => (p, None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
         Explanation {
             request,
             hosts,
             plan,
+            error,
         }
     }
 
@@ -94,14 +103,14 @@ impl Explanation {
                 }
             }
         }
-        match &self.plan {
-            Ok(p) => {
-                let _ = writeln!(s, "plan: {} VMs", p.len());
-                for a in p {
+        match &self.error {
+            None => {
+                let _ = writeln!(s, "plan: {} VMs", self.plan.len());
+                for a in &self.plan {
                     let _ = writeln!(s, "  vm {:>3} -> {} (score {:.3})", a.vm, a.host, a.score.total);
                 }
             }
-            Err(e) => {
+            Some(e) => {
                 let _ = writeln!(s, "no plan: {e}");
             }
         }

@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use shoal_model::Placement;
 
 use crate::snapshot::{Host, HostState};
 
 /// Placement rules of a request. Domains are `host` or a host label key such as `zone` or `rack`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Rules {
     /// Hard anti-affinity: at most one VM of the cluster per domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,7 +37,7 @@ pub struct Rules {
 }
 
 /// Relative weights of the score terms; each term is normalised to 0..=1 before weighting.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Weights {
     pub fit: f64,
     pub fragmentation: f64,
@@ -58,7 +59,7 @@ impl Default for Weights {
 }
 
 /// `count` identical VMs of virtual cluster `cluster` to place together, all or none.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GangRequest {
     pub cluster: String,
     pub count: u32,
@@ -99,7 +100,7 @@ impl GangRequest {
 }
 
 /// Why a host cannot take one more VM of the request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "filter", rename_all = "snake_case")]
 pub enum Reject {
     State { state: HostState },

@@ -33,7 +33,7 @@ pub(crate) const LOAD: usize = 3;
 pub(crate) const SPINDLES: usize = 4;
 
 /// The score's terms, each the statistic before weighting.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HbalScore {
     pub free_mem_cv: f64,
     pub free_disk_cv: f64,

@@ -110,7 +110,7 @@ fn states_suffix(states: &str) -> String {
 }
 
 /// One VM of a gang and where it goes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignment {
     /// Position of the VM within the request, from 0.
     pub vm: u32,

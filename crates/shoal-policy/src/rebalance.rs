@@ -27,7 +27,8 @@ use crate::hbal::{self, HbalScore, HostTotals, STATS};
 use crate::snapshot::{HostState, Snapshot, SnapshotError};
 
 /// How the rebalancer trades balance against migrations.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct RebalanceOptions {
     /// hbal's `--ignore-dynu`: balance memory and vCPU only, not the VM count.
     #[serde(default)]
@@ -63,7 +64,7 @@ impl Default for RebalanceOptions {
 }
 
 /// One live migration of a plan.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Move {
     pub vm: String,
     pub from: String,
@@ -79,7 +80,7 @@ pub struct Move {
 }
 
 /// A plan of migrations with the scores before and after it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RebalancePlan {
     pub before: HbalScore,
     pub after: HbalScore,

@@ -2,13 +2,14 @@
 //! to 0..=1 (higher is better) and weighted by the request's [`Weights`].
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use shoal_model::Placement;
 
 use crate::filter::Weights;
 use crate::snapshot::HostState;
 
 /// One host's score for one VM, term by term, and the weighted total.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ScoreBreakdown {
     /// Pack: the host's utilisation after the VM lands; spread: what is left free.
     pub fit: f64,

@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Whether a host takes VMs, as placement sees it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = PolicyHostState)]
 pub enum HostState {
     /// Running and accepting VMs.
     #[default]
@@ -43,7 +45,8 @@ fn one() -> f64 {
 /// A physical host: raw capacity, what is held back for the host itself, overcommit ratios.
 ///
 /// The capacity placement may hand out for a resource is `floor(raw × overcommit) − reserved`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = SnapshotHost)]
 pub struct Host {
     pub name: String,
     #[serde(default)]
@@ -121,7 +124,8 @@ impl Host {
 }
 
 /// A VM as policy sees it: its size, where it runs and what it costs to move.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = SnapshotVm)]
 pub struct Vm {
     pub name: String,
     /// The virtual cluster it belongs to (anti-affinity and affinity are per cluster).
@@ -143,7 +147,7 @@ pub struct Vm {
 }
 
 /// Hosts, the VMs on them and image locality: everything a plan is computed from.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     pub hosts: Vec<Host>,
     #[serde(default)]

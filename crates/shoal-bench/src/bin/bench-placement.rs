@@ -255,7 +255,7 @@ fn main() -> anyhow::Result<()> {
         "\nexplain: one 16-VM request over {} hosts in {explain_ms:.1} ms ({} rejected, plan: {})",
         a.hosts,
         e.hosts.iter().filter(|h| h.rejected.is_some()).count(),
-        match &e.plan { Ok(p) => format!("{} VMs", p.len()), Err(e) => e.to_string() }
+        e.error.clone().unwrap_or_else(|| format!("{} VMs", e.plan.len()))
     );
     result.insert("explain_ms".into(), ((explain_ms * 10.0).round() / 10.0).into());
 
