@@ -145,6 +145,8 @@ pub struct Placer<'s> {
     order: Vec<usize>,
     pos: Vec<usize>,
     leaves: usize,
+    /// Capacity relative to the largest host's, 0..=1.
+    size: Vec<f64>,
     mx: Vec<[i64; 3]>,
     share: Vec<f64>,
     clusters: HashMap<String, HashMap<usize, u32>>,
@@ -191,6 +193,8 @@ impl<'s> Placer<'s> {
         let size = |i: usize| -> f64 { (0..3).map(|r| cap[i][r] as f64 / maxc[r]).sum() };
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| size(b).total_cmp(&size(a)).then(a.cmp(&b)));
+        let largest = order.first().map_or(1.0, |&h| size(h)).max(f64::MIN_POSITIVE);
+        let sizes: Vec<f64> = (0..n).map(|h| size(h) / largest).collect();
         let mut pos = vec![0; n];
         for (p, &h) in order.iter().enumerate() {
             pos[h] = p;
@@ -210,6 +214,7 @@ impl<'s> Placer<'s> {
             order,
             pos,
             leaves,
+            size: sizes,
             mx: vec![[NONE; 3]; 2 * leaves],
             share: vec![f64::NEG_INFINITY; 2 * leaves],
             clusters,
@@ -534,6 +539,7 @@ impl<'s> Placer<'s> {
             &req.weights,
             &Facts {
                 cap: self.cap[h],
+                size: self.size[h],
                 free: self.free[h],
                 need: ctx.need,
                 state: host.state,

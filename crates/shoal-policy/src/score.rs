@@ -11,7 +11,8 @@ use crate::snapshot::HostState;
 /// One host's score for one VM, term by term, and the weighted total.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ScoreBreakdown {
-    /// Pack: the host's utilisation after the VM lands; spread: what is left free.
+    /// Pack: 0.5 plus half the host's utilisation after the VM lands for a host in use, half
+    /// its size relative to the largest host for an empty one; spread: the share left free.
     pub fit: f64,
     /// How evenly the free vCPU and memory shares remain: lopsided leftovers (cores without
     /// memory, or the reverse) strand capacity that no large VM can use.
@@ -28,6 +29,8 @@ pub struct ScoreBreakdown {
 /// What scoring needs to know about one host for one VM.
 pub(crate) struct Facts {
     pub cap: [u64; 3],
+    /// The host's capacity relative to the largest host's (0..=1).
+    pub size: f64,
     pub free: [i64; 3],
     pub need: [u64; 3],
     pub state: HostState,
@@ -59,8 +62,12 @@ pub(crate) fn score(mode: Placement, w: &Weights, f: &Facts) -> ScoreBreakdown {
         f.free[2] - f.need[2] as i64,
     ];
     let left = free_share(f.cap, after).clamp(0.0, 1.0);
+    let empty = (0..3).all(|r| f.free[r] >= f.cap[r] as i64);
     let fit = match mode {
-        Placement::Pack => 1.0 - left,
+        // Any host in use beats every empty one; among empty hosts the largest wins, since
+        // opening a small host for a VM that a large one would also take wastes hosts.
+        Placement::Pack if empty => 0.5 * f.size,
+        Placement::Pack => 0.5 + 0.5 * (1.0 - left),
         Placement::Spread => left,
     };
     let share = |r: usize| {
@@ -97,6 +104,7 @@ mod tests {
     fn facts(free: [i64; 3]) -> Facts {
         Facts {
             cap: [16, 16384, 0],
+            size: 1.0,
             free,
             need: [2, 2048, 0],
             state: HostState::Up,
@@ -114,7 +122,12 @@ mod tests {
         assert!(score(Placement::Spread, &w, &full).total < score(Placement::Spread, &w, &empty).total);
         // 2 of 16 vCPU and 2048 of 16384 MiB are left after the VM: an eighth free.
         let s = score(Placement::Pack, &w, &full);
-        assert!((s.fit - (1.0 - 0.125)).abs() < 1e-9, "{s:?}");
+        assert!((s.fit - (0.5 + 0.5 * (1.0 - 0.125))).abs() < 1e-9, "{s:?}");
+        // An empty host scores by its size, below any host in use.
+        let mut small = facts([16, 16384, 0]);
+        small.size = 0.25;
+        assert_eq!(score(Placement::Pack, &w, &small).fit, 0.125);
+        assert_eq!(score(Placement::Pack, &w, &empty).fit, 0.5);
     }
 
     #[test]
