@@ -250,7 +250,7 @@ fn main() -> anyhow::Result<()> {
     // Explaining one request over every host.
     let mut p = Placer::new(&snap);
     let mut r = GangRequest::new("explained", 16, 4, 8192);
-    r.rules.anti_affinity = Some("zone".into());
+    r.rules.anti_affinity = Some("rack".into());
     let t = Instant::now();
     let e = p.explain(&r);
     let explain_ms = t.elapsed().as_secs_f64() * 1e3;
