@@ -336,16 +336,69 @@ pub struct ControllerTemplates {
     pub controller_url: String,
     pub host: String,
     pub data_dir: PathBuf,
+    /// This host's chunk cache, opened on first use under `DATA_DIR/images`.
+    pub images: tokio::sync::OnceCell<Arc<shoal_image::ImageStore>>,
+}
+
+impl ControllerTemplates {
+    pub fn new(controller_url: String, host: String, data_dir: PathBuf) -> ControllerTemplates {
+        ControllerTemplates { controller_url, host, data_dir, images: tokio::sync::OnceCell::new() }
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
+        Ok(Client::new(&self.controller_url, creds.credential))
+    }
+
+    /// This host's image cache.
+    pub async fn images(&self) -> Result<Arc<shoal_image::ImageStore>, String> {
+        let dir = self.data_dir.join("images");
+        self.images
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || shoal_image::ImageStore::open(&dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(Arc::new)
+                    .map_err(|e| format!("opening the host's image cache: {e}"))
+            })
+            .await
+            .cloned()
+    }
 }
 
 #[async_trait::async_trait]
 impl TemplateSource for ControllerTemplates {
     async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String> {
-        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
-        Client::new(&self.controller_url, creds.credential)
+        self.client()
+            .await?
             .download_template_file(&self.host, template, file.as_str(), dest)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
+        let id: shoal_image::ManifestId = manifest.parse().map_err(|e| format!("{e}"))?;
+        let images = self.images().await?;
+        let started = std::time::Instant::now();
+        let rep = self
+            .client()
+            .await?
+            .pull_image(Some(&self.host), images.clone(), id, &|_, _| {})
+            .await
+            .map_err(|e| format!("fetching image {manifest}: {e}"))?;
+        tracing::info!(
+            template, chunks = rep.chunks_total, fetched = rep.chunks_sent, bytes = rep.bytes_sent,
+            seconds = started.elapsed().as_secs_f64(), "template image in the host's cache"
+        );
+        let (dest, name) = (dest.to_path_buf(), format!("template/{template}"));
+        tokio::task::spawn_blocking(move || {
+            images.set_ref(&name, &id)?;
+            images.export(&id, &dest, shoal_image::ImageFormat::Raw, None)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("writing the base image: {e}"))?;
+        Ok(())
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Inner {
     ensure_sent: Mutex<HashMap<Uuid, (Instant, shoal_model::Power)>>,
     /// One HTTP client per agent address, so connections are reused.
     agents: Mutex<HashMap<String, AgentClient>>,
+    /// The image store: templates and VM snapshots as manifests of deduplicated chunks.
+    pub images: Arc<shoal_image::ImageStore>,
 }
 
 #[derive(Clone)]
@@ -242,7 +244,12 @@ pub async fn start_with_store(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    let images_dir = config.data_dir.join("images");
+    let images = tokio::task::spawn_blocking(move || shoal_image::ImageStore::open(&images_dir))
+        .await?
+        .map_err(|e| anyhow::anyhow!("opening the image store: {e}"))?;
     let controller = Controller(Arc::new(Inner {
+        images: Arc::new(images),
         db,
         auth_required: !local.ip().is_loopback(),
         controller_token,

@@ -69,4 +69,11 @@ impl TemplateFile {
 pub trait TemplateSource: Send + Sync + 'static {
     /// Downloads the file to `dest`; the caller verifies its hash.
     async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String>;
+
+    /// Writes the disk of a template held in the image store (hash `manifest:<id>`) to `dest` as
+    /// a raw image, fetching only the chunks this host lacks; every chunk is verified on arrival.
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
+        let _ = dest;
+        Err(format!("template {template}: image {manifest} is in an image store this host cannot reach"))
+    }
 }

@@ -16,6 +16,7 @@ mod id;
 pub mod manifest;
 pub mod source;
 mod store;
+pub mod wire;
 
 pub use backend::{ChunkBackend, ChunkWriter, MemoryBackend, PackBackend, Usage};
 pub use chunker::ChunkParams;

@@ -116,6 +116,8 @@ pub struct VerifyReport {
 }
 
 pub struct ImageStore {
+    /// Held for the store's lifetime: one process at a time owns a store directory.
+    _lock: nix::fcntl::Flock<File>,
     root: PathBuf,
     backend: Box<dyn ChunkBackend>,
     params: ChunkParams,
@@ -144,6 +146,24 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Takes the store's lock file, waiting while another process holds it.
+fn lock_dir(root: &Path) -> Result<nix::fcntl::Flock<File>, Error> {
+    let path = root.join("lock");
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err("opening", &path))?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::Error::EWOULDBLOCK)) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err((_, e)) => {
+                return Err(Error::Conflict(format!("image store {} is in use by another process ({e})", root.display())))
+            }
+        }
+    }
+}
+
 /// Ref names: letters, digits and `._-@/:`, not starting with `/` or `.`, at most 200 bytes.
 pub fn check_ref_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
@@ -158,16 +178,22 @@ pub fn check_ref_name(name: &str) -> Result<(), Error> {
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) a store with the local pack backend under `root`.
+    /// Opens (creating if needed) a store with the local pack backend under `root`. Waits up to
+    /// a minute while another process has it open.
     pub fn open(root: &Path) -> Result<ImageStore, Error> {
+        fs::create_dir_all(root).map_err(io_err("creating", root))?;
+        let lock = lock_dir(root)?;
         let backend = PackBackend::open(&root.join("chunks"))?;
+        drop(lock);
         Self::with_backend(root, Box::new(backend))
     }
 
     /// Opens a store keeping manifests and refs under `root` and chunks in `backend`.
     pub fn with_backend(root: &Path, backend: Box<dyn ChunkBackend>) -> Result<ImageStore, Error> {
         fs::create_dir_all(root.join("manifests")).map_err(io_err("creating", root))?;
+        let lock = lock_dir(root)?;
         Ok(ImageStore {
+            _lock: lock,
             root: root.to_path_buf(),
             backend,
             params: ChunkParams::V1,
@@ -573,9 +599,25 @@ impl ImageStore {
     /// Points `name` at manifest `id` (which must be held), replacing what it named.
     pub fn set_ref(&self, name: &str, id: &ManifestId) -> Result<(), Error> {
         check_ref_name(name)?;
+        // Shared GC lock: a concurrent gc either sees this ref or ran before the manifest check.
+        let _gc = self.gc_lock.read().expect("gc lock");
         self.manifest(id)?;
         let _g = self.refs_lock.lock().expect("refs lock");
         let mut refs = self.read_refs()?;
+        refs.insert(name.to_string(), *id);
+        self.write_refs(&refs)
+    }
+
+    /// Names manifest `id` (which must be held) `name`, failing if the name is taken.
+    pub fn create_ref(&self, name: &str, id: &ManifestId) -> Result<(), Error> {
+        check_ref_name(name)?;
+        let _gc = self.gc_lock.read().expect("gc lock");
+        self.manifest(id)?;
+        let _g = self.refs_lock.lock().expect("refs lock");
+        let mut refs = self.read_refs()?;
+        if refs.contains_key(name) {
+            return Err(Error::Conflict(format!("image {name:?} already exists")));
+        }
         refs.insert(name.to_string(), *id);
         self.write_refs(&refs)
     }

@@ -66,3 +66,56 @@ pub struct ErrorDetail {
     /// What was wrong, naming the offending value.
     pub message: String,
 }
+
+/// Chunk ids (hex), for asking which are missing or fetching them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkList {
+    pub chunks: Vec<String>,
+}
+
+/// What an upload of a chunk batch stored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkUpload {
+    pub received: u64,
+    pub new: u64,
+}
+
+/// A stored manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ManifestRef {
+    pub manifest: String,
+}
+
+/// Totals of an image store (`shoal image stats`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageStats {
+    /// Sum of the logical sizes of every stored image.
+    pub logical_bytes: u64,
+    /// Bytes the store occupies on disk (packs, indexes, manifests).
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    /// Compressed bytes of the chunks.
+    pub chunk_bytes: u64,
+    pub manifests: u64,
+    pub refs: u64,
+}
+
+/// What `shoal image gc` removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageGc {
+    pub manifests_removed: u64,
+    pub chunks_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// What `shoal image verify` found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageVerify {
+    pub chunks_checked: u64,
+    /// Chunks whose content did not match their id; moved to quarantine.
+    pub corrupt: Vec<String>,
+    /// Chunks images need that the store lacks.
+    pub missing: Vec<String>,
+    /// Images (refs such as `template/NAME`) damaged by the above.
+    pub damaged: Vec<String>,
+}

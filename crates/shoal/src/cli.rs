@@ -50,6 +50,34 @@ pub enum Command {
     /// Long-running operations and their progress.
     #[command(subcommand)]
     Operation(OperationCmd),
+    /// The controller's image store (deduplicated chunks of templates and snapshots).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Totals: logical bytes of every image, bytes stored, chunks.
+    Stats,
+    /// Remove images nothing names any more, and the chunks only they used.
+    Gc,
+    /// Re-hash every chunk; quarantine corrupt ones and name the images they damage.
+    Verify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormatArg {
+    Raw,
+    Qcow2,
+}
+
+impl From<ImageFormatArg> for shoal_image::ImageFormat {
+    fn from(f: ImageFormatArg) -> Self {
+        match f {
+            ImageFormatArg::Raw => shoal_image::ImageFormat::Raw,
+            ImageFormatArg::Qcow2 => shoal_image::ImageFormat::Qcow2,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,6 +214,19 @@ pub enum TemplateCmd {
         /// Console text the guest prints when configured (VMs count as ready then).
         #[arg(long)]
         ready_pattern: Option<String>,
+        /// Take FILE as this format instead of recognising it (`raw` imports any file).
+        #[arg(long, value_enum)]
+        format: Option<ImageFormatArg>,
+    },
+    /// Write a template's disk to FILE (bit-identical to what was imported, as raw).
+    Export {
+        name: String,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ImageFormatArg::Raw)]
+        format: ImageFormatArg,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Build the demo template (host kernel, a busybox root, a NoCloud-reading init) and upload it.
     BuildDemo { name: String },

@@ -10,7 +10,7 @@ use shoal_model::api::{CreateCluster, CreateProfile};
 use shoal_model::{AntiAffinity, Operation, Placement, StepState};
 
 use crate::cli::*;
-use crate::{daemons, output};
+use crate::{daemons, images, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -28,6 +28,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = client.create_join_token().await?;
             output::emit(out, &serde_json::json!({ "token": token }), |_| format!("{token}\n"))
         }
+        Command::Image(i) => match i {
+            ImageCmd::Stats => output::emit(out, &client.image_stats().await?, output::image_stats),
+            ImageCmd::Gc => output::emit(out, &client.image_gc().await?, output::image_gc),
+            ImageCmd::Verify => {
+                let v = client.image_verify().await?;
+                output::emit(out, &v, output::image_verify);
+                if !v.corrupt.is_empty() || !v.damaged.is_empty() {
+                    anyhow::bail!("the image store is damaged: {} corrupt chunk(s), images {:?}", v.corrupt.len(), v.damaged);
+                }
+            }
+        },
         Command::Template(t) => match t {
             TemplateCmd::Import {
                 name,
@@ -36,6 +47,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 initrd,
                 cmdline,
                 ready_pattern,
+                format,
             } => {
                 let files = TemplateFiles {
                     disk: file,
@@ -44,8 +56,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     cmdline,
                     ready_pattern,
                 };
-                let t = client.import_template(&name, &files).await?;
+                let t = images::import_template(&client, &name, &files, format.map(Into::into)).await?;
                 output::emit(out, &t, output::template)
+            }
+            TemplateCmd::Export { name, file, format, force } => {
+                images::export_template(&client, &name, &file, format.into(), force).await?;
             }
             TemplateCmd::BuildDemo { name } => {
                 let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -59,7 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     cmdline: Some(d.cmdline),
                     ready_pattern: Some(d.ready_pattern),
                 };
-                let t = client.import_template(&name, &files).await?;
+                let t = images::import_template(&client, &name, &files, None).await?;
                 output::emit(out, &t, output::template)
             }
             TemplateCmd::List => output::emit(out, &client.templates().await?, output::templates),

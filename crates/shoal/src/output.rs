@@ -278,6 +278,32 @@ pub fn operation(o: &Operation) -> String {
     out
 }
 
+pub fn image_stats(s: &shoal_model::api::ImageStats) -> String {
+    let ratio = if s.stored_bytes > 0 { s.logical_bytes as f64 / s.stored_bytes as f64 } else { 0.0 };
+    sheet(vec![
+        ("logical", format!("{} bytes", s.logical_bytes)),
+        ("stored", format!("{} bytes ({ratio:.1}x smaller)", s.stored_bytes)),
+        ("chunks", s.chunks.to_string()),
+        ("images", s.manifests.to_string()),
+        ("named", s.refs.to_string()),
+    ])
+}
+
+pub fn image_gc(g: &shoal_model::api::ImageGc) -> String {
+    format!(
+        "removed {} image(s) and {} chunk(s), freed {} bytes\n",
+        g.manifests_removed, g.chunks_removed, g.bytes_freed
+    )
+}
+
+pub fn image_verify(v: &shoal_model::api::ImageVerify) -> String {
+    let mut s = format!("checked {} chunks: {} corrupt (quarantined)\n", v.chunks_checked, v.corrupt.len());
+    for d in &v.damaged {
+        s.push_str(&format!("damaged: {d} (re-import it to repair)\n"));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

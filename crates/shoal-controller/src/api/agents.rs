@@ -120,6 +120,12 @@ pub async fn template_file(
         .ok_or_else(|| ApiError::not_found("template", &template))?
         .value;
     let path = match file.as_str() {
+        "disk" if rec.file.is_empty() => {
+            return Err(ApiError::Invalid(format!(
+                "the disk of template {template:?} is in the image store ({}): fetch its chunks",
+                rec.template.hash
+            )))
+        }
         "disk" => Some(rec.file),
         "kernel" => rec.kernel_file,
         "initrd" => rec.initrd_file,

@@ -306,7 +306,7 @@ impl QemuDriver {
 
     /// Files of the template on this host, fetched and verified once.
     async fn template(&self, spec: &VmSpec) -> Result<Base, String> {
-        let hex = spec.template_hash.trim_start_matches("blake3:").to_string();
+        let hex = spec.template_hash.trim_start_matches("blake3:").trim_start_matches("manifest:").to_string();
         let lock = self
             .template_locks
             .lock()
@@ -340,6 +340,16 @@ impl QemuDriver {
             return Ok(());
         }
         let tmp = dest.with_extension("partial");
+        if let (TemplateFile::Disk, Some(manifest)) = (file, hash.strip_prefix("manifest:")) {
+            // From the image store: each chunk was verified against its id on arrival.
+            self.source
+                .fetch_image(&spec.template, manifest, &tmp)
+                .await
+                .map_err(|e| format!("fetching the disk of template {}: {e}", spec.template))?;
+            return tokio::fs::rename(&tmp, dest)
+                .await
+                .map_err(|e| format!("storing {}: {e}", dest.display()));
+        }
         self.source
             .fetch(&spec.template, file, &tmp)
             .await
@@ -515,7 +525,14 @@ impl QemuDriver {
                 }
             }
             if sock.exists() {
-                return Qmp::connect(&sock, self.cfg.qmp_timeout).await.map_err(qmp_err);
+                match Qmp::connect(&sock, self.cfg.qmp_timeout).await {
+                    // QEMU binds the socket a moment before it listens on it: under load a
+                    // connect can fall in between. Try again until the deadline.
+                    Err(qmp::QmpError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused
+                            && tokio::time::Instant::now() < deadline => {}
+                    r => return r.map_err(qmp_err),
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("QMP socket {} did not appear within {:?}", sock.display(), self.cfg.qmp_timeout));
