@@ -147,6 +147,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
         .route("/v1/vms/ensure", post(ensure_vms))
         .route("/v1/vms/remove", post(remove_vms))
         .route("/v1/vms/{uuid}/console", get(console))
+        .route("/v1/vms/{uuid}/snapshot", post(snapshot))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -330,6 +331,21 @@ async fn console(
     }
 }
 
+/// Records a VM's disk in the image store (the controller's, via this host's cache).
+async fn snapshot(State(state): State<AgentState>, UrlPath(uuid): UrlPath<uuid::Uuid>) -> Response {
+    match state.hv.snapshot(uuid).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => {
+            let (status, code) = match e {
+                HvError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                _ => (StatusCode::CONFLICT, "snapshot_failed"),
+            };
+            let body = ErrorBody { error: ErrorDetail { code: code.into(), message: e.to_string() } };
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
 /// Fetches template files from the controller with this agent's credential (read when needed,
 /// since the agent gets it only when it registers).
 pub struct ControllerTemplates {
@@ -374,6 +390,35 @@ impl TemplateSource for ControllerTemplates {
             .download_template_file(&self.host, template, file.as_str(), dest)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, String> {
+        let images = self.images().await?;
+        let (store, path) = (images.clone(), raw.to_path_buf());
+        let rep = tokio::task::spawn_blocking(move || {
+            // The VM's own disk: taken as raw whatever it holds.
+            store.import_path(
+                &path,
+                &shoal_image::ImportOptions { format: Some(shoal_image::ImageFormat::Raw), ..Default::default() },
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("chunking the disk: {e}"))?;
+        let t = self
+            .client()
+            .await?
+            .push_image(Some(&self.host), images.clone(), rep.manifest, &|_, _| {})
+            .await
+            .map_err(|e| format!("sending the disk image to the controller: {e}"))?;
+        // The host's copy is not needed to run anything: let the cache's gc take it.
+        Ok(shoal_model::agent::DiskSnapshot {
+            manifest: rep.manifest.to_hex(),
+            logical_bytes: rep.logical_bytes,
+            chunks: t.chunks_total,
+            chunks_sent: t.chunks_sent,
+            bytes_sent: t.bytes_sent,
+        })
     }
 
     async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {

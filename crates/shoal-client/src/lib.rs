@@ -231,6 +231,21 @@ impl Client {
         self.http.send(rb).await
     }
 
+    pub async fn publish_template(&self, vm: &str, name: &str) -> Result<Template, ClientError> {
+        let req = shoal_model::api::PublishTemplate { vm: vm.into(), name: name.into() };
+        let rb = self.http.request(Method::POST, "/v1/templates/publish").timeout(Duration::from_secs(3600)).json(&req);
+        self.http.send(rb).await
+    }
+
+    /// Records a VM's disk in the image store.
+    pub async fn snapshot_vm(&self, name: &str) -> Result<shoal_model::api::VmSnapshot, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{}/snapshot", seg(name)))
+            .timeout(Duration::from_secs(3600));
+        self.http.send(rb).await
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
         self.http.get("/v1/templates").await
     }
@@ -473,6 +488,15 @@ impl AgentClient {
         self.http
             .get(&format!("/v1/vms/{uuid}/console?offset={offset}&max={max}"))
             .await
+    }
+
+    /// Records the VM's disk in the image store; may take minutes for a large disk.
+    pub async fn snapshot(&self, uuid: Uuid) -> Result<shoal_model::agent::DiskSnapshot, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{uuid}/snapshot"))
+            .timeout(Duration::from_secs(3600));
+        self.http.send(rb).await
     }
 }
 

@@ -113,3 +113,16 @@ pub struct RemoveVms {
 pub struct BatchResult {
     pub vms: Vec<VmStatus>,
 }
+
+/// A VM disk recorded in the image store (`shoal vm snapshot`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSnapshot {
+    /// Manifest id (hex) of the disk's image.
+    pub manifest: String,
+    pub logical_bytes: u64,
+    /// Distinct chunks of the image.
+    pub chunks: u64,
+    /// Chunks the controller did not have yet, and their compressed bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+}

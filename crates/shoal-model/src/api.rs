@@ -119,3 +119,29 @@ pub struct ImageVerify {
     /// Images (refs such as `template/NAME`) damaged by the above.
     pub damaged: Vec<String>,
 }
+
+/// A VM disk recorded in the image store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmSnapshot {
+    pub vm: String,
+    /// The name the image store keeps it under (`vm/NAME/UNIX_MS`).
+    pub image: String,
+    /// Manifest id (hex).
+    pub manifest: String,
+    pub logical_bytes: u64,
+    /// Bytes of the disk that are not zeros.
+    pub data_bytes: u64,
+    /// Of those, bytes held by chunks the VM's template has too.
+    pub shared_with_template_bytes: u64,
+    pub chunks: u64,
+    /// Chunks that were new to the controller's store, and their compressed bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+}
+
+/// Turn a VM's disk into a new template (`shoal template publish VM NAME`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PublishTemplate {
+    pub vm: String,
+    pub name: String,
+}

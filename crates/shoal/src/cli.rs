@@ -234,6 +234,8 @@ pub enum TemplateCmd {
     Show { name: String },
     /// Delete a template no profile or cluster uses.
     Delete { name: String },
+    /// Make a VM's disk, as it is now, a new template that boots like the VM's own.
+    Publish { vm: String, name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -353,6 +355,8 @@ pub enum VmCmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Record the VM's disk, as it is now, in the image store (shares unchanged chunks with its template).
+    Snapshot { name: String },
 }
 
 #[derive(Subcommand, Debug)]

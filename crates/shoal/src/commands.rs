@@ -83,6 +83,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let t = t.ok_or_else(|| anyhow::anyhow!("template {name:?} not found"))?;
                 output::emit(out, &t, output::template)
             }
+            TemplateCmd::Publish { vm, name } => {
+                output::emit(out, &client.publish_template(&vm, &name).await?, output::template)
+            }
             TemplateCmd::Delete { name } => {
                 client.delete_template(&name).await?;
                 eprintln!("template {name} deleted");
@@ -174,6 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
         Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
+        Command::Vm(VmCmd::Snapshot { name }) => output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot),
         Command::Operation(OperationCmd::List) => {
             output::emit(out, &client.operations().await?, output::operations)
         }

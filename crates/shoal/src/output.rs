@@ -304,6 +304,21 @@ pub fn image_verify(v: &shoal_model::api::ImageVerify) -> String {
     s
 }
 
+pub fn vm_snapshot(s: &shoal_model::api::VmSnapshot) -> String {
+    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    sheet(vec![
+        ("vm", s.vm.clone()),
+        ("image", s.image.clone()),
+        ("manifest", s.manifest.clone()),
+        ("size", format!("{} bytes ({} of data)", s.logical_bytes, s.data_bytes)),
+        (
+            "shared",
+            format!("{} bytes with its template ({:.1} %)", s.shared_with_template_bytes, pct(s.shared_with_template_bytes, s.data_bytes)),
+        ),
+        ("sent", format!("{} new chunks, {} bytes", s.chunks_sent, s.bytes_sent)),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,6 +78,12 @@ fn cli_contract_from_template_to_deleted_cluster() {
         assert!(vms[0].get(key).is_some(), "VM JSON lacks {key}");
     }
     assert!(vms.iter().all(|v| v["state"] == "running" && v["cpus"] == 2));
+    // The simulated driver has no disks: a snapshot is refused, naming why, and stores nothing.
+    let o = cli(&url, &[], &["vm", "snapshot", "lab-3"]);
+    assert!(!o.status.success() && stderr(&o).contains("keeps no disks"), "{}", stderr(&o));
+    let o = cli(&url, &[], &["template", "publish", "lab-3", "copy"]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(json(&url, &["template", "list"]).as_array().unwrap().iter().all(|t| t["name"] != "copy"));
     let vm = json(&url, &["vm", "show", "lab-3"]);
     assert_eq!(vm["name"], "lab-3");
     assert_eq!(vm["cluster"], "lab");

@@ -23,10 +23,10 @@ pub mod vms;
     info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs and operations."),
     paths(
         hosts::list_hosts, hosts::create_join_token,
-        templates::import_template, templates::list_templates, templates::show_template, templates::delete_template,
+        templates::import_template, templates::publish_template, templates::list_templates, templates::show_template, templates::delete_template,
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
-        vms::list_vms, vms::show_vm, vms::vm_action, vms::console,
+        vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
         operations::list_operations, operations::show_operation,
         agents::register, agents::heartbeat, agents::template_file,
         images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
@@ -96,6 +96,8 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/vms", get(vms::list_vms))
         .route("/v1/vms/{name}", get(vms::show_vm))
         .route("/v1/vms/{name}/console", get(vms::console))
+        .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
+        .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))

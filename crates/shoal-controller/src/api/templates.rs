@@ -301,3 +301,86 @@ pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPa
     }
     Ok(Json(()))
 }
+
+/// Turns a VM's disk, as it is now, into a new template that boots like the VM's own template
+/// (like `incus publish`). The image shares every unchanged chunk with the original.
+#[utoipa::path(post, path = "/v1/templates/publish", tag = "templates", request_body = shoal_model::api::PublishTemplate,
+    responses((status = 201, body = Template), (status = 400, body = shoal_model::api::ErrorBody), (status = 404, body = shoal_model::api::ErrorBody),
+              (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn publish_template(
+    State(ctl): State<Controller>,
+    Json(req): Json<shoal_model::api::PublishTemplate>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    let name = req.name;
+    validate_name("template", &name)?;
+    if ctl.db.store.get(&template_key(&name)).await?.is_some() {
+        return Err(ApiError::exists("template", &name));
+    }
+    let (vm, snap) = crate::api::vms::take_snapshot(&ctl, &req.vm).await?;
+    let source = ctl
+        .db
+        .get::<TemplateRecord>(&template_key(&vm.template))
+        .await?
+        .ok_or_else(|| ApiError::not_found("template", &vm.template))?
+        .value;
+    let id: shoal_image::ManifestId = snap.manifest.parse().map_err(ApiError::from)?;
+    let image_ref = format!("template/{name}");
+    let r = image_ref.clone();
+    crate::api::images::blocking(&ctl, move |s| s.create_ref(&r, &id))
+        .await
+        .map_err(|e| match e {
+            ApiError::Conflict(_) => ApiError::exists("template", &name),
+            e => e,
+        })?;
+    // Kernel and initrd: linked (or copied) under the new template's name, so that deleting
+    // either template leaves the other whole.
+    let dir = ctl.config.data_dir.join("templates");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let mut made: Vec<PathBuf> = vec![];
+    let mut link = |from: &Option<String>, what: &str| -> ApiResult<Option<String>> {
+        let Some(from) = from else { return Ok(None) };
+        let to = dir.join(format!("{name}-{suffix}.{what}"));
+        std::fs::hard_link(from, &to)
+            .or_else(|_| std::fs::copy(from, &to).map(|_| ()))
+            .map_err(|e| ApiError::Internal(format!("copying {from} for template {name:?}: {e}")))?;
+        made.push(to.clone());
+        Ok(Some(to.display().to_string()))
+    };
+    let linked = link(&source.kernel_file, "kernel").and_then(|k| Ok((k, link(&source.initrd_file, "initrd")?)));
+    let undo = |made: &[PathBuf]| {
+        let _ = ctl.images.delete_ref(&image_ref);
+        for f in made {
+            let _ = std::fs::remove_file(f);
+        }
+    };
+    let (kernel_file, initrd_file) = match linked {
+        Ok(x) => x,
+        Err(e) => {
+            undo(&made);
+            return Err(e);
+        }
+    };
+    let template = Template {
+        name: name.clone(),
+        format: "raw".into(),
+        size_bytes: snap.logical_bytes,
+        hash: format!("manifest:{}", snap.manifest),
+        kernel_boot: source.template.kernel_boot.clone(),
+        ready_pattern: source.template.ready_pattern.clone(),
+        created_unix_ms: now_ms(),
+    };
+    let rec = TemplateRecord { template: template.clone(), file: String::new(), kernel_file, initrd_file };
+    let key = template_key(&name);
+    let r = ctl.db.store.txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec))).await;
+    match r {
+        Ok(r) if r.succeeded => Ok((StatusCode::CREATED, Json(template))),
+        Ok(_) => {
+            undo(&made);
+            Err(ApiError::exists("template", &name))
+        }
+        Err(e) => {
+            undo(&made);
+            Err(e.into())
+        }
+    }
+}

@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
 use shoal_model::{Power, VmState};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -949,6 +949,46 @@ impl Hypervisor for QemuDriver {
     async fn list(&self) -> Vec<VmStatus> {
         let vms: Vec<Arc<Vm>> = self.vms.lock().expect("vms").values().cloned().collect();
         vms.iter().map(|v| v.status()).collect()
+    }
+
+    async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
+        let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
+        let name = vm.status().name;
+        let err = |reason: String| HvError::Vm { name: name.clone(), reason };
+        let _busy = vm.busy.lock().await;
+        let raw = vm.path("snapshot.raw.partial");
+        // Pause a running guest so the disk does not change while it is read.
+        let running = vm.state() == VmState::Running;
+        let mut paused = false;
+        if running {
+            let mut q = self.qmp(&vm).await.map_err(|e| err(format!("pausing for the snapshot: {e}")))?;
+            q.execute("stop", None).await.map_err(|e| err(format!("pausing for the snapshot: {}", qmp_err(e))))?;
+            paused = true;
+        }
+        let out = Command::new(&self.cfg.qemu_img)
+            // -U: QEMU holds the image's write lock; reading a paused guest's disk is safe.
+            .args(["convert", "-U", "-O", "raw", "-S", "4k"])
+            .arg(vm.path("disk.qcow2"))
+            .arg(&raw)
+            .output()
+            .await;
+        if paused {
+            match self.qmp(&vm).await {
+                Ok(mut q) => {
+                    if let Err(e) = q.execute("cont", None).await {
+                        tracing::error!(vm = %name, "resuming after the snapshot: {}", qmp_err(e));
+                    }
+                }
+                Err(e) => tracing::error!(vm = %name, "resuming after the snapshot: {e}"),
+            }
+        }
+        let result = match out {
+            Ok(o) if o.status.success() => self.source.store_image(&raw).await.map_err(err),
+            Ok(o) => Err(err(format!("reading the disk: {}", String::from_utf8_lossy(&o.stderr).trim()))),
+            Err(e) => Err(err(format!("cannot run {}: {e}", self.cfg.qemu_img.display()))),
+        };
+        let _ = tokio::fs::remove_file(&raw).await;
+        result
     }
 
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {
