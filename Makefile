@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm bench-placement openapi clean
+.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-placement openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -35,6 +35,18 @@ bench-deploy: deps
 bench-vm: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-vm target/release/shoal
+
+## make bench-images: Shoal's image store against borg, casync and restic on the VM image corpus
+## (seven 2 GiB Debian images). The corpus is built first when absent (root, about 11 minutes, about
+## 15 GB under /var/tmp/shoal-corpus). BENCH_FLAGS="--only shoal" for a quick run.
+SHOAL_CORPUS ?= /var/tmp/shoal-corpus/corpus
+bench-images: deps
+	@if [ ! -f "$(SHOAL_CORPUS)/manifests/sizes.tsv" ] && [ "$(notdir $(SHOAL_CORPUS))" = corpus ]; then \
+		echo "bench-images: no corpus at $(SHOAL_CORPUS); building it with ../shared/bench/make-corpus.sh"; \
+		D="$(patsubst %/corpus,%,$(SHOAL_CORPUS))" bash ../shared/bench/make-corpus.sh; \
+	fi
+	$(CARGO) build --release -p shoal-bench
+	target/release/bench-images --corpus "$(SHOAL_CORPUS)" $(BENCH_FLAGS)
 
 ## Placement throughput and packing quality at 10,000 hosts, and rebalancing side by side with
 ## Ganeti's hbal (installed if missing) on the states of ../shared/bench/hbal/gen.py.

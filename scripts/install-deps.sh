@@ -16,20 +16,39 @@ PACKAGES=(
   mtools              # mcopy: NoCloud seeds without a mount
 )
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+missing_packages() {
+  missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+
+# Two passes: installing one package can make apt remove another that conflicts with it (seen:
+# qemu-system-x86 from bookworm removed a newer qemu-utils from backports, and with it qemu-img).
+# The second pass puts back what the first took away, at versions that fit together.
+for pass in 1 2; do
+  missing_packages
+  ((${#missing[@]})) || break
   if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps: missing packages ${missing[*]}; run as root to install them" >&2
     exit 1
   fi
-  echo "install-deps: installing ${missing[*]}"
+  echo "install-deps: installing ${missing[*]} (pass $pass)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+done
+missing_packages
+if ((${#missing[@]})); then
+  echo "install-deps: ${missing[*]} still missing after installing: apt removed them again" >&2
+  exit 1
 fi
+for cmd in qemu-img qemu-system-x86_64 busybox mkfs.ext4 mkfs.vfat mcopy ip; do
+  command -v "$cmd" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null || {
+    echo "install-deps: $cmd not found although its package is installed" >&2
+    exit 1
+  }
+done
 
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then

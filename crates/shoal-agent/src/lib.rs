@@ -147,6 +147,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
         .route("/v1/vms/ensure", post(ensure_vms))
         .route("/v1/vms/remove", post(remove_vms))
         .route("/v1/vms/{uuid}/console", get(console))
+        .route("/v1/vms/{uuid}/snapshot", post(snapshot))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -229,6 +230,7 @@ async fn heartbeat_loop(
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             vms: hv.list().await,
+            images: hv.cached_images().await,
         };
         match client.heartbeat(&config.name, &hb).await {
             Ok(()) => {}
@@ -330,22 +332,131 @@ async fn console(
     }
 }
 
+/// Records a VM's disk in the image store (the controller's, via this host's cache).
+async fn snapshot(State(state): State<AgentState>, UrlPath(uuid): UrlPath<uuid::Uuid>) -> Response {
+    match state.hv.snapshot(uuid).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => {
+            let (status, code) = match e {
+                HvError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                _ => (StatusCode::CONFLICT, "snapshot_failed"),
+            };
+            let body = ErrorBody { error: ErrorDetail { code: code.into(), message: e.to_string() } };
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
 /// Fetches template files from the controller with this agent's credential (read when needed,
 /// since the agent gets it only when it registers).
 pub struct ControllerTemplates {
     pub controller_url: String,
     pub host: String,
     pub data_dir: PathBuf,
+    /// This host's chunk cache, opened on first use under `DATA_DIR/images`.
+    pub images: tokio::sync::OnceCell<Arc<shoal_image::ImageStore>>,
+}
+
+impl ControllerTemplates {
+    pub fn new(controller_url: String, host: String, data_dir: PathBuf) -> ControllerTemplates {
+        ControllerTemplates { controller_url, host, data_dir, images: tokio::sync::OnceCell::new() }
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
+        Ok(Client::new(&self.controller_url, creds.credential))
+    }
+
+    /// This host's image cache.
+    pub async fn images(&self) -> Result<Arc<shoal_image::ImageStore>, String> {
+        let dir = self.data_dir.join("images");
+        self.images
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || shoal_image::ImageStore::open(&dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(Arc::new)
+                    .map_err(|e| format!("opening the host's image cache: {e}"))
+            })
+            .await
+            .cloned()
+    }
 }
 
 #[async_trait::async_trait]
 impl TemplateSource for ControllerTemplates {
     async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String> {
-        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
-        Client::new(&self.controller_url, creds.credential)
+        self.client()
+            .await?
             .download_template_file(&self.host, template, file.as_str(), dest)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn cached_images(&self) -> Vec<String> {
+        let Ok(images) = self.images().await else { return Vec::new() };
+        let refs = tokio::task::spawn_blocking(move || images.refs()).await;
+        let mut ids: Vec<String> = match refs {
+            Ok(Ok(r)) => r.values().map(|id| id.to_hex()).collect(),
+            _ => Vec::new(),
+        };
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, String> {
+        let images = self.images().await?;
+        let (store, path) = (images.clone(), raw.to_path_buf());
+        let rep = tokio::task::spawn_blocking(move || {
+            // The VM's own disk: taken as raw whatever it holds.
+            store.import_path(
+                &path,
+                &shoal_image::ImportOptions { format: Some(shoal_image::ImageFormat::Raw), ..Default::default() },
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("chunking the disk: {e}"))?;
+        let t = self
+            .client()
+            .await?
+            .push_image(Some(&self.host), images.clone(), rep.manifest, &|_, _| {})
+            .await
+            .map_err(|e| format!("sending the disk image to the controller: {e}"))?;
+        // The host's copy is not needed to run anything: let the cache's gc take it.
+        Ok(shoal_model::agent::DiskSnapshot {
+            manifest: rep.manifest.to_hex(),
+            logical_bytes: rep.logical_bytes,
+            chunks: t.chunks_total,
+            chunks_sent: t.chunks_sent,
+            bytes_sent: t.bytes_sent,
+        })
+    }
+
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
+        let id: shoal_image::ManifestId = manifest.parse().map_err(|e| format!("{e}"))?;
+        let images = self.images().await?;
+        let started = std::time::Instant::now();
+        let rep = self
+            .client()
+            .await?
+            .pull_image(Some(&self.host), images.clone(), id, &|_, _| {})
+            .await
+            .map_err(|e| format!("fetching image {manifest}: {e}"))?;
+        tracing::info!(
+            template, chunks = rep.chunks_total, fetched = rep.chunks_sent, bytes = rep.bytes_sent,
+            seconds = started.elapsed().as_secs_f64(), "template image in the host's cache"
+        );
+        let (dest, name) = (dest.to_path_buf(), format!("template/{template}"));
+        tokio::task::spawn_blocking(move || {
+            images.set_ref(&name, &id)?;
+            images.export(&id, &dest, shoal_image::ImageFormat::Raw, None)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("writing the base image: {e}"))?;
+        Ok(())
     }
 }
 

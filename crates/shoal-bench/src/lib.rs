@@ -1,5 +1,7 @@
 //! Helpers shared by the benchmark programs in `src/bin/`.
 
+pub mod competitors;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

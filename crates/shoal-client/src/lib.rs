@@ -1,6 +1,8 @@
 //! HTTP clients: [`Client`] for the controller's REST API (the CLI, tests and benchmarks use it)
 //! and [`AgentClient`] for a host agent's command API (the controller uses it).
 
+mod images;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,6 +42,9 @@ pub enum ClientError {
     },
     #[error("operation {id} failed: {message}")]
     OperationFailed { id: Uuid, message: String },
+    /// The local image store, or an image that failed its checks.
+    #[error("image: {0}")]
+    Image(String),
 }
 
 impl ClientError {
@@ -177,9 +182,35 @@ impl Client {
 
     /// Uploads a template: its disk image and, for direct kernel boot, kernel, initrd and
     /// command line. Files are streamed, not read into memory.
+    /// Uploads a template with its whole disk file; the controller chunks it into its store.
     pub async fn import_template(&self, name: &str, files: &TemplateFiles) -> Result<Template, ClientError> {
+        self.template_upload(name, None, files).await
+    }
+
+    /// Creates a template whose disk is image `manifest`, already pushed to the controller's
+    /// store (`push_image`); `format` is the format of the file it came from. Only the kernel and
+    /// initrd of `files` are sent.
+    pub async fn create_template(
+        &self,
+        name: &str,
+        manifest: &shoal_image::ManifestId,
+        format: &str,
+        files: &TemplateFiles,
+    ) -> Result<Template, ClientError> {
+        self.template_upload(name, Some((manifest, format)), files).await
+    }
+
+    async fn template_upload(
+        &self,
+        name: &str,
+        manifest: Option<(&shoal_image::ManifestId, &str)>,
+        files: &TemplateFiles,
+    ) -> Result<Template, ClientError> {
         let mut form = reqwest::multipart::Form::new().text("name", name.to_string());
-        form = form.part("disk", file_part(&files.disk).await?);
+        match manifest {
+            Some((id, format)) => form = form.text("manifest", id.to_hex()).text("format", format.to_string()),
+            None => form = form.part("disk", file_part(&files.disk).await?),
+        }
         if let Some(k) = &files.kernel {
             form = form.part("kernel", file_part(k).await?);
         }
@@ -197,6 +228,21 @@ impl Client {
             .request(Method::POST, "/v1/templates")
             .timeout(Duration::from_secs(3600))
             .multipart(form);
+        self.http.send(rb).await
+    }
+
+    pub async fn publish_template(&self, vm: &str, name: &str) -> Result<Template, ClientError> {
+        let req = shoal_model::api::PublishTemplate { vm: vm.into(), name: name.into() };
+        let rb = self.http.request(Method::POST, "/v1/templates/publish").timeout(Duration::from_secs(3600)).json(&req);
+        self.http.send(rb).await
+    }
+
+    /// Records a VM's disk in the image store.
+    pub async fn snapshot_vm(&self, name: &str) -> Result<shoal_model::api::VmSnapshot, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{}/snapshot", seg(name)))
+            .timeout(Duration::from_secs(3600));
         self.http.send(rb).await
     }
 
@@ -482,6 +528,15 @@ impl AgentClient {
         self.http
             .get(&format!("/v1/vms/{uuid}/console?offset={offset}&max={max}"))
             .await
+    }
+
+    /// Records the VM's disk in the image store; may take minutes for a large disk.
+    pub async fn snapshot(&self, uuid: Uuid) -> Result<shoal_model::agent::DiskSnapshot, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{uuid}/snapshot"))
+            .timeout(Duration::from_secs(3600));
+        self.http.send(rb).await
     }
 }
 

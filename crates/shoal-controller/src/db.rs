@@ -79,7 +79,9 @@ pub struct Claim {
 pub struct TemplateRecord {
     #[serde(flatten)]
     pub template: Template,
-    /// The disk image.
+    /// The disk image as a plain file; empty for templates whose disk is in the image store
+    /// (the template's hash is then `manifest:<id>`).
+    #[serde(default)]
     pub file: String,
     #[serde(default)]
     pub kernel_file: Option<String>,
@@ -89,7 +91,10 @@ pub struct TemplateRecord {
 
 impl TemplateRecord {
     pub fn files(&self) -> impl Iterator<Item = &String> {
-        std::iter::once(&self.file).chain(self.kernel_file.iter()).chain(self.initrd_file.iter())
+        std::iter::once(&self.file)
+            .filter(|f| !f.is_empty())
+            .chain(self.kernel_file.iter())
+            .chain(self.initrd_file.iter())
     }
 }
 

@@ -228,7 +228,8 @@ async fn plan_new_vms(
     );
 
     // Step 3: choose hosts, all VMs or none.
-    let snap = host_snapshot(ctl, existing).await?;
+    let mut snap = host_snapshot(ctl, existing).await?;
+    crate::plan::add_locality(ctl, &mut snap.snapshot, &cluster.shape.template).await?;
     let req = gang_request(cluster, n as u32);
     let plan = snap.place(&req).map_err(|e| {
         ApiError::Capacity(format!(

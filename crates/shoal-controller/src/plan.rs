@@ -15,7 +15,7 @@ use shoal_policy::rebalance::{self, Move, RebalanceOptions, RebalancePlan};
 use shoal_policy::{Explanation, GangRequest, Placer, Snapshot};
 use shoal_store::{Compare, Txn};
 
-use crate::db::{self, put, Claim, HostRecord, Versioned};
+use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
 use crate::deploy::{host_snapshot, profile_map, resolve_profile};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
@@ -34,6 +34,28 @@ pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<S
         .into_iter()
         .filter_map(|k| k.strip_prefix("/draining/").map(str::to_string))
         .collect())
+}
+
+/// Fills in, for `template`, the share of its image each host's chunk cache already holds, as
+/// the image store reports it (nothing for templates whose disk is a plain file).
+pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template: &str) -> ApiResult<()> {
+    let Some(t) = ctl.db.get::<TemplateRecord>(&db::template_key(template)).await? else {
+        return Ok(());
+    };
+    let Some(id) = t
+        .value
+        .template
+        .hash
+        .strip_prefix("manifest:")
+        .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+    else {
+        return Ok(());
+    };
+    let shares = crate::locality::image_locality(ctl, id).await;
+    if !shares.is_empty() {
+        snap.image_locality.insert(template.to_string(), shares);
+    }
+    Ok(())
 }
 
 /// The live hosts and the VMs holding resources on them, as the policy core sees them.
@@ -68,6 +90,9 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
         .filter(|v| v.claimed && v.state != VmState::Deleting && known.contains(v.host.as_str()))
         .map(|v| policy_vm(v, clusters.get(&v.cluster)))
         .collect();
+    for t in ctl.db.values::<TemplateRecord>("/templates/").await? {
+        add_locality(ctl, &mut snap, &t.template.name).await?;
+    }
     Ok(snap)
 }
 
@@ -98,7 +123,8 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
         .into_iter()
         .filter(|v| v.cluster == req.name)
         .collect();
-    let snap = host_snapshot(ctl, &existing).await?;
+    let mut snap = host_snapshot(ctl, &existing).await?;
+    add_locality(ctl, &mut snap.snapshot, &shape.template).await?;
     let mut g = GangRequest::new(&req.name, req.size, shape.cpus, shape.memory_mib);
     g.placement = req.placement;
     g.template = Some(shape.template.clone());

@@ -161,7 +161,11 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     }
 
     finish_deleted_clusters(ctl, &s).await?;
-    advance_operations(ctl, &s).await?;
+    if advance_operations(ctl, &s).await? {
+        // A cluster whose operation just finished is no longer busy: judge it on fresh state,
+        // so that an operation never reads as done while its cluster still says converging.
+        s = read(ctl).await?;
+    }
     update_cluster_states(ctl, &s).await?;
 
     // Commands for the hosts.
@@ -226,7 +230,12 @@ fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
         disk_mib: vm.disk_mib,
         template: vm.template.clone(),
         template_hash: template.template.hash.clone(),
-        template_format: template.template.format.clone(),
+        // A disk from the image store reaches hosts as a raw image, whatever it was uploaded as.
+        template_format: if template.template.hash.starts_with("manifest:") {
+            "raw".into()
+        } else {
+            template.template.format.clone()
+        },
         kernel_boot: template.template.kernel_boot.clone(),
         ready_pattern: template.template.ready_pattern.clone(),
         power: vm.desired,
@@ -503,7 +512,9 @@ async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()
     Ok(())
 }
 
-async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
+/// Moves operations on; returns whether one finished (the cluster states then change too).
+async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
+    let mut finished = false;
     let by_name: HashMap<&str, &Versioned<Vm>> = s.vms.iter().map(|v| (v.value.name.as_str(), v)).collect();
     for op in &s.ops {
         let mut new = op.clone();
@@ -598,10 +609,11 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
             }
         }
         if &new != op {
+            finished |= new.state != op.state;
             ctl.db.store.put(&db::operation_key(&op.id), db::enc(&new)).await?;
         }
     }
-    Ok(())
+    Ok(finished)
 }
 
 fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {

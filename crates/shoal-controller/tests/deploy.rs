@@ -216,9 +216,11 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
     assert!(e.to_string().contains("empty"), "{e}");
 
     assert_eq!(h.controller().db.store.revision().await.unwrap(), rev, "a refused request wrote to the store");
-    // Nothing stray in the template directory either.
+    // Nothing stray in the template directory (disks go to the image store) nor in the store.
     let files: Vec<_> = std::fs::read_dir(h.config.data_dir.join("templates")).unwrap().collect();
-    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files.len(), 0, "{files:?}");
+    let refs = h.controller().images.refs().unwrap();
+    assert_eq!(refs.keys().collect::<Vec<_>>(), vec!["template/t"], "{refs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

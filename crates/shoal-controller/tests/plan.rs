@@ -110,3 +110,25 @@ async fn drain_empties_a_host_and_nothing_new_lands_on_it() {
     let e = h.client.plan_place(&cluster("again", "p", 1), true).await.unwrap();
     assert!(e.hosts.iter().find(|v| v.host == "host1").unwrap().rejected.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_prefers_the_host_that_caches_the_template() {
+    let mut h = Harness::start(Opts { hosts: 3, cpus: 8, ..Default::default() }).await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "1GiB").await;
+    let hash = h.client.templates().await.unwrap()[0].hash.clone();
+    let manifest = hash.strip_prefix("manifest:").expect("templates live in the image store").to_string();
+    // Silence the simulated agents (they cache nothing) and speak for the hosts instead.
+    for a in h.agents.iter_mut() {
+        a.take().unwrap().kill();
+    }
+    let ctl = h.controller().clone();
+    for (host, images) in [("host1", vec![]), ("host2", vec![]), ("host3", vec![manifest])] {
+        ctl.record_heartbeat(host, vec![], images);
+    }
+    let e = h.client.plan_place(&cluster("near", "p", 1), true).await.unwrap();
+    assert_eq!(e.plan[0].host, "host3", "{e:?}");
+    assert_eq!(e.plan[0].score.locality, 1.0);
+    let v1 = e.hosts.iter().find(|v| v.host == "host1").unwrap();
+    assert_eq!(v1.score.unwrap().locality, 0.0);
+}

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -44,6 +44,18 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn list(&self) -> Vec<VmStatus>;
     /// Up to `max` bytes of the VM's serial console from `offset`.
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError>;
+    /// Images (manifest ids, hex) this host holds whole, for image-locality placement.
+    async fn cached_images(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Records the VM's disk, as it is now, as an image in the controller's store (crash-consistent:
+    /// a running VM is paused while its disk is read).
+    async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
+        Err(HvError::Vm {
+            name: uuid.to_string(),
+            reason: format!("the {} driver keeps no disks to snapshot", self.driver()),
+        })
+    }
 }
 
 /// The files a template is made of.
@@ -69,4 +81,21 @@ impl TemplateFile {
 pub trait TemplateSource: Send + Sync + 'static {
     /// Downloads the file to `dest`; the caller verifies its hash.
     async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String>;
+
+    /// Writes the disk of a template held in the image store (hash `manifest:<id>`) to `dest` as
+    /// a raw image, fetching only the chunks this host lacks; every chunk is verified on arrival.
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
+        let _ = dest;
+        Err(format!("template {template}: image {manifest} is in an image store this host cannot reach"))
+    }
+
+    /// Images (manifest ids, hex) this host's cache holds whole.
+    async fn cached_images(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Adds the raw disk image at `raw` to the image store and sends what the controller lacks.
+    async fn store_image(&self, raw: &Path) -> Result<DiskSnapshot, String> {
+        Err(format!("no image store to keep {} in", raw.display()))
+    }
 }

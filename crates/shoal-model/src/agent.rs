@@ -96,6 +96,9 @@ pub struct Heartbeat {
     pub cpus: u32,
     pub memory_mib: u64,
     pub vms: Vec<VmStatus>,
+    /// Images (manifest ids, hex) whole in the host's chunk cache: for image-locality placement.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -112,4 +115,17 @@ pub struct RemoveVms {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchResult {
     pub vms: Vec<VmStatus>,
+}
+
+/// A VM disk recorded in the image store (`shoal vm snapshot`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSnapshot {
+    /// Manifest id (hex) of the disk's image.
+    pub manifest: String,
+    pub logical_bytes: u64,
+    /// Distinct chunks of the image.
+    pub chunks: u64,
+    /// Chunks the controller did not have yet, and their compressed bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
 }

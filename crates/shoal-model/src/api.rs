@@ -66,3 +66,82 @@ pub struct ErrorDetail {
     /// What was wrong, naming the offending value.
     pub message: String,
 }
+
+/// Chunk ids (hex), for asking which are missing or fetching them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkList {
+    pub chunks: Vec<String>,
+}
+
+/// What an upload of a chunk batch stored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChunkUpload {
+    pub received: u64,
+    pub new: u64,
+}
+
+/// A stored manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ManifestRef {
+    pub manifest: String,
+}
+
+/// Totals of an image store (`shoal image stats`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageStats {
+    /// Sum of the logical sizes of every stored image.
+    pub logical_bytes: u64,
+    /// Bytes the store occupies on disk (packs, indexes, manifests).
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    /// Compressed bytes of the chunks.
+    pub chunk_bytes: u64,
+    pub manifests: u64,
+    pub refs: u64,
+}
+
+/// What `shoal image gc` removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageGc {
+    pub manifests_removed: u64,
+    pub chunks_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// What `shoal image verify` found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageVerify {
+    pub chunks_checked: u64,
+    /// Chunks whose content did not match their id; moved to quarantine.
+    pub corrupt: Vec<String>,
+    /// Chunks images need that the store lacks.
+    pub missing: Vec<String>,
+    /// Images (refs such as `template/NAME`) damaged by the above.
+    pub damaged: Vec<String>,
+}
+
+/// A VM disk recorded in the image store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmSnapshot {
+    pub vm: String,
+    /// The name the image store keeps it under (`vm/NAME/UNIX_MS`).
+    pub image: String,
+    /// Manifest id (hex).
+    pub manifest: String,
+    pub logical_bytes: u64,
+    /// Bytes of the disk that are not zeros.
+    pub data_bytes: u64,
+    /// Of those, bytes held by chunks the VM's template has too.
+    pub shared_with_template_bytes: u64,
+    pub chunks: u64,
+    /// Chunks that were new to the controller's store, and their compressed bytes.
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+}
+
+/// Turn a VM's disk into a new template (`shoal template publish VM NAME`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PublishTemplate {
+    pub vm: String,
+    pub name: String,
+}

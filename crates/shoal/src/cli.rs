@@ -53,6 +53,34 @@ pub enum Command {
     /// Placement, rebalancing and drain plans, on the live state or offline on a snapshot file.
     #[command(subcommand)]
     Plan(PlanCmd),
+    /// The controller's image store (deduplicated chunks of templates and snapshots).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Totals: logical bytes of every image, bytes stored, chunks.
+    Stats,
+    /// Remove images nothing names any more, and the chunks only they used.
+    Gc,
+    /// Re-hash every chunk; quarantine corrupt ones and name the images they damage.
+    Verify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormatArg {
+    Raw,
+    Qcow2,
+}
+
+impl From<ImageFormatArg> for shoal_image::ImageFormat {
+    fn from(f: ImageFormatArg) -> Self {
+        match f {
+            ImageFormatArg::Raw => shoal_image::ImageFormat::Raw,
+            ImageFormatArg::Qcow2 => shoal_image::ImageFormat::Qcow2,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -310,6 +338,19 @@ pub enum TemplateCmd {
         /// Console text the guest prints when configured (VMs count as ready then).
         #[arg(long)]
         ready_pattern: Option<String>,
+        /// Take FILE as this format instead of recognising it (`raw` imports any file).
+        #[arg(long, value_enum)]
+        format: Option<ImageFormatArg>,
+    },
+    /// Write a template's disk to FILE (bit-identical to what was imported, as raw).
+    Export {
+        name: String,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ImageFormatArg::Raw)]
+        format: ImageFormatArg,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Build the demo template (host kernel, a busybox root, a NoCloud-reading init) and upload it.
     BuildDemo { name: String },
@@ -317,6 +358,8 @@ pub enum TemplateCmd {
     Show { name: String },
     /// Delete a template no profile or cluster uses.
     Delete { name: String },
+    /// Make a VM's disk, as it is now, a new template that boots like the VM's own.
+    Publish { vm: String, name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -442,6 +485,8 @@ pub enum VmCmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Record the VM's disk, as it is now, in the image store (shares unchanged chunks with its template).
+    Snapshot { name: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -12,7 +12,7 @@ use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
 use crate::cli::*;
-use crate::{daemons, output};
+use crate::{daemons, images, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -49,6 +49,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = client.create_join_token().await?;
             output::emit(out, &serde_json::json!({ "token": token }), |_| format!("{token}\n"))
         }
+        Command::Image(i) => match i {
+            ImageCmd::Stats => output::emit(out, &client.image_stats().await?, output::image_stats),
+            ImageCmd::Gc => output::emit(out, &client.image_gc().await?, output::image_gc),
+            ImageCmd::Verify => {
+                let v = client.image_verify().await?;
+                output::emit(out, &v, output::image_verify);
+                if !v.corrupt.is_empty() || !v.damaged.is_empty() {
+                    anyhow::bail!("the image store is damaged: {} corrupt chunk(s), images {:?}", v.corrupt.len(), v.damaged);
+                }
+            }
+        },
         Command::Template(t) => match t {
             TemplateCmd::Import {
                 name,
@@ -57,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 initrd,
                 cmdline,
                 ready_pattern,
+                format,
             } => {
                 let files = TemplateFiles {
                     disk: file,
@@ -65,8 +77,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     cmdline,
                     ready_pattern,
                 };
-                let t = client.import_template(&name, &files).await?;
+                let t = images::import_template(&client, &name, &files, format.map(Into::into)).await?;
                 output::emit(out, &t, output::template)
+            }
+            TemplateCmd::Export { name, file, format, force } => {
+                images::export_template(&client, &name, &file, format.into(), force).await?;
             }
             TemplateCmd::BuildDemo { name } => {
                 let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -80,7 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     cmdline: Some(d.cmdline),
                     ready_pattern: Some(d.ready_pattern),
                 };
-                let t = client.import_template(&name, &files).await?;
+                let t = images::import_template(&client, &name, &files, None).await?;
                 output::emit(out, &t, output::template)
             }
             TemplateCmd::List => output::emit(out, &client.templates().await?, output::templates),
@@ -88,6 +103,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let t = client.templates().await?.into_iter().find(|t| t.name == name);
                 let t = t.ok_or_else(|| anyhow::anyhow!("template {name:?} not found"))?;
                 output::emit(out, &t, output::template)
+            }
+            TemplateCmd::Publish { vm, name } => {
+                output::emit(out, &client.publish_template(&vm, &name).await?, output::template)
             }
             TemplateCmd::Delete { name } => {
                 client.delete_template(&name).await?;
@@ -190,6 +208,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
         Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
+        Command::Vm(VmCmd::Snapshot { name }) => output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot),
         Command::Operation(OperationCmd::List) => {
             output::emit(out, &client.operations().await?, output::operations)
         }

@@ -107,11 +107,11 @@ async fn hypervisor(h: &HostOpts, config: &AgentConfig) -> anyhow::Result<Arc<dy
             };
             q.stop_timeout = seconds("--stop-timeout", h.stop_timeout)?;
             q.ready_timeout = seconds("--ready-timeout", h.ready_timeout)?;
-            let source = Arc::new(shoal_agent::ControllerTemplates {
-                controller_url: config.controller_url.clone(),
-                host: config.name.clone(),
-                data_dir: config.data_dir.clone(),
-            });
+            let source = Arc::new(shoal_agent::ControllerTemplates::new(
+                config.controller_url.clone(),
+                config.name.clone(),
+                config.data_dir.clone(),
+            ));
             Ok(QemuDriver::open(q, source).await?)
         }
     }

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod daemons;
+mod images;
 mod output;
 
 use clap::Parser;

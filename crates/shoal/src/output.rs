@@ -333,6 +333,47 @@ pub fn operation(o: &Operation) -> String {
     out
 }
 
+pub fn image_stats(s: &shoal_model::api::ImageStats) -> String {
+    let ratio = if s.stored_bytes > 0 { s.logical_bytes as f64 / s.stored_bytes as f64 } else { 0.0 };
+    sheet(vec![
+        ("logical", format!("{} bytes", s.logical_bytes)),
+        ("stored", format!("{} bytes ({ratio:.1}x smaller)", s.stored_bytes)),
+        ("chunks", s.chunks.to_string()),
+        ("images", s.manifests.to_string()),
+        ("named", s.refs.to_string()),
+    ])
+}
+
+pub fn image_gc(g: &shoal_model::api::ImageGc) -> String {
+    format!(
+        "removed {} image(s) and {} chunk(s), freed {} bytes\n",
+        g.manifests_removed, g.chunks_removed, g.bytes_freed
+    )
+}
+
+pub fn image_verify(v: &shoal_model::api::ImageVerify) -> String {
+    let mut s = format!("checked {} chunks: {} corrupt (quarantined)\n", v.chunks_checked, v.corrupt.len());
+    for d in &v.damaged {
+        s.push_str(&format!("damaged: {d} (re-import it to repair)\n"));
+    }
+    s
+}
+
+pub fn vm_snapshot(s: &shoal_model::api::VmSnapshot) -> String {
+    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    sheet(vec![
+        ("vm", s.vm.clone()),
+        ("image", s.image.clone()),
+        ("manifest", s.manifest.clone()),
+        ("size", format!("{} bytes ({} of data)", s.logical_bytes, s.data_bytes)),
+        (
+            "shared",
+            format!("{} bytes with its template ({:.1} %)", s.shared_with_template_bytes, pct(s.shared_with_template_bytes, s.data_bytes)),
+        ),
+        ("sent", format!("{} new chunks, {} bytes", s.chunks_sent, s.bytes_sent)),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

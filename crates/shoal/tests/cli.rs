@@ -32,7 +32,24 @@ fn cli_contract_from_template_to_deleted_cluster() {
     let t = json(&url, &["template", "list"]);
     assert_eq!(t[0]["name"], "deb");
     assert_eq!(t[0]["size_bytes"], 64 * 1024);
-    assert!(t[0]["hash"].as_str().unwrap().starts_with("blake3:"));
+    let hash = t[0]["hash"].as_str().unwrap().to_string();
+    assert!(hash.starts_with("manifest:"), "{hash}");
+    // The disk is in the image store: it exports bit-identical, and a second import of the
+    // same disk uploads no chunk.
+    let back = dir.path().join("back.img");
+    ok(&url, &["template", "export", "deb", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&back).unwrap());
+    let o = cli(&url, &[], &["template", "export", "deb", back.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    let o = cli(&url, &[], &["template", "import", "deb2", img.to_str().unwrap()]);
+    assert!(o.status.success() && stderr(&o).contains("uploaded 0 of"), "{}", stderr(&o));
+    let stats = json(&url, &["image", "stats"]);
+    for key in ["logical_bytes", "stored_bytes", "chunks"] {
+        assert!(stats[key].as_u64().is_some(), "image stats lacks {key}: {stats}");
+    }
+    assert_eq!(stats["logical_bytes"], 64 * 1024, "two templates of one disk are one image");
+    ok(&url, &["template", "delete", "deb2"]);
+    assert_eq!(json(&url, &["image", "gc"])["chunks_removed"], 0, "deb still holds the chunks");
 
     ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "512MiB"]);
     ok(&url, &["profile", "create", "big", "--parent", "small", "--cpus", "2", "--disk", "2GiB"]);
@@ -61,6 +78,12 @@ fn cli_contract_from_template_to_deleted_cluster() {
         assert!(vms[0].get(key).is_some(), "VM JSON lacks {key}");
     }
     assert!(vms.iter().all(|v| v["state"] == "running" && v["cpus"] == 2));
+    // The simulated driver has no disks: a snapshot is refused, naming why, and stores nothing.
+    let o = cli(&url, &[], &["vm", "snapshot", "lab-3"]);
+    assert!(!o.status.success() && stderr(&o).contains("keeps no disks"), "{}", stderr(&o));
+    let o = cli(&url, &[], &["template", "publish", "lab-3", "copy"]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(json(&url, &["template", "list"]).as_array().unwrap().iter().all(|t| t["name"] != "copy"));
     let vm = json(&url, &["vm", "show", "lab-3"]);
     assert_eq!(vm["name"], "lab-3");
     assert_eq!(vm["cluster"], "lab");

@@ -95,6 +95,27 @@ fn a_two_vm_cluster_of_real_guests_boots_suspends_resumes_and_survives_a_crash()
     let after = alive(&text);
     assert!(after <= before + 5, "the counter jumped from {before} to {after}: not a resume");
 
+    // The disk of a running VM into the image store: it shares nearly every chunk with its
+    // template, and the guest goes on after the pause.
+    let snap = json(&url, &["vm", "snapshot", "lab-0"]);
+    let (data_bytes, shared) = (snap["data_bytes"].as_u64().unwrap(), snap["shared_with_template_bytes"].as_u64().unwrap());
+    assert!(data_bytes > 0 && shared * 10 >= data_bytes * 9, "the snapshot shares too little with its template: {snap}");
+    assert!(snap["image"].as_str().unwrap().starts_with("vm/lab-0/"), "{snap}");
+    let ticks = alive(&console(&url, "lab-0"));
+    eventually(Duration::from_secs(30), "lab-0 to tick after the snapshot", || alive(&console(&url, "lab-0")) > ticks);
+    // Published as a template, that disk boots a new VM, which configures itself as its own.
+    let published = json(&url, &["template", "publish", "lab-0", "demo2"]);
+    assert!(published["hash"].as_str().unwrap().starts_with("manifest:"), "{published}");
+    ok(&url, &["profile", "create", "tiny2", "--template", "demo2", "--cpus", "1", "--memory", "128MiB"]);
+    let o = cli(&url, &[], &["cluster", "create", "lab2", "--profile", "tiny2", "--size", "1", "--wait"]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), _up.log());
+    let ip2 = json(&url, &["vm", "show", "lab2-0"])["ip"].as_str().unwrap().to_string();
+    let text = console(&url, "lab2-0");
+    assert!(text.contains(&format!("ready lab2-0 {ip2}")), "lab2-0 printed:\n{text}");
+    let uuid2 = json(&url, &["vm", "show", "lab2-0"])["uuid"].as_str().unwrap().to_string();
+    ok(&url, &["cluster", "delete", "lab2", "--wait"]);
+    assert_eq!(qemu_processes_of(&uuid2), 0);
+
     // A QEMU killed behind the agent's back: that VM fails, the host and the other VM go on.
     let lab1 = json(&url, &["vm", "show", "lab-1"]);
     let uuid1 = lab1["uuid"].as_str().unwrap().to_string();

@@ -12,6 +12,7 @@ use crate::{auth, Controller};
 pub mod agents;
 pub mod clusters;
 pub mod hosts;
+pub mod images;
 pub mod operations;
 pub mod plan;
 pub mod profiles;
@@ -23,13 +24,16 @@ pub mod vms;
     info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs, operations and plans."),
     paths(
         hosts::list_hosts, hosts::create_join_token, plan::drain, plan::undrain,
-        templates::import_template, templates::list_templates, templates::show_template, templates::delete_template,
+        templates::import_template, templates::publish_template, templates::list_templates, templates::show_template, templates::delete_template,
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
-        vms::list_vms, vms::show_vm, vms::vm_action, vms::console,
+        vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
         agents::register, agents::heartbeat, agents::template_file,
+        images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
+        images::stats, images::gc, images::verify,
+        images::agent_get_manifest, images::agent_fetch_chunks, images::agent_missing, images::agent_upload_chunks, images::agent_put_manifest,
     ),
     components(schemas(shoal_model::api::ErrorBody)),
     modifiers(&BearerAuth),
@@ -99,9 +103,19 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/vms", get(vms::list_vms))
         .route("/v1/vms/{name}", get(vms::show_vm))
         .route("/v1/vms/{name}/console", get(vms::console))
+        .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
+        .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))
+        .route("/v1/images/missing", post(images::missing))
+        .route("/v1/images/chunks", post(images::upload_chunks))
+        .route("/v1/images/chunks/fetch", post(images::fetch_chunks))
+        .route("/v1/images/manifests/{id}", get(images::get_manifest).put(images::put_manifest))
+        .route("/v1/images/stats", get(images::stats))
+        .route("/v1/images/gc", post(images::gc))
+        .route("/v1/images/verify", post(images::verify))
+        .layer(DefaultBodyLimit::max(images::MAX_BATCH * (64 << 10) + (16 << 20)))
         .layer(middleware::from_fn_with_state(ctl.clone(), auth::require_admin));
     let agents = Router::new()
         .route("/v1/agents/register", post(agents::register))
@@ -109,7 +123,12 @@ pub fn router(ctl: Controller) -> Router {
         .route(
             "/v1/agents/{name}/templates/{template}/{file}",
             get(agents::template_file),
-        );
+        )
+        .route("/v1/agents/{name}/images/manifests/{id}", get(images::agent_get_manifest).put(images::agent_put_manifest))
+        .route("/v1/agents/{name}/images/chunks/fetch", post(images::agent_fetch_chunks))
+        .route("/v1/agents/{name}/images/chunks", post(images::agent_upload_chunks))
+        .route("/v1/agents/{name}/images/missing", post(images::agent_missing))
+        .layer(DefaultBodyLimit::max(images::MAX_BATCH * (64 << 10) + (16 << 20)));
     operator
         .merge(agents)
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))

@@ -17,9 +17,13 @@ use crate::Controller;
 pub struct TemplateUpload {
     /// Template name; send it first, so that a taken name is refused before the upload.
     name: String,
-    /// The disk image (raw or qcow2).
+    /// The disk image (raw or qcow2), chunked into the image store on arrival; or instead:
     #[schema(format = Binary, content_media_type = "application/octet-stream")]
-    disk: Vec<u8>,
+    disk: Option<Vec<u8>>,
+    /// The id of an image already uploaded to the store (`/v1/images/...`): chunks, then manifest.
+    manifest: Option<String>,
+    /// With `manifest`: the format of the file it came from (`raw` or `qcow2`), for display.
+    format: Option<String>,
     /// Kernel for direct kernel boot (vmlinux ELF or bzImage).
     #[schema(format = Binary, content_media_type = "application/octet-stream")]
     kernel: Option<Vec<u8>>,
@@ -65,6 +69,7 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
     let mut name: Option<String> = None;
     let (mut disk, mut kernel, mut initrd): (Option<Received>, Option<Received>, Option<Received>) = (None, None, None);
     let (mut cmdline, mut ready) = (None, None);
+    let (mut manifest, mut source_format): (Option<String>, Option<String>) = (None, None);
     let id = uuid::Uuid::new_v4().simple().to_string();
     while let Some(field) = form.next_field().await.map_err(bad)? {
         let field_name = field.name().unwrap_or_default().to_string();
@@ -87,19 +92,18 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
                     _ => initrd = Some(r),
                 }
             }
+            "manifest" => manifest = Some(field.text().await.map_err(bad)?.trim().to_string()),
+            "format" => source_format = Some(field.text().await.map_err(bad)?.trim().to_string()),
             "cmdline" => cmdline = Some(field.text().await.map_err(bad)?),
             "ready_pattern" => ready = Some(field.text().await.map_err(bad)?).filter(|s| !s.is_empty()),
             other => return Err(ApiError::Invalid(format!("unexpected upload field {other:?}"))),
         }
     }
     let name = name.ok_or_else(|| ApiError::Invalid("the upload has no template name".into()))?;
-    let disk = disk.ok_or_else(|| ApiError::Invalid(format!("template {name:?}: the upload has no disk image")))?;
-    if disk.size == 0 {
-        return Err(ApiError::Invalid(format!("template {name:?}: the disk image is empty")));
-    }
-    let format = if disk.head.starts_with(b"QFI\xfb") { "qcow2" } else { "raw" };
-    if format == "qcow2" {
-        check_qcow2(&name, &disk.path).await?;
+    if disk.is_some() == manifest.is_some() {
+        return Err(ApiError::Invalid(format!(
+            "template {name:?}: the upload needs either a disk image or the manifest id of an uploaded image"
+        )));
     }
     if kernel.is_none() && (initrd.is_some() || cmdline.is_some()) {
         return Err(ApiError::Invalid(format!(
@@ -122,11 +126,49 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
         initrd_size: initrd.as_ref().map(|i| i.size),
         cmdline: cmdline.clone().unwrap_or_else(|| "console=ttyS0".into()),
     });
+    // The disk goes into the image store (or is there already): chunked, deduplicated, and
+    // named `template/NAME` only if that name is free, so of two uploads of one name one wins.
+    let image_ref = format!("template/{name}");
+    let (manifest, format, size) = match (disk, manifest) {
+        (Some(d), _) => {
+            let (path, r) = (d.path.clone(), image_ref.clone());
+            let rep = crate::api::images::blocking(ctl, move |s| {
+                s.import_path(&path, &shoal_image::ImportOptions { ref_name: Some(&r), ..Default::default() })
+            })
+            .await
+            .map_err(|e| match e {
+                ApiError::Invalid(m) => ApiError::Invalid(format!("template {name:?}: {m}")),
+                ApiError::Conflict(_) => ApiError::exists("template", &name),
+                e => e,
+            })?;
+            let _ = tokio::fs::remove_file(&d.path).await;
+            (rep.manifest, format!("{:?}", rep.format).to_lowercase(), rep.logical_bytes)
+        }
+        (None, Some(m)) => {
+            let id: shoal_image::ManifestId = m.parse().map_err(ApiError::from)?;
+            let r = image_ref.clone();
+            let size = crate::api::images::blocking(ctl, move |s| {
+                let size = s.manifest(&id)?.size;
+                s.create_ref(&r, &id)?;
+                Ok(size)
+            })
+            .await
+            .map_err(|e| match e {
+                ApiError::NotFound { .. } => ApiError::Invalid(format!(
+                    "template {name:?}: image manifest {m} is not in the store; upload its chunks and manifest first"
+                )),
+                ApiError::Conflict(_) => ApiError::exists("template", &name),
+                e => e,
+            })?;
+            (id, source_format.clone().unwrap_or_else(|| "raw".into()), size)
+        }
+        (None, None) => unreachable!("checked above"),
+    };
     let template = Template {
         name: name.clone(),
-        format: format.into(),
-        size_bytes: disk.size,
-        hash: disk.hash.clone(),
+        format,
+        size_bytes: size,
+        hash: format!("manifest:{}", manifest.to_hex()),
         kernel_boot,
         ready_pattern: ready,
         created_unix_ms: now_ms(),
@@ -135,20 +177,17 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
     let final_path = |what: &str| dir.join(format!("{name}-{id}.{what}")).display().to_string();
     let rec = TemplateRecord {
         template: template.clone(),
-        file: final_path("disk"),
+        file: String::new(),
         kernel_file: kernel.as_ref().map(|_| final_path("kernel")),
         initrd_file: initrd.as_ref().map(|_| final_path("initrd")),
     };
-    let moves = [
-        (Some(&disk), Some(&rec.file)),
-        (kernel.as_ref(), rec.kernel_file.as_ref()),
-        (initrd.as_ref(), rec.initrd_file.as_ref()),
-    ];
+    let moves = [(kernel.as_ref(), rec.kernel_file.as_ref()), (initrd.as_ref(), rec.initrd_file.as_ref())];
     for (r, f) in moves {
         if let (Some(r), Some(f)) = (r, f) {
-            tokio::fs::rename(&r.path, f)
-                .await
-                .map_err(|e| ApiError::Internal(format!("storing template {name:?}: {e}")))?;
+            if let Err(e) = tokio::fs::rename(&r.path, f).await {
+                let _ = ctl.images.delete_ref(&image_ref);
+                return Err(ApiError::Internal(format!("storing template {name:?}: {e}")));
+            }
             files.push(PathBuf::from(f));
         }
     }
@@ -159,44 +198,10 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
         .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
         .await?;
     if !r.succeeded {
+        let _ = ctl.images.delete_ref(&image_ref);
         return Err(ApiError::exists("template", &name));
     }
     Ok(template)
-}
-
-/// Refuses a qcow2 image that is corrupt or depends on a backing file.
-async fn check_qcow2(name: &str, path: &Path) -> ApiResult<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot run qemu-img (install qemu-utils): {e}")))?;
-    if !out.status.success() {
-        return Err(ApiError::Invalid(format!(
-            "template {name:?}: the qcow2 image is unreadable: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    if let Some(b) = info.get("backing-filename") {
-        return Err(ApiError::Invalid(format!(
-            "template {name:?}: the qcow2 image depends on a backing file ({b}); flatten it first (qemu-img convert)"
-        )));
-    }
-    let check = tokio::process::Command::new("qemu-img")
-        .args(["check", "-q", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot run qemu-img: {e}")))?;
-    if !check.status.success() {
-        return Err(ApiError::Invalid(format!(
-            "template {name:?}: the qcow2 image is corrupt: {}",
-            String::from_utf8_lossy(&check.stderr).trim()
-        )));
-    }
-    Ok(())
 }
 
 /// Writes one uploaded file to `path`, hashing it on the way.
@@ -286,10 +291,96 @@ pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPa
     if !r.succeeded {
         return Err(ApiError::Conflict(format!("template {name:?} changed while being deleted; try again")));
     }
+    if let Err(e) = ctl.images.delete_ref(&format!("template/{name}")) {
+        tracing::warn!("template {name}: removing its image ref: {e}");
+    }
     for f in rec.value.files() {
         if let Err(e) = tokio::fs::remove_file(f).await {
             tracing::warn!("template {name}: removing {f}: {e}");
         }
     }
     Ok(Json(()))
+}
+
+/// Turns a VM's disk, as it is now, into a new template that boots like the VM's own template
+/// (like `incus publish`). The image shares every unchanged chunk with the original.
+#[utoipa::path(post, path = "/v1/templates/publish", tag = "templates", request_body = shoal_model::api::PublishTemplate,
+    responses((status = 201, body = Template), (status = 400, body = shoal_model::api::ErrorBody), (status = 404, body = shoal_model::api::ErrorBody),
+              (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn publish_template(
+    State(ctl): State<Controller>,
+    Json(req): Json<shoal_model::api::PublishTemplate>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    let name = req.name;
+    validate_name("template", &name)?;
+    if ctl.db.store.get(&template_key(&name)).await?.is_some() {
+        return Err(ApiError::exists("template", &name));
+    }
+    let (vm, snap) = crate::api::vms::take_snapshot(&ctl, &req.vm).await?;
+    let source = ctl
+        .db
+        .get::<TemplateRecord>(&template_key(&vm.template))
+        .await?
+        .ok_or_else(|| ApiError::not_found("template", &vm.template))?
+        .value;
+    let id: shoal_image::ManifestId = snap.manifest.parse().map_err(ApiError::from)?;
+    let image_ref = format!("template/{name}");
+    let r = image_ref.clone();
+    crate::api::images::blocking(&ctl, move |s| s.create_ref(&r, &id))
+        .await
+        .map_err(|e| match e {
+            ApiError::Conflict(_) => ApiError::exists("template", &name),
+            e => e,
+        })?;
+    // Kernel and initrd: linked (or copied) under the new template's name, so that deleting
+    // either template leaves the other whole.
+    let dir = ctl.config.data_dir.join("templates");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let mut made: Vec<PathBuf> = vec![];
+    let mut link = |from: &Option<String>, what: &str| -> ApiResult<Option<String>> {
+        let Some(from) = from else { return Ok(None) };
+        let to = dir.join(format!("{name}-{suffix}.{what}"));
+        std::fs::hard_link(from, &to)
+            .or_else(|_| std::fs::copy(from, &to).map(|_| ()))
+            .map_err(|e| ApiError::Internal(format!("copying {from} for template {name:?}: {e}")))?;
+        made.push(to.clone());
+        Ok(Some(to.display().to_string()))
+    };
+    let linked = link(&source.kernel_file, "kernel").and_then(|k| Ok((k, link(&source.initrd_file, "initrd")?)));
+    let undo = |made: &[PathBuf]| {
+        let _ = ctl.images.delete_ref(&image_ref);
+        for f in made {
+            let _ = std::fs::remove_file(f);
+        }
+    };
+    let (kernel_file, initrd_file) = match linked {
+        Ok(x) => x,
+        Err(e) => {
+            undo(&made);
+            return Err(e);
+        }
+    };
+    let template = Template {
+        name: name.clone(),
+        format: "raw".into(),
+        size_bytes: snap.logical_bytes,
+        hash: format!("manifest:{}", snap.manifest),
+        kernel_boot: source.template.kernel_boot.clone(),
+        ready_pattern: source.template.ready_pattern.clone(),
+        created_unix_ms: now_ms(),
+    };
+    let rec = TemplateRecord { template: template.clone(), file: String::new(), kernel_file, initrd_file };
+    let key = template_key(&name);
+    let r = ctl.db.store.txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec))).await;
+    match r {
+        Ok(r) if r.succeeded => Ok((StatusCode::CREATED, Json(template))),
+        Ok(_) => {
+            undo(&made);
+            Err(ApiError::exists("template", &name))
+        }
+        Err(e) => {
+            undo(&made);
+            Err(e.into())
+        }
+    }
 }

@@ -3,7 +3,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use shoal_model::agent::ConsoleChunk;
-use shoal_model::Vm;
+use shoal_model::{Vm, VmState};
 
 use crate::error::{ApiError, ApiResult};
 use crate::lifecycle::{self, Action};
@@ -112,4 +112,66 @@ pub async fn console(
             Some(404) => ApiError::not_found("console of VM", name),
             _ => ApiError::Unavailable(format!("host {} did not return the console of {name}: {e}", vm.host)),
         })
+}
+
+/// Records the VM's disk as it is now (the guest paused meanwhile) as an image in the store,
+/// sharing every unchanged chunk with its template.
+#[utoipa::path(post, path = "/v1/vms/{name}/snapshot", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = shoal_model::api::VmSnapshot), (status = 404, body = shoal_model::api::ErrorBody),
+              (status = 409, body = shoal_model::api::ErrorBody), (status = 503, body = shoal_model::api::ErrorBody)))]
+pub async fn snapshot_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<shoal_model::api::VmSnapshot>> {
+    let (_, snap) = take_snapshot(&ctl, &name).await?;
+    Ok(Json(snap))
+}
+
+/// Snapshots VM `name`: asks its host to send the disk's missing chunks and manifest, then names
+/// the image `vm/NAME/UNIX_MS` so that gc keeps it.
+pub async fn take_snapshot(ctl: &Controller, name: &str) -> ApiResult<(shoal_model::Vm, shoal_model::api::VmSnapshot)> {
+    let Json(vm) = show_vm(State(ctl.clone()), Path(name.to_string())).await?;
+    if matches!(vm.state, VmState::Pending | VmState::Creating | VmState::Deleting | VmState::Failed) {
+        return Err(ApiError::Conflict(format!("VM {name} is {}; snapshot it once it runs or is stopped", vm.state.as_str())));
+    }
+    let host = ctl
+        .db
+        .get::<crate::db::HostRecord>(&crate::db::host_key(&vm.host))
+        .await?
+        .ok_or_else(|| ApiError::Unavailable(format!("VM {name}'s host {} is unknown", vm.host)))?
+        .value;
+    let disk = ctl.agent(&host.address).snapshot(vm.uuid).await.map_err(|e| match e.status() {
+        Some(404) => ApiError::not_found("VM on its host", name),
+        Some(409) => ApiError::Conflict(e.to_string()),
+        _ => ApiError::Unavailable(format!("host {} could not snapshot {name}: {e}", vm.host)),
+    })?;
+    let id: shoal_image::ManifestId = disk.manifest.parse().map_err(ApiError::from)?;
+    let image = format!("vm/{name}/{}", shoal_model::now_ms());
+    let template = ctl
+        .db
+        .get::<crate::db::TemplateRecord>(&crate::db::template_key(&vm.template))
+        .await?
+        .and_then(|t| t.value.template.hash.strip_prefix("manifest:").and_then(|h| h.parse::<shoal_image::ManifestId>().ok()));
+    let img = image.clone();
+    let (data, shared) = crate::api::images::blocking(ctl, move |s| {
+        s.set_ref(&img, &id)?;
+        let m = s.manifest(&id)?;
+        let tmpl: std::collections::HashSet<shoal_image::ChunkId> = match template {
+            Some(t) => s.manifest(&t)?.chunks().map(|c| c.1).collect(),
+            None => Default::default(),
+        };
+        let shared = m.chunks().filter(|c| tmpl.contains(&c.1)).map(|c| c.2).sum();
+        Ok((m.data_bytes(), shared))
+    })
+    .await?;
+    let snap = shoal_model::api::VmSnapshot {
+        vm: name.to_string(),
+        image,
+        manifest: disk.manifest,
+        logical_bytes: disk.logical_bytes,
+        data_bytes: data,
+        shared_with_template_bytes: shared,
+        chunks: disk.chunks,
+        chunks_sent: disk.chunks_sent,
+        bytes_sent: disk.bytes_sent,
+    };
+    Ok((vm, snap))
 }

@@ -104,7 +104,9 @@ impl Harness {
 
     pub async fn template(&self, name: &str) {
         let f = self.dir.path().join(format!("{name}.img"));
-        std::fs::write(&f, vec![7u8; 4096]).unwrap();
+        let mut disk = vec![7u8; 4096];
+        disk[510..512].copy_from_slice(&[0x55, 0xAA]); // an MBR boot signature: a disk image
+        std::fs::write(&f, disk).unwrap();
         self.client.import_template(name, &shoal_client::TemplateFiles::disk(&f)).await.unwrap();
     }
 

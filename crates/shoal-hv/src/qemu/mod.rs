@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
 use shoal_model::{Power, VmState};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -306,7 +306,7 @@ impl QemuDriver {
 
     /// Files of the template on this host, fetched and verified once.
     async fn template(&self, spec: &VmSpec) -> Result<Base, String> {
-        let hex = spec.template_hash.trim_start_matches("blake3:").to_string();
+        let hex = spec.template_hash.trim_start_matches("blake3:").trim_start_matches("manifest:").to_string();
         let lock = self
             .template_locks
             .lock()
@@ -340,6 +340,16 @@ impl QemuDriver {
             return Ok(());
         }
         let tmp = dest.with_extension("partial");
+        if let (TemplateFile::Disk, Some(manifest)) = (file, hash.strip_prefix("manifest:")) {
+            // From the image store: each chunk was verified against its id on arrival.
+            self.source
+                .fetch_image(&spec.template, manifest, &tmp)
+                .await
+                .map_err(|e| format!("fetching the disk of template {}: {e}", spec.template))?;
+            return tokio::fs::rename(&tmp, dest)
+                .await
+                .map_err(|e| format!("storing {}: {e}", dest.display()));
+        }
         self.source
             .fetch(&spec.template, file, &tmp)
             .await
@@ -515,7 +525,14 @@ impl QemuDriver {
                 }
             }
             if sock.exists() {
-                return Qmp::connect(&sock, self.cfg.qmp_timeout).await.map_err(qmp_err);
+                match Qmp::connect(&sock, self.cfg.qmp_timeout).await {
+                    // QEMU binds the socket a moment before it listens on it: under load a
+                    // connect can fall in between. Try again until the deadline.
+                    Err(qmp::QmpError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused
+                            && tokio::time::Instant::now() < deadline => {}
+                    r => return r.map_err(qmp_err),
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("QMP socket {} did not appear within {:?}", sock.display(), self.cfg.qmp_timeout));
@@ -932,6 +949,50 @@ impl Hypervisor for QemuDriver {
     async fn list(&self) -> Vec<VmStatus> {
         let vms: Vec<Arc<Vm>> = self.vms.lock().expect("vms").values().cloned().collect();
         vms.iter().map(|v| v.status()).collect()
+    }
+
+    async fn cached_images(&self) -> Vec<String> {
+        self.source.cached_images().await
+    }
+
+    async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
+        let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
+        let name = vm.status().name;
+        let err = |reason: String| HvError::Vm { name: name.clone(), reason };
+        let _busy = vm.busy.lock().await;
+        let raw = vm.path("snapshot.raw.partial");
+        // Pause a running guest so the disk does not change while it is read.
+        let running = vm.state() == VmState::Running;
+        let mut paused = false;
+        if running {
+            let mut q = self.qmp(&vm).await.map_err(|e| err(format!("pausing for the snapshot: {e}")))?;
+            q.execute("stop", None).await.map_err(|e| err(format!("pausing for the snapshot: {}", qmp_err(e))))?;
+            paused = true;
+        }
+        let out = Command::new(&self.cfg.qemu_img)
+            // -U: QEMU holds the image's write lock; reading a paused guest's disk is safe.
+            .args(["convert", "-U", "-O", "raw", "-S", "4k"])
+            .arg(vm.path("disk.qcow2"))
+            .arg(&raw)
+            .output()
+            .await;
+        if paused {
+            match self.qmp(&vm).await {
+                Ok(mut q) => {
+                    if let Err(e) = q.execute("cont", None).await {
+                        tracing::error!(vm = %name, "resuming after the snapshot: {}", qmp_err(e));
+                    }
+                }
+                Err(e) => tracing::error!(vm = %name, "resuming after the snapshot: {e}"),
+            }
+        }
+        let result = match out {
+            Ok(o) if o.status.success() => self.source.store_image(&raw).await.map_err(err),
+            Ok(o) => Err(err(format!("reading the disk: {}", String::from_utf8_lossy(&o.stderr).trim()))),
+            Err(e) => Err(err(format!("cannot run {}: {e}", self.cfg.qemu_img.display()))),
+        };
+        let _ = tokio::fs::remove_file(&raw).await;
+        result
     }
 
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {

@@ -84,6 +84,9 @@ pub fn cli(url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut c = Command::new(SHOAL);
     c.arg("--url").arg(url).args(args);
     c.env_remove("SHOAL_TOKEN").env_remove("SHOAL_URL").env("SHOAL_CONFIG", "/nonexistent");
+    // One local image cache per controller under test, not the user's.
+    let cache: String = url.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    c.env("SHOAL_IMAGE_CACHE", std::env::temp_dir().join(format!("shoal-test-image-cache-{cache}")));
     for (k, v) in env {
         c.env(k, v);
     }
@@ -144,6 +147,8 @@ pub fn wait_ready(url: &str, d: &Daemon) {
 /// A small template image file.
 pub fn image(dir: &Path) -> PathBuf {
     let p = dir.join("disk.img");
-    std::fs::write(&p, vec![0x5au8; 64 * 1024]).unwrap();
+    let mut disk = vec![0x5au8; 64 * 1024];
+    disk[510..512].copy_from_slice(&[0x55, 0xAA]); // an MBR boot signature: a disk image
+    std::fs::write(&p, disk).unwrap();
     p
 }
