@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub memory_mib: u64,
     pub join_token: Option<String>,
     pub heartbeat_interval: Duration,
+    /// Failure domains and properties to register (`zone=a`, `rack=r12`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What the agent keeps between restarts to prove who it is and who may command it.
@@ -187,6 +189,7 @@ async fn register(
         driver: hv.driver(),
         cpus: config.cpus,
         memory_mib: config.memory_mib,
+        labels: config.labels.clone(),
         join_token: if creds.credential.is_some() {
             None
         } else {

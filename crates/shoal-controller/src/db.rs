@@ -64,6 +64,8 @@ pub struct HostRecord {
     pub cpus: u32,
     pub memory_mib: u64,
     pub joined_unix_ms: u64,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Resources claimed on a host by the VMs placed there.

@@ -132,9 +132,7 @@ pub(crate) fn gang_request(cluster: &Cluster, count: u32) -> GangRequest {
     let mut req = GangRequest::new(&cluster.name, count, cluster.shape.cpus, cluster.shape.memory_mib);
     req.placement = cluster.placement;
     req.template = Some(cluster.shape.template.clone());
-    if cluster.anti_affinity == shoal_model::AntiAffinity::Host {
-        req.rules.anti_affinity = Some("host".into());
-    }
+    req.rules.anti_affinity = cluster.anti_affinity.domain().map(str::to_string);
     req
 }
 
@@ -309,6 +307,7 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
     for h in hosts {
         let (claim, rev) = claims.get(&h.name).copied().unwrap_or_default();
         let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
+        host.labels = h.labels.clone();
         if ctl.host_state(&h.name).0 != HostState::Up {
             host.state = shoal_policy::HostState::Down;
         } else if draining.contains(&h.name) {

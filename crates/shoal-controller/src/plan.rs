@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use shoal_model::api::CreateCluster;
-use shoal_model::{AntiAffinity, Cluster, HostState, Vm, VmState};
+use shoal_model::{Cluster, HostState, Vm, VmState};
 use shoal_policy::rebalance::{self, Move, RebalanceOptions, RebalancePlan};
 use shoal_policy::{Explanation, GangRequest, Placer, Snapshot};
 use shoal_store::{Compare, Txn};
@@ -106,9 +106,7 @@ fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
         disk_mib: 0,
         template: Some(v.template.clone()),
         dirty_mib_s: None,
-        anti_affinity: cluster
-            .filter(|c| c.anti_affinity == AntiAffinity::Host)
-            .map(|_| "host".to_string()),
+        anti_affinity: cluster.and_then(|c| c.anti_affinity.domain()).map(str::to_string),
     }
 }
 
@@ -128,9 +126,7 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
     let mut g = GangRequest::new(&req.name, req.size, shape.cpus, shape.memory_mib);
     g.placement = req.placement;
     g.template = Some(shape.template.clone());
-    if req.anti_affinity == AntiAffinity::Host {
-        g.rules.anti_affinity = Some("host".into());
-    }
+    g.rules.anti_affinity = req.anti_affinity.domain().map(str::to_string);
     let mut placer = Placer::with_usage(&snap.snapshot, &snap.usage);
     let mut e = placer.explain(&g);
     if !explain {

@@ -350,3 +350,28 @@ async fn a_controller_restart_mid_deployment_finishes_the_job() {
     }
     assert_eq!(total, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_anti_affinity_puts_one_vm_per_zone_and_names_the_rule_when_zones_run_out() {
+    let h = Harness::start(Opts { hosts: 4, zones: 2, ..Default::default() }).await;
+    h.template("debian").await;
+    h.profile("small", "debian", 1, "512MiB").await;
+    let hosts = h.client.hosts().await.unwrap();
+    assert!(hosts.iter().all(|x| x.labels.contains_key("zone")), "hosts register their labels: {hosts:?}");
+    let zone_of: std::collections::HashMap<String, String> =
+        hosts.iter().map(|x| (x.name.clone(), x.labels["zone"].clone())).collect();
+    let mut req = cluster("ha", "small", 2);
+    req.anti_affinity = AntiAffinity::Zone;
+    let op = h.client.create_cluster(&req).await.unwrap();
+    h.client.wait(op.id, |_| {}).await.unwrap();
+    let zones: HashSet<String> =
+        h.client.vms(Some("ha")).await.unwrap().iter().map(|v| zone_of[&v.host].clone()).collect();
+    assert_eq!(zones.len(), 2, "one VM per zone");
+    // A third VM has no zone left: refused, naming the rule; nothing created.
+    let rev = h.controller().db.store.revision().await.unwrap();
+    let mut req = cluster("ha3", "small", 3);
+    req.anti_affinity = AntiAffinity::Zone;
+    let e = h.client.create_cluster(&req).await.unwrap_err();
+    assert!(e.to_string().contains("zone"), "{e}");
+    assert_eq!(h.controller().db.store.revision().await.unwrap(), rev);
+}

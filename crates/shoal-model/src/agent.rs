@@ -81,6 +81,9 @@ pub struct RegisterRequest {
     pub memory_mib: u64,
     /// One-time join token (first registration on an authenticated controller).
     pub join_token: Option<String>,
+    /// Failure domains and properties (`zone=a`, `rack=r12`), for placement rules.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

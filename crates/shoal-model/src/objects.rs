@@ -45,6 +45,9 @@ pub struct Host {
     pub joined_unix_ms: u64,
     /// Last heartbeat seen by this controller process, if any since it started.
     pub last_heartbeat_unix_ms: Option<u64>,
+    /// Failure domains and properties the agent registered (`zone=a`, `rack=r12`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A template: a disk image VMs are cloned from, and how to boot it.
@@ -92,6 +95,22 @@ pub enum AntiAffinity {
     None,
     /// At most one VM of the cluster per host.
     Host,
+    /// At most one VM of the cluster per zone (hosts' `zone` label).
+    Zone,
+    /// At most one VM of the cluster per rack (hosts' `rack` label).
+    Rack,
+}
+
+impl AntiAffinity {
+    /// The placement rule's domain: `host` or the host label that names the failure domain.
+    pub fn domain(&self) -> Option<&'static str> {
+        match self {
+            AntiAffinity::None => None,
+            AntiAffinity::Host => Some("host"),
+            AntiAffinity::Zone => Some("zone"),
+            AntiAffinity::Rack => Some("rack"),
+        }
+    }
 }
 
 /// A reusable VM configuration. Fields left empty are inherited from the parent profile.

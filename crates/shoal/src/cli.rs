@@ -153,6 +153,18 @@ pub struct HostOpts {
     /// QEMU driver: seconds a guest gets to print its template's ready pattern.
     #[arg(long, default_value_t = 300.0)]
     pub ready_timeout: f64,
+    /// A label for placement rules, `KEY=VALUE` (e.g. `zone=a`, `rack=r12`); repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))?;
+    let ok = |x: &str| !x.is_empty() && x.len() <= 63 && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok(k) || !ok(v) {
+        return Err(format!("label {s:?}: key and value must be 1-63 letters, digits, '-', '_' or '.'"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +196,9 @@ pub struct UpArgs {
     /// How many local host agents to run.
     #[arg(long, default_value_t = 3)]
     pub hosts: u32,
+    /// Spread the hosts over this many zones (label `zone=z1`, `z2`, …, round robin).
+    #[arg(long, default_value_t = 0)]
+    pub zones: u32,
     /// Address of the controller's API.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
@@ -400,7 +415,12 @@ pub enum PlacementArg {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AntiAffinityArg {
     None,
+    /// At most one VM per host.
     Host,
+    /// At most one VM per zone (hosts' `zone` label).
+    Zone,
+    /// At most one VM per rack (hosts' `rack` label).
+    Rack,
 }
 
 #[derive(Subcommand, Debug)]

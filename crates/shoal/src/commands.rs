@@ -171,6 +171,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     anti_affinity: match anti_affinity {
                         AntiAffinityArg::None => AntiAffinity::None,
                         AntiAffinityArg::Host => AntiAffinity::Host,
+                        AntiAffinityArg::Zone => AntiAffinity::Zone,
+                        AntiAffinityArg::Rack => AntiAffinity::Rack,
                     },
                 };
                 if dry_run {

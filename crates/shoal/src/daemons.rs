@@ -131,6 +131,7 @@ fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &H
         memory_mib: h.host_memory.unwrap_or_else(machine_memory_mib),
         join_token: None,
         heartbeat_interval: Duration::from_secs_f64(h.heartbeat),
+        labels: h.labels.iter().cloned().collect(),
     })
 }
 
@@ -162,12 +163,16 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         ctl.url.clone()
     };
     // Agents start together: each probes its accelerator, which takes a moment.
+    let zones = a.zones;
     let starts = (1..=a.hosts).map(|i| {
         let name = format!("host{i}");
         let dir = a.controller.data_dir.join("agents").join(&name);
         let (host, ctl_url, controller) = (&a.host, ctl_url.clone(), ctl.controller.clone());
         async move {
             let mut config = agent_config(name.clone(), ctl_url, dir.clone(), host)?;
+            if zones > 0 {
+                config.labels.insert("zone".into(), format!("z{}", (i - 1) % zones + 1));
+            }
             if controller.auth_required() && !dir.join("credentials.json").exists() {
                 config.join_token = Some(controller.mint_join_token().await.map_err(|e| anyhow::anyhow!("{e}"))?);
             }

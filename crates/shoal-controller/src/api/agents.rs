@@ -37,6 +37,7 @@ pub async fn register(
         cpus: req.cpus,
         memory_mib: req.memory_mib,
         joined_unix_ms: existing.as_ref().map(|e| e.value.joined_unix_ms).unwrap_or_else(now_ms),
+        labels: req.labels.clone(),
     };
     let mut txn = Txn::new().then(put(key, &record));
     let mut credential = None;

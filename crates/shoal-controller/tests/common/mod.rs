@@ -27,6 +27,8 @@ pub struct Opts {
     pub memory_mib: u64,
     pub boot: Duration,
     pub host_timeout: Duration,
+    /// Spread the hosts over this many zones (label `zone`), round robin; 0: no labels.
+    pub zones: usize,
 }
 
 impl Default for Opts {
@@ -37,6 +39,7 @@ impl Default for Opts {
             memory_mib: 16384,
             boot: Duration::ZERO,
             host_timeout: Duration::from_secs(10),
+            zones: 0,
         }
     }
 }
@@ -63,6 +66,11 @@ impl Harness {
                 memory_mib: o.memory_mib,
                 join_token: None,
                 heartbeat_interval: Duration::from_millis(200),
+                labels: if o.zones > 0 {
+                    [("zone".to_string(), format!("z{}", (i - 1) % o.zones + 1))].into()
+                } else {
+                    Default::default()
+                },
             };
             agents.push(Some(Agent::start(ac, o.boot).await));
         }
