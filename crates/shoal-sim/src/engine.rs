@@ -425,8 +425,9 @@ pub fn simulate(w: &Workload, policy: &mut dyn Policy) -> Result<Report, SimErro
     }
     // The reference's first update comes one interval in; before it every host reads 0 %, so the
     // day's energy is integrated from the first decision instant on, for every policy alike.
+    // `decisions` says where the day ends.
     let offset = if w.reference_quirks { 0.1 } else { 0.0 };
-    for k in 1..=w.steps {
+    for k in 1..=w.decisions() {
         sim.push(k as f64 * w.interval_s + offset, Event::Decide(k));
     }
 

@@ -46,7 +46,7 @@ fn every_policy_keeps_the_model_invariants() {
             assert!(r.energy_kwh.is_finite() && r.energy_kwh > 0.0, "{name}/{seed}: energy {}", r.energy_kwh);
             assert!((0.0..=1.0).contains(&r.slatah), "{name}/{seed}: SLATAH {}", r.slatah);
             assert!((0.0..=1.0).contains(&r.pdm), "{name}/{seed}: PDM {}", r.pdm);
-            assert_eq!(r.series.len(), w.steps, "{name}/{seed}: one sample per decision step");
+            assert_eq!(r.series.len(), w.decisions(), "{name}/{seed}: one sample per decision step");
             assert!(r.series.iter().all(|s| s.powered_on <= w.hosts() && s.active_hosts <= s.powered_on.max(s.active_hosts)));
             assert_eq!(r.series.iter().map(|s| s.migrations).sum::<u64>(), r.migrations, "{name}/{seed}");
             if name == "dvfs" {

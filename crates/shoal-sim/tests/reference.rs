@@ -4,6 +4,7 @@
 
 mod common;
 
+use shoal_sim::model::PLANETLAB_VM_TYPES;
 use shoal_sim::report::{reference, Targets};
 use shoal_sim::{load_planetlab, policy, simulate, Report, Workload, BASELINES};
 
@@ -67,6 +68,48 @@ fn shoal_meets_the_targets_when_every_vm_runs_all_day() {
     let mut w = load_planetlab(&common::day(), 800).unwrap();
     w.reference_quirks = false;
     assert_targets(&w, "no VM leaves");
+}
+
+/// VM types by index, as the reference assigns them on any day.
+fn retype(w: &mut Workload) {
+    let per_type = w.vms.len().div_ceil(4);
+    for (i, v) in w.vms.iter_mut().enumerate() {
+        v.vm_type = (i / per_type) as u32;
+        (v.mips, v.ram_mb) = PLANETLAB_VM_TYPES[v.vm_type as usize];
+    }
+}
+
+#[test]
+fn shoal_meets_the_targets_on_a_smaller_day() {
+    // The smallest day of the trace set has 898 VMs: a spread-out subset of this one's.
+    let mut w = load_planetlab(&common::day(), 800).unwrap();
+    let keep: Vec<_> = (0..898).map(|i| w.vms[i * 7919 % 1052].clone()).collect();
+    w.vms = keep;
+    retype(&mut w);
+    assert_targets(&w, "898 VMs");
+}
+
+#[test]
+fn shoal_meets_the_targets_on_a_larger_day() {
+    // The other days of the trace set have up to 1,516 VMs. Only one day is here, so a bigger
+    // one is made from it: 464 more VMs whose samples are the day's shifted by 12 hours.
+    let mut w = load_planetlab(&common::day(), 800).unwrap();
+    let extra: Vec<_> = w.vms[..464]
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            let n = v.samples.len() - 1;
+            v.samples.truncate(n);
+            v.samples.rotate_left(n / 2);
+            v.samples.push(v.samples[n - 1]);
+            v.name.push_str("+12h");
+            v
+        })
+        .collect();
+    w.vms.extend(extra);
+    assert_eq!(w.vms.len(), 1516);
+    retype(&mut w);
+    assert_targets(&w, "1,516 VMs");
 }
 
 #[test]

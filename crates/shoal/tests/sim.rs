@@ -36,7 +36,8 @@ fn sim_runs_policies_and_writes_json_and_a_plot() {
         for key in ["energy_kwh", "slatah", "pdm", "slav", "esv", "migrations", "hosts_powered_off_max"] {
             assert!(r[key].is_number(), "{key} missing in {r}");
         }
-        assert_eq!(r["series"].as_array().unwrap().len(), 24);
+        // 24 samples: decisions at the 2nd to the 24th (the reference model's last instant).
+        assert_eq!(r["series"].as_array().unwrap().len(), 23);
     }
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
