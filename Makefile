@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-sim openapi clean
+.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-placement bench-sim openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -47,6 +47,12 @@ bench-images: deps
 	fi
 	$(CARGO) build --release -p shoal-bench
 	target/release/bench-images --corpus "$(SHOAL_CORPUS)" $(BENCH_FLAGS)
+
+## Placement throughput and packing quality at 10,000 hosts, and rebalancing side by side with
+## Ganeti's hbal (installed if missing) on the states of ../shared/bench/hbal/gen.py.
+bench-placement: deps
+	$(CARGO) build --release -p shoal-bench --bin bench-placement
+	target/release/bench-placement
 
 ## make bench-sim: the PlanetLab day (../shared/bench/planetlab) through every baseline and Shoal's
 ## policy, against the reference figures and the targets. BENCH_FLAGS="--full-day" keeps every VM

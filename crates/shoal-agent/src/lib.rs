@@ -230,6 +230,7 @@ async fn heartbeat_loop(
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             vms: hv.list().await,
+            images: hv.cached_images().await,
         };
         match client.heartbeat(&config.name, &hb).await {
             Ok(()) => {}
@@ -390,6 +391,18 @@ impl TemplateSource for ControllerTemplates {
             .download_template_file(&self.host, template, file.as_str(), dest)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn cached_images(&self) -> Vec<String> {
+        let Ok(images) = self.images().await else { return Vec::new() };
+        let refs = tokio::task::spawn_blocking(move || images.refs()).await;
+        let mut ids: Vec<String> = match refs {
+            Ok(Ok(r)) => r.values().map(|id| id.to_hex()).collect(),
+            _ => Vec::new(),
+        };
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, String> {

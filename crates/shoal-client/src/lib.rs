@@ -276,6 +276,46 @@ impl Client {
         self.http.post("/v1/clusters", req).await
     }
 
+    /// What creating the cluster would do, with every host's verdict when `explain`.
+    pub async fn plan_place(
+        &self,
+        req: &CreateCluster,
+        explain: bool,
+    ) -> Result<shoal_policy::Explanation, ClientError> {
+        self.http.post(&format!("/v1/plan/place?explain={explain}"), req).await
+    }
+
+    /// The live hosts and VMs as a policy snapshot.
+    pub async fn plan_snapshot(&self) -> Result<shoal_policy::Snapshot, ClientError> {
+        self.http.get("/v1/plan/snapshot").await
+    }
+
+    /// Plans a rebalance, and executes it when `apply`.
+    pub async fn rebalance(
+        &self,
+        options: &shoal_policy::rebalance::RebalanceOptions,
+        apply: bool,
+    ) -> Result<shoal_policy::rebalance::RebalancePlan, ClientError> {
+        let body = serde_json::json!({ "apply": apply, "options": options });
+        self.http.post("/v1/plan/rebalance", &body).await
+    }
+
+    /// Plans moving every VM off `host`; when `apply`, marks it draining and executes the plan.
+    pub async fn drain_host(
+        &self,
+        host: &str,
+        options: &shoal_policy::rebalance::RebalanceOptions,
+        apply: bool,
+    ) -> Result<shoal_policy::rebalance::RebalancePlan, ClientError> {
+        let body = serde_json::json!({ "apply": apply, "options": options });
+        self.http.post(&format!("/v1/hosts/{}/drain", seg(host)), &body).await
+    }
+
+    /// Puts a drained host back in service.
+    pub async fn undrain_host(&self, host: &str) -> Result<(), ClientError> {
+        self.http.post(&format!("/v1/hosts/{}/undrain", seg(host)), &serde_json::json!({})).await
+    }
+
     pub async fn clusters(&self) -> Result<Vec<ClusterView>, ClientError> {
         self.http.get("/v1/clusters").await
     }

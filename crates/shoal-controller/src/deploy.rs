@@ -15,7 +15,7 @@ use shoal_model::{
     OperationKind, OperationState, OperationStep, Profile, StepState, Vm, VmShape, VmState,
     DEPLOY_STEPS,
 };
-use shoal_policy::{place_gang, GangRequest, HostView};
+use shoal_policy::{GangRequest, Placer};
 use shoal_store::{Compare, Op, Txn};
 use uuid::Uuid;
 
@@ -109,8 +109,33 @@ fn step_done(op: &mut Operation, name: &str, n: u64, message: String) {
 
 /// The hosts as placement sees them, with the claim revisions to compare against at commit.
 pub(crate) struct HostSnapshot {
-    pub views: Vec<HostView>,
+    /// Hosts, and the VMs of the cluster being placed (for its affinity rules).
+    pub snapshot: shoal_policy::Snapshot,
+    /// Per host (same order), what its claim holds: `[vCPU, memory MiB, disk MiB]`.
+    pub usage: Vec<[u64; 3]>,
     pub claims: Vec<(Claim, u64)>,
+}
+
+impl HostSnapshot {
+    pub fn name(&self, h: usize) -> &str {
+        &self.snapshot.hosts[h].name
+    }
+
+    /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
+    pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
+        Placer::with_usage(&self.snapshot, &self.usage).place(req)
+    }
+}
+
+/// The placement request for `count` VMs of a cluster.
+pub(crate) fn gang_request(cluster: &Cluster, count: u32) -> GangRequest {
+    let mut req = GangRequest::new(&cluster.name, count, cluster.shape.cpus, cluster.shape.memory_mib);
+    req.placement = cluster.placement;
+    req.template = Some(cluster.shape.template.clone());
+    if cluster.anti_affinity == shoal_model::AntiAffinity::Host {
+        req.rules.anti_affinity = Some("host".into());
+    }
+    req
 }
 
 /// Plans VMs `indices` of `cluster` through steps 1–3 and returns the transaction that records
@@ -203,15 +228,10 @@ async fn plan_new_vms(
     );
 
     // Step 3: choose hosts, all VMs or none.
-    let snap = host_snapshot(ctl, existing).await?;
-    let req = GangRequest {
-        count: n as u32,
-        cpus: cluster.shape.cpus,
-        memory_mib: cluster.shape.memory_mib,
-        placement: cluster.placement,
-        anti_affinity: cluster.anti_affinity,
-    };
-    let plan = place_gang(&snap.views, &req).map_err(|e| {
+    let mut snap = host_snapshot(ctl, existing).await?;
+    crate::plan::add_locality(ctl, &mut snap.snapshot, &cluster.shape.template).await?;
+    let req = gang_request(cluster, n as u32);
+    let plan = snap.place(&req).map_err(|e| {
         ApiError::Capacity(format!(
             "cannot place {n} VMs of {} vCPU and {} for cluster {:?}: {e}",
             req.cpus,
@@ -221,7 +241,7 @@ async fn plan_new_vms(
     })?;
     let mut new_claims: BTreeMap<usize, Claim> = BTreeMap::new();
     for (vm, &h) in vms.iter_mut().zip(&plan) {
-        vm.host = snap.views[h].name.clone();
+        vm.host = snap.name(h).to_string();
         let c = new_claims.entry(h).or_insert(snap.claims[h].0);
         c.cpus += vm.cpus;
         c.memory_mib += vm.memory_mib;
@@ -249,7 +269,7 @@ async fn plan_new_vms(
 
     let mut txn = Txn::new();
     for (h, claim) in new_claims {
-        let key = db::claim_key(&snap.views[h].name);
+        let key = db::claim_key(snap.name(h));
         txn = txn
             .when(Compare::ModRevision(key.clone(), snap.claims[h].1))
             .then(put(key, &claim));
@@ -282,27 +302,40 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
         claims.insert(host, (c, kv.mod_revision));
     }
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
-    let mut per_host: HashMap<&str, u32> = HashMap::new();
-    for vm in cluster_vms {
-        *per_host.entry(vm.host.as_str()).or_default() += 1;
-    }
-    let mut views = Vec::with_capacity(hosts.len());
+    let draining = crate::plan::draining(ctl).await?;
+    let mut snapshot = shoal_policy::Snapshot::default();
+    let mut usage = Vec::with_capacity(hosts.len());
     let mut revs = Vec::with_capacity(hosts.len());
     for h in hosts {
         let (claim, rev) = claims.get(&h.name).copied().unwrap_or_default();
-        views.push(HostView {
-            up: ctl.host_state(&h.name).0 == HostState::Up,
-            cpus: h.cpus,
-            memory_mib: h.memory_mib,
-            used_cpus: claim.cpus,
-            used_memory_mib: claim.memory_mib,
-            cluster_vms: per_host.get(h.name.as_str()).copied().unwrap_or(0),
-            name: h.name,
-        });
+        let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
+        if ctl.host_state(&h.name).0 != HostState::Up {
+            host.state = shoal_policy::HostState::Down;
+        } else if draining.contains(&h.name) {
+            host.state = shoal_policy::HostState::Draining;
+        }
+        snapshot.hosts.push(host);
+        usage.push([claim.cpus as u64, claim.memory_mib, 0]);
         revs.push((claim, rev));
     }
+    snapshot.vms = cluster_vms
+        .iter()
+        .map(|v| shoal_policy::Vm {
+            name: v.name.clone(),
+            cluster: v.cluster.clone(),
+            host: v.host.clone(),
+            cpus: v.cpus,
+            memory_mib: v.memory_mib,
+            disk_mib: 0,
+            template: Some(v.template.clone()),
+            dirty_mib_s: None,
+            anti_affinity: None,
+        })
+        .filter(|v| snapshot.hosts.iter().any(|h| h.name == v.host))
+        .collect();
     Ok(HostSnapshot {
-        views,
+        snapshot,
+        usage,
         claims: revs,
     })
 }

@@ -25,6 +25,8 @@ pub mod db;
 mod deploy;
 pub mod error;
 mod ipam;
+pub mod locality;
+pub mod plan;
 pub mod lifecycle;
 mod reconcile;
 
@@ -69,6 +71,8 @@ pub struct Liveness {
     pub seen: Instant,
     pub seen_unix_ms: u64,
     pub vms: Vec<VmStatus>,
+    /// Images (manifest ids, hex) the host's cache holds whole.
+    pub images: Vec<String>,
 }
 
 pub struct Inner {
@@ -92,6 +96,8 @@ pub struct Inner {
     agents: Mutex<HashMap<String, AgentClient>>,
     /// The image store: templates and VM snapshots as manifests of deduplicated chunks.
     pub images: Arc<shoal_image::ImageStore>,
+    /// Chunk sets of manifests, for image locality.
+    pub chunk_sets: locality::ChunkSets,
 }
 
 #[derive(Clone)]
@@ -125,13 +131,14 @@ impl Controller {
         }
     }
 
-    pub fn record_heartbeat(&self, host: &str, vms: Vec<VmStatus>) {
+    pub fn record_heartbeat(&self, host: &str, vms: Vec<VmStatus>, images: Vec<String>) {
         self.live.lock().expect("liveness lock").insert(
             host.to_string(),
             Liveness {
                 seen: Instant::now(),
                 seen_unix_ms: now_ms(),
                 vms,
+                images,
             },
         );
     }
@@ -250,6 +257,7 @@ pub async fn start_with_store(
         .map_err(|e| anyhow::anyhow!("opening the image store: {e}"))?;
     let controller = Controller(Arc::new(Inner {
         images: Arc::new(images),
+        chunk_sets: Default::default(),
         db,
         auth_required: !local.ip().is_loopback(),
         controller_token,

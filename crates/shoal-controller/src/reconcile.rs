@@ -11,13 +11,12 @@ use shoal_model::{
     format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind,
     OperationState, StepState, Vm, VmState,
 };
-use shoal_policy::{place_gang, GangRequest};
 use shoal_store::{Compare, Op, Txn};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
-use crate::deploy::host_snapshot;
+use crate::deploy::{gang_request, host_snapshot};
 use crate::error::ApiResult;
 use crate::Controller;
 
@@ -451,18 +450,14 @@ async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> A
         .map(|o| o.value.clone())
         .collect();
     let snap = host_snapshot(ctl, &siblings).await?;
-    let req = GangRequest {
-        count: 1,
-        cpus: v.value.cpus,
-        memory_mib: v.value.memory_mib,
-        placement: cluster.value.placement,
-        anti_affinity: cluster.value.anti_affinity,
-    };
+    let mut req = gang_request(&cluster.value, 1);
+    req.cpus = v.value.cpus;
+    req.memory_mib = v.value.memory_mib;
     let k = db::vm_key(&v.value.cluster, v.value.index);
-    match place_gang(&snap.views, &req) {
+    match snap.place(&req) {
         Ok(plan) => {
             let h = plan[0];
-            let new_host = snap.views[h].name.clone();
+            let new_host = snap.name(h).to_string();
             tracing::warn!(vm = %v.value.name, from = %old, to = %new_host, "host down before the VM started; placing it elsewhere");
             let mut vm = v.value.clone();
             vm.host = new_host.clone();
@@ -475,7 +470,7 @@ async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> A
             add.vms += 1;
             let ak = db::claim_key(&new_host);
             txn = txn.when(Compare::ModRevision(ak.clone(), add_rev)).then(put(ak, &add));
-            if let Some(oi) = snap.views.iter().position(|x| x.name == old) {
+            if let Some(oi) = snap.snapshot.hosts.iter().position(|x| x.name == old) {
                 let (mut sub, sub_rev) = snap.claims[oi];
                 sub.cpus = sub.cpus.saturating_sub(vm.cpus);
                 sub.memory_mib = sub.memory_mib.saturating_sub(vm.memory_mib);

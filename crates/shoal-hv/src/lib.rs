@@ -44,6 +44,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn list(&self) -> Vec<VmStatus>;
     /// Up to `max` bytes of the VM's serial console from `offset`.
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError>;
+    /// Images (manifest ids, hex) this host holds whole, for image-locality placement.
+    async fn cached_images(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Records the VM's disk, as it is now, as an image in the controller's store (crash-consistent:
     /// a running VM is paused while its disk is read).
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
@@ -83,6 +87,11 @@ pub trait TemplateSource: Send + Sync + 'static {
     async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
         let _ = dest;
         Err(format!("template {template}: image {manifest} is in an image store this host cannot reach"))
+    }
+
+    /// Images (manifest ids, hex) this host's cache holds whole.
+    async fn cached_images(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Adds the raw disk image at `raw` to the image store and sends what the controller lacks.

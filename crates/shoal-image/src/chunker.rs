@@ -55,18 +55,29 @@ pub struct Cut {
 /// next call (prefixed to the next read); the return value is where that tail starts. When `last`
 /// is true every byte is covered and the return value is `buf.len()`.
 pub fn split(params: &ChunkParams, buf: &[u8], base: u64, last: bool, cuts: &mut Vec<Cut>) -> usize {
+    use rayon::prelude::*;
     let mask = params.mask();
+    // Block edges: the first block runs to the next aligned guest offset, the rest are whole;
+    // an unfinished block at the end waits for the next call unless this is the last.
+    if buf.is_empty() {
+        return 0;
+    }
+    let first = BLOCK - (base % BLOCK as u64) as usize;
+    let mut edges = vec![0usize];
+    let mut at = first;
+    while at < buf.len() {
+        edges.push(at);
+        at += BLOCK;
+    }
+    if at == buf.len() || last {
+        edges.push(buf.len());
+    }
+    // Hashing the blocks is the bulk of the work: in parallel; the cut decisions are sequential.
+    let hashes: Vec<(u64, bool)> = edges.par_windows(2).with_min_len(64).map(|w| block_hash(&buf[w[0]..w[1]])).collect();
     let mut start = 0usize;
-    let mut pos = 0usize;
     let mut blocks = 0u32;
-    while pos < buf.len() {
-        let to_boundary = BLOCK - ((base + pos as u64) % BLOCK as u64) as usize;
-        let end = pos + to_boundary;
-        if end > buf.len() && !last {
-            break;
-        }
-        let end = end.min(buf.len());
-        let (hash, zero) = block_hash(&buf[pos..end]);
+    for (w, &(hash, zero)) in edges.windows(2).zip(&hashes) {
+        let (pos, end) = (w[0], w[1]);
         if zero {
             if start < pos {
                 cuts.push(Cut { start, end: pos, zero: false });
@@ -85,7 +96,6 @@ pub fn split(params: &ChunkParams, buf: &[u8], base: u64, last: bool, cuts: &mut
                 blocks = 0;
             }
         }
-        pos = end;
     }
     if last && start < buf.len() {
         cuts.push(Cut { start, end: buf.len(), zero: false });

@@ -245,10 +245,14 @@ impl ImageStore {
         let file_len = file.metadata().map_err(io_err("reading", &layout.file))?.len();
         enum Piece {
             Zero(u64),
-            Data { guest: u64, buf: Vec<u8>, last: bool },
+            /// `n` bytes at `buf[SLACK..]`; the room before them takes the previous tail.
+            Data { guest: u64, buf: Vec<u8>, n: usize, last: bool },
             Failed(Error),
         }
         let (tx, rx) = sync_channel::<Piece>(3);
+        // Read buffers go back to the reader once absorbed: no allocating and zeroing per read.
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let slack = (self.params.max_blocks as usize + 1) * crate::chunker::BLOCK;
         std::thread::scope(|s| -> Result<(), Error> {
             let segments = &layout.segments;
             let (file, name) = (&file, &layout.file);
@@ -264,7 +268,7 @@ impl ImageStore {
                             let mut done = 0;
                             while done < len {
                                 let n = READ_STEP.min(len - done);
-                                let mut buf = vec![0u8; n as usize];
+                                let mut buf = free_rx.try_recv().unwrap_or_else(|_| vec![0u8; slack + READ_STEP as usize]);
                                 let piece = if file_offset + done + n > file_len {
                                     Piece::Failed(Error::Invalid(format!(
                                         "{} is truncated: it ends at byte {file_len}, its data continues to {}",
@@ -272,8 +276,8 @@ impl ImageStore {
                                         file_offset + len
                                     )))
                                 } else {
-                                    match file.read_exact_at(&mut buf, file_offset + done) {
-                                        Ok(()) => Piece::Data { guest: guest + done, buf, last: done + n == len },
+                                    match file.read_exact_at(&mut buf[slack..slack + n as usize], file_offset + done) {
+                                        Ok(()) => Piece::Data { guest: guest + done, buf, n: n as usize, last: done + n == len },
                                         Err(e) => Piece::Failed(io_err("reading", name)(e)),
                                     }
                                 };
@@ -298,23 +302,23 @@ impl ImageStore {
                         manifest.push(Extent::Zero { len });
                         done += len;
                     }
-                    Piece::Data { guest, buf, last } => {
-                        let n = buf.len() as u64;
-                        report.read_bytes += n;
-                        let (work, base) = if carry.is_empty() {
-                            (buf, guest)
-                        } else {
-                            carry.extend_from_slice(&buf);
-                            (std::mem::take(&mut carry), carry_base)
-                        };
+                    Piece::Data { guest, mut buf, n, last } => {
+                        report.read_bytes += n as u64;
+                        // The previous read's unfinished tail goes right before this read's bytes.
+                        let base = if carry.is_empty() { guest } else { carry_base };
+                        let start = slack.checked_sub(carry.len()).expect("a tail is shorter than the largest chunk");
+                        buf[start..slack].copy_from_slice(&carry);
+                        let work = &buf[start..slack + n];
                         cuts.clear();
-                        let rest = split(&self.params, &work, base, last, &mut cuts);
-                        self.absorb(&work, &cuts, &mut *writer, &mut manifest, &mut report, &mut new_ids)?;
+                        let rest = split(&self.params, work, base, last, &mut cuts);
+                        self.absorb(work, &cuts, &mut *writer, &mut manifest, &mut report, &mut new_ids)?;
+                        carry.clear();
                         if rest < work.len() {
-                            carry = work[rest..].to_vec();
+                            carry.extend_from_slice(&work[rest..]);
                             carry_base = base + rest as u64;
                         }
-                        done += n;
+                        let _ = free_tx.send(buf);
+                        done += n as u64;
                     }
                 }
                 if let Some(p) = opts.progress {

@@ -96,6 +96,9 @@ pub struct Heartbeat {
     pub cpus: u32,
     pub memory_mib: u64,
     pub vms: Vec<VmStatus>,
+    /// Images (manifest ids, hex) whole in the host's chunk cache: for image-locality placement.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

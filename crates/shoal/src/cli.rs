@@ -50,6 +50,9 @@ pub enum Command {
     /// Long-running operations and their progress.
     #[command(subcommand)]
     Operation(OperationCmd),
+    /// Placement, rebalancing and drain plans, on the live state or offline on a snapshot file.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// The controller's image store (deduplicated chunks of templates and snapshots).
     #[command(subcommand)]
     Image(ImageCmd),
@@ -224,6 +227,127 @@ pub enum HostCmd {
     List,
     /// Create a one-time token with which a new agent joins.
     JoinToken,
+    /// Plan live migrations that even out the hosts' load (Ganeti hbal's score), and execute them.
+    Rebalance {
+        /// Only print the plan (the default).
+        #[arg(long, conflicts_with = "apply")]
+        plan: bool,
+        /// Execute the plan.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        options: RebalanceArgs,
+    },
+    /// Mark a host draining (nothing new lands on it) and move every VM off it.
+    Drain {
+        name: String,
+        /// Only print the plan; change nothing.
+        #[arg(long)]
+        plan: bool,
+        #[command(flatten)]
+        options: RebalanceArgs,
+    },
+    /// Put a drained host back in service.
+    Undrain { name: String },
+}
+
+/// How a rebalance trades balance against migrations.
+#[derive(Args, Debug, Clone)]
+pub struct RebalanceArgs {
+    /// Balance memory and vCPUs only, not the VM count (hbal's --ignore-dynu).
+    #[arg(long)]
+    pub ignore_dynu: bool,
+    /// Stop after this many migrations (hbal's -l).
+    #[arg(long)]
+    pub max_moves: Option<usize>,
+    /// Migrations running at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent: usize,
+    /// A migration must lower the score by more than this.
+    #[arg(long, default_value_t = 1e-9)]
+    pub min_gain: f64,
+    /// Score (times the number of hosts) a second of migration must buy back.
+    #[arg(long, default_value_t = 0.01)]
+    pub cost_per_second: f64,
+    /// Migration bandwidth in MiB/s for hosts that do not state theirs.
+    #[arg(long, default_value_t = 1250.0)]
+    pub bandwidth: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Write the live hosts and VMs to FILE as JSON (format: docs/snapshot.md).
+    Snapshot { file: PathBuf },
+    /// Where a new virtual cluster would go, and why.
+    Place(PlaceArgs),
+    /// Live migrations that would even out the hosts' load.
+    Rebalance {
+        /// Plan on this snapshot file instead of the live state.
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        #[command(flatten)]
+        options: RebalanceArgs,
+    },
+    /// Live migrations that would empty a host.
+    Drain {
+        host: String,
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        #[command(flatten)]
+        options: RebalanceArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PlaceArgs {
+    /// Plan on this snapshot file instead of the live state.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+    /// Name of the virtual cluster (its VMs already in the snapshot count for affinity).
+    #[arg(long, default_value = "new")]
+    pub cluster: String,
+    #[arg(long)]
+    pub size: u32,
+    #[arg(long)]
+    pub cpus: u32,
+    /// Memory per VM, e.g. 512MiB or 2GiB.
+    #[arg(long)]
+    pub memory: String,
+    /// Local disk per VM, e.g. 20GiB.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Template, for image locality.
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long, value_enum, default_value_t = PlacementArg::Spread)]
+    pub placement: PlacementArg,
+    /// Hard anti-affinity: at most one VM per DOMAIN (`host`, or a host label such as `zone`).
+    #[arg(long, value_name = "DOMAIN")]
+    pub anti_affinity: Option<String>,
+    /// Hard affinity: every VM in one DOMAIN.
+    #[arg(long, value_name = "DOMAIN")]
+    pub affinity: Option<String>,
+    /// Prefer DOMAINs holding fewer VMs of the cluster.
+    #[arg(long, value_name = "DOMAIN")]
+    pub soft_anti_affinity: Option<String>,
+    /// Prefer DOMAINs already holding VMs of the cluster.
+    #[arg(long, value_name = "DOMAIN")]
+    pub soft_affinity: Option<String>,
+    /// Only hosts with this label (repeatable).
+    #[arg(long = "require", value_name = "KEY=VALUE")]
+    pub require: Vec<String>,
+    /// Only these hosts (repeatable).
+    #[arg(long = "host")]
+    pub only_hosts: Vec<String>,
+    /// Never these hosts (repeatable).
+    #[arg(long = "avoid")]
+    pub avoid_hosts: Vec<String>,
+    /// Powered-off hosts may be switched on.
+    #[arg(long)]
+    pub allow_power_on: bool,
+    /// Print every host's verdict: the filter that rejected it, or its score breakdown.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,6 +447,12 @@ pub enum ClusterCmd {
         /// Wait until every VM runs, showing progress.
         #[arg(long)]
         wait: bool,
+        /// Only show where the VMs would go; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: every host's verdict (the filter that rejected it, or its score).
+        #[arg(long, requires = "dry_run")]
+        explain: bool,
     },
     List,
     Show { name: String },

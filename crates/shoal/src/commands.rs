@@ -7,7 +7,9 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_model::api::{CreateCluster, CreateProfile};
-use shoal_model::{AntiAffinity, Operation, Placement, StepState};
+use shoal_model::{parse_size_mib, AntiAffinity, Operation, Placement, StepState};
+use shoal_policy::rebalance::{self, RebalanceOptions};
+use shoal_policy::{GangRequest, Placer, Snapshot};
 
 use crate::cli::*;
 use crate::{daemons, images, output};
@@ -25,6 +27,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Sim(_) => unreachable!("handled above"),
         Command::Host(HostCmd::List) => output::emit(out, &client.hosts().await?, output::hosts),
+        Command::Host(HostCmd::Rebalance { plan: _, apply, options }) => {
+            let p = client.rebalance(&options.options(), apply).await?;
+            output::emit(out, &p, output::rebalance);
+            if apply && !p.moves.is_empty() {
+                eprintln!("{} migrations started", p.moves.len());
+            }
+        }
+        Command::Host(HostCmd::Drain { name, plan, options }) => {
+            let p = client.drain_host(&name, &options.options(), !plan).await?;
+            output::emit(out, &p, output::rebalance);
+            if !plan {
+                eprintln!("host {name} is draining; {} migrations started", p.moves.len());
+            }
+        }
+        Command::Host(HostCmd::Undrain { name }) => {
+            client.undrain_host(&name).await?;
+            eprintln!("host {name} takes new VMs again");
+        }
+        Command::Plan(p) => plan(&client, out, p).await?,
         Command::Host(HostCmd::JoinToken) => {
             let token = client.create_join_token().await?;
             output::emit(out, &serde_json::json!({ "token": token }), |_| format!("{token}\n"))
@@ -137,6 +158,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 placement,
                 anti_affinity,
                 wait,
+                dry_run,
+                explain,
             } => {
                 let req = CreateCluster {
                     name,
@@ -151,6 +174,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         AntiAffinityArg::Host => AntiAffinity::Host,
                     },
                 };
+                if dry_run {
+                    let e = client.plan_place(&req, explain).await?;
+                    output::emit(out, &e, output::explanation);
+                    if let Some(err) = e.error {
+                        anyhow::bail!("the cluster would not fit: {err}");
+                    }
+                    return Ok(());
+                }
                 let op = client.create_cluster(&req).await?;
                 finish(&client, out, op, wait).await?
             }
@@ -277,6 +308,90 @@ pub async fn follow(client: &Client, op: &Operation) -> anyhow::Result<Operation
 
 /// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
 /// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
+impl RebalanceArgs {
+    pub fn options(&self) -> RebalanceOptions {
+        RebalanceOptions {
+            ignore_dynu: self.ignore_dynu,
+            min_gain: self.min_gain,
+            max_moves: self.max_moves,
+            max_concurrent: self.max_concurrent,
+            bandwidth_mib_s: self.bandwidth,
+            cost_per_second: self.cost_per_second,
+            ..RebalanceOptions::default()
+        }
+    }
+}
+
+/// The snapshot in `file`, or the live one from the controller.
+async fn load_snapshot(client: &Client, file: Option<PathBuf>) -> anyhow::Result<Snapshot> {
+    let snap: Snapshot = match file {
+        Some(f) => serde_json::from_slice(
+            &std::fs::read(&f).with_context(|| format!("reading snapshot {}", f.display()))?,
+        )
+        .with_context(|| format!("snapshot {} is not valid (format: docs/snapshot.md)", f.display()))?,
+        None => client.plan_snapshot().await?,
+    };
+    snap.validate()?;
+    Ok(snap)
+}
+
+/// `shoal plan …`: the policy core runs here, on a snapshot file or the live state.
+async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> {
+    match cmd {
+        PlanCmd::Snapshot { file } => {
+            let snap = client.plan_snapshot().await?;
+            std::fs::write(&file, serde_json::to_vec_pretty(&snap)?)
+                .with_context(|| format!("writing {}", file.display()))?;
+            eprintln!("wrote {} hosts and {} VMs to {}", snap.hosts.len(), snap.vms.len(), file.display());
+        }
+        PlanCmd::Place(a) => {
+            let snap = load_snapshot(client, a.snapshot.clone()).await?;
+            let req = gang_request(&a)?;
+            let mut e = Placer::new(&snap).explain(&req);
+            if !a.explain {
+                e.hosts.clear();
+            }
+            output::emit(out, &e, output::explanation);
+            if let Some(err) = e.error {
+                anyhow::bail!("the cluster would not fit: {err}");
+            }
+        }
+        PlanCmd::Rebalance { snapshot, options } => {
+            let snap = load_snapshot(client, snapshot).await?;
+            output::emit(out, &rebalance::plan(&snap, &options.options())?, output::rebalance);
+        }
+        PlanCmd::Drain { host, snapshot, options } => {
+            let snap = load_snapshot(client, snapshot).await?;
+            output::emit(out, &rebalance::drain(&snap, &host, &options.options())?, output::rebalance);
+        }
+    }
+    Ok(())
+}
+
+fn gang_request(a: &PlaceArgs) -> anyhow::Result<GangRequest> {
+    let mut r = GangRequest::new(&a.cluster, a.size, a.cpus, parse_size_mib(&a.memory)?);
+    r.disk_mib = a.disk.as_deref().map(parse_size_mib).transpose()?.unwrap_or(0);
+    r.template = a.template.clone();
+    r.placement = match a.placement {
+        PlacementArg::Spread => Placement::Spread,
+        PlacementArg::Pack => Placement::Pack,
+    };
+    r.allow_power_on = a.allow_power_on;
+    r.rules.anti_affinity = a.anti_affinity.clone();
+    r.rules.affinity = a.affinity.clone();
+    r.rules.soft_anti_affinity = a.soft_anti_affinity.clone();
+    r.rules.soft_affinity = a.soft_affinity.clone();
+    r.rules.only_hosts = a.only_hosts.clone();
+    r.rules.avoid_hosts = a.avoid_hosts.clone();
+    for kv in &a.require {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--require {kv:?}: expected KEY=VALUE"))?;
+        r.rules.required_labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(r)
+}
+
 fn connect(url: Option<String>) -> anyhow::Result<Client> {
     let config = read_config()?;
     let url = url

@@ -56,6 +56,61 @@ pub fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> S
     }
 }
 
+/// A placement plan: the per-host verdicts when explained, then where each VM goes.
+pub fn explanation(e: &shoal_policy::Explanation) -> String {
+    if !e.hosts.is_empty() {
+        return e.render();
+    }
+    if let Some(err) = &e.error {
+        return format!("no plan: {err}\n");
+    }
+    let mut per_host: Vec<(String, u32)> = Vec::new();
+    for a in &e.plan {
+        match per_host.iter_mut().find(|(h, _)| *h == a.host) {
+            Some(x) => x.1 += 1,
+            None => per_host.push((a.host.clone(), 1)),
+        }
+    }
+    let mut s = format!("plan: {} VMs on {} hosts\n", e.plan.len(), per_host.len());
+    s.push_str(&table(
+        &["host", "vms"],
+        per_host.into_iter().map(|(h, n)| vec![h, n.to_string()]).collect(),
+    ));
+    s
+}
+
+/// A rebalance or drain plan: scores before and after, then one row per migration.
+pub fn rebalance(p: &shoal_policy::rebalance::RebalancePlan) -> String {
+    let mut s = format!(
+        "cluster score (Ganeti hbal's): {:.8} -> {:.8}; {} migrations in {} waves ({})\n",
+        p.before.total,
+        p.after.total,
+        p.moves.len(),
+        p.waves,
+        p.stopped
+    );
+    if !p.moves.is_empty() {
+        s.push_str(&table(
+            &["wave", "vm", "from", "to", "gain", "seconds", "score after"],
+            p.moves
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.wave.to_string(),
+                        m.vm.clone(),
+                        m.from.clone(),
+                        m.to.clone(),
+                        format!("{:.6}", m.gain),
+                        format!("{:.1}", m.seconds),
+                        format!("{:.6}", m.score_after),
+                    ]
+                })
+                .collect(),
+        ));
+    }
+    s
+}
+
 fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
 }

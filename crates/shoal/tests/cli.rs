@@ -153,3 +153,68 @@ fn state_survives_a_restart_of_shoal_up() {
     let ips: std::collections::HashSet<String> = json(&url, &["vm", "list"]).as_array().unwrap().iter().map(|v| v["ip"].as_str().unwrap().to_string()).collect();
     assert_eq!(ips.len(), 4);
 }
+
+/// `shoal plan …` on a snapshot file needs no controller; on the live state it matches what
+/// `cluster create --dry-run`, `host rebalance --plan` and `host drain --plan` print.
+#[test]
+fn plans_offline_on_a_snapshot_and_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.json");
+    let hosts: Vec<serde_json::Value> = (0..4)
+        .map(|i| serde_json::json!({"name": format!("h{i}"), "cpus": 8, "memory_mib": 16384,
+                                    "labels": {"zone": format!("z{}", i % 2)}}))
+        .collect();
+    let vms: Vec<serde_json::Value> = (0..6)
+        .map(|i| serde_json::json!({"name": format!("v{i}"), "cluster": "c", "host": "h0", "cpus": 1, "memory_mib": 2048}))
+        .collect();
+    std::fs::write(&snap, serde_json::json!({"hosts": hosts, "vms": vms}).to_string()).unwrap();
+    let s = snap.to_str().unwrap();
+    // Nothing listens on port 1: these never talk to a controller.
+    let dead = "http://127.0.0.1:1";
+    let out = ok(dead, &["plan", "place", "--snapshot", s, "--size", "2", "--cpus", "1", "--memory", "1GiB",
+                         "--anti-affinity", "zone", "--explain"]);
+    assert!(out.contains("plan: 2 VMs") && out.contains("chosen"), "{out}");
+    let e = fails(dead, &["plan", "place", "--snapshot", s, "--size", "3", "--cpus", "1", "--memory", "1GiB",
+                          "--anti-affinity", "zone"]);
+    assert!(e.contains("anti-affinity by zone: needs 3 zones") && e.contains("only 2 have"), "{e}");
+    let out = ok(dead, &["plan", "place", "--snapshot", s, "--size", "2", "--cpus", "1", "--memory", "1GiB",
+                         "--require", "zone=z1", "--explain"]);
+    assert!(out.contains("rejected by labels: zone=z0, needs zone=z1"), "{out}");
+    let plan = json(dead, &["plan", "rebalance", "--snapshot", s]);
+    assert!(plan["after"]["total"].as_f64().unwrap() < plan["before"]["total"].as_f64().unwrap(), "{plan}");
+    assert!(!plan["moves"].as_array().unwrap().is_empty());
+    let table = ok(dead, &["plan", "drain", "h0", "--snapshot", s]);
+    assert!(table.starts_with("cluster score (Ganeti hbal's)"), "{table}");
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 6, "{table}");
+    assert!(rows.iter().all(|l| l.split_whitespace().nth(2) == Some("h0")), "{table}");
+
+    // Live: the same commands against a running controller.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let up = Daemon::spawn(
+        &["up", "--hosts", "3", "--driver", "sim", "--listen", &format!("127.0.0.1:{port}"),
+          "--data-dir", dir.path().join("data").to_str().unwrap(), "--host-cpus", "4", "--host-memory", "8192"],
+        &dir.path().join("up.log"),
+    );
+    wait_ready(&url, &up);
+    eventually(Duration::from_secs(10), "3 hosts", || json(&url, &["host", "list"]).as_array().unwrap().len() == 3);
+    ok(&url, &["template", "import", "deb", image(dir.path()).to_str().unwrap()]);
+    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "512MiB"]);
+    let out = ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "4", "--placement", "pack",
+                         "--dry-run", "--explain"]);
+    assert!(out.contains("plan: 4 VMs") && out.contains("chosen"), "{out}");
+    assert!(json(&url, &["cluster", "list"]).as_array().unwrap().is_empty(), "a dry run creates nothing");
+    ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "4", "--placement", "pack", "--wait"]);
+    let live = dir.path().join("live.json");
+    ok(&url, &["plan", "snapshot", live.to_str().unwrap()]);
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&live).unwrap()).unwrap();
+    assert_eq!(written["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(written["vms"].as_array().unwrap().len(), 4);
+    let offline = json(dead, &["plan", "rebalance", "--snapshot", live.to_str().unwrap()]);
+    let online = json(&url, &["host", "rebalance", "--plan"]);
+    assert_eq!(offline["moves"], online["moves"], "the same plan offline and live");
+    assert!(!online["moves"].as_array().unwrap().is_empty());
+    let drain = json(&url, &["host", "drain", "--plan", online["moves"][0]["from"].as_str().unwrap()]);
+    assert!(!drain["moves"].as_array().unwrap().is_empty());
+}

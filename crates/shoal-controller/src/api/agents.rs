@@ -76,7 +76,7 @@ pub async fn register(
     if !ctl.db.store.txn(txn).await?.succeeded {
         return Err(ApiError::Unauthorized("invalid or already used join token".into()));
     }
-    ctl.record_heartbeat(&req.name, Vec::new());
+    ctl.record_heartbeat(&req.name, Vec::new(), Vec::new());
     tracing::info!(host = %req.name, address = %req.address, "host registered");
     ctl.wake.notify_one();
     Ok(Json(RegisterResponse {
@@ -98,7 +98,7 @@ pub async fn heartbeat(
     if ctl.db.store.get(&host_key(&name)).await?.is_none() {
         return Err(ApiError::not_found("host", name));
     }
-    ctl.record_heartbeat(&name, hb.vms);
+    ctl.record_heartbeat(&name, hb.vms, hb.images);
     Ok(Json(()))
 }
 

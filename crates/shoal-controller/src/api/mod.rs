@@ -14,20 +14,22 @@ pub mod clusters;
 pub mod hosts;
 pub mod images;
 pub mod operations;
+pub mod plan;
 pub mod profiles;
 pub mod templates;
 pub mod vms;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs and operations."),
+    info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs, operations and plans."),
     paths(
-        hosts::list_hosts, hosts::create_join_token,
+        hosts::list_hosts, hosts::create_join_token, plan::drain, plan::undrain,
         templates::import_template, templates::publish_template, templates::list_templates, templates::show_template, templates::delete_template,
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
         vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
         operations::list_operations, operations::show_operation,
+        plan::snapshot, plan::place, plan::rebalance,
         agents::register, agents::heartbeat, agents::template_file,
         images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
         images::stats, images::gc, images::verify,
@@ -64,6 +66,11 @@ pub fn router(ctl: Controller) -> Router {
     let operator = Router::new()
         .route("/v1/hosts", get(hosts::list_hosts))
         .route("/v1/hosts/join-tokens", post(hosts::create_join_token))
+        .route("/v1/hosts/{name}/drain", post(plan::drain))
+        .route("/v1/hosts/{name}/undrain", post(plan::undrain))
+        .route("/v1/plan/snapshot", get(plan::snapshot))
+        .route("/v1/plan/place", post(plan::place))
+        .route("/v1/plan/rebalance", post(plan::rebalance))
         .route(
             "/v1/templates",
             get(templates::list_templates)

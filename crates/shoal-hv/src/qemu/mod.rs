@@ -951,6 +951,10 @@ impl Hypervisor for QemuDriver {
         vms.iter().map(|v| v.status()).collect()
     }
 
+    async fn cached_images(&self) -> Vec<String> {
+        self.source.cached_images().await
+    }
+
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
         let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
         let name = vm.status().name;

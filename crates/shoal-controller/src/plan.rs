@@ -1,0 +1,227 @@
+//! Plans over the live state: a snapshot of hosts and VMs for the policy core, placement
+//! previews with explanations, rebalancing and drains, and their execution.
+//!
+//! A migration is executed as one transaction, like a deployment's claims: the VM record moves
+//! to its new host as `pending` while the old host's claim shrinks and the new host's grows,
+//! comparing the VM's and both claims' revisions. The reconciler then ensures the VM on the new
+//! host and removes it from the old one as an orphan (the simulated driver's "live migration";
+//! QEMU pre-copy will replace it behind the same record change).
+
+use std::collections::HashMap;
+
+use shoal_model::api::CreateCluster;
+use shoal_model::{AntiAffinity, Cluster, HostState, Vm, VmState};
+use shoal_policy::rebalance::{self, Move, RebalanceOptions, RebalancePlan};
+use shoal_policy::{Explanation, GangRequest, Placer, Snapshot};
+use shoal_store::{Compare, Txn};
+
+use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
+use crate::deploy::{host_snapshot, profile_map, resolve_profile};
+use crate::error::{ApiError, ApiResult};
+use crate::Controller;
+
+/// Key marking a host as draining: nothing new is placed on it.
+pub fn draining_key(host: &str) -> String {
+    format!("/draining/{host}")
+}
+
+/// The hosts marked draining.
+pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
+    Ok(ctl
+        .db
+        .keys("/draining/")
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("/draining/").map(str::to_string))
+        .collect())
+}
+
+/// Fills in, for `template`, the share of its image each host's chunk cache already holds, as
+/// the image store reports it (nothing for templates whose disk is a plain file).
+pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template: &str) -> ApiResult<()> {
+    let Some(t) = ctl.db.get::<TemplateRecord>(&db::template_key(template)).await? else {
+        return Ok(());
+    };
+    let Some(id) = t
+        .value
+        .template
+        .hash
+        .strip_prefix("manifest:")
+        .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+    else {
+        return Ok(());
+    };
+    let shares = crate::locality::image_locality(ctl, id).await;
+    if !shares.is_empty() {
+        snap.image_locality.insert(template.to_string(), shares);
+    }
+    Ok(())
+}
+
+/// The live hosts and the VMs holding resources on them, as the policy core sees them.
+pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
+    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let draining = draining(ctl).await?;
+    let clusters: HashMap<String, Cluster> = ctl
+        .db
+        .values::<Cluster>("/clusters/")
+        .await?
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    let mut snap = Snapshot::default();
+    for h in &hosts {
+        let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
+        host.state = if ctl.host_state(&h.name).0 != HostState::Up {
+            shoal_policy::HostState::Down
+        } else if draining.contains(&h.name) {
+            shoal_policy::HostState::Draining
+        } else {
+            shoal_policy::HostState::Up
+        };
+        snap.hosts.push(host);
+    }
+    let known: std::collections::HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    snap.vms = ctl
+        .db
+        .vms()
+        .await?
+        .iter()
+        .filter(|v| v.claimed && v.state != VmState::Deleting && known.contains(v.host.as_str()))
+        .map(|v| policy_vm(v, clusters.get(&v.cluster)))
+        .collect();
+    for t in ctl.db.values::<TemplateRecord>("/templates/").await? {
+        add_locality(ctl, &mut snap, &t.template.name).await?;
+    }
+    Ok(snap)
+}
+
+fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
+    shoal_policy::Vm {
+        name: v.name.clone(),
+        cluster: v.cluster.clone(),
+        host: v.host.clone(),
+        cpus: v.cpus,
+        memory_mib: v.memory_mib,
+        disk_mib: 0,
+        template: Some(v.template.clone()),
+        dirty_mib_s: None,
+        anti_affinity: cluster
+            .filter(|c| c.anti_affinity == AntiAffinity::Host)
+            .map(|_| "host".to_string()),
+    }
+}
+
+/// What `cluster create` would do: every host's verdict and the plan, committing nothing.
+pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool) -> ApiResult<Explanation> {
+    shoal_model::validate_name("cluster", &req.name)?;
+    let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
+    let existing: Vec<Vm> = ctl
+        .db
+        .vms()
+        .await?
+        .into_iter()
+        .filter(|v| v.cluster == req.name)
+        .collect();
+    let mut snap = host_snapshot(ctl, &existing).await?;
+    add_locality(ctl, &mut snap.snapshot, &shape.template).await?;
+    let mut g = GangRequest::new(&req.name, req.size, shape.cpus, shape.memory_mib);
+    g.placement = req.placement;
+    g.template = Some(shape.template.clone());
+    if req.anti_affinity == AntiAffinity::Host {
+        g.rules.anti_affinity = Some("host".into());
+    }
+    let mut placer = Placer::with_usage(&snap.snapshot, &snap.usage);
+    let mut e = placer.explain(&g);
+    if !explain {
+        e.hosts.clear();
+    }
+    Ok(e)
+}
+
+/// Plans a rebalance of the live state and, with `apply`, executes it.
+pub async fn rebalance(ctl: &Controller, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
+    let _guard = ctl.write_lock.lock().await;
+    let snap = snapshot(ctl).await?;
+    let plan = rebalance::plan(&snap, opts).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    if apply {
+        execute(ctl, &plan.moves).await?;
+    }
+    Ok(plan)
+}
+
+/// Marks the host draining (nothing new lands on it) and moves every VM off it.
+pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
+    let _guard = ctl.write_lock.lock().await;
+    if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
+        return Err(ApiError::not_found("host", host));
+    }
+    let snap = snapshot(ctl).await?;
+    let plan = rebalance::drain(&snap, host, opts).map_err(|e| ApiError::Capacity(e.to_string()))?;
+    if apply {
+        ctl.db
+            .store
+            .txn(Txn::new().then(shoal_store::Op::Put(draining_key(host), b"draining".to_vec())))
+            .await?;
+        execute(ctl, &plan.moves).await?;
+    }
+    Ok(plan)
+}
+
+/// Puts a host back in service after a drain.
+pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
+    ctl.db
+        .store
+        .txn(Txn::new().then(shoal_store::Op::Delete(draining_key(host))))
+        .await?;
+    Ok(())
+}
+
+/// Executes moves in order, each as one transaction over the VM and both hosts' claims.
+async fn execute(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
+    for m in moves {
+        let vms: Vec<Versioned<Vm>> = ctl.db.list("/vms/").await?;
+        let v = vms
+            .into_iter()
+            .find(|v| v.value.name == m.vm)
+            .ok_or_else(|| ApiError::not_found("VM", &m.vm))?;
+        if v.value.host != m.from {
+            return Err(ApiError::Conflict(format!(
+                "VM {} is on {}, not on {} as planned; plan again",
+                m.vm, v.value.host, m.from
+            )));
+        }
+        let (fk, tk) = (db::claim_key(&m.from), db::claim_key(&m.to));
+        let from: Option<Versioned<Claim>> = ctl.db.get(&fk).await?;
+        let to: Option<Versioned<Claim>> = ctl.db.get(&tk).await?;
+        let (mut fc, frev) = from.map(|c| (c.value, c.mod_revision)).unwrap_or_default();
+        let (mut tc, trev) = to.map(|c| (c.value, c.mod_revision)).unwrap_or_default();
+        fc.cpus = fc.cpus.saturating_sub(v.value.cpus);
+        fc.memory_mib = fc.memory_mib.saturating_sub(v.value.memory_mib);
+        fc.vms = fc.vms.saturating_sub(1);
+        tc.cpus += v.value.cpus;
+        tc.memory_mib += v.value.memory_mib;
+        tc.vms += 1;
+        let mut vm = v.value.clone();
+        vm.host = m.to.clone();
+        vm.state = VmState::Pending;
+        vm.observed_seq = 0;
+        let key = db::vm_key(&vm.cluster, vm.index);
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), v.mod_revision))
+            .when(Compare::ModRevision(fk.clone(), frev))
+            .when(Compare::ModRevision(tk.clone(), trev))
+            .then(put(key, &vm))
+            .then(put(fk, &fc))
+            .then(put(tk, &tc));
+        if !ctl.db.store.txn(txn).await?.succeeded {
+            return Err(ApiError::Conflict(format!(
+                "moving VM {} from {} to {}: the state changed meanwhile; plan again",
+                m.vm, m.from, m.to
+            )));
+        }
+        tracing::info!(vm = %m.vm, from = %m.from, to = %m.to, "migrating");
+    }
+    ctl.wake.notify_one();
+    Ok(())
+}
