@@ -123,3 +123,36 @@ fn simulation_is_deterministic() {
         assert_eq!(a, b, "{name} differs between two runs");
     }
 }
+
+#[test]
+fn initial_placement_spreads_like_the_reference() {
+    // MODEL.md: power-aware best fit at full demand puts the 1,052 VMs on all 800 hosts, 548 with
+    // one VM and 252 with two.
+    use shoal_sim::engine::{HostPower, HostState, View, VmState};
+    let w = load_planetlab(&common::day(), 800).unwrap();
+    let hosts: Vec<HostState> = w
+        .host_type_of
+        .iter()
+        .map(|&ty| HostState {
+            ty,
+            vms: Vec::new(),
+            incoming: Vec::new(),
+            util: 0.0,
+            requested_mips: 0.0,
+            power: HostPower::On,
+            ready_at: 0.0,
+            off_when_empty: false,
+        })
+        .collect();
+    let vms: Vec<VmState> =
+        w.vms.iter().map(|_| VmState { host: 0, in_migration: false, history: Vec::new(), last_migrated: None, gone: false }).collect();
+    let demand: Vec<f64> = w.vms.iter().map(|v| v.mips).collect();
+    let view = View { workload: &w, t: 0.0, step: 0, hosts: &hosts, vms: &vms, demand: &demand };
+    let placement = policy("lr-mmt:1.2").unwrap().initial_placement(&view).unwrap();
+    let mut per_host = vec![0; 800];
+    for h in placement {
+        per_host[h as usize] += 1;
+    }
+    let count = |n: usize| per_host.iter().filter(|&&c| c == n).count();
+    assert_eq!((count(0), count(1), count(2)), (0, 548, 252));
+}
