@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-placement openapi clean
+.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-placement bench-sim openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -53,6 +53,13 @@ bench-images: deps
 bench-placement: deps
 	$(CARGO) build --release -p shoal-bench --bin bench-placement
 	target/release/bench-placement
+
+## make bench-sim: the PlanetLab day (../shared/bench/planetlab) through every baseline and Shoal's
+## policy, against the reference figures and the targets. BENCH_FLAGS="--full-day" keeps every VM
+## all day; "--plot sim.svg" draws the day.
+bench-sim:
+	$(CARGO) build --release -p shoal-sim --bin bench-sim
+	target/release/bench-sim $(BENCH_FLAGS)
 
 clean:
 	$(CARGO) clean

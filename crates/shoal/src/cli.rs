@@ -56,6 +56,34 @@ pub enum Command {
     /// The controller's image store (deduplicated chunks of templates and snapshots).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Replay a utilisation trace against consolidation policies (offline; no controller).
+    Sim(SimArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TraceFormat {
+    /// A directory with one file of CPU percentages (one per 5 minutes) per VM.
+    Planetlab,
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// The trace: for planetlab, the day's directory (its `<dir>.vm-order.csv` is used if present).
+    #[arg(long)]
+    pub trace: PathBuf,
+    #[arg(long, value_enum, default_value_t = TraceFormat::Planetlab)]
+    pub format: TraceFormat,
+    #[arg(long, default_value_t = 800)]
+    pub hosts: usize,
+    /// Policy NAME[:PARAM], repeatable: shoal, thr-mmt:0.8, iqr-mmt:1.5, mad-mmt:2.5, lr-mmt:1.2, dvfs.
+    #[arg(long = "policy", default_value = "shoal")]
+    pub policies: Vec<String>,
+    /// Every VM runs the whole day (the reference toolkit drops a VM whose demand reads 0).
+    #[arg(long)]
+    pub full_day: bool,
+    /// Write an SVG plot of hosts on, power and SLA violation over the day.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

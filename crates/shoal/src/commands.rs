@@ -20,11 +20,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(a) => return daemons::server(a).await,
         Command::Agent(a) => return daemons::agent(a).await,
         Command::Up(a) => return daemons::up(a).await,
+        Command::Sim(a) => return sim(a, out),
         _ => {}
     }
     let client = connect(cli.url)?;
     match cli.command {
-        Command::Server(_) | Command::Agent(_) | Command::Up(_) => unreachable!("handled above"),
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Sim(_) => unreachable!("handled above"),
         Command::Host(HostCmd::List) => output::emit(out, &client.hosts().await?, output::hosts),
         Command::Host(HostCmd::Rebalance { plan: _, apply, options }) => {
             let p = client.rebalance(&options.options(), apply).await?;
@@ -432,4 +433,40 @@ fn read_config() -> anyhow::Result<std::collections::HashMap<String, String>> {
         out.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
     }
     Ok(out)
+}
+
+/// `shoal sim`: loads the trace once and runs every policy on it, in order.
+fn sim(a: SimArgs, out: Output) -> anyhow::Result<()> {
+    let TraceFormat::Planetlab = a.format;
+    let mut w = shoal_sim::load_planetlab(&a.trace, a.hosts)?;
+    w.reference_quirks = !a.full_day;
+    let mut reports = Vec::new();
+    for spec in &a.policies {
+        let mut policy = shoal_sim::policy(spec)?;
+        reports.push(shoal_sim::simulate(&w, policy.as_mut())?);
+    }
+    if let Some(path) = &a.plot {
+        std::fs::write(path, shoal_sim::svg::plot(&reports)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    output::emit(out, &reports, |r| {
+        let mut s = shoal_sim::report::table(r);
+        let find = |name: &str| r.iter().find(|x| x.policy == name);
+        if let (Some(shoal), Some(lr)) = (find("shoal"), find("lr-mmt:1.2")) {
+            let t = shoal_sim::Targets::check(shoal, lr);
+            s.push_str(&format!(
+                "targets vs lr-mmt:1.2: energy {}, ESV <= 30 % {}, migrations <= 10 % {}, < 1 s {}\n",
+                ok(t.energy_ok), ok(t.esv_ok), ok(t.migrations_ok), ok(t.time_ok)
+            ));
+        }
+        s
+    });
+    Ok(())
+}
+
+fn ok(b: bool) -> &'static str {
+    if b {
+        "met"
+    } else {
+        "MISSED"
+    }
 }
