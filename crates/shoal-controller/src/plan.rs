@@ -137,18 +137,18 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
 
 /// Plans a rebalance of the live state and, with `apply`, executes it.
 pub async fn rebalance(ctl: &Controller, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
-    let _guard = ctl.write_lock.lock().await;
+    let guard = ctl.write_lock.lock().await;
     let snap = snapshot(ctl).await?;
     let plan = rebalance::plan(&snap, opts).map_err(|e| ApiError::Invalid(e.to_string()))?;
     if apply {
-        execute(ctl, &plan.moves).await?;
+        execute(ctl, &plan.moves, guard).await?;
     }
     Ok(plan)
 }
 
 /// Marks the host draining (nothing new lands on it) and moves every VM off it.
 pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
-    let _guard = ctl.write_lock.lock().await;
+    let guard = ctl.write_lock.lock().await;
     if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
         return Err(ApiError::not_found("host", host));
     }
@@ -159,7 +159,7 @@ pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply:
             .store
             .txn(Txn::new().then(shoal_store::Op::Put(draining_key(host), b"draining".to_vec())))
             .await?;
-        execute(ctl, &plan.moves).await?;
+        execute(ctl, &plan.moves, guard).await?;
     }
     Ok(plan)
 }
@@ -173,8 +173,72 @@ pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Executes moves in order, each as one transaction over the VM and both hosts' claims.
-async fn execute(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
+/// Executes a plan wave by wave, as the plan's concurrency limit says: the moves of a wave are
+/// committed together (each one transaction over the VM and both hosts' claims), and the next
+/// wave starts once every VM of this one runs on its new host. Returns when the last wave is
+/// done. The controller's write lock (`guard`, taken while planning) is held while a wave is
+/// committed, not while its VMs move.
+///
+/// A move restarts the VM on its new host (there is no live migration yet). That is harmless for
+/// the simulated driver but would leave a QEMU VM's disk behind, so moves off QEMU hosts are
+/// refused before anything moves.
+async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync::MutexGuard<'_, ()>) -> ApiResult<()> {
+    let hosts: Vec<db::HostRecord> = ctl.db.values("/hosts/").await?;
+    if let Some(m) = moves.iter().find(|m| hosts.iter().any(|h| h.name == m.from && h.driver.starts_with("qemu"))) {
+        return Err(ApiError::Conflict(format!(
+            "VM {} runs on QEMU host {}: moving it would restart it elsewhere without its disk (live \
+             migration is not built yet); nothing was moved",
+            m.vm, m.from
+        )));
+    }
+    let mut waves: Vec<Vec<Move>> = vec![];
+    for m in moves {
+        let w = m.wave as usize;
+        if waves.len() <= w {
+            waves.resize(w + 1, vec![]);
+        }
+        waves[w].push(m.clone());
+    }
+    waves.retain(|w| !w.is_empty());
+    let mut guard = Some(guard);
+    for wave in waves {
+        let _held = match guard.take() {
+            Some(g) => g,
+            None => ctl.write_lock.lock().await,
+        };
+        move_wave(ctl, &wave).await?;
+        drop(_held);
+        wait_moved(ctl, &wave).await?;
+    }
+    Ok(())
+}
+
+/// Waits until every VM of `moves` runs on its new host.
+async fn wait_moved(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
+    let deadline = tokio::time::Instant::now() + ctl.config.operation_timeout;
+    loop {
+        let vms: Vec<Vm> = ctl.db.vms().await?;
+        let waiting: Vec<&Move> = moves
+            .iter()
+            .filter(|m| !vms.iter().any(|v| v.name == m.vm && v.host == m.to && v.state == VmState::Running))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::Unavailable(format!(
+                "{} of the wave's VMs did not come up on their new hosts within {:?}, first {}",
+                waiting.len(),
+                ctl.config.operation_timeout,
+                waiting[0].vm
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Commits the moves of one wave.
+async fn move_wave(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
     for m in moves {
         let vms: Vec<Versioned<Vm>> = ctl.db.list("/vms/").await?;
         let v = vms
@@ -216,7 +280,7 @@ async fn execute(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
                 m.vm, m.from, m.to
             )));
         }
-        tracing::info!(vm = %m.vm, from = %m.from, to = %m.to, "migrating");
+        tracing::info!(vm = %m.vm, from = %m.from, to = %m.to, wave = m.wave, "migrating");
     }
     ctl.wake.notify_one();
     Ok(())

@@ -59,10 +59,16 @@ async fn rebalance_plans_then_moves_vms_through_the_reconciler() {
     h.client.wait(op.id, |_| {}).await.unwrap();
     assert_eq!(settled(&h).await.values().copied().max(), Some(8));
 
-    let opts = RebalanceOptions::default();
+    // At most two migrations at once: the plan comes in waves, executed one after the other.
+    let opts = RebalanceOptions { max_concurrent: 2, ..Default::default() };
     let plan = h.client.rebalance(&opts, false).await.unwrap();
     assert!(plan.after.total < plan.before.total, "{plan:?}");
     assert!(plan.moves.len() >= 5, "{plan:?}");
+    let waves = plan.moves.iter().map(|m| m.wave).max().unwrap() + 1;
+    assert!(waves >= 3, "{} moves in {waves} waves of at most 2", plan.moves.len());
+    for w in 0..waves {
+        assert!(plan.moves.iter().filter(|m| m.wave == w).count() <= 2);
+    }
     assert_eq!(settled(&h).await.values().copied().max(), Some(8), "a plan alone moves nothing");
 
     let applied = h.client.rebalance(&opts, true).await.unwrap();
