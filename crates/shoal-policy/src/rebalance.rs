@@ -12,6 +12,10 @@
 //! (plus the disk when storage is local), priced at [`RebalanceOptions::cost_per_second`] per
 //! host; a
 //! move is taken only when its gain exceeds both that cost and [`RebalanceOptions::min_gain`].
+//! For small clusters ([`QUALITY_MAX_HOSTS`]) the plan is refined: greedy cannot reach a score
+//! in fewer moves than it takes, so the moves up to greedy's stopping point are chosen again
+//! together, keeping the fewest moved VMs that still reach its score ([`plan`]).
+//!
 //! Moves are grouped into waves of at most `max_concurrent` migrations with no host in two
 //! migrations of a wave, so the moves of one wave can run at once in any order.
 
@@ -110,6 +114,7 @@ pub enum RebalanceError {
 }
 
 /// Incremental balance state: per-host statistics, their sums, free capacity and VM shapes.
+#[derive(Clone)]
 struct Balance<'s> {
     snap: &'s Snapshot,
     totals: Vec<HostTotals>,
@@ -412,7 +417,7 @@ impl<'s> Balance<'s> {
                         };
                         self.do_move(x, from);
                         let (Some(s1), Some(s2)) = (self.seconds(v1, b), self.seconds(v2, a)) else { continue };
-                        if gain > self.cost(s1 + s2) && best.is_none_or(|(_, _, g)| gain > g) {
+                        if gain > self.opts.min_gain && gain > self.cost(s1 + s2) && best.is_none_or(|(_, _, g)| gain > g) {
                             best = Some((v1, v2, gain));
                         }
                     }
@@ -454,7 +459,13 @@ impl<'s> Balance<'s> {
     }
 
     /// The best move of this step: (vm, target, gain, seconds).
-    fn best_move(&self) -> Option<(usize, usize, f64, f64)> {
+    fn best_move(&self) -> Option<Step> {
+        self.ranked_moves(1).pop()
+    }
+
+    /// The `m` best moves of this step, best first: (vm, target, gain, seconds), ranked by gain
+    /// net of cost, ties by (vm, target).
+    fn ranked_moves(&self, m: usize) -> Vec<Step> {
         let n = self.snap.hosts.len();
         let ns = self.shapes.len();
         let k = self.opts.candidates.max(1);
@@ -462,7 +473,7 @@ impl<'s> Balance<'s> {
         for c in 0..STATS {
             inv2sd[c] = 1.0 / (2.0 * self.sd(self.s1[c], self.s2[c]).max(1e-6));
         }
-        let mut best: Option<(usize, usize, f64, f64)> = None;
+        let mut found: Vec<(f64, usize, usize, f64, f64)> = Vec::new();
         let mut srcs: Vec<(f64, usize)> = Vec::new();
         let mut dsts: Vec<(f64, usize)> = Vec::new();
         for s in 0..ns {
@@ -510,21 +521,20 @@ impl<'s> Balance<'s> {
                     if gain <= self.opts.min_gain || gain <= self.cost(sec) {
                         continue;
                     }
-                    let net = gain - self.cost(sec);
-                    let better = match best {
-                        None => true,
-                        Some((bv, bb, bg, bs)) => {
-                            let bnet = bg - self.cost(bs);
-                            net > bnet || (net == bnet && (vm, b) < (bv, bb))
-                        }
-                    };
-                    if better {
-                        best = Some((vm, b, gain, sec));
-                    }
+                    found.push((gain - self.cost(sec), vm, b, gain, sec));
                 }
             }
         }
-        best
+        let cmp = |x: &(f64, usize, usize, f64, f64), y: &(f64, usize, usize, f64, f64)| {
+            y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2)))
+        };
+        if found.len() > m && m > 0 {
+            found.select_nth_unstable_by(m - 1, cmp);
+            found.truncate(m);
+        }
+        found.sort_by(cmp);
+        found.dedup_by(|x, y| (x.1, x.2) == (y.1, y.2));
+        found.into_iter().map(|(_, vm, b, g, s)| (vm, b, g, s)).collect()
     }
 }
 
@@ -560,8 +570,172 @@ fn assign_waves(snap: &Snapshot, moves: &mut [Move], max: usize) -> u32 {
     per_wave.len().saturating_sub(1) as u32
 }
 
+/// A planned move: (VM, target host, gain, predicted seconds).
+type Step = (usize, usize, f64, f64);
+
+/// Greedy single moves from `start` (hbal's algorithm) until none gains or `limit` is reached.
+fn greedy_moves(start: &Balance, limit: Option<usize>) -> Vec<Step> {
+    let mut b = start.clone();
+    let mut out = Vec::new();
+    while limit.is_none_or(|l| out.len() < l) {
+        let Some(m) = b.best_move() else { break };
+        b.do_move(m.0, m.1);
+        if out.len() % 512 == 511 {
+            b.resum();
+        }
+        out.push(m);
+    }
+    out
+}
+
+/// Predicted migration time of `vm` from host `a` to host `b`.
+fn seconds_between(b: &Balance, vm: usize, from: usize, to: usize) -> Option<f64> {
+    let v = &b.snap.vms[vm];
+    let bw = [b.snap.hosts[from].migration_mib_s, b.snap.hosts[to].migration_mib_s]
+        .into_iter()
+        .flatten()
+        .fold(b.opts.bandwidth_mib_s, f64::min);
+    let rate = bw - v.dirty_mib_s.unwrap_or(0.0);
+    if rate <= 0.0 {
+        return None;
+    }
+    let disk = if b.snap.shared_storage { 0 } else { v.disk_mib };
+    Some(v.memory_mib as f64 / rate + disk as f64 / bw)
+}
+
+/// The best placement found that moves at most the VMs `prefix` moves (as many or fewer), as a
+/// sequence of one migration per moved VM in which every state is valid, with its score net
+/// of cost; `None` when the moves cannot be ordered (a cycle of full hosts).
+///
+/// Local search from the state after `prefix`, keeping the number of moved VMs: a moved VM may
+/// go to another host, or go home while one VM of another kind not yet moved takes its place;
+/// a moved VM also goes home alone when that lowers the score. Greedy chooses each move for
+/// the step it is in; this chooses the moves together, so the same score takes fewer moves.
+fn refine(start: &Balance, prefix: &[Step]) -> Option<(f64, Vec<Step>)> {
+    let orig = &start.vm_host;
+    let mut b = start.clone();
+    for &(vm, to, _, _) in prefix {
+        b.do_move(vm, to);
+    }
+    b.resum();
+    let n = b.snap.hosts.len();
+    let cost_at = |b: &Balance, vm: usize, h: usize| -> Option<f64> {
+        if h == orig[vm] {
+            Some(0.0)
+        } else {
+            seconds_between(b, vm, orig[vm], h).map(|s| b.cost(s))
+        }
+    };
+    for _pass in 0..64 {
+        let mut improved = false;
+        let mut moved: Vec<usize> = (0..orig.len()).filter(|&v| b.vm_host[v] != orig[v]).collect();
+        moved.sort_unstable();
+        for &v in &moved {
+            let here = b.vm_host[v];
+            if here == orig[v] {
+                continue;
+            }
+            let home = orig[v];
+            let c_here = cost_at(&b, v, here).unwrap_or(0.0);
+            // Home alone, or to another host.
+            let mut best: Option<(f64, usize)> = None;
+            for c in 0..n {
+                if c == here || !b.fits(v, c) {
+                    continue;
+                }
+                let Some(cc) = cost_at(&b, v, c) else { continue };
+                let net = b.gain(v, c) - (cc - c_here);
+                if net > 1e-12 && best.is_none_or(|(g, _)| net > g) {
+                    best = Some((net, c));
+                }
+            }
+            if let Some((_, c)) = best {
+                b.do_move(v, c);
+                improved = true;
+                continue;
+            }
+            // Home, while a VM of another kind that has not moved takes its place.
+            if !b.fits(v, home) {
+                continue;
+            }
+            let base = b.score();
+            b.do_move(v, home);
+            let mut best: Option<(f64, usize)> = None;
+            for a in 0..n {
+                if a == here {
+                    continue;
+                }
+                for u in b.one_per_shape(a) {
+                    if b.vm_host[u] != orig[u] || u == v || !b.fits(u, here) {
+                        continue;
+                    }
+                    let Some(cu) = cost_at(&b, u, here) else { continue };
+                    let net = base - (b.score() - b.gain(u, here)) - (cu - c_here);
+                    if net > 1e-12 && best.is_none_or(|(g, _)| net > g) {
+                        best = Some((net, u));
+                    }
+                }
+            }
+            match best {
+                Some((_, u)) => {
+                    b.do_move(u, here);
+                    improved = true;
+                }
+                None => b.do_move(v, here),
+            }
+        }
+        b.resum();
+        if !improved {
+            break;
+        }
+    }
+    // One migration per moved VM, each time the one that gains most among those that fit.
+    let mut pending: Vec<(usize, usize)> =
+        (0..orig.len()).filter(|&v| b.vm_host[v] != orig[v]).map(|v| (v, b.vm_host[v])).collect();
+    let mut e = start.clone();
+    e.target_ok = vec![true; n];
+    let mut out = Vec::with_capacity(pending.len());
+    let mut obj = 0.0;
+    while !pending.is_empty() {
+        let mut pick: Option<(f64, usize)> = None;
+        for (i, &(vm, to)) in pending.iter().enumerate() {
+            if !e.fits(vm, to) {
+                continue;
+            }
+            let g = e.gain(vm, to);
+            if pick.is_none_or(|(pg, _)| g > pg) {
+                pick = Some((g, i));
+            }
+        }
+        let (gain, i) = pick?;
+        let (vm, to) = pending.remove(i);
+        let sec = e.seconds(vm, to)?;
+        obj -= gain - e.cost(sec);
+        e.do_move(vm, to);
+        out.push((vm, to, gain, sec));
+    }
+    Some((obj, out))
+}
+
+/// Plan quality (as few moves as reach greedy's score) up to this many hosts
+/// that are up; its cost grows faster than greedy's, which plans larger clusters alone.
+pub const QUALITY_MAX_HOSTS: usize = 50;
+
 /// Plans migrations that lower the cluster score, each worth more than it costs.
+///
+/// Up to [`QUALITY_MAX_HOSTS`] hosts the moves up to where single moves stop are chosen
+/// together, so greedy's (hbal's) score there is reached in fewer moves; beyond, and with
+/// [`plan_greedy`], those moves are hbal's own, move for move.
 pub fn plan(snap: &Snapshot, opts: &RebalanceOptions) -> Result<RebalancePlan, RebalanceError> {
+    plan_with(snap, opts, QUALITY_MAX_HOSTS)
+}
+
+/// [`plan`] without plan quality: greedy best moves as hbal makes them, then exchanges.
+pub fn plan_greedy(snap: &Snapshot, opts: &RebalanceOptions) -> Result<RebalancePlan, RebalanceError> {
+    plan_with(snap, opts, 0)
+}
+
+fn plan_with(snap: &Snapshot, opts: &RebalanceOptions, quality_max_hosts: usize) -> Result<RebalancePlan, RebalanceError> {
     let mut b = Balance::new(snap, opts)?;
     let before = hbal::score(snap, opts.ignore_dynu);
     let mut moves = Vec::new();
@@ -585,9 +759,53 @@ pub fn plan(snap: &Snapshot, opts: &RebalanceOptions) -> Result<RebalancePlan, R
             wave: 0,
         });
     };
-    // Moves up to hbal's stopping point (single moves only) are kept as planned, so that every
-    // prefix of them is hbal's; what follows is compressed.
+    // Moves up to hbal's stopping point (single moves only) are kept as planned (hbal's own
+    // without plan quality, else the fewest moves found to reach the same score); what
+    // follows is compressed.
     let mut first_phase: Option<usize> = None;
+    let online = snap.hosts.iter().filter(|h| h.state == HostState::Up).count();
+    if online <= quality_max_hosts {
+        // Plan quality: where single moves stop (hbal's stopping point), as few moves as get
+        // there. The fewest moved VMs whose refined placement scores as well is searched
+        // downwards from the sequence's length.
+        let seq = greedy_moves(&b, opts.max_moves);
+        let target: f64 = seq.iter().map(|m| -(m.2 - b.cost(m.3))).sum();
+        // Whether `k` moved VMs suffice: galloping down from the length, then bisection.
+        let mut tried: HashMap<usize, Option<Vec<Step>>> = HashMap::new();
+        let mut ok = |k: usize| -> bool {
+            tried
+                .entry(k)
+                .or_insert_with(|| refine(&b, &seq[..k]).filter(|(obj, _)| *obj <= target + 1e-12).map(|r| r.1))
+                .is_some()
+        };
+        let (mut lo, mut hi) = (0, seq.len());
+        let mut step = 1;
+        while hi > lo + 1 {
+            let k = hi.saturating_sub(step).max(lo + 1);
+            if ok(k) {
+                hi = k;
+                step *= 2;
+            } else {
+                lo = k;
+                break;
+            }
+        }
+        while hi > lo + 1 {
+            let k = (lo + hi) / 2;
+            if ok(k) {
+                hi = k;
+            } else {
+                lo = k;
+            }
+        }
+        let chosen = match tried.remove(&hi) {
+            Some(Some(ms)) if ms.len() < seq.len() => ms,
+            _ => seq,
+        };
+        for (vm, to, gain, seconds) in chosen {
+            record(&mut b, vm, to, gain, seconds, &mut moves);
+        }
+    }
     let stopped = loop {
         if opts.max_moves.is_some_and(|m| moves.len() >= m) {
             break format!("reached the limit of {} moves", moves.len());
@@ -924,6 +1142,18 @@ mod tests {
                     return Err(TestCaseError::fail(format!("after {k} moves: {e}")));
                 }
             }
+            // Plan quality: greedy's (hbal's) score where single moves stop, in no more moves.
+            let any_gain = RebalanceOptions { cost_per_second: 0.0, ..opts.clone() };
+            let b = Balance::new(&s, &any_gain).unwrap();
+            let seq = greedy_moves(&b, None);
+            if !seq.is_empty() {
+                let target = b.score() - seq.iter().map(|m| m.2).sum::<f64>();
+                let q = plan(&s, &any_gain).unwrap();
+                let reach = q.moves.iter().position(|m| m.score_after <= target + 1e-9).map_or(usize::MAX, |k| k + 1);
+                prop_assert!(reach <= seq.len(), "{} moves to reach greedy's {} in {}", reach, target, seq.len());
+            }
+            let g = plan_greedy(&s, &opts).unwrap();
+            prop_assert!(g.after.total <= g.before.total + 1e-9);
             let after = apply(&s, &p.moves);
             let again = plan(&after, &opts).unwrap();
             prop_assert!(again.moves.is_empty(), "applied twice: {:?}", again.moves);

@@ -9,7 +9,7 @@
 //! 3. Rebalancing side by side with Ganeti's `hbal` on the states `gen.py --all` writes (20, 200
 //!    and 2,000 hosts), every result scored by `score.py`, with and without `--ignore-dynu`.
 //!
-//! Usage: bench-placement [--hosts N] [--vms N] [--seed S] [--no-hbal]
+//! Usage: bench-placement [--hosts N] [--vms N] [--seed S] [--no-hbal] [--hbal-max-hosts N]
 //! The yardstick is read from `$SHOAL_HBAL_BENCH` or `../shared/bench/hbal` (from the repository).
 
 use std::path::{Path, PathBuf};
@@ -480,6 +480,19 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
             let cplan = rebalance::plan(&snap, &costed)?;
             let csecs = t.elapsed().as_secs_f64();
             let cafter_py = scored(&cplan.moves, "costed")?;
+            // The figure the target is about: moves until hbal's final score is reached, by the
+            // plan (fewest moved VMs where plan quality is on) and by plain greedy (hbal's own
+            // algorithm, which our plan follows move for move without it).
+            let greedy = rebalance::plan_greedy(&snap, &hbal_like)?;
+            let reach = |moves: &[rebalance::Move], tag: &str| -> anyhow::Result<Option<(usize, f64)>> {
+                let Some((target, _, _)) = hbal_res else { return Ok(None) };
+                // Our score matches score.py to ~1e-12; confirm the prefix with score.py.
+                let Some(k) = moves.iter().position(|m| m.score_after <= target + 1e-7) else { return Ok(None) };
+                let py = scored(&moves[..=k], tag)?;
+                Ok(Some((k + 1, py)))
+            };
+            let reach_plan = reach(&plan.moves, "reach")?;
+            let reach_greedy = reach(&greedy.moves, "reach-greedy")?;
             let key = format!("{n}{}", if ignore_dynu { "_ignore_dynu" } else { "" });
             rows.push(vec![
                 format!("{n}"),
@@ -490,6 +503,13 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
                 format!("{k}: {at_k_py:.4}"),
                 format!("{after_py:.4} / {} / {:.3}s", plan.moves.len(), secs),
                 format!("{cafter_py:.4} / {} / {:.3}s / {}", cplan.moves.len(), csecs, cplan.waves),
+                match (hbal_res, reach_plan, reach_greedy) {
+                    (Some(h), b, g) => {
+                        let f = |r: Option<(usize, f64)>| r.map_or("never".to_string(), |r| format!("{} ({:.4})", r.0, r.1));
+                        format!("{} / {} / {}", h.1, f(g), f(b))
+                    }
+                    _ => "-".into(),
+                },
             ]);
             out.insert(
                 key,
@@ -505,6 +525,15 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
                     "shoal_costed_final": cafter_py,
                     "shoal_costed_moves": cplan.moves.len(),
                     "shoal_costed_seconds": (csecs * 1000.0).round() / 1000.0,
+                    "moves_to_hbal_final": {
+                        "hbal": hbal_res.map(|h| h.1),
+                        "shoal_greedy": reach_greedy.map(|r| r.0),
+                        "shoal_greedy_score": reach_greedy.map(|r| r.1),
+                        "shoal": reach_plan.map(|r| r.0),
+                        "shoal_score": reach_plan.map(|r| r.1),
+                    },
+                    "shoal_greedy_final": greedy.after.total,
+                    "shoal_greedy_moves": greedy.moves.len(),
                 }),
             );
         }
@@ -516,7 +545,8 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
     );
     print_table(
         &["hosts", "score", "initial", "ours - score.py", "hbal: final / moves / time", "shoal after K moves",
-          "shoal, any gain: final / moves / time", "shoal, cost model: final / moves / time / waves"],
+          "shoal, any gain: final / moves / time", "shoal, cost model: final / moves / time / waves",
+          "moves to hbal's final: hbal / shoal greedy / shoal"],
         &rows,
     );
     Ok(serde_json::Value::Object(out))
