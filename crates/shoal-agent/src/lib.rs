@@ -39,6 +39,7 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Failure domains and properties to register (`zone=a`, `rack=r12`).
     pub labels: std::collections::BTreeMap<String, String>,
+    pub allocation: shoal_model::Allocation,
 }
 
 /// What the agent keeps between restarts to prove who it is and who may command it.
@@ -190,6 +191,7 @@ async fn register(
         cpus: config.cpus,
         memory_mib: config.memory_mib,
         labels: config.labels.clone(),
+        allocation: config.allocation.clone(),
         join_token: if creds.credential.is_some() {
             None
         } else {

@@ -66,6 +66,8 @@ pub struct HostRecord {
     pub joined_unix_ms: u64,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub allocation: shoal_model::Allocation,
 }
 
 /// Resources claimed on a host by the VMs placed there.

@@ -308,6 +308,10 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
         let (claim, rev) = claims.get(&h.name).copied().unwrap_or_default();
         let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
         host.labels = h.labels.clone();
+        host.cpu_overcommit = h.allocation.cpu_overcommit;
+        host.memory_overcommit = h.allocation.memory_overcommit;
+        host.reserved_cpus = h.allocation.reserved_cpus;
+        host.reserved_memory_mib = h.allocation.reserved_memory_mib;
         if ctl.host_state(&h.name).0 != HostState::Up {
             host.state = shoal_policy::HostState::Down;
         } else if draining.contains(&h.name) {

@@ -375,3 +375,31 @@ async fn zone_anti_affinity_puts_one_vm_per_zone_and_names_the_rule_when_zones_r
     assert!(e.to_string().contains("zone"), "{e}");
     assert_eq!(h.controller().db.store.revision().await.unwrap(), rev);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
+    // Two hosts of 4 vCPU: 2x CPU overcommit less 1 reserved vCPU makes 7 placeable on each.
+    let h = Harness::start(Opts { hosts: 2, cpus: 4, allocation: shoal_model::Allocation {
+        cpu_overcommit: 2.0, reserved_cpus: 1, ..Default::default() }, ..Default::default() }).await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "256MiB").await;
+    let op = h.client.create_cluster(&cluster("fourteen", "p", 14)).await.unwrap();
+    h.client.wait(op.id, |_| {}).await.unwrap();
+    let e = h.client.create_cluster(&cluster("one-more", "p", 1)).await.unwrap_err();
+    assert!(e.to_string().contains("vCPU"), "{e}");
+    let hosts = h.client.hosts().await.unwrap();
+    assert!(hosts.iter().all(|x| x.allocation.cpu_overcommit == 2.0 && x.allocation.reserved_cpus == 1), "{hosts:?}");
+    // A host claiming nonsense is refused when it registers.
+    let bad = shoal_model::agent::RegisterRequest {
+        name: "odd".into(),
+        address: "http://127.0.0.1:9".into(),
+        driver: "sim".into(),
+        cpus: 4,
+        memory_mib: 1024,
+        join_token: None,
+        labels: Default::default(),
+        allocation: shoal_model::Allocation { cpu_overcommit: 0.5, ..Default::default() },
+    };
+    let e = h.client.register_agent(&bad).await.unwrap_err();
+    assert!(e.to_string().contains("cpu overcommit 0.5"), "{e}");
+}

@@ -84,6 +84,9 @@ pub struct RegisterRequest {
     /// Failure domains and properties (`zone=a`, `rack=r12`), for placement rules.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// How placement may use the host: overcommit and what stays reserved for the host itself.
+    #[serde(default)]
+    pub allocation: crate::objects::Allocation,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

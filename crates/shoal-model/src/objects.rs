@@ -48,6 +48,50 @@ pub struct Host {
     /// Failure domains and properties the agent registered (`zone=a`, `rack=r12`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub allocation: Allocation,
+}
+
+/// How placement may use a host's capacity: vCPUs per core and memory it may hand out beyond the
+/// physical amount, and what stays reserved for the host's own processes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Allocation {
+    #[serde(default = "one")]
+    pub cpu_overcommit: f64,
+    #[serde(default = "one")]
+    pub memory_overcommit: f64,
+    #[serde(default)]
+    pub reserved_cpus: u32,
+    #[serde(default)]
+    pub reserved_memory_mib: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for Allocation {
+    fn default() -> Self {
+        Allocation { cpu_overcommit: 1.0, memory_overcommit: 1.0, reserved_cpus: 0, reserved_memory_mib: 0 }
+    }
+}
+
+impl Allocation {
+    /// Checks the ratios and reservations against a host of `cpus` and `memory_mib`.
+    pub fn check(&self, cpus: u32, memory_mib: u64) -> Result<(), String> {
+        for (what, v) in [("cpu overcommit", self.cpu_overcommit), ("memory overcommit", self.memory_overcommit)] {
+            if !v.is_finite() || !(1.0..=64.0).contains(&v) {
+                return Err(format!("{what} {v} is outside 1..=64"));
+            }
+        }
+        if self.reserved_cpus >= cpus {
+            return Err(format!("reserving {} of {cpus} vCPUs leaves none for VMs", self.reserved_cpus));
+        }
+        if self.reserved_memory_mib >= memory_mib {
+            return Err(format!("reserving {} of {memory_mib} MiB leaves none for VMs", self.reserved_memory_mib));
+        }
+        Ok(())
+    }
 }
 
 /// A template: a disk image VMs are cloned from, and how to boot it.

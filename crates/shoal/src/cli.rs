@@ -184,6 +184,18 @@ pub struct HostOpts {
     /// A label for placement rules, `KEY=VALUE` (e.g. `zone=a`, `rack=r12`); repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// vCPUs placement may hand out per vCPU the host offers.
+    #[arg(long, default_value_t = 1.0)]
+    pub cpu_overcommit: f64,
+    /// Memory placement may hand out per MiB the host offers.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// vCPUs kept for the host itself, never given to VMs.
+    #[arg(long, default_value_t = 0)]
+    pub reserve_cpus: u32,
+    /// Memory kept for the host itself, in MiB.
+    #[arg(long, default_value_t = 0)]
+    pub reserve_memory: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -121,14 +121,24 @@ fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &H
     if h.heartbeat.is_nan() || h.heartbeat <= 0.0 {
         bail!("--heartbeat {}: must be positive", h.heartbeat);
     }
+    let cpus = h.host_cpus.unwrap_or_else(machine_cpus);
+    let memory_mib = h.host_memory.unwrap_or_else(machine_memory_mib);
+    let allocation = shoal_model::Allocation {
+        cpu_overcommit: h.cpu_overcommit,
+        memory_overcommit: h.memory_overcommit,
+        reserved_cpus: h.reserve_cpus,
+        reserved_memory_mib: h.reserve_memory,
+    };
+    allocation.check(cpus, memory_mib).map_err(|e| anyhow::anyhow!("host {name}: {e}"))?;
     Ok(AgentConfig {
+        allocation,
         name,
         listen: "127.0.0.1:0".parse().expect("valid address"),
         advertise: None,
         controller_url: controller,
         data_dir: dir,
-        cpus: h.host_cpus.unwrap_or_else(machine_cpus),
-        memory_mib: h.host_memory.unwrap_or_else(machine_memory_mib),
+        cpus,
+        memory_mib,
         join_token: None,
         heartbeat_interval: Duration::from_secs_f64(h.heartbeat),
         labels: h.labels.iter().cloned().collect(),

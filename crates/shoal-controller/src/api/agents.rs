@@ -28,6 +28,9 @@ pub async fn register(
             req.name, req.cpus, req.memory_mib
         )));
     }
+    req.allocation
+        .check(req.cpus, req.memory_mib)
+        .map_err(|e| ApiError::Invalid(format!("host {:?}: {e}", req.name)))?;
     let key = host_key(&req.name);
     let existing = ctl.db.get::<HostRecord>(&key).await?;
     let record = HostRecord {
@@ -38,6 +41,7 @@ pub async fn register(
         memory_mib: req.memory_mib,
         joined_unix_ms: existing.as_ref().map(|e| e.value.joined_unix_ms).unwrap_or_else(now_ms),
         labels: req.labels.clone(),
+        allocation: req.allocation.clone(),
     };
     let mut txn = Txn::new().then(put(key, &record));
     let mut credential = None;

@@ -31,6 +31,7 @@ pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Hos
             joined_unix_ms: h.joined_unix_ms,
             last_heartbeat_unix_ms: seen,
             labels: h.labels,
+            allocation: h.allocation,
         });
     }
     Ok(Json(out))

@@ -29,6 +29,8 @@ pub struct Opts {
     pub host_timeout: Duration,
     /// Spread the hosts over this many zones (label `zone`), round robin; 0: no labels.
     pub zones: usize,
+    /// Overcommit and reservations every host registers.
+    pub allocation: shoal_model::Allocation,
 }
 
 impl Default for Opts {
@@ -40,6 +42,7 @@ impl Default for Opts {
             boot: Duration::ZERO,
             host_timeout: Duration::from_secs(10),
             zones: 0,
+            allocation: Default::default(),
         }
     }
 }
@@ -66,6 +69,7 @@ impl Harness {
                 memory_mib: o.memory_mib,
                 join_token: None,
                 heartbeat_interval: Duration::from_millis(200),
+                allocation: o.allocation.clone(),
                 labels: if o.zones > 0 {
                     [("zone".to_string(), format!("z{}", (i - 1) % o.zones + 1))].into()
                 } else {
