@@ -45,6 +45,10 @@ pub struct Host {
     pub joined_unix_ms: u64,
     /// Last heartbeat seen by this controller process, if any since it started.
     pub last_heartbeat_unix_ms: Option<u64>,
+    /// Where other hosts reach its VXLAN endpoint, when it has a network driver.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub underlay_ip: Option<Ipv4Addr>,
 }
 
 /// A template: a disk image VMs are cloned from, and how to boot it.
@@ -151,6 +155,9 @@ pub struct Cluster {
     pub anti_affinity: AntiAffinity,
     #[schema(value_type = String, example = "10.200.0.0/24")]
     pub subnet: Ipv4Subnet,
+    /// The virtual network the cluster's VMs are on (clusters made before networks: none).
+    #[serde(default)]
+    pub network: Option<String>,
     pub state: ClusterState,
     pub created_unix_ms: u64,
 }

@@ -10,7 +10,7 @@ use shoal_model::api::{CreateCluster, CreateProfile};
 use shoal_model::{AntiAffinity, Operation, Placement, StepState};
 
 use crate::cli::*;
-use crate::{daemons, images, output};
+use crate::{daemons, images, networks, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -135,6 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 size,
                 placement,
                 anti_affinity,
+                network,
                 wait,
             } => {
                 let req = CreateCluster {
@@ -149,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         AntiAffinityArg::None => AntiAffinity::None,
                         AntiAffinityArg::Host => AntiAffinity::Host,
                     },
+                    network,
                 };
                 let op = client.create_cluster(&req).await?;
                 finish(&client, out, op, wait).await?
@@ -168,6 +170,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ClusterCmd::Suspend(a) => power(&client, out, &a, None, "suspend", false).await?,
             ClusterCmd::Resume(a) => power(&client, out, &a, None, "resume", false).await?,
         },
+        Command::Network(n) => networks::run(&client, out, n).await?,
         Command::Vm(VmCmd::List { cluster }) => {
             output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms)
         }

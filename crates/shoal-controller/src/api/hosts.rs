@@ -30,6 +30,7 @@ pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Hos
             vms: claim.vms,
             joined_unix_ms: h.joined_unix_ms,
             last_heartbeat_unix_ms: seen,
+            underlay_ip: h.underlay_ip,
         });
     }
     Ok(Json(out))
