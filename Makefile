@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm bench-images openapi clean
+.PHONY: deps build demo test test-net bench-deploy bench-vm bench-images bench-net openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -23,6 +23,11 @@ test: deps
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## make test-net: only the cross-host virtual network tests (root: network namespaces, bridges,
+## VXLAN, real guests under TCG). They remove every namespace, bridge and tap they make.
+test-net: deps
+	$(CARGO) test -p shoal --test net -- --test-threads=1
 
 ## Rewrites docs/openapi.json from the code (the test fails when they differ).
 openapi:
