@@ -41,6 +41,12 @@ bench-vm: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-vm target/release/shoal
 
+## make bench-net: network set-up/tear-down on a host, and guest RTT and TCP throughput across
+## hosts over VXLAN vs on one bridge (root; real guests under TCG; about 2 minutes).
+bench-net: deps
+	$(CARGO) build --release -p shoal -p shoal-bench
+	target/release/bench-net target/release/shoal $(BENCH_FLAGS)
+
 ## make bench-images: Shoal's image store against borg, casync and restic on the VM image corpus
 ## (seven 2 GiB Debian images). The corpus is built first when absent (root, about 11 minutes, about
 ## 15 GB under /var/tmp/shoal-corpus). BENCH_FLAGS="--only shoal" for a quick run.
