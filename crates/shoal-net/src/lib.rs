@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 pub mod bridge;
 pub mod sim;
+pub mod udp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -53,6 +54,13 @@ pub trait NetDriver: Send + Sync {
     async fn attach(&self, vni: u32, tap: &str) -> Result<(), NetError>;
     /// Removes network `vni`'s devices (and with them its FDB entries).
     async fn destroy(&self, vni: u32) -> Result<(), NetError>;
+    /// QEMU's `-netdev` (id `net0`) for VM `uuid` on network `vni`: by default a tap QEMU makes,
+    /// which [`NetDriver::attach`] then connects.
+    fn netdev(&self, _vni: u32, uuid: Uuid) -> Result<String, NetError> {
+        Ok(format!("tap,id=net0,ifname={},script=no,downscript=no", tap_name(uuid)))
+    }
+    /// VM `uuid` left network `vni` on this host.
+    fn release_vm(&self, _vni: u32, _uuid: Uuid) {}
 }
 
 pub fn bridge_name(vni: u32) -> String {
@@ -106,10 +114,7 @@ impl NetManager {
         st.vms.insert(spec.uuid, n.vni);
         let peers = st.wanted.get(&n.vni).cloned().unwrap_or_else(|| n.peers.iter().copied().collect());
         self.program(&mut st, n.vni, peers).await?;
-        Ok(Some(format!(
-            "tap,id=net0,ifname={},script=no,downscript=no",
-            tap_name(spec.uuid)
-        )))
+        Ok(Some(self.driver.netdev(n.vni, spec.uuid)?))
     }
 
     /// Connects the tap QEMU made for `spec`.
@@ -131,6 +136,7 @@ impl NetManager {
     pub async fn release(&self, uuid: Uuid) -> Result<(), NetError> {
         let mut st = self.state.lock().await;
         let Some(vni) = st.vms.remove(&uuid) else { return Ok(()) };
+        self.driver.release_vm(vni, uuid);
         if st.vms.values().any(|v| *v == vni) {
             return Ok(());
         }

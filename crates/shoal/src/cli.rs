@@ -272,6 +272,9 @@ pub enum NetDriverArg {
     None,
     /// A Linux bridge and a VXLAN device per network, made over netlink (needs CAP_NET_ADMIN).
     Bridge,
+    /// No privileges needed: QEMU's UDP socket netdev to a switch in the agent, which carries
+    /// frames to the other hosts over UDP (port 4790 on the underlay address).
+    Udp,
 }
 
 #[derive(Subcommand, Debug)]

@@ -93,21 +93,22 @@ fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
 /// The network driver `--net` asks for, checked before anything else starts: a bridge driver
 /// without CAP_NET_ADMIN or with an underlay address that is not this host's is refused.
 async fn network(a: &AgentArgs) -> anyhow::Result<Option<Arc<shoal_net::NetManager>>> {
-    match a.net {
-        NetDriverArg::None => Ok(None),
-        NetDriverArg::Bridge => {
-            if a.host.driver != Driver::Qemu {
-                bail!("--net bridge needs --driver qemu");
-            }
-            let Some(ip) = a.underlay_ip else {
-                bail!("--net bridge needs --underlay-ip: the address other hosts reach this one's VXLAN traffic on");
-            };
-            let d = shoal_net::bridge::BridgeDriver::open(ip)
-                .await
-                .with_context(|| format!("agent {}: network driver bridge", a.name))?;
-            Ok(Some(Arc::new(shoal_net::NetManager::new(Arc::new(d)))))
-        }
+    let flag = match a.net {
+        NetDriverArg::None => return Ok(None),
+        NetDriverArg::Bridge => "bridge",
+        NetDriverArg::Udp => "udp",
+    };
+    if a.host.driver != Driver::Qemu {
+        bail!("--net {flag} needs --driver qemu");
     }
+    let Some(ip) = a.underlay_ip else {
+        bail!("--net {flag} needs --underlay-ip: the address other hosts reach this one's network traffic on");
+    };
+    let driver: Arc<dyn shoal_net::NetDriver> = match a.net {
+        NetDriverArg::Bridge => Arc::new(shoal_net::bridge::BridgeDriver::open(ip).await.with_context(|| format!("agent {}: network driver bridge", a.name))?),
+        _ => Arc::new(shoal_net::udp::UdpDriver::open(ip, shoal_net::udp::UDP_PORT).await.with_context(|| format!("agent {}: network driver udp", a.name))?),
+    };
+    Ok(Some(Arc::new(shoal_net::NetManager::new(driver))))
 }
 
 async fn hypervisor(h: &HostOpts, config: &AgentConfig) -> anyhow::Result<Arc<dyn Hypervisor>> {

@@ -27,11 +27,21 @@ fn console(lab: &Lab, vm: &str) -> String {
 
 #[test]
 fn guests_on_two_hosts_reach_each_other_over_vxlan_and_other_networks_cannot() {
+    across_two_hosts("bridge");
+}
+
+#[test]
+fn guests_on_two_hosts_reach_each_other_with_the_unprivileged_udp_driver() {
+    across_two_hosts("udp");
+}
+
+fn across_two_hosts(driver: &str) {
+    let bridge = driver == "bridge";
     let mut lab = Lab::new(2);
     let tag = lab.tag.clone();
     lab.start_controller();
-    lab.start_agent(0);
-    lab.start_agent(1);
+    lab.start_agent(0, driver);
+    lab.start_agent(1, driver);
     eventually(Duration::from_secs(60), "2 hosts", || {
         lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(2)
     });
@@ -66,7 +76,7 @@ fn guests_on_two_hosts_reach_each_other_over_vxlan_and_other_networks_cannot() {
 
     // On each host: the bridge, the VXLAN device and the VM's tap; the VXLAN device's FDB sends
     // flooded traffic to the other host's underlay address.
-    for i in 0..2 {
+    for i in (0..2).filter(|_| bridge) {
         let links = lab.shoal_links(i);
         assert!(links.contains(&"shbr4242".to_string()) && links.contains(&"shvx4242".to_string()), "host {i}: {links:?}");
         assert!(links.iter().any(|l| l.starts_with("sht")), "host {i}: {links:?}");
@@ -77,6 +87,10 @@ fn guests_on_two_hosts_reach_each_other_over_vxlan_and_other_networks_cannot() {
         assert!(mtu.contains("mtu 1500"), "{mtu}");
     }
 
+    // The UDP driver makes no device at all.
+    for i in (0..2).filter(|_| !bridge) {
+        assert!(lab.shoal_links(i).is_empty(), "{:?}", lab.shoal_links(i));
+    }
     // Each guest reaches the other across hosts.
     for (vm, peer) in [("c1-0", &peers[1]), ("c1-1", &peers[0])] {
         eventually(Duration::from_secs(180), &format!("{vm} to report on {peer}"), || {

@@ -131,13 +131,20 @@ impl Lab {
         a
     }
 
-    /// Starts an agent with the bridge network driver in namespace `i`.
-    pub fn start_agent(&mut self, i: usize) {
+    /// Starts an agent with network driver `net` in namespace `i`; the `udp` driver's agent runs
+    /// without CAP_NET_ADMIN, to show that it needs none.
+    pub fn start_agent(&mut self, i: usize, net: &str) {
         let token = self.ok(&["host", "join-token"]).trim().to_string();
         let under = self.underlay(i);
-        let args = self.agent_args(i, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", "bridge",
+        let mut args = self.agent_args(i, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", net,
             "--underlay-ip", &under, "--host-cpus", "2", "--host-memory", "2048", "--ready-timeout", "240",
             "--stop-timeout", "10"]);
+        if net == "udp" {
+            let at = args.iter().position(|a| a == SHOAL).unwrap();
+            for (k, a) in ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"].iter().enumerate() {
+                args.insert(at + k, a.to_string());
+            }
+        }
         let log = self.dir.path().join(format!("h{i}.log"));
         self.agents.push(spawn_ip(&args, &log));
     }
