@@ -92,8 +92,9 @@ impl BridgeDriver {
         self.handle.link().set(m.build()).execute().await.map_err(nl(what))
     }
 
-    /// The remote VTEPs programmed on a VXLAN device: its all-zeros FDB entries.
-    async fn fdb_peers(&self, vx: u32) -> Result<Vec<Ipv4Addr>, NetError> {
+    /// The FDB entries of a VXLAN device that send to a remote VTEP: (MAC, destination). The
+    /// all-zeros MAC is a programmed peer; others were learned from traffic.
+    async fn fdb_entries(&self, vx: u32) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetError> {
         let entries: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -106,23 +107,36 @@ impl BridgeDriver {
         Ok(entries
             .iter()
             .filter(|m| m.header.ifindex == vx)
-            .filter(|m| m.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(l) if l.iter().all(|b| *b == 0))))
             .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                let mac = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
                     _ => None,
-                })
+                })?;
+                let dst = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    // In a bridge-family message the parser does not know NDA_DST's family: it
+                    // comes as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
+                    _ => None,
+                })?;
+                Some((mac, dst))
             })
             .collect())
     }
 
     fn fdb_message(vx: u32, peer: Ipv4Addr) -> NeighbourMessage {
+        Self::fdb_message_for(vx, [0; 6], peer)
+    }
+
+    fn fdb_message_for(vx: u32, mac: [u8; 6], peer: Ipv4Addr) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = vx;
         m.header.state = netlink_packet_route::neighbour::NeighbourState::Permanent;
         m.header.flags = NeighbourFlags::Own;
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
         m
     }
@@ -202,14 +216,16 @@ impl NetDriver for BridgeDriver {
     async fn set_peers(&self, vni: u32, peers: &[Ipv4Addr]) -> Result<(), NetError> {
         let vx = vxlan_name(vni);
         let Some(vx_index) = self.index_of(&vx).await? else { return Ok(()) };
-        let have = self.fdb_peers(vx_index).await?;
-        for old in have.iter().filter(|p| !peers.contains(p)) {
-            self.handle
-                .neighbours()
-                .del(Self::fdb_message(vx_index, *old))
-                .execute()
-                .await
-                .map_err(nl(format!("removing FDB entry for {old} from {vx}")))?;
+        let entries = self.fdb_entries(vx_index).await?;
+        let have: Vec<Ipv4Addr> = entries.iter().filter(|(m, _)| *m == [0; 6]).map(|(_, d)| *d).collect();
+        // A host that left: its flood entry and what was learned behind it go.
+        for (mac, old) in entries.iter().filter(|(_, d)| !peers.contains(d)) {
+            match self.handle.neighbours().del(Self::fdb_message_for(vx_index, *mac, *old)).execute().await {
+                Ok(()) => {}
+                // A learned entry may age out meanwhile.
+                Err(rtnetlink::Error::NetlinkError(e)) if *mac != [0; 6] && e.raw_code() == -2 => {}
+                Err(e) => return Err(nl(format!("removing FDB entry for {old} from {vx}"))(e)),
+            }
         }
         for new in peers.iter().filter(|p| !have.contains(p)) {
             self.fdb_append(vx_index, *new).await?;

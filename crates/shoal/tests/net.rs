@@ -106,6 +106,28 @@ fn across_two_hosts(driver: &str) {
         assert!(text.contains(&format!("reach {p} fail")), "c2-0 reached {p} across networks:\n{text}");
     }
 
+    // Scaling c1 down to one VM: the host that loses its last VM of n1 drops the network's
+    // devices, and the other host's VXLAN device forgets it as a peer.
+    let gone = vms.iter().find(|v| v["name"] == "c1-1").unwrap()["host"].as_str().unwrap().to_string();
+    let (gone, kept): (usize, usize) = if gone == "h0" { (0, 1) } else { (1, 0) };
+    lab.ok(&["cluster", "scale", "c1", "--size", "1", "--wait"]);
+    if bridge {
+        eventually(Duration::from_secs(20), "the emptied host to drop n1", || {
+            !lab.shoal_links(gone).contains(&"shbr4242".to_string())
+        });
+        assert!(lab.shoal_links(gone).iter().all(|l| !l.ends_with("4242")), "{:?}", lab.shoal_links(gone));
+        let other = lab.underlay(gone);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while lab.fdb(kept, "shvx4242").contains(&format!("dst {other}")) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let fdb = lab.fdb(kept, "shvx4242");
+        assert!(!fdb.contains(&format!("dst {other}")), "the remaining host still sends to {other}:\n{fdb}\n{}", lab.logs());
+        assert!(lab.shoal_links(kept).contains(&"shvx4242".to_string()));
+    }
+    let n1 = lab.json(&["network", "show", "n1"]);
+    assert_eq!(n1["hosts"].as_array().unwrap().len(), 1, "{n1}");
+
     // Deleting the clusters removes every bridge, VXLAN device, tap and FDB entry on both hosts.
     lab.ok(&["cluster", "delete", "c2", "--wait"]);
     lab.ok(&["cluster", "delete", "c1", "--wait"]);
