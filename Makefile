@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test bench-deploy bench-vm bench-images bench-placement bench-sim openapi clean
+.PHONY: deps build demo test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -24,6 +24,11 @@ test: deps
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
+## make test-net: only the cross-host virtual network tests (root: network namespaces, bridges,
+## VXLAN, real guests under TCG). They remove every namespace, bridge and tap they make.
+test-net: deps
+	$(CARGO) test -p shoal --test net -- --test-threads=1
+
 ## Rewrites docs/openapi.json from the code (the test fails when they differ).
 openapi:
 	UPDATE_OPENAPI=1 $(CARGO) test -p shoal-controller --test openapi
@@ -35,6 +40,12 @@ bench-deploy: deps
 bench-vm: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-vm target/release/shoal
+
+## make bench-net: network set-up/tear-down on a host, and guest RTT and TCP throughput across
+## hosts over VXLAN vs on one bridge (root; real guests under TCG; about 2 minutes).
+bench-net: deps
+	$(CARGO) build --release -p shoal -p shoal-bench
+	target/release/bench-net target/release/shoal $(BENCH_FLAGS)
 
 ## make bench-images: Shoal's image store against borg, casync and restic on the VM image corpus
 ## (seven 2 GiB Debian images). The corpus is built first when absent (root, about 11 minutes, about

@@ -25,6 +25,8 @@ use shoal_model::VmState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod net;
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub name: String,
@@ -80,8 +82,10 @@ fn restrict(path: &Path) {
 }
 
 #[derive(Clone)]
-struct AgentState {
+pub(crate) struct AgentState {
     hv: Arc<dyn Hypervisor>,
+    /// The host's virtual networks, when it has a network driver.
+    net: Option<Arc<shoal_net::NetManager>>,
     /// Hash of the token the controller must present; `None` on a loopback listener.
     require: Option<String>,
 }
@@ -115,6 +119,16 @@ impl RunningAgent {
 /// Binds the listener, registers with the controller (waiting for it to come up), then serves
 /// commands and sends heartbeats in the background.
 pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Result<RunningAgent> {
+    start_with_network(config, hv, None).await
+}
+
+/// [`start`], with a network driver for virtual networks (its underlay address and guest MTU
+/// are registered with the controller).
+pub async fn start_with_network(
+    config: AgentConfig,
+    hv: Arc<dyn Hypervisor>,
+    net: Option<Arc<shoal_net::NetManager>>,
+) -> anyhow::Result<RunningAgent> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -128,7 +142,12 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
     let loopback = local.ip().is_loopback();
 
     let mut creds = Credentials::load(&config.data_dir)?;
-    register(&config, &address, hv.as_ref(), &mut creds).await?;
+    let net_info = net.as_ref().map(|n| NetInfo {
+        driver: n.driver().name().to_string(),
+        underlay_ip: n.driver().underlay_ip(),
+        guest_mtu: n.driver().guest_mtu(),
+    });
+    register(&config, &address, hv.as_ref(), net_info.as_ref(), &mut creds).await?;
     if !loopback && creds.controller_token_hash.is_none() {
         bail!(
             "agent {} listens on {local} (not loopback) but the controller gave it no token to check commands with; \
@@ -139,6 +158,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
 
     let state = AgentState {
         hv: hv.clone(),
+        net,
         require: if loopback {
             None
         } else {
@@ -151,6 +171,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
         .route("/v1/vms/remove", post(remove_vms))
         .route("/v1/vms/{uuid}/console", get(console))
         .route("/v1/vms/{uuid}/snapshot", post(snapshot))
+        .route("/v1/networks/peers", post(net::set_peers))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -168,7 +189,7 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
             tracing::error!("agent server: {e}");
         }
     });
-    let heartbeats = tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, creds, stop_rx));
+    let heartbeats = tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, net_info, creds, stop_rx));
     tracing::info!(agent = %config.name, %address, "agent started");
     Ok(RunningAgent {
         name: config.name,
@@ -178,10 +199,19 @@ pub async fn start(config: AgentConfig, hv: Arc<dyn Hypervisor>) -> anyhow::Resu
     })
 }
 
+/// What an agent with a network driver registers about it.
+#[derive(Clone, Debug)]
+struct NetInfo {
+    driver: String,
+    underlay_ip: std::net::Ipv4Addr,
+    guest_mtu: u32,
+}
+
 async fn register(
     config: &AgentConfig,
     address: &str,
     hv: &dyn Hypervisor,
+    net: Option<&NetInfo>,
     creds: &mut Credentials,
 ) -> anyhow::Result<()> {
     let req = RegisterRequest {
@@ -192,6 +222,9 @@ async fn register(
         memory_mib: config.memory_mib,
         labels: config.labels.clone(),
         allocation: config.allocation.clone(),
+        underlay_ip: net.map(|n| n.underlay_ip),
+        network_driver: net.map(|n| n.driver.clone()),
+        guest_mtu: net.map(|n| n.guest_mtu),
         join_token: if creds.credential.is_some() {
             None
         } else {
@@ -226,6 +259,7 @@ async fn heartbeat_loop(
     config: AgentConfig,
     address: String,
     hv: Arc<dyn Hypervisor>,
+    net: Option<NetInfo>,
     mut creds: Credentials,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -242,7 +276,7 @@ async fn heartbeat_loop(
             // The controller no longer knows this host (its state was reset): join again.
             Err(e) if e.status() == Some(404) => {
                 tracing::warn!(agent = %config.name, "controller forgot this host, registering again");
-                if let Err(e) = register(&config, &address, hv.as_ref(), &mut creds).await {
+                if let Err(e) = register(&config, &address, hv.as_ref(), net.as_ref(), &mut creds).await {
                     tracing::error!("{e:#}");
                 }
                 client = Client::new(&config.controller_url, creds.credential.clone());

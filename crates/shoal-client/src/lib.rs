@@ -337,6 +337,26 @@ impl Client {
         self.http.delete(&format!("/v1/clusters/{}", seg(name))).await
     }
 
+    pub async fn create_network(
+        &self,
+        req: &shoal_model::network::CreateNetwork,
+    ) -> Result<shoal_model::network::NetworkView, ClientError> {
+        self.http.post("/v1/networks", req).await
+    }
+
+    pub async fn networks(&self) -> Result<Vec<shoal_model::network::NetworkView>, ClientError> {
+        self.http.get("/v1/networks").await
+    }
+
+    pub async fn network(&self, name: &str) -> Result<shoal_model::network::NetworkView, ClientError> {
+        self.http.get(&format!("/v1/networks/{}", seg(name))).await
+    }
+
+    pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.http.delete(&format!("/v1/networks/{}", seg(name))).await?;
+        Ok(())
+    }
+
     pub async fn vms(&self, cluster: Option<&str>) -> Result<Vec<Vm>, ClientError> {
         match cluster {
             Some(c) => self.http.get(&format!("/v1/vms?cluster={}", seg(c))).await,
@@ -514,6 +534,12 @@ impl AgentClient {
 
     pub async fn ensure(&self, req: &EnsureVms) -> Result<BatchResult, ClientError> {
         self.http.post("/v1/vms/ensure", req).await
+    }
+
+    /// Tells the host the remote VTEPs of each of its networks.
+    pub async fn set_network_peers(&self, req: &shoal_model::network::NetworkPeers) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.http.post("/v1/networks/peers", req).await?;
+        Ok(())
     }
 
     pub async fn remove(&self, req: &RemoveVms) -> Result<BatchResult, ClientError> {

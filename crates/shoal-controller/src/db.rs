@@ -8,6 +8,7 @@
 //! - `/ipam/subnets/<cidr>`, `/ipam/ips/<ip>`, `/ipam/macs/<mac>`: one key per allocated
 //!   identity, created with "must not exist" so that two writers can never hand out the same one.
 //! - `/auth/tokens/<blake3 of token>`: hashed tokens.
+//! - `/networks/<name>`, `/ipam/vnis/<vni>`: virtual networks (see [`crate::network`]).
 
 use std::sync::Arc;
 
@@ -68,6 +69,12 @@ pub struct HostRecord {
     pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub allocation: shoal_model::Allocation,
+    /// Where other hosts reach its VXLAN endpoint (hosts with a network driver only).
+    #[serde(default)]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The MTU guests can have over its underlay.
+    #[serde(default)]
+    pub guest_mtu: Option<u32>,
 }
 
 /// Resources claimed on a host by the VMs placed there.

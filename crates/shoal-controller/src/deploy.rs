@@ -172,13 +172,6 @@ async fn plan_new_vms(
     );
 
     // Step 2: configure VMs: fresh identity for each.
-    let cap = cluster.subnet.guest_capacity();
-    if let Some(&too_far) = indices.iter().find(|&&i| i as u64 >= cap) {
-        return Err(ApiError::Capacity(format!(
-            "cluster {:?}'s subnet {} has room for {cap} VMs; VM index {too_far} does not fit",
-            cluster.name, cluster.subnet
-        )));
-    }
     let taken_macs: HashSet<MacAddr> = ctl
         .db
         .keys("/ipam/macs/")
@@ -187,18 +180,35 @@ async fn plan_new_vms(
         .filter_map(|k| k.rsplit('/').next()?.parse().ok())
         .collect();
     let macs = ipam::allocate_macs(n, &taken_macs);
+    let taken_ips: HashSet<std::net::Ipv4Addr> = ctl
+        .db
+        .keys("/ipam/ips/")
+        .await?
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+        .filter(|ip| cluster.subnet.contains(*ip))
+        .collect();
+    let ips = ipam::allocate_ips(&cluster.subnet, indices, &taken_ips).ok_or_else(|| {
+        ApiError::Capacity(format!(
+            "network subnet {} of cluster {:?} has no room for {n} more VMs ({} addresses in use)",
+            cluster.subnet,
+            cluster.name,
+            taken_ips.len()
+        ))
+    })?;
     let now = now_ms();
     let mut vms: Vec<Vm> = indices
         .iter()
         .zip(macs)
-        .map(|(&index, mac)| Vm {
+        .zip(ips)
+        .map(|((&index, mac), ip)| Vm {
             name: format!("{}-{index}", cluster.name),
             uuid: Uuid::new_v4(),
             cluster: cluster.name.clone(),
             index,
             host: String::new(),
             state: VmState::Pending,
-            ip: cluster.subnet.guest_address(index as u64).expect("index checked against capacity"),
+            ip,
             mac,
             cpus: cluster.shape.cpus,
             memory_mib: cluster.shape.memory_mib,
@@ -371,14 +381,9 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
         return Err(ApiError::exists("cluster", &req.name));
     }
     let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
-    let taken: Vec<shoal_model::Ipv4Subnet> = ctl
-        .db
-        .keys("/ipam/subnets/")
-        .await?
-        .iter()
-        .filter_map(|k| k.strip_prefix("/ipam/subnets/")?.parse().ok())
-        .collect();
-    let subnet = ipam::allocate_subnet(&ctl.config, req.size, &taken)?;
+    let wanted = req.network.as_deref().or(shape.network.as_deref());
+    let (net, net_txn) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size).await?;
+    let subnet = net.subnet;
     let cluster = Cluster {
         name: req.name.clone(),
         profile: req.profile.clone(),
@@ -387,18 +392,20 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
         placement: req.placement,
         anti_affinity: req.anti_affinity,
         subnet,
+        network: Some(net.name.clone()),
         state: ClusterState::Converging,
         created_unix_ms: now_ms(),
     };
     let mut op = new_operation(OperationKind::ClusterCreate, &req.name, &DEPLOY_STEPS, 0);
     let indices: Vec<u32> = (0..req.size).collect();
-    let (_vms, txn) = plan_new_vms(ctl, &cluster, &indices, &[], &mut op).await?;
-    let sk = db::subnet_key(&subnet);
+    let (_vms, mut txn) = plan_new_vms(ctl, &cluster, &indices, &[], &mut op).await?;
+    if let Some(n) = net_txn {
+        txn.compare.extend(n.compare);
+        txn.success.extend(n.success);
+    }
     let txn = txn
         .when(Compare::Version(key.clone(), 0))
-        .when(Compare::Version(sk.clone(), 0))
         .then(put(key, &cluster))
-        .then(Op::Put(sk, cluster.name.clone().into_bytes()))
         .then(put(db::operation_key(&op.id), &op));
     commit(ctl, txn, &req.name).await?;
     ctl.wake.notify_one();

@@ -3,6 +3,7 @@
 //! store, created with "must not exist" in the same transaction as the VMs that hold them.
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 
 use rand::Rng;
 use shoal_model::{Ipv4Subnet, MacAddr};
@@ -41,6 +42,33 @@ pub fn allocate_subnet(
                 taken.len()
             ))
         })
+}
+
+/// A guest address for each VM index: the index-th address of the subnet when free, else the
+/// lowest free one (clusters sharing a network share its subnet). `None` when they do not fit.
+pub fn allocate_ips(subnet: &Ipv4Subnet, indices: &[u32], taken: &HashSet<Ipv4Addr>) -> Option<Vec<Ipv4Addr>> {
+    let mut used: HashSet<Ipv4Addr> = taken.clone();
+    let preferred: Vec<Option<Ipv4Addr>> = indices
+        .iter()
+        .map(|&i| subnet.guest_address(i as u64).filter(|ip| !taken.contains(ip)))
+        .collect();
+    used.extend(preferred.iter().flatten());
+    let mut next = 0u64;
+    let mut out = Vec::with_capacity(indices.len());
+    for p in preferred {
+        match p {
+            Some(ip) => out.push(ip),
+            None => loop {
+                let ip = subnet.guest_address(next)?;
+                next += 1;
+                if used.insert(ip) {
+                    out.push(ip);
+                    break;
+                }
+            },
+        }
+    }
+    Some(out)
 }
 
 /// `n` MACs not in `taken`, under QEMU's prefix.
@@ -88,6 +116,17 @@ mod tests {
         assert!(e.to_string().contains("10.9.0.0/23"), "{e}");
         let e = allocate_subnet(&c, 600, &[]).unwrap_err();
         assert!(e.to_string().contains("600 VMs"), "{e}");
+    }
+
+    #[test]
+    fn ips_prefer_the_index_address_and_fill_holes_when_shared() {
+        let s: Ipv4Subnet = "10.1.0.0/29".parse().unwrap();
+        let ip = |x: &str| x.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(allocate_ips(&s, &[0, 1], &HashSet::new()).unwrap(), vec![ip("10.1.0.2"), ip("10.1.0.3")]);
+        let taken: HashSet<_> = [ip("10.1.0.2"), ip("10.1.0.3")].into();
+        assert_eq!(allocate_ips(&s, &[0, 2], &taken).unwrap(), vec![ip("10.1.0.5"), ip("10.1.0.4")]);
+        // /29: five guest addresses.
+        assert!(allocate_ips(&s, &[0, 1, 2, 3], &taken).is_none());
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod ipam;
 pub mod locality;
 pub mod plan;
 pub mod lifecycle;
+pub mod network;
 mod reconcile;
 
 pub use db::Db;
@@ -92,6 +93,8 @@ pub struct Inner {
     /// When "ensure" was last sent for a VM, and with which wanted power state: a VM still on
     /// its way is asked again only now and then.
     ensure_sent: Mutex<HashMap<Uuid, (Instant, shoal_model::Power)>>,
+    /// The remote VTEPs last sent to each host, so that only changes are sent.
+    pub(crate) peers_sent: Mutex<HashMap<String, shoal_model::network::NetworkPeers>>,
     /// One HTTP client per agent address, so connections are reused.
     agents: Mutex<HashMap<String, AgentClient>>,
     /// The image store: templates and VM snapshots as manifests of deduplicated chunks.
@@ -268,6 +271,7 @@ pub async fn start_with_store(
         inflight: Mutex::new(HashSet::new()),
         agents: Mutex::new(HashMap::new()),
         ensure_sent: Mutex::new(HashMap::new()),
+        peers_sent: Mutex::new(HashMap::new()),
         config,
     }));
 

@@ -38,6 +38,8 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
 #[derive(Default)]
 struct Commands {
     ensure: BTreeMap<String, HostBatch<(String, VmSpec)>>,
+    /// Remote VTEPs for the hosts whose networks' membership changed.
+    peers: BTreeMap<String, (String, shoal_model::network::NetworkPeers)>,
     remove: BTreeMap<String, HostBatch<(Option<String>, Uuid)>>,
 }
 
@@ -72,6 +74,7 @@ struct Snapshot {
     vms: Vec<Versioned<Vm>>,
     templates: HashMap<String, TemplateRecord>,
     ops: Vec<Operation>,
+    networks: HashMap<String, shoal_model::Network>,
 }
 
 async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
@@ -104,6 +107,11 @@ async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
             .await?
             .into_iter()
             .filter(|o| o.state == OperationState::Running)
+            .collect(),
+        networks: crate::network::networks(ctl)
+            .await?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
             .collect(),
     })
 }
@@ -170,6 +178,16 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
 
     // Commands for the hosts.
     let mut cmds = Commands::default();
+    let topo = topology(&s);
+    {
+        let sent = ctl.peers_sent.lock().expect("peers_sent lock");
+        for (host, peers) in topo.peers_by_host(&s.networks) {
+            let Some(rec) = s.hosts.get(&host) else { continue };
+            if up(&host) && sent.get(&host) != Some(&peers) {
+                cmds.peers.insert(host, (rec.address.clone(), peers));
+            }
+        }
+    }
     let mut known: HashSet<(Uuid, &str)> = HashSet::new();
     for v in &s.vms {
         let vm = &v.value;
@@ -185,7 +203,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         };
         match vm.state {
             _ if wants_ensure => {
-                let Some(spec) = spec_for(&s, vm) else { continue };
+                let Some(spec) = spec_for(&s, &topo, vm) else { continue };
                 cmds.ensure
                     .entry(host.name.clone())
                     .or_insert_with(|| (host.address.clone(), Vec::new()))
@@ -219,8 +237,18 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     Ok(cmds)
 }
 
-fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
+fn topology(s: &Snapshot) -> crate::network::Topology {
+    let clusters: HashMap<String, Cluster> = s.clusters.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
+    let vms: Vec<Vm> = s.vms.iter().map(|v| v.value.clone()).collect();
+    crate::network::Topology::new(&clusters, &vms, &s.hosts)
+}
+
+fn spec_for(s: &Snapshot, topo: &crate::network::Topology, vm: &Vm) -> Option<VmSpec> {
     let cluster = &s.clusters.get(&vm.cluster)?.value;
+    let network = match &cluster.network {
+        Some(n) => Some(topo.vm_network(s.networks.get(n)?, &vm.host)),
+        None => None,
+    };
     let template = s.templates.get(&vm.template)?;
     Some(VmSpec {
         uuid: vm.uuid,
@@ -245,11 +273,23 @@ fn spec_for(s: &Snapshot, vm: &Vm) -> Option<VmSpec> {
         gateway: cluster.subnet.gateway(),
         mac: vm.mac,
         user_data: cluster.shape.user_data.clone(),
+        network,
     })
 }
 
 /// Sends every host its batch, all hosts at once. Results are written back as they arrive.
 fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
+    for (host, (address, peers)) in cmds.peers {
+        let ctl = ctl.clone();
+        spawn_until_stopped(stop, async move {
+            match ctl.agent(&address).set_network_peers(&peers).await {
+                Ok(()) => {
+                    ctl.peers_sent.lock().expect("peers_sent lock").insert(host, peers);
+                }
+                Err(e) => tracing::warn!(%host, "sending network peers failed: {e}"),
+            }
+        });
+    }
     for (host, (address, batch)) in cmds.ensure {
         let uuids = ctl.claim_inflight(&host, batch.iter().map(|(_, s)| s.uuid));
         if uuids.is_empty() {
@@ -498,15 +538,11 @@ async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()
             continue;
         }
         let ck = db::cluster_key(&c.value.name);
-        ctl.db
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::ModRevision(ck.clone(), c.mod_revision))
-                    .then(Op::Delete(ck))
-                    .then(Op::Delete(db::subnet_key(&c.value.subnet))),
-            )
-            .await?;
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(ck.clone(), c.mod_revision))
+            .then(Op::Delete(ck));
+        txn.success.extend(crate::network::release_ops(ctl, &c.value).await?);
+        ctl.db.store.txn(txn).await?;
         tracing::info!(cluster = %c.value.name, "cluster deleted");
     }
     Ok(())

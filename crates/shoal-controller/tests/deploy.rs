@@ -399,6 +399,9 @@ async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
         join_token: None,
         labels: Default::default(),
         allocation: shoal_model::Allocation { cpu_overcommit: 0.5, ..Default::default() },
+        underlay_ip: None,
+        network_driver: None,
+        guest_mtu: None,
     };
     let e = h.client.register_agent(&bad).await.unwrap_err();
     assert!(e.to_string().contains("cpu overcommit 0.5"), "{e}");

@@ -30,6 +30,21 @@ pub enum HvError {
     },
 }
 
+/// Connects VMs to their virtual networks: the host agent's network driver, as the QEMU driver
+/// sees it. Without one, every VM gets QEMU's user-mode networking.
+#[async_trait]
+pub trait VmNet: Send + Sync {
+    /// Readies the host side of the VM's network; returns QEMU's `-netdev` value (id `net0`),
+    /// or `None` for user-mode networking.
+    async fn netdev(&self, spec: &VmSpec) -> Result<Option<String>, String>;
+    /// QEMU started: connects what it made for the VM (its tap).
+    async fn connect(&self, spec: &VmSpec) -> Result<(), String>;
+    /// A VM found running when the driver opened.
+    async fn adopt(&self, spec: &VmSpec);
+    /// The VM left the host.
+    async fn release(&self, uuid: Uuid);
+}
+
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     /// Driver name as reported to the controller (`sim`, `qemu/tcg`, `qemu/kvm`).

@@ -154,6 +154,7 @@ mod tests {
             gateway: "10.200.0.1".parse().unwrap(),
             mac: shoal_model::MacAddr::qemu(1),
             user_data: None,
+            network: None,
         }
     }
 

@@ -60,6 +60,7 @@ fn spec(t: &DemoTemplate, name: &str) -> VmSpec {
         gateway: "10.200.0.1".parse().unwrap(),
         mac: MacAddr::qemu(0x10203),
         user_data: None,
+        network: None,
     }
 }
 

@@ -41,6 +41,10 @@ pub struct VmSpec {
     #[schema(value_type = String)]
     pub mac: MacAddr,
     pub user_data: Option<String>,
+    /// The virtual network to connect the VM to; `None` (or a host without a network driver):
+    /// QEMU's user-mode networking.
+    #[serde(default)]
+    pub network: Option<crate::network::VmNetwork>,
 }
 
 fn raw() -> String {
@@ -79,6 +83,16 @@ pub struct RegisterRequest {
     pub driver: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// The address other hosts reach this host's VXLAN endpoint on, when it has a network driver.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The network driver (`bridge`), if any.
+    #[serde(default)]
+    pub network_driver: Option<String>,
+    /// The MTU guests can have over this host's underlay.
+    #[serde(default)]
+    pub guest_mtu: Option<u32>,
     /// One-time join token (first registration on an authenticated controller).
     pub join_token: Option<String>,
     /// Failure domains and properties (`zone=a`, `rack=r12`), for placement rules.

@@ -36,6 +36,9 @@ pub struct CreateCluster {
     pub placement: Placement,
     #[serde(default)]
     pub anti_affinity: AntiAffinity,
+    /// Network to join; default: the profile's, else a network of the cluster's own.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -6,10 +6,12 @@ pub mod agent;
 pub mod api;
 pub mod name;
 pub mod net;
+pub mod network;
 pub mod objects;
 pub mod size;
 
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
+pub use network::{Network, VmNetwork};
 pub use objects::*;
 pub use size::{format_mib, parse_size_mib, SizeError};

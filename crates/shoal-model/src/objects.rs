@@ -50,6 +50,10 @@ pub struct Host {
     pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub allocation: Allocation,
+    /// Where other hosts reach its VXLAN endpoint, when it has a network driver.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub underlay_ip: Option<Ipv4Addr>,
 }
 
 /// How placement may use a host's capacity: vCPUs per core and memory it may hand out beyond the
@@ -214,6 +218,9 @@ pub struct Cluster {
     pub anti_affinity: AntiAffinity,
     #[schema(value_type = String, example = "10.200.0.0/24")]
     pub subnet: Ipv4Subnet,
+    /// The virtual network the cluster's VMs are on (clusters made before networks: none).
+    #[serde(default)]
+    pub network: Option<String>,
     pub state: ClusterState,
     pub created_unix_ms: u64,
 }

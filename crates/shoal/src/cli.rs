@@ -47,6 +47,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Virtual networks (an isolated L2 segment with its subnet, across hosts).
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Long-running operations and their progress.
     #[command(subcommand)]
     Operation(OperationCmd),
@@ -227,6 +230,13 @@ pub struct AgentArgs {
     /// One-time join token (needed once, when the controller is not on loopback).
     #[arg(long, env = "SHOAL_JOIN_TOKEN")]
     pub join_token: Option<String>,
+    /// Network driver for virtual networks.
+    #[arg(long, value_enum, default_value_t = NetDriverArg::None)]
+    pub net: NetDriverArg,
+    /// The address other hosts reach this host's VXLAN endpoint on (one of its own addresses);
+    /// needed by --net bridge.
+    #[arg(long)]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -418,6 +428,35 @@ pub enum TemplateCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// Create a network that clusters join with --network NAME.
+    Create {
+        name: String,
+        /// IPv4 CIDR [default: the next free one from the controller's pool]
+        #[arg(long)]
+        subnet: Option<String>,
+        /// VXLAN network identifier, 1..16777215 [default: the lowest free from 10000]
+        #[arg(long)]
+        vni: Option<u32>,
+    },
+    List,
+    Show { name: String },
+    /// Delete a network no cluster is on.
+    Delete { name: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetDriverArg {
+    /// No virtual networks: QEMU user-mode networking for every VM.
+    None,
+    /// A Linux bridge and a VXLAN device per network, made over netlink (needs CAP_NET_ADMIN).
+    Bridge,
+    /// No privileges needed: QEMU's UDP socket netdev to a switch in the agent, which carries
+    /// frames to the other hosts over UDP (port 4790 on the underlay address).
+    Udp,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ProfileCmd {
     Create {
         name: String,
@@ -476,6 +515,9 @@ pub enum ClusterCmd {
         placement: PlacementArg,
         #[arg(long, value_enum, default_value_t = AntiAffinityArg::None)]
         anti_affinity: AntiAffinityArg,
+        /// Network to join [default: the profile's, else one of the cluster's own]
+        #[arg(long)]
+        network: Option<String>,
         /// Wait until every VM runs, showing progress.
         #[arg(long)]
         wait: bool,

@@ -12,7 +12,7 @@ use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
 use crate::cli::*;
-use crate::{daemons, images, output};
+use crate::{daemons, images, networks, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -157,6 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 size,
                 placement,
                 anti_affinity,
+                network,
                 wait,
                 dry_run,
                 explain,
@@ -175,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         AntiAffinityArg::Zone => AntiAffinity::Zone,
                         AntiAffinityArg::Rack => AntiAffinity::Rack,
                     },
+                    network,
                 };
                 if dry_run {
                     let e = client.plan_place(&req, explain).await?;
@@ -202,6 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ClusterCmd::Suspend(a) => power(&client, out, &a, None, "suspend", false).await?,
             ClusterCmd::Resume(a) => power(&client, out, &a, None, "resume", false).await?,
         },
+        Command::Network(n) => networks::run(&client, out, n).await?,
         Command::Vm(VmCmd::List { cluster }) => {
             output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms)
         }

@@ -9,7 +9,7 @@ use shoal_controller::ControllerConfig;
 use shoal_hv::qemu::Accel;
 use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SimDriver};
 
-use crate::cli::{AccelArg, AgentArgs, ControllerOpts, Driver, HostOpts, ServerArgs, UpArgs};
+use crate::cli::{AccelArg, AgentArgs, ControllerOpts, Driver, HostOpts, NetDriverArg, ServerArgs, UpArgs};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
@@ -90,7 +90,36 @@ fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// The network driver `--net` asks for, checked before anything else starts: a bridge driver
+/// without CAP_NET_ADMIN or with an underlay address that is not this host's is refused.
+async fn network(a: &AgentArgs) -> anyhow::Result<Option<Arc<shoal_net::NetManager>>> {
+    let flag = match a.net {
+        NetDriverArg::None => return Ok(None),
+        NetDriverArg::Bridge => "bridge",
+        NetDriverArg::Udp => "udp",
+    };
+    if a.host.driver != Driver::Qemu {
+        bail!("--net {flag} needs --driver qemu");
+    }
+    let Some(ip) = a.underlay_ip else {
+        bail!("--net {flag} needs --underlay-ip: the address other hosts reach this one's network traffic on");
+    };
+    let driver: Arc<dyn shoal_net::NetDriver> = match a.net {
+        NetDriverArg::Bridge => Arc::new(shoal_net::bridge::BridgeDriver::open(ip).await.with_context(|| format!("agent {}: network driver bridge", a.name))?),
+        _ => Arc::new(shoal_net::udp::UdpDriver::open(ip, shoal_net::udp::UDP_PORT).await.with_context(|| format!("agent {}: network driver udp", a.name))?),
+    };
+    Ok(Some(Arc::new(shoal_net::NetManager::new(driver))))
+}
+
 async fn hypervisor(h: &HostOpts, config: &AgentConfig) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    hypervisor_with_network(h, config, None).await
+}
+
+async fn hypervisor_with_network(
+    h: &HostOpts,
+    config: &AgentConfig,
+    net: Option<Arc<shoal_net::NetManager>>,
+) -> anyhow::Result<Arc<dyn Hypervisor>> {
     let dir = &config.data_dir;
     match h.driver {
         Driver::Sim => Ok(Arc::new(SimDriver::open(
@@ -112,7 +141,11 @@ async fn hypervisor(h: &HostOpts, config: &AgentConfig) -> anyhow::Result<Arc<dy
                 config.name.clone(),
                 config.data_dir.clone(),
             ));
-            Ok(QemuDriver::open(q, source).await?)
+            let driver = QemuDriver::open(q, source).await?;
+            if let Some(n) = net {
+                driver.set_network(Arc::new(shoal_agent::net::HvNet(n))).await;
+            }
+            Ok(driver)
         }
     }
 }
@@ -147,12 +180,13 @@ fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &H
 
 pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     init_logging();
-    let mut config = agent_config(a.name, a.controller, a.data_dir.clone(), &a.host)?;
+    let mut config = agent_config(a.name.clone(), a.controller.clone(), a.data_dir.clone(), &a.host)?;
     config.listen = a.listen;
-    config.advertise = a.advertise;
-    config.join_token = a.join_token;
-    let hv = hypervisor(&a.host, &config).await?;
-    let running = shoal_agent::start(config, hv).await?;
+    config.advertise = a.advertise.clone();
+    config.join_token = a.join_token.clone();
+    let net = network(&a).await?;
+    let hv = hypervisor_with_network(&a.host, &config, net.clone()).await?;
+    let running = shoal_agent::start_with_network(config, hv, net).await?;
     eprintln!("shoal agent {} serving on {}", running.name, running.address);
     stop_signal().await;
     running.stop().await;

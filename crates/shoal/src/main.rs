@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod daemons;
 mod images;
+mod networks;
 mod output;
 
 use clap::Parser;

@@ -90,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
             size: a.size,
             placement: Placement::Spread,
             anti_affinity: AntiAffinity::None,
+            network: None,
         };
         let t = Instant::now();
         let op = client.create_cluster(&req).await?;

@@ -114,6 +114,7 @@ fn spec(t: &DemoTemplate, i: usize) -> anyhow::Result<VmSpec> {
         gateway: "10.200.0.1".parse()?,
         mac: MacAddr::qemu(i as u32 + 1),
         user_data: None,
+        network: None,
     })
 }
 
@@ -237,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
             size: 3,
             placement: Placement::Spread,
             anti_affinity: AntiAffinity::Host,
+            network: None,
         })
         .await?;
     let plan_s = t.elapsed().as_secs_f64();

@@ -42,6 +42,8 @@ pub async fn register(
         joined_unix_ms: existing.as_ref().map(|e| e.value.joined_unix_ms).unwrap_or_else(now_ms),
         labels: req.labels.clone(),
         allocation: req.allocation.clone(),
+        underlay_ip: req.underlay_ip,
+        guest_mtu: req.guest_mtu,
     };
     let mut txn = Txn::new().then(put(key, &record));
     let mut credential = None;
@@ -82,6 +84,8 @@ pub async fn register(
         return Err(ApiError::Unauthorized("invalid or already used join token".into()));
     }
     ctl.record_heartbeat(&req.name, Vec::new(), Vec::new());
+    // A restarted agent has forgotten its networks' peers: send them again.
+    ctl.peers_sent.lock().expect("peers_sent lock").remove(&req.name);
     tracing::info!(host = %req.name, address = %req.address, "host registered");
     ctl.wake.notify_one();
     Ok(Json(RegisterResponse {

@@ -32,6 +32,7 @@ pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Hos
             last_heartbeat_unix_ms: seen,
             labels: h.labels,
             allocation: h.allocation,
+            underlay_ip: h.underlay_ip,
         });
     }
     Ok(Json(out))

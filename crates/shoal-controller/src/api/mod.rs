@@ -13,6 +13,7 @@ pub mod agents;
 pub mod clusters;
 pub mod hosts;
 pub mod images;
+pub mod networks;
 pub mod operations;
 pub mod plan;
 pub mod profiles;
@@ -21,7 +22,7 @@ pub mod vms;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs, operations and plans."),
+    info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs, networks, operations and plans."),
     paths(
         hosts::list_hosts, hosts::create_join_token, plan::drain, plan::undrain,
         templates::import_template, templates::publish_template, templates::list_templates, templates::show_template, templates::delete_template,
@@ -30,6 +31,7 @@ pub mod vms;
         vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
+        networks::create_network, networks::list_networks, networks::show_network, networks::delete_network,
         agents::register, agents::heartbeat, agents::template_file,
         images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
         images::stats, images::gc, images::verify,
@@ -106,6 +108,8 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
         .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
+        .route("/v1/networks", get(networks::list_networks).post(networks::create_network))
+        .route("/v1/networks/{name}", get(networks::show_network).delete(networks::delete_network))
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))
         .route("/v1/images/missing", post(images::missing))

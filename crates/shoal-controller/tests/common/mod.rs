@@ -143,6 +143,7 @@ pub fn cluster(name: &str, profile: &str, size: u32) -> CreateCluster {
         size,
         placement: Placement::Spread,
         anti_affinity: AntiAffinity::None,
+        network: None,
     }
 }
 

@@ -33,7 +33,7 @@ use uuid::Uuid;
 pub use accel::Accel;
 use qmp::Qmp;
 
-use crate::{HvError, Hypervisor, TemplateFile, TemplateSource};
+use crate::{HvError, Hypervisor, TemplateFile, TemplateSource, VmNet};
 
 #[derive(Clone, Debug)]
 pub struct QemuConfig {
@@ -169,6 +169,8 @@ pub struct QemuDriver {
     source: Arc<dyn TemplateSource>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
     template_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The host's network driver, if it has one.
+    net: std::sync::OnceLock<Arc<dyn VmNet>>,
 }
 
 fn find_in_path(bin: &Path) -> bool {
@@ -215,9 +217,26 @@ impl QemuDriver {
             source,
             vms: Mutex::new(HashMap::new()),
             template_locks: Mutex::new(HashMap::new()),
+            net: std::sync::OnceLock::new(),
         });
         driver.adopt()?;
         Ok(driver)
+    }
+
+    /// Connects VMs to virtual networks through `net` from now on, counting the VMs already
+    /// running on theirs.
+    pub async fn set_network(&self, net: Arc<dyn VmNet>) {
+        let specs: Vec<VmSpec> = self
+            .vms
+            .lock()
+            .expect("vms")
+            .values()
+            .map(|v| v.record.lock().expect("vm record").spec.clone())
+            .collect();
+        for s in &specs {
+            net.adopt(s).await;
+        }
+        let _ = self.net.set(net);
     }
 
     pub fn accel(&self) -> Accel {
@@ -438,6 +457,10 @@ impl QemuDriver {
             .append(true)
             .open(vm.path("qemu.log"))
             .map_err(|e| format!("opening qemu.log: {e}"))?;
+        let netdev = match self.net.get() {
+            Some(n) => n.netdev(spec).await.map_err(|e| format!("virtual network: {e}"))?,
+            None => None,
+        };
         let mut cmd = Command::new(&self.cfg.qemu);
         cmd.arg("-name")
             .arg(&spec.name)
@@ -461,7 +484,9 @@ impl QemuDriver {
             .arg(format!("file={},if=virtio,format=qcow2", vm.path("disk.qcow2").display()))
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw,readonly=on", vm.path("seed.img").display()))
-            .args(["-netdev", "user,id=net0", "-device"])
+            .arg("-netdev")
+            .arg(netdev.as_deref().unwrap_or("user,id=net0"))
+            .arg("-device")
             .arg(format!("virtio-net-pci,netdev=net0,mac={}", spec.mac));
         if let (Some(k), Some(kb)) = (&base.kernel, &spec.kernel_boot) {
             cmd.arg("-kernel").arg(k).arg("-append").arg(&kb.cmdline);
@@ -499,6 +524,13 @@ impl QemuDriver {
             };
             exited(&vm2, how, tx);
         });
+        if let (Some(n), Some(_)) = (self.net.get(), &netdev) {
+            if let Err(e) = n.connect(spec).await {
+                vm.expect_exit.store(true, Ordering::SeqCst);
+                kill9(pid);
+                return Err(format!("virtual network: {e}"));
+            }
+        }
         Ok(())
     }
 
@@ -935,6 +967,9 @@ impl Hypervisor for QemuDriver {
         // A transition under way notices `removed` and stops; wait for it so that it does not
         // write into the directory after it is gone.
         let _g = tokio::time::timeout(Duration::from_secs(30), vm.busy.lock()).await;
+        if let Some(n) = self.net.get() {
+            n.release(uuid).await;
+        }
         tokio::fs::remove_dir_all(&vm.dir)
             .await
             .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })

@@ -1,0 +1,81 @@
+//! `/v1/networks`: virtual networks that clusters join by name.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use shoal_model::network::{CreateNetwork, NetworkView};
+use shoal_model::Network;
+use shoal_store::{Compare, Op, Txn};
+
+use crate::error::{ApiError, ApiResult};
+use crate::network::{self, network_key, vni_key};
+use crate::{db, Controller};
+
+/// Creates a network; its subnet and VNI are allocated when not given.
+#[utoipa::path(post, path = "/v1/networks", tag = "networks", request_body = CreateNetwork,
+    responses((status = 201, body = NetworkView), (status = 400, body = shoal_model::api::ErrorBody),
+              (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn create_network(
+    State(ctl): State<Controller>,
+    Json(req): Json<CreateNetwork>,
+) -> ApiResult<(StatusCode, Json<NetworkView>)> {
+    let _guard = ctl.write_lock.lock().await;
+    let (net, txn) = network::plan_network(&ctl, &req, None, 1).await?;
+    if !ctl.db.store.txn(txn).await?.succeeded {
+        return Err(ApiError::Conflict(format!(
+            "network {:?}, its subnet {} or its VNI {} was taken meanwhile; nothing was changed",
+            net.name, net.subnet, net.vni
+        )));
+    }
+    Ok((StatusCode::CREATED, Json(network::view(net, &[], &[]))))
+}
+
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, body = [NetworkView])))]
+pub async fn list_networks(State(ctl): State<Controller>) -> ApiResult<Json<Vec<NetworkView>>> {
+    let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
+    Ok(Json(
+        network::networks(&ctl)
+            .await?
+            .into_iter()
+            .map(|n| network::view(n, &clusters, &vms))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks",
+    params(("name" = String, Path, description = "Network name")),
+    responses((status = 200, body = NetworkView), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn show_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<NetworkView>> {
+    let net = ctl
+        .db
+        .get::<Network>(&network_key(&name))
+        .await?
+        .ok_or_else(|| ApiError::not_found("network", &name))?
+        .value;
+    let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
+    Ok(Json(network::view(net, &clusters, &vms)))
+}
+
+/// Deletes a network no cluster is on.
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks",
+    params(("name" = String, Path, description = "Network name")),
+    responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<()>> {
+    let _guard = ctl.write_lock.lock().await;
+    let key = network_key(&name);
+    let v = ctl
+        .db
+        .get::<Network>(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found("network", &name))?;
+    network::check_deletable(&v.value, &ctl.db.clusters().await?)?;
+    let txn = Txn::new()
+        .when(Compare::ModRevision(key.clone(), v.mod_revision))
+        .then(Op::Delete(key))
+        .then(Op::Delete(db::subnet_key(&v.value.subnet)))
+        .then(Op::Delete(vni_key(v.value.vni)));
+    if !ctl.db.store.txn(txn).await?.succeeded {
+        return Err(ApiError::Conflict(format!("network {name:?} changed meanwhile; nothing was changed")));
+    }
+    Ok(Json(()))
+}

@@ -1,0 +1,333 @@
+//! Virtual networks in the store: creation with a subnet and VNI of their own (both allocated
+//! when not given, overlaps and duplicates refused), the network a new cluster gets or joins, the
+//! keys a deleted cluster's own network releases, and the per-host view the reconciler sends:
+//! each network's VNI, guest MTU and remote VTEPs.
+//!
+//! Keys: `/networks/<name>` ([`Network`]), `/ipam/subnets/<cidr>` (value: the network's name),
+//! `/ipam/vnis/<vni>` (value: the network's name), all created with "must not exist".
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use shoal_model::network::{
+    validate_vni, CreateNetwork, NetworkPeers, NetworkView, GUEST_MTU, VNI_AUTO_START, VNI_MAX,
+};
+use shoal_model::{now_ms, validate_name, Cluster, Ipv4Subnet, Network, Vm, VmNetwork, VmState};
+use shoal_store::{Compare, Op, Txn};
+
+use crate::db::{self, put, HostRecord};
+use crate::error::{ApiError, ApiResult};
+use crate::{ipam, Controller};
+
+pub fn network_key(name: &str) -> String {
+    format!("/networks/{name}")
+}
+pub fn vni_key(vni: u32) -> String {
+    format!("/ipam/vnis/{vni}")
+}
+
+pub async fn networks(ctl: &Controller) -> ApiResult<Vec<Network>> {
+    ctl.db.values("/networks/").await
+}
+
+async fn taken_subnets(ctl: &Controller) -> ApiResult<Vec<(Ipv4Subnet, String)>> {
+    Ok(ctl
+        .db
+        .store
+        .range("/ipam/subnets/")
+        .await?
+        .kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let s = kv.key.strip_prefix("/ipam/subnets/")?.parse().ok()?;
+            Some((s, String::from_utf8_lossy(&kv.value).into_owned()))
+        })
+        .collect())
+}
+
+async fn taken_vnis(ctl: &Controller) -> ApiResult<BTreeMap<u32, String>> {
+    Ok(ctl
+        .db
+        .store
+        .range("/ipam/vnis/")
+        .await?
+        .kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let v = kv.key.strip_prefix("/ipam/vnis/")?.parse().ok()?;
+            Some((v, String::from_utf8_lossy(&kv.value).into_owned()))
+        })
+        .collect())
+}
+
+/// The lowest free VNI from [`VNI_AUTO_START`].
+pub fn allocate_vni(taken: &BTreeMap<u32, String>) -> ApiResult<u32> {
+    (VNI_AUTO_START..=VNI_MAX)
+        .find(|v| !taken.contains_key(v))
+        .ok_or_else(|| ApiError::Capacity("no free VNI left".into()))
+}
+
+/// Plans a new network: validates, allocates what was not given, and returns it with the
+/// transaction ops and compares that record it. The caller holds the write lock.
+pub async fn plan_network(
+    ctl: &Controller,
+    req: &CreateNetwork,
+    owner: Option<&str>,
+    guests: u32,
+) -> ApiResult<(Network, Txn)> {
+    validate_name("network", &req.name)?;
+    let key = network_key(&req.name);
+    if ctl.db.store.get(&key).await?.is_some() {
+        return Err(match owner {
+            Some(c) => ApiError::Conflict(format!(
+                "a network named {:?} exists already; join it with --network {} or give cluster {c:?} another name",
+                req.name, req.name
+            )),
+            None => ApiError::exists("network", &req.name),
+        });
+    }
+    let subnets = taken_subnets(ctl).await?;
+    let subnet = match &req.subnet {
+        Some(s) => {
+            let s: Ipv4Subnet = s.parse().map_err(|e| ApiError::Invalid(format!("{e}")))?;
+            if s.prefix() > 29 {
+                return Err(ApiError::Invalid(format!(
+                    "subnet {s} is too small for a network: the prefix must be /29 or shorter"
+                )));
+            }
+            if let Some((t, by)) = subnets.iter().find(|(t, _)| t.overlaps(&s)) {
+                return Err(ApiError::Conflict(format!(
+                    "subnet {s} overlaps {t}, which {by:?} uses"
+                )));
+            }
+            s
+        }
+        None => {
+            let taken: Vec<Ipv4Subnet> = subnets.iter().map(|(s, _)| *s).collect();
+            ipam::allocate_subnet(&ctl.config, guests.max(1), &taken)?
+        }
+    };
+    let vnis = taken_vnis(ctl).await?;
+    let vni = match req.vni {
+        Some(v) => {
+            validate_vni(v).map_err(ApiError::Invalid)?;
+            if let Some(by) = vnis.get(&v) {
+                return Err(ApiError::Conflict(format!("VNI {v} is in use by network {by:?}")));
+            }
+            v
+        }
+        None => allocate_vni(&vnis)?,
+    };
+    let net = Network {
+        name: req.name.clone(),
+        subnet,
+        vni,
+        owner: owner.map(str::to_string),
+        created_unix_ms: now_ms(),
+    };
+    let (sk, vk) = (db::subnet_key(&subnet), vni_key(vni));
+    let txn = Txn::new()
+        .when(Compare::Version(key.clone(), 0))
+        .when(Compare::Version(sk.clone(), 0))
+        .when(Compare::Version(vk.clone(), 0))
+        .then(put(key, &net))
+        .then(Op::Put(sk, net.name.clone().into_bytes()))
+        .then(Op::Put(vk, net.name.clone().into_bytes()));
+    Ok((net, txn))
+}
+
+/// What a new cluster is on: the named network (which must exist), or a new one of its own.
+/// Returns the network and, for a new one, the transaction part that records it.
+pub async fn network_for_cluster(
+    ctl: &Controller,
+    cluster: &str,
+    wanted: Option<&str>,
+    size: u32,
+) -> ApiResult<(Network, Option<Txn>)> {
+    match wanted {
+        Some(name) => {
+            let v = ctl
+                .db
+                .get::<Network>(&network_key(name))
+                .await?
+                .ok_or_else(|| ApiError::Invalid(format!("network {name:?} does not exist (shoal network create {name})")))?;
+            Ok((v.value, None))
+        }
+        None => {
+            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None };
+            let (net, txn) = plan_network(ctl, &req, Some(cluster), size).await?;
+            Ok((net, Some(txn)))
+        }
+    }
+}
+
+/// The ops that free what a deleted cluster held: its own network with its subnet and VNI, or,
+/// for a cluster from before networks, its subnet. A shared network stays.
+pub async fn release_ops(ctl: &Controller, cluster: &Cluster) -> ApiResult<Vec<Op>> {
+    let Some(name) = &cluster.network else {
+        return Ok(vec![Op::Delete(db::subnet_key(&cluster.subnet))]);
+    };
+    match ctl.db.get::<Network>(&network_key(name)).await? {
+        Some(n) if n.value.owner.as_deref() == Some(cluster.name.as_str()) => Ok(vec![
+            Op::Delete(network_key(name)),
+            Op::Delete(db::subnet_key(&n.value.subnet)),
+            Op::Delete(vni_key(n.value.vni)),
+        ]),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A network with who uses it.
+pub fn view(net: Network, clusters: &[Cluster], vms: &[Vm]) -> NetworkView {
+    let on: Vec<&Cluster> = clusters
+        .iter()
+        .filter(|c| c.network.as_deref() == Some(net.name.as_str()))
+        .collect();
+    let names: BTreeSet<&str> = on.iter().map(|c| c.name.as_str()).collect();
+    let mine: Vec<&Vm> = vms.iter().filter(|v| names.contains(v.cluster.as_str())).collect();
+    let hosts: BTreeSet<String> = mine.iter().filter(|v| !v.host.is_empty()).map(|v| v.host.clone()).collect();
+    NetworkView {
+        clusters: on.iter().map(|c| c.name.clone()).collect(),
+        hosts: hosts.into_iter().collect(),
+        vms: mine.len() as u32,
+        network: net,
+    }
+}
+
+/// Refuses to delete a network a cluster is on, or one a cluster made for itself.
+pub fn check_deletable(net: &Network, clusters: &[Cluster]) -> ApiResult<()> {
+    if let Some(owner) = &net.owner {
+        return Err(ApiError::InUse(format!(
+            "network {:?} belongs to cluster {owner:?} and goes when that cluster is deleted",
+            net.name
+        )));
+    }
+    let users: Vec<&str> = clusters
+        .iter()
+        .filter(|c| c.network.as_deref() == Some(net.name.as_str()))
+        .map(|c| c.name.as_str())
+        .collect();
+    if !users.is_empty() {
+        return Err(ApiError::InUse(format!(
+            "network {:?} is in use by clusters [{}]; delete them first",
+            net.name,
+            users.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Which hosts take part in which network, from the VMs placed on them.
+pub struct Topology {
+    /// network → hosts running (or about to run) one of its VMs.
+    pub hosts: HashMap<String, BTreeSet<String>>,
+    /// host → underlay address, for hosts with a network driver.
+    pub underlay: HashMap<String, Ipv4Addr>,
+    pub guest_mtu: u32,
+}
+
+impl Topology {
+    pub fn new(clusters: &HashMap<String, Cluster>, vms: &[Vm], hosts: &HashMap<String, HostRecord>) -> Topology {
+        let mut on: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for vm in vms {
+            if vm.host.is_empty() || matches!(vm.state, VmState::Deleting) {
+                continue;
+            }
+            let Some(net) = clusters.get(&vm.cluster).and_then(|c| c.network.clone()) else { continue };
+            on.entry(net).or_default().insert(vm.host.clone());
+        }
+        let underlay = hosts
+            .values()
+            .filter_map(|h| Some((h.name.clone(), h.underlay_ip?)))
+            .collect();
+        let guest_mtu = hosts.values().filter_map(|h| h.guest_mtu).min().unwrap_or(GUEST_MTU).min(GUEST_MTU);
+        Topology { hosts: on, underlay, guest_mtu }
+    }
+
+    /// What `host` needs for network `net`: the other hosts' underlay addresses.
+    pub fn vm_network(&self, net: &Network, host: &str) -> VmNetwork {
+        let peers: BTreeSet<Ipv4Addr> = self
+            .hosts
+            .get(&net.name)
+            .into_iter()
+            .flatten()
+            .filter(|h| h.as_str() != host)
+            .filter_map(|h| self.underlay.get(h).copied())
+            .filter(|ip| Some(ip) != self.underlay.get(host))
+            .collect();
+        VmNetwork { name: net.name.clone(), vni: net.vni, mtu: self.guest_mtu, peers: peers.into_iter().collect() }
+    }
+
+    /// For every host with a network driver, the networks it takes part in and their peers.
+    pub fn peers_by_host(&self, networks: &HashMap<String, Network>) -> BTreeMap<String, NetworkPeers> {
+        let mut out: BTreeMap<String, NetworkPeers> = BTreeMap::new();
+        let mut names: Vec<&String> = self.hosts.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(net) = networks.get(name) else { continue };
+            for host in &self.hosts[name] {
+                if self.underlay.contains_key(host) {
+                    out.entry(host.clone()).or_default().networks.push(self.vm_network(net, host));
+                }
+            }
+        }
+        // A host whose last VM of a network went still needs telling, so that it forgets the peers.
+        for host in self.underlay.keys() {
+            out.entry(host.clone()).or_default();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, ip: Option<&str>, mtu: Option<u32>) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            address: String::new(),
+            driver: "qemu/tcg".into(),
+            cpus: 1,
+            memory_mib: 1,
+            joined_unix_ms: 0,
+            underlay_ip: ip.map(|i| i.parse().unwrap()),
+            guest_mtu: mtu,
+            labels: Default::default(),
+            allocation: Default::default(),
+        }
+    }
+
+    #[test]
+    fn vni_allocation_skips_taken_ones() {
+        let taken: BTreeMap<u32, String> = [(10_000, "a".into()), (10_001, "b".into()), (10_003, "c".into())].into();
+        assert_eq!(allocate_vni(&taken).unwrap(), 10_002);
+        assert_eq!(allocate_vni(&BTreeMap::new()).unwrap(), VNI_AUTO_START);
+    }
+
+    #[test]
+    fn peers_are_the_other_hosts_of_the_network_with_an_underlay() {
+        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, created_unix_ms: 0 };
+        let t = Topology {
+            hosts: [("n".to_string(), ["a", "b", "c"].iter().map(|s| s.to_string()).collect())].into(),
+            underlay: [("a".to_string(), "10.9.0.1".parse().unwrap()), ("b".to_string(), "10.9.0.2".parse().unwrap())].into(),
+            guest_mtu: 1500,
+        };
+        let a = t.vm_network(&net, "a");
+        assert_eq!(a.peers, vec!["10.9.0.2".parse::<Ipv4Addr>().unwrap()]);
+        let by_host = t.peers_by_host(&[("n".to_string(), net)].into());
+        assert_eq!(by_host.len(), 2, "only hosts with an underlay are told");
+        assert_eq!(by_host["b"].networks[0].peers, vec!["10.9.0.1".parse::<Ipv4Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn the_guest_mtu_is_the_lowest_any_host_can_carry() {
+        let hosts: HashMap<String, HostRecord> = [
+            ("a".to_string(), host("a", Some("10.9.0.1"), Some(1450))),
+            ("b".to_string(), host("b", Some("10.9.0.2"), Some(1500))),
+        ]
+        .into();
+        assert_eq!(Topology::new(&HashMap::new(), &[], &hosts).guest_mtu, 1450);
+        assert_eq!(Topology::new(&HashMap::new(), &[], &HashMap::new()).guest_mtu, 1500);
+    }
+}

@@ -1,0 +1,80 @@
+//! Virtual networks: one isolated L2 segment (a VXLAN VNI) with its subnet, spanning every host
+//! that runs one of its VMs. A virtual cluster gets its own network by default, or joins a named one.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::net::Ipv4Subnet;
+
+/// VXLAN network identifiers are 24 bits.
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+/// Where automatically chosen VNIs start; lower ones are left for operators.
+pub const VNI_AUTO_START: u32 = 10_000;
+/// The MTU guests get when the underlay can carry it (underlay MTU at least 1550).
+pub const GUEST_MTU: u32 = 1500;
+/// What VXLAN over IPv4 adds to every frame (outer IPv4, UDP, VXLAN and Ethernet headers).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// A virtual network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    pub name: String,
+    #[schema(value_type = String, example = "10.200.0.0/24")]
+    pub subnet: Ipv4Subnet,
+    /// The VXLAN network identifier, unique among networks.
+    pub vni: u32,
+    /// The cluster that made this network for itself (deleted with it); `None` for a network an
+    /// operator created, which clusters join by name.
+    pub owner: Option<String>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateNetwork {
+    pub name: String,
+    /// IPv4 CIDR; cut from the controller's pool when not given.
+    pub subnet: Option<String>,
+    /// VXLAN network identifier (1..=16777215); the lowest free one from 10000 when not given.
+    pub vni: Option<u32>,
+}
+
+/// A network and who uses it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkView {
+    #[serde(flatten)]
+    pub network: Network,
+    /// Clusters on this network.
+    pub clusters: Vec<String>,
+    /// Hosts that run at least one of its VMs.
+    pub hosts: Vec<String>,
+    pub vms: u32,
+}
+
+/// What a host needs to connect a VM to its virtual network (part of the VM's spec), and what
+/// the controller sends when the network's other hosts change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNetwork {
+    pub name: String,
+    pub vni: u32,
+    /// The guests' MTU on this network.
+    pub mtu: u32,
+    /// Underlay addresses of the other hosts running VMs of this network (the remote VTEPs).
+    #[schema(value_type = Vec<String>)]
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// The remote VTEPs of every network a host takes part in (controller → agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkPeers {
+    pub networks: Vec<VmNetwork>,
+}
+
+/// A VNI in range, or why not.
+pub fn validate_vni(vni: u32) -> Result<(), String> {
+    if vni == 0 || vni > VNI_MAX {
+        return Err(format!("invalid VNI {vni}: must be between 1 and {VNI_MAX}"));
+    }
+    Ok(())
+}
