@@ -312,6 +312,13 @@ impl Client {
     }
 
     /// Puts a drained host back in service.
+    /// Puts a host into maintenance (`on`) or takes it out.
+    pub async fn host_maintenance(&self, host: &str, on: bool) -> Result<(), ClientError> {
+        let path = format!("/v1/hosts/{}/maintenance", seg(host));
+        let rb = self.http.request(if on { Method::POST } else { Method::DELETE }, &path);
+        self.http.send::<()>(rb).await
+    }
+
     pub async fn undrain_host(&self, host: &str) -> Result<(), ClientError> {
         self.http.post(&format!("/v1/hosts/{}/undrain", seg(host)), &serde_json::json!({})).await
     }

@@ -311,6 +311,7 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
     }
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
     let draining = crate::plan::draining(ctl).await?;
+    let maintenance = crate::plan::in_maintenance(ctl).await?;
     let mut snapshot = shoal_policy::Snapshot::default();
     let mut usage = Vec::with_capacity(hosts.len());
     let mut revs = Vec::with_capacity(hosts.len());
@@ -326,6 +327,8 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
             host.state = shoal_policy::HostState::Down;
         } else if draining.contains(&h.name) {
             host.state = shoal_policy::HostState::Draining;
+        } else if maintenance.contains(&h.name) {
+            host.state = shoal_policy::HostState::Maintenance;
         }
         snapshot.hosts.push(host);
         usage.push([claim.cpus as u64, claim.memory_mib, 0]);

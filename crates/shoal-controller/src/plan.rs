@@ -36,6 +36,36 @@ pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<S
         .collect())
 }
 
+/// Key marking a host as in maintenance: it keeps its VMs but takes nothing new.
+pub fn maintenance_key(host: &str) -> String {
+    format!("/maintenance/{host}")
+}
+
+/// The hosts in maintenance.
+pub async fn in_maintenance(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
+    Ok(ctl
+        .db
+        .keys("/maintenance/")
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("/maintenance/").map(str::to_string))
+        .collect())
+}
+
+/// Puts a host into maintenance or takes it out.
+pub async fn set_maintenance(ctl: &Controller, host: &str, on: bool) -> ApiResult<()> {
+    if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
+        return Err(ApiError::not_found("host", host));
+    }
+    let op = if on {
+        shoal_store::Op::Put(maintenance_key(host), b"maintenance".to_vec())
+    } else {
+        shoal_store::Op::Delete(maintenance_key(host))
+    };
+    ctl.db.store.txn(Txn::new().then(op)).await?;
+    Ok(())
+}
+
 /// Fills in, for `template`, the share of its image each host's chunk cache already holds, as
 /// the image store reports it (nothing for templates whose disk is a plain file).
 pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template: &str) -> ApiResult<()> {
@@ -69,6 +99,7 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
         .into_iter()
         .map(|c| (c.name.clone(), c))
         .collect();
+    let maintenance = in_maintenance(ctl).await?;
     let mut snap = Snapshot::default();
     for h in &hosts {
         let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
@@ -76,6 +107,8 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
             shoal_policy::HostState::Down
         } else if draining.contains(&h.name) {
             shoal_policy::HostState::Draining
+        } else if maintenance.contains(&h.name) {
+            shoal_policy::HostState::Maintenance
         } else {
             shoal_policy::HostState::Up
         };

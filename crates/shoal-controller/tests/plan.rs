@@ -138,3 +138,24 @@ async fn placement_prefers_the_host_that_caches_the_template() {
     let v1 = e.hosts.iter().find(|v| v.host == "host1").unwrap();
     assert_eq!(v1.score.unwrap().locality, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_in_maintenance_keeps_its_vms_and_takes_no_new_ones() {
+    let h = Harness::start(Opts { hosts: 2, cpus: 8, ..Default::default() }).await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "1GiB").await;
+    let op = h.client.create_cluster(&cluster("web", "p", 2)).await.unwrap();
+    h.client.wait(op.id, |_| {}).await.unwrap();
+    h.client.host_maintenance("host1", true).await.unwrap();
+    assert_eq!(settled(&h).await.get("host1"), Some(&1), "its VM stays");
+    let e = h.client.plan_place(&cluster("more", "p", 2), true).await.unwrap();
+    let v = e.hosts.iter().find(|v| v.host == "host1").unwrap();
+    assert!(v.rejected.as_ref().map(|r| r.to_string()).unwrap_or_default().contains("maintenance"), "{v:?}");
+    let op = h.client.create_cluster(&cluster("more", "p", 2)).await.unwrap();
+    h.client.wait(op.id, |_| {}).await.unwrap();
+    assert_eq!(settled(&h).await.get("host1"), Some(&1), "nothing new on host1");
+    h.client.host_maintenance("host1", false).await.unwrap();
+    let e = h.client.plan_place(&cluster("again", "p", 1), true).await.unwrap();
+    assert!(e.hosts.iter().find(|v| v.host == "host1").unwrap().rejected.is_none());
+    assert_eq!(h.client.host_maintenance("nope", true).await.unwrap_err().status(), Some(404));
+}

@@ -286,6 +286,12 @@ pub enum HostCmd {
     },
     /// Put a drained host back in service.
     Undrain { name: String },
+    /// Keep the host's VMs but place nothing new on it; `--off` ends it.
+    Maintenance {
+        name: String,
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 /// How a rebalance trades balance against migrations.

@@ -41,6 +41,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("host {name} is draining; {} migrations started", p.moves.len());
             }
         }
+        Command::Host(HostCmd::Maintenance { name, off }) => {
+            client.host_maintenance(&name, !off).await?;
+            if off {
+                eprintln!("host {name} takes new VMs again");
+            } else {
+                eprintln!("host {name} is in maintenance: it keeps its VMs and takes no new ones");
+            }
+        }
         Command::Host(HostCmd::Undrain { name }) => {
             client.undrain_host(&name).await?;
             eprintln!("host {name} takes new VMs again");

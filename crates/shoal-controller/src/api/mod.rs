@@ -24,7 +24,7 @@ pub mod vms;
 #[openapi(
     info(title = "Shoal API", description = "Virtual clusters of QEMU VMs: hosts, templates, profiles, clusters, VMs, networks, operations and plans."),
     paths(
-        hosts::list_hosts, hosts::create_join_token, plan::drain, plan::undrain,
+        hosts::list_hosts, hosts::create_join_token, plan::drain, plan::undrain, plan::enter_maintenance, plan::leave_maintenance,
         templates::import_template, templates::publish_template, templates::list_templates, templates::show_template, templates::delete_template,
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
@@ -70,6 +70,7 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/hosts/join-tokens", post(hosts::create_join_token))
         .route("/v1/hosts/{name}/drain", post(plan::drain))
         .route("/v1/hosts/{name}/undrain", post(plan::undrain))
+        .route("/v1/hosts/{name}/maintenance", post(plan::enter_maintenance).delete(plan::leave_maintenance))
         .route("/v1/plan/snapshot", get(plan::snapshot))
         .route("/v1/plan/place", post(plan::place))
         .route("/v1/plan/rebalance", post(plan::rebalance))

@@ -70,6 +70,24 @@ pub async fn drain(
     Ok(Json(plan::drain(&ctl, &name, &req.options, req.apply).await?))
 }
 
+/// Puts a host into maintenance: it keeps its VMs and takes nothing new (drain it to empty it).
+#[utoipa::path(post, path = "/v1/hosts/{name}/maintenance", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses((status = 204), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn enter_maintenance(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<axum::http::StatusCode> {
+    plan::set_maintenance(&ctl, &name, true).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Takes a host out of maintenance.
+#[utoipa::path(delete, path = "/v1/hosts/{name}/maintenance", tag = "hosts",
+    params(("name" = String, Path, description = "Host name")),
+    responses((status = 204), (status = 404, body = shoal_model::api::ErrorBody)))]
+pub async fn leave_maintenance(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<axum::http::StatusCode> {
+    plan::set_maintenance(&ctl, &name, false).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 /// Puts a drained host back in service.
 #[utoipa::path(post, path = "/v1/hosts/{name}/undrain", tag = "hosts",
     params(("name" = String, Path, description = "Host name")), responses((status = 204)))]
