@@ -23,6 +23,23 @@ fn qemu_processes_of(uuid: &str) -> usize {
         .count()
 }
 
+/// QEMU outlives its agent by design, so a test that fails half-way would leave its guests
+/// running: on the way out, kill every QEMU whose command line names the test's directory.
+struct KillGuests(std::path::PathBuf);
+
+impl Drop for KillGuests {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("qemu-system") && cmd.contains(&dir) {
+                let _ = std::process::Command::new("kill").arg("-9").arg(p.file_name()).status();
+            }
+        }
+    }
+}
+
 fn console(url: &str, vm: &str) -> String {
     ok(url, &["vm", "console", vm])
 }
@@ -42,6 +59,7 @@ fn a_two_vm_cluster_of_real_guests_boots_suspends_resumes_and_survives_a_crash()
         "qemu-system-x86_64 is not installed: run scripts/install-deps.sh (make test does)"
     );
     let dir = tempfile::tempdir().unwrap();
+    let _guests = KillGuests(dir.path().to_path_buf());
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data");
