@@ -6,8 +6,10 @@
 //! - [`filter`], [`score`], [`place`]: gang placement, filter → score → pick;
 //! - [`explain`]: every host's verdict for a request;
 //! - [`hbal`]: Ganeti hbal's cluster imbalance score, reproduced exactly;
-//! - [`rebalance`]: plans of live migrations that lower it, and drains.
+//! - [`rebalance`]: plans of live migrations that lower it, and drains;
+//! - [`consolidate`]: green consolidation (migrations and host power) from measured demand.
 
+pub mod consolidate;
 pub mod explain;
 pub mod filter;
 pub mod hbal;

@@ -4,21 +4,59 @@
 
 use shoal_sim::shoal::ShoalPolicy;
 fn main() {
-    let day = std::env::args().nth(1).unwrap_or_else(|| "../shared/bench/planetlab/20110303".into());
-    let mut w = shoal_sim::load_planetlab(std::path::Path::new(&day), 800).expect("the PlanetLab day");
+    let day = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "../shared/bench/planetlab/20110303".into());
+    let mut w =
+        shoal_sim::load_planetlab(std::path::Path::new(&day), 800).expect("the PlanetLab day");
     for full in [false, true] {
         w.reference_quirks = !full;
-        let lr = shoal_sim::simulate(&w, shoal_sim::policy("lr-mmt:1.2").unwrap().as_mut()).unwrap();
+        let lr =
+            shoal_sim::simulate(&w, shoal_sim::policy("lr-mmt:1.2").unwrap().as_mut()).unwrap();
         let variants: Vec<(&str, ShoalPolicy)> = vec![
             ("default", ShoalPolicy::default()),
-            ("pack 0.80", { let mut p = ShoalPolicy::default(); p.pack = 0.80; p }),
-            ("pack 0.90", { let mut p = ShoalPolicy::default(); p.pack = 0.90; p.overload = 0.98; p }),
-            ("overcommit 2", { let mut p = ShoalPolicy::default(); p.overcommit = 2.0; p }),
-            ("overcommit 8", { let mut p = ShoalPolicy::default(); p.overcommit = 8.0; p }),
-            ("boot 300 s", { let mut p = ShoalPolicy::default(); p.power.boot_s = 300.0; p }),
-            ("no cooldown", { let mut p = ShoalPolicy::default(); p.cooldown = 0; p }),
-            ("windows 1/1", { let mut p = ShoalPolicy::default(); p.short_window = 1; p.long_window = 1; p }),
-            ("underload 1 step", { let mut p = ShoalPolicy::default(); p.underload_steps = 1; p }),
+            ("pack 0.80", {
+                let mut p = ShoalPolicy::default();
+                p.consolidator.pack = 0.80;
+                p
+            }),
+            ("pack 0.90", {
+                let mut p = ShoalPolicy::default();
+                p.consolidator.pack = 0.90;
+                p.consolidator.overload = 0.98;
+                p
+            }),
+            ("overcommit 2", {
+                let mut p = ShoalPolicy::default();
+                p.overcommit = 2.0;
+                p
+            }),
+            ("overcommit 8", {
+                let mut p = ShoalPolicy::default();
+                p.overcommit = 8.0;
+                p
+            }),
+            ("boot 300 s", {
+                let mut p = ShoalPolicy::default();
+                p.power.boot_s = 300.0;
+                p
+            }),
+            ("no cooldown", {
+                let mut p = ShoalPolicy::default();
+                p.consolidator.cooldown = 0;
+                p
+            }),
+            ("windows 1/1", {
+                let mut p = ShoalPolicy::default();
+                p.consolidator.short_window = 1;
+                p.consolidator.long_window = 1;
+                p
+            }),
+            ("underload 1 step", {
+                let mut p = ShoalPolicy::default();
+                p.consolidator.underload_steps = 1;
+                p
+            }),
         ];
         for (name, mut p) in variants {
             let r = shoal_sim::simulate(&w, &mut p).unwrap();
