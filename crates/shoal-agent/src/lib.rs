@@ -333,6 +333,7 @@ async fn ensure_vms(State(state): State<AgentState>, Json(req): Json<EnsureVms>)
                     reason: Some(e.to_string()),
                     // Not a state the driver holds: it only settles a VM still pending.
                     seq: 0,
+                    cpu_seconds: None,
                 },
             }
         }
@@ -510,6 +511,7 @@ async fn remove_vms(State(state): State<AgentState>, Json(req): Json<RemoveVms>)
                 state: VmState::Failed,
                 reason: Some(e.to_string()),
                 seq: 0,
+                cpu_seconds: None,
             });
         }
     }

@@ -140,6 +140,10 @@ impl Http {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
+    async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        self.send(self.request(Method::PUT, path).json(body)).await
+    }
+
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.request(Method::DELETE, path)).await
     }
@@ -317,6 +321,32 @@ impl Client {
         let path = format!("/v1/hosts/{}/maintenance", seg(host));
         let rb = self.http.request(if on { Method::POST } else { Method::DELETE }, &path);
         self.http.send::<()>(rb).await
+    }
+
+    pub async fn energy(&self) -> Result<shoal_model::power::EnergyReport, ClientError> {
+        self.http.get("/v1/energy").await
+    }
+
+    pub async fn host_power(&self, host: &str) -> Result<shoal_model::power::HostPower, ClientError> {
+        self.http.get(&format!("/v1/hosts/{}/power", seg(host))).await
+    }
+
+    pub async fn configure_host_power(
+        &self,
+        host: &str,
+        config: &shoal_model::power::HostPowerConfig,
+    ) -> Result<shoal_model::power::HostPower, ClientError> {
+        self.http.put(&format!("/v1/hosts/{}/power", seg(host)), config).await
+    }
+
+    /// Switches a host on or off with its power command.
+    pub async fn switch_host(&self, host: &str, on: bool) -> Result<shoal_model::power::HostPower, ClientError> {
+        let state = if on { "on" } else { "off" };
+        self.http.post(&format!("/v1/hosts/{}/power/{state}", seg(host)), &serde_json::json!({})).await
+    }
+
+    pub async fn consolidate(&self, apply: bool) -> Result<shoal_model::power::ConsolidationPlan, ClientError> {
+        self.http.post("/v1/plan/consolidate", &serde_json::json!({ "apply": apply })).await
     }
 
     pub async fn undrain_host(&self, host: &str) -> Result<(), ClientError> {

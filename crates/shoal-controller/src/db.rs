@@ -160,6 +160,17 @@ impl Db {
             .collect()
     }
 
+    /// Values under `prefix` by the rest of their key (`/claims/h1` → `h1`).
+    pub async fn by_name<T: DeserializeOwned>(&self, prefix: &str) -> ApiResult<std::collections::HashMap<String, T>> {
+        self.store
+            .range(prefix)
+            .await?
+            .kvs
+            .iter()
+            .map(|kv| Ok((kv.key.trim_start_matches(prefix).to_string(), dec(&kv.key, &kv.value)?)))
+            .collect()
+    }
+
     pub async fn values<T: DeserializeOwned>(&self, prefix: &str) -> ApiResult<Vec<T>> {
         Ok(self.list(prefix).await?.into_iter().map(|v| v.value).collect())
     }

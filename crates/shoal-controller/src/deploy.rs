@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shoal_model::api::CreateCluster;
 use shoal_model::{
-    format_mib, now_ms, validate_name, Cluster, ClusterState, HostState, MacAddr, Operation,
+    format_mib, now_ms, validate_name, Cluster, ClusterState, MacAddr, Operation,
     OperationKind, OperationState, OperationStep, Profile, StepState, Vm, VmShape, VmState,
     DEPLOY_STEPS,
 };
@@ -310,43 +310,21 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
         claims.insert(host, (c, kv.mod_revision));
     }
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
-    let draining = crate::plan::draining(ctl).await?;
-    let maintenance = crate::plan::in_maintenance(ctl).await?;
+    let marks = crate::plan::host_marks(ctl).await?;
     let mut snapshot = shoal_policy::Snapshot::default();
     let mut usage = Vec::with_capacity(hosts.len());
     let mut revs = Vec::with_capacity(hosts.len());
     for h in hosts {
         let (claim, rev) = claims.get(&h.name).copied().unwrap_or_default();
-        let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
-        host.labels = h.labels.clone();
-        host.cpu_overcommit = h.allocation.cpu_overcommit;
-        host.memory_overcommit = h.allocation.memory_overcommit;
-        host.reserved_cpus = h.allocation.reserved_cpus;
-        host.reserved_memory_mib = h.allocation.reserved_memory_mib;
-        if ctl.host_state(&h.name).0 != HostState::Up {
-            host.state = shoal_policy::HostState::Down;
-        } else if draining.contains(&h.name) {
-            host.state = shoal_policy::HostState::Draining;
-        } else if maintenance.contains(&h.name) {
-            host.state = shoal_policy::HostState::Maintenance;
-        }
+        let host = crate::plan::policy_host(ctl, &h, &marks);
         snapshot.hosts.push(host);
         usage.push([claim.cpus as u64, claim.memory_mib, 0]);
         revs.push((claim, rev));
     }
     snapshot.vms = cluster_vms
         .iter()
-        .map(|v| shoal_policy::Vm {
-            name: v.name.clone(),
-            cluster: v.cluster.clone(),
-            host: v.host.clone(),
-            cpus: v.cpus,
-            memory_mib: v.memory_mib,
-            disk_mib: 0,
-            template: Some(v.template.clone()),
-            dirty_mib_s: None,
-            anti_affinity: None,
-        })
+        // The cluster's own rule comes with the request, not from its VMs.
+        .map(|v| crate::plan::policy_vm(v, None))
         .filter(|v| snapshot.hosts.iter().any(|h| h.name == v.host))
         .collect();
     Ok(HostSnapshot {

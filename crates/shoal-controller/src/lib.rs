@@ -21,8 +21,10 @@ use uuid::Uuid;
 
 pub mod api;
 pub mod auth;
+pub mod consolidate;
 pub mod db;
 mod deploy;
+pub mod energy;
 pub mod error;
 mod ipam;
 pub mod locality;
@@ -49,6 +51,12 @@ pub struct ControllerConfig {
     pub operation_timeout: Duration,
     /// HTTP timeout of one command to an agent.
     pub agent_timeout: Duration,
+    /// Time between samples of the hosts' CPU use (energy accounting, record, consolidation).
+    pub sample_interval: Duration,
+    /// Run the consolidator at every sample.
+    pub consolidate: bool,
+    /// Write every VM's CPU use as a PlanetLab-format trace into this directory.
+    pub record: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -62,6 +70,9 @@ impl ControllerConfig {
             reconcile_interval: Duration::from_millis(500),
             operation_timeout: Duration::from_secs(600),
             agent_timeout: Duration::from_secs(300),
+            sample_interval: Duration::from_secs(300),
+            consolidate: false,
+            record: None,
         }
     }
 }
@@ -101,6 +112,8 @@ pub struct Inner {
     pub images: Arc<shoal_image::ImageStore>,
     /// Chunk sets of manifests, for image locality.
     pub chunk_sets: locality::ChunkSets,
+    /// CPU samples, energy accounts and the consolidator's memory.
+    pub energy: tokio::sync::Mutex<energy::Meter>,
 }
 
 #[derive(Clone)]
@@ -272,6 +285,7 @@ pub async fn start_with_store(
         agents: Mutex::new(HashMap::new()),
         ensure_sent: Mutex::new(HashMap::new()),
         peers_sent: Mutex::new(HashMap::new()),
+        energy: tokio::sync::Mutex::new(energy::Meter::default()),
         config,
     }));
 
@@ -289,7 +303,8 @@ pub async fn start_with_store(
             tracing::error!("controller server: {e}");
         }
     });
-    let reconciler = tokio::spawn(reconcile::run(controller.clone(), stop_rx));
+    let reconciler = tokio::spawn(reconcile::run(controller.clone(), stop_rx.clone()));
+    let sampler = tokio::spawn(energy::run(controller.clone(), stop_rx));
     let url = format!("http://{local}");
     tracing::info!(%url, auth = controller.auth_required, "controller started");
     Ok(RunningController {
@@ -297,6 +312,6 @@ pub async fn start_with_store(
         url,
         admin_token,
         stop: stop_tx,
-        tasks: vec![server, reconciler],
+        tasks: vec![server, reconciler, sampler],
     })
 }

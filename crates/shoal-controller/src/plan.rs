@@ -88,10 +88,46 @@ pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template
     Ok(())
 }
 
+/// What the store says of hosts besides their records: the marks that keep placement off them.
+pub(crate) struct HostMarks {
+    draining: std::collections::HashSet<String>,
+    maintenance: std::collections::HashSet<String>,
+    powered_off: std::collections::HashSet<String>,
+}
+
+pub(crate) async fn host_marks(ctl: &Controller) -> ApiResult<HostMarks> {
+    Ok(HostMarks {
+        draining: draining(ctl).await?,
+        maintenance: in_maintenance(ctl).await?,
+        powered_off: crate::energy::powered_off(ctl).await?,
+    })
+}
+
+/// A host as the policy core sees it: capacity, allocation rules, labels and state.
+pub(crate) fn policy_host(ctl: &Controller, h: &HostRecord, marks: &HostMarks) -> shoal_policy::Host {
+    let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
+    host.labels = h.labels.clone();
+    host.cpu_overcommit = h.allocation.cpu_overcommit;
+    host.memory_overcommit = h.allocation.memory_overcommit;
+    host.reserved_cpus = h.allocation.reserved_cpus;
+    host.reserved_memory_mib = h.allocation.reserved_memory_mib;
+    host.state = if marks.powered_off.contains(&h.name) {
+        shoal_policy::HostState::PoweredOff
+    } else if ctl.host_state(&h.name).0 != HostState::Up {
+        shoal_policy::HostState::Down
+    } else if marks.draining.contains(&h.name) {
+        shoal_policy::HostState::Draining
+    } else if marks.maintenance.contains(&h.name) {
+        shoal_policy::HostState::Maintenance
+    } else {
+        shoal_policy::HostState::Up
+    };
+    host
+}
+
 /// The live hosts and the VMs holding resources on them, as the policy core sees them.
 pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
-    let draining = draining(ctl).await?;
     let clusters: HashMap<String, Cluster> = ctl
         .db
         .values::<Cluster>("/clusters/")
@@ -99,20 +135,10 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
         .into_iter()
         .map(|c| (c.name.clone(), c))
         .collect();
-    let maintenance = in_maintenance(ctl).await?;
+    let marks = host_marks(ctl).await?;
     let mut snap = Snapshot::default();
     for h in &hosts {
-        let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
-        host.state = if ctl.host_state(&h.name).0 != HostState::Up {
-            shoal_policy::HostState::Down
-        } else if draining.contains(&h.name) {
-            shoal_policy::HostState::Draining
-        } else if maintenance.contains(&h.name) {
-            shoal_policy::HostState::Maintenance
-        } else {
-            shoal_policy::HostState::Up
-        };
-        snap.hosts.push(host);
+        snap.hosts.push(policy_host(ctl, h, &marks));
     }
     let known: std::collections::HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     snap.vms = ctl
@@ -129,7 +155,7 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
     Ok(snap)
 }
 
-fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
+pub(crate) fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
     shoal_policy::Vm {
         name: v.name.clone(),
         cluster: v.cluster.clone(),
@@ -215,7 +241,7 @@ pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
 /// A move restarts the VM on its new host (there is no live migration yet). That is harmless for
 /// the simulated driver but would leave a QEMU VM's disk behind, so moves off QEMU hosts are
 /// refused before anything moves.
-async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync::MutexGuard<'_, ()>) -> ApiResult<()> {
+pub(crate) async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync::MutexGuard<'_, ()>) -> ApiResult<()> {
     let hosts: Vec<db::HostRecord> = ctl.db.values("/hosts/").await?;
     if let Some(m) = moves.iter().find(|m| hosts.iter().any(|h| h.name == m.from && h.driver.starts_with("qemu"))) {
         return Err(ApiError::Conflict(format!(

@@ -14,7 +14,7 @@ pub mod qemu;
 pub mod sim;
 
 pub use qemu::{QemuConfig, QemuDriver};
-pub use sim::SimDriver;
+pub use sim::{SimDriver, SimLoad};
 
 #[derive(Debug, Error)]
 pub enum HvError {

@@ -1,9 +1,9 @@
 //! The simulated driver: VMs are records that "boot" after a configurable delay. Its state lives
 //! in one JSON file so that an agent restart re-adopts its VMs, like the QEMU driver will.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
@@ -17,6 +17,80 @@ pub struct SimDriver {
     state_file: Option<PathBuf>,
     boot_delay: Duration,
     vms: Mutex<BTreeMap<Uuid, VmStatus>>,
+    load: SimLoad,
+    started: Instant,
+    /// CPU time used by each running VM so far, and its vCPUs.
+    meters: std::sync::Mutex<HashMap<Uuid, Meter>>,
+}
+
+struct Meter {
+    cpus: u32,
+    cpu_seconds: f64,
+    at: Instant,
+}
+
+/// How busy the simulated VMs' vCPUs are, for the controller's energy accounting and
+/// consolidator to measure.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SimLoad {
+    /// Every VM uses this share of its vCPUs.
+    Constant(f64),
+    /// CPU utilisation traces (fractions, one sample per `step`, repeating): a VM follows the
+    /// trace its name hashes to.
+    Trace { traces: Vec<Vec<f64>>, step: Duration },
+}
+
+impl Default for SimLoad {
+    fn default() -> Self {
+        SimLoad::Constant(0.1)
+    }
+}
+
+impl SimLoad {
+    /// A directory of PlanetLab-style traces: one file per VM, one CPU percentage per line.
+    pub fn from_trace_dir(dir: &Path, step: Duration) -> Result<SimLoad, String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("trace directory {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        let mut traces = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let mut samples = Vec::new();
+            for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: f64 = l.trim().parse().ok().filter(|v| (0.0..=100.0).contains(v)).ok_or_else(|| {
+                    format!("{} line {}: {:?} is not a CPU percentage", f.display(), i + 1, l.trim())
+                })?;
+                samples.push(v / 100.0);
+            }
+            if !samples.is_empty() {
+                traces.push(samples);
+            }
+        }
+        if traces.is_empty() {
+            return Err(format!("trace directory {} holds no traces", dir.display()));
+        }
+        if step.is_zero() {
+            return Err("a trace step must be longer than 0 s".into());
+        }
+        Ok(SimLoad::Trace { traces, step })
+    }
+
+    /// The share of its vCPUs VM `name` uses `elapsed` after the driver started.
+    pub fn at(&self, name: &str, elapsed: Duration) -> f64 {
+        match self {
+            SimLoad::Constant(f) => f.clamp(0.0, 1.0),
+            SimLoad::Trace { traces, step } => {
+                // FNV-1a: stable across runs and platforms.
+                let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                let t = &traces[(h % traces.len() as u64) as usize];
+                t[(elapsed.as_nanos() / step.as_nanos().max(1)) as usize % t.len()]
+            }
+        }
+    }
 }
 
 impl SimDriver {
@@ -41,6 +115,9 @@ impl SimDriver {
             state_file: Some(path),
             boot_delay,
             vms: Mutex::new(vms),
+            load: SimLoad::default(),
+            started: Instant::now(),
+            meters: Default::default(),
         })
     }
 
@@ -50,6 +127,36 @@ impl SimDriver {
             state_file: None,
             boot_delay,
             vms: Mutex::new(BTreeMap::new()),
+            load: SimLoad::default(),
+            started: Instant::now(),
+            meters: Default::default(),
+        }
+    }
+
+    /// Sets how busy the VMs are.
+    pub fn with_load(mut self, load: SimLoad) -> SimDriver {
+        self.load = load;
+        self
+    }
+
+    /// Advances every running VM's CPU meter to now and writes it into its status.
+    fn meter(&self, vms: &mut [VmStatus]) {
+        let now = Instant::now();
+        let mut meters = self.meters.lock().expect("meters");
+        for v in vms.iter_mut() {
+            if v.state != VmState::Running {
+                // A stopped VM's process is gone: its CPU time starts again from 0.
+                if let Some(m) = meters.get_mut(&v.uuid) {
+                    m.cpu_seconds = 0.0;
+                    m.at = now;
+                }
+                continue;
+            }
+            let m = meters.entry(v.uuid).or_insert(Meter { cpus: 1, cpu_seconds: 0.0, at: now });
+            let share = self.load.at(&v.name, now.duration_since(self.started));
+            m.cpu_seconds += share * m.cpus as f64 * now.duration_since(m.at).as_secs_f64();
+            m.at = now;
+            v.cpu_seconds = Some(m.cpu_seconds);
         }
     }
 
@@ -88,6 +195,7 @@ impl Hypervisor for SimDriver {
             state: VmState::Running,
             reason: None,
             seq: 1,
+            cpu_seconds: None,
         });
         let target = spec.power.target();
         let allowed = match (status.state, spec.power) {
@@ -102,10 +210,14 @@ impl Hypervisor for SimDriver {
         }
         let status = status.clone();
         self.persist(&vms).await?;
+        let now = Instant::now();
+        self.meters.lock().expect("meters").entry(spec.uuid).or_insert(Meter { cpus: 0, cpu_seconds: 0.0, at: now }).cpus =
+            spec.cpus;
         Ok(status)
     }
 
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError> {
+        self.meters.lock().expect("meters").remove(&uuid);
         let mut vms = self.vms.lock().await;
         if vms.remove(&uuid).is_some() {
             self.persist(&vms).await?;
@@ -114,7 +226,9 @@ impl Hypervisor for SimDriver {
     }
 
     async fn list(&self) -> Vec<VmStatus> {
-        self.vms.lock().await.values().cloned().collect()
+        let mut vms: Vec<VmStatus> = self.vms.lock().await.values().cloned().collect();
+        self.meter(&mut vms);
+        vms
     }
 
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {
@@ -181,5 +295,45 @@ mod tests {
         assert!(d.list().await.is_empty());
         let d = SimDriver::open(dir.path(), Duration::ZERO).unwrap();
         assert!(d.list().await.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    fn spec(name: &str, cpus: u32) -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "uuid": Uuid::new_v4(), "name": name, "cpus": cpus, "memory_mib": 256, "disk_mib": null,
+            "template": "t", "template_hash": "h", "ip": "10.0.0.2", "prefix_len": 24,
+            "gateway": "10.0.0.1", "mac": "52:54:00:00:00:01", "user_data": null
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn running_vms_use_their_share_of_their_vcpus() {
+        let d = SimDriver::ephemeral(Duration::ZERO).with_load(SimLoad::Constant(0.5));
+        d.ensure(&spec("a-0", 2)).await.unwrap();
+        d.list().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let cpu = d.list().await[0].cpu_seconds.unwrap();
+        // 2 vCPUs at 50 %: about one CPU-second per second.
+        assert!((0.35..0.8).contains(&cpu), "{cpu}");
+    }
+
+    #[test]
+    fn traces_are_read_validated_and_followed() {
+        let dir = std::env::temp_dir().join(format!("shoal-simload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("only"), "10\n90\n").unwrap();
+        let load = SimLoad::from_trace_dir(&dir, Duration::from_secs(1)).unwrap();
+        assert_eq!(load.at("x", Duration::from_millis(500)), 0.1);
+        assert_eq!(load.at("x", Duration::from_millis(1500)), 0.9);
+        assert_eq!(load.at("x", Duration::from_millis(2500)), 0.1, "traces repeat");
+        std::fs::write(dir.join("bad"), "10\n120\n").unwrap();
+        let e = SimLoad::from_trace_dir(&dir, Duration::from_secs(1)).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("120"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -61,6 +61,10 @@ pub struct VmStatus {
     /// Increases with every change of the VM on its host.
     #[serde(default)]
     pub seq: u64,
+    /// CPU time the VM has used on this host so far, s (all vCPUs; restarts from 0 when the
+    /// VM's process does). What the controller's energy accounting and consolidator measure.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// A slice of a VM's serial console.

@@ -8,6 +8,7 @@ pub mod name;
 pub mod net;
 pub mod network;
 pub mod objects;
+pub mod power;
 pub mod size;
 
 pub use name::{validate_name, NameError};

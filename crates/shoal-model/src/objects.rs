@@ -54,6 +54,9 @@ pub struct Host {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub underlay_ip: Option<Ipv4Addr>,
+    /// Whether the host is switched on (the consolidator and `shoal host power` switch it).
+    #[serde(default)]
+    pub power: crate::power::PowerState,
 }
 
 /// How placement may use a host's capacity: vCPUs per core and memory it may hand out beyond the

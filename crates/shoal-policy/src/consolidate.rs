@@ -49,6 +49,10 @@ pub struct Host<'a> {
     /// Memory free for incoming VMs, in the unit of [`Vm::memory`] (`f64::INFINITY` when not
     /// modelled).
     pub memory_free: f64,
+    /// vCPUs placement may still hand out on the host (`f64::INFINITY` when not modelled).
+    pub cpus_free: f64,
+    /// Whether the host can be switched off (and on): only then is it emptied to save energy.
+    pub switchable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +66,8 @@ pub struct Vm<'a> {
     /// Predicted duration of a live migration, s (memory / bandwidth).
     pub migration_s: f64,
     pub memory: f64,
+    /// vCPUs the VM holds of its host's allocation.
+    pub cpus: f64,
     pub in_migration: bool,
     /// Decision step of the VM's last migration.
     pub last_migrated: Option<usize>,
@@ -139,6 +145,7 @@ struct Pack<'a> {
     vms: &'a [Vm<'a>],
     load: Vec<f64>,
     memory_free: Vec<f64>,
+    cpus_free: Vec<f64>,
     /// Anti-affinity groups present on each host (empty when no VM has a group).
     groups: Vec<Vec<u32>>,
     /// Hosts usable as targets now (on), or booting because of this plan.
@@ -157,7 +164,7 @@ impl Pack<'_> {
 
     fn allowed(&self, h: usize, v: usize) -> bool {
         let vm = &self.vms[v];
-        vm.memory <= self.memory_free[h] && vm.group.is_none_or(|g| !self.groups[h].contains(&g))
+        vm.memory <= self.memory_free[h] && vm.cpus <= self.cpus_free[h] && vm.group.is_none_or(|g| !self.groups[h].contains(&g))
     }
 
     /// Best fit: the usable host with the least room left after taking `size`, under `limit`.
@@ -190,6 +197,7 @@ impl Pack<'_> {
     fn assign(&mut self, v: usize, to: usize, size: f64) {
         self.load[to] += size;
         self.memory_free[to] -= self.vms[v].memory;
+        self.cpus_free[to] -= self.vms[v].cpus;
         if let Some(g) = self.vms[v].group {
             self.groups[to].push(g);
         }
@@ -198,6 +206,7 @@ impl Pack<'_> {
     fn unassign(&mut self, v: usize, from: usize, size: f64) {
         self.load[from] -= size;
         self.memory_free[from] += self.vms[v].memory;
+        self.cpus_free[from] += self.vms[v].cpus;
         if let Some(g) = self.vms[v].group {
             if let Some(i) = self.groups[from].iter().position(|&x| x == g) {
                 self.groups[from].swap_remove(i);
@@ -244,6 +253,7 @@ impl Consolidator {
                 .map(|h| h.vms.iter().map(|&v| short[v as usize]).sum())
                 .collect(),
             memory_free: hosts.iter().map(|h| h.memory_free).collect(),
+            cpus_free: hosts.iter().map(|h| h.cpus_free).collect(),
             groups: hosts
                 .iter()
                 .map(|h| {
@@ -332,7 +342,7 @@ impl Consolidator {
         //    at their hour-long peaks.
         let mut cold: Vec<usize> = Vec::new();
         for h in 0..n {
-            let on = hosts[h].power == Power::On && !hosts[h].vms.is_empty();
+            let on = hosts[h].power == Power::On && hosts[h].switchable && !hosts[h].vms.is_empty();
             let low = on && !p.closed[h] && p.load[h] < self.underload * hosts[h].capacity;
             self.low_streak[h] = if low { self.low_streak[h] + 1 } else { 0 };
             let settled =
@@ -402,6 +412,7 @@ impl Consolidator {
         // 3. Switch off on hosts left empty.
         for h in 0..n {
             if hosts[h].power == Power::On
+                && hosts[h].switchable
                 && hosts[h].vms.is_empty()
                 && !plan.migrations.iter().any(|&(_, t)| t as usize == h)
             {
@@ -425,6 +436,8 @@ mod tests {
             vms,
             requested: 0.0,
             memory_free: 8.0,
+            cpus_free: 8.0,
+            switchable: true,
         }
     }
 
@@ -435,6 +448,7 @@ mod tests {
             history,
             migration_s: 10.0,
             memory: 2.0,
+            cpus: 1.0,
             in_migration: false,
             last_migrated: None,
             gone: false,
@@ -497,6 +511,26 @@ mod tests {
             Some(vec![(1, 0)]),
             "the pinned VM stays; the other joins it"
         );
+    }
+
+    #[test]
+    fn a_host_that_cannot_be_switched_off_is_not_emptied() {
+        let low = [0.2; 12];
+        let vms = [vm(&low), vm(&low)];
+        let (a, b) = ([0u32], [1u32]);
+        let mut hosts = [host(&a, Power::On), host(&b, Power::On), host(&[], Power::On)];
+        hosts[0].switchable = false;
+        hosts[1].switchable = false;
+        hosts[2].switchable = false;
+        let mut c = Consolidator::default();
+        for step in 1..=5 {
+            assert_eq!(c.decide(step, &hosts, &vms), Plan::default());
+        }
+        hosts[1].cpus_free = 0.0;
+        hosts[2].cpus_free = 0.5;
+        hosts[0].switchable = true;
+        let mut c = Consolidator::default();
+        assert!((1..=5).all(|s| c.decide(s, &hosts, &vms).migrations.is_empty()), "no vCPU room on the only target");
     }
 
     #[test]

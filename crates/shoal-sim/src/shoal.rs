@@ -117,6 +117,8 @@ impl Policy for ShoalPolicy {
                 vms: &s.vms,
                 requested: s.requested_mips,
                 memory_free: f64::INFINITY,
+                cpus_free: f64::INFINITY,
+                switchable: true,
             })
             .collect();
         let vms: Vec<consolidate::Vm> = view
@@ -131,6 +133,7 @@ impl Policy for ShoalPolicy {
                     history: &s.history,
                     migration_s: spec.migration_s(),
                     memory: 0.0,
+                    cpus: 0.0,
                     in_migration: s.in_migration,
                     last_migrated: s.last_migrated,
                     gone: s.gone,

@@ -128,6 +128,18 @@ pub struct ControllerOpts {
     /// Seconds without a heartbeat after which a host is down.
     #[arg(long, default_value_t = 10.0)]
     pub host_timeout: f64,
+    /// Seconds between samples of the hosts' CPU use: each sample adds to the energy account,
+    /// the record and, with --consolidate, is one decision step of the consolidator.
+    #[arg(long, default_value_t = 300.0)]
+    pub sample_interval: f64,
+    /// Run the consolidator: live-migrate VMs off lightly loaded hosts and switch those off,
+    /// switch hosts on when load grows (`shoal host power` sets the commands).
+    #[arg(long)]
+    pub consolidate: bool,
+    /// Record every VM's CPU use, one percentage per sample, into this directory as a
+    /// PlanetLab-format trace that `shoal sim --trace DIR --format planetlab` replays.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +181,16 @@ pub struct HostOpts {
     /// Simulated driver: milliseconds a VM takes to boot.
     #[arg(long, default_value_t = 0)]
     pub sim_boot_ms: u64,
+    /// Simulated driver: the share of its vCPUs every VM uses.
+    #[arg(long, default_value_t = 0.1)]
+    pub sim_load: f64,
+    /// Simulated driver: CPU traces the VMs follow instead (a PlanetLab-format directory, one
+    /// percentage per line); a VM follows the file its name hashes to.
+    #[arg(long)]
+    pub sim_trace: Option<PathBuf>,
+    /// Simulated driver: seconds one trace sample lasts.
+    #[arg(long, default_value_t = 300.0)]
+    pub sim_trace_step: f64,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat: f64,
@@ -291,6 +313,32 @@ pub enum HostCmd {
         name: String,
         #[arg(long)]
         off: bool,
+    },
+    /// Show a host's power model, commands and state; with flags, set them.
+    Power {
+        name: String,
+        /// Watts from idle to full load at even steps: `120,300`, or eleven SPECpower points.
+        #[arg(long)]
+        model: Option<shoal_model::power::PowerModel>,
+        /// Command that switches the host on (run by the controller with `sh -c`,
+        /// `$SHOAL_HOST` set), e.g. `ipmitool -H bmc-$SHOAL_HOST chassis power on`.
+        #[arg(long)]
+        on_command: Option<String>,
+        /// Command that switches the host off.
+        #[arg(long)]
+        off_command: Option<String>,
+    },
+    /// Switch a host on with its power command.
+    PowerOn { name: String },
+    /// Switch a host that holds no VMs off with its power command.
+    PowerOff { name: String },
+    /// Each host's power draw and the energy it has used.
+    Energy,
+    /// What the consolidator would do now (switch hosts on, live-migrate, switch hosts off).
+    Consolidate {
+        /// Do it.
+        #[arg(long)]
+        apply: bool,
     },
 }
 

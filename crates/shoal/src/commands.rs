@@ -49,6 +49,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("host {name} is in maintenance: it keeps its VMs and takes no new ones");
             }
         }
+        Command::Host(HostCmd::Power { name, model, on_command, off_command }) => {
+            let mut p = client.host_power(&name).await?;
+            if model.is_some() || on_command.is_some() || off_command.is_some() {
+                let mut c = p.config.clone();
+                c.model = model.unwrap_or(c.model);
+                c.power_on_command = on_command.or(c.power_on_command);
+                c.power_off_command = off_command.or(c.power_off_command);
+                p = client.configure_host_power(&name, &c).await?;
+            }
+            output::emit(out, &p, output::host_power)
+        }
+        Command::Host(HostCmd::PowerOn { name }) => {
+            output::emit(out, &client.switch_host(&name, true).await?, output::host_power)
+        }
+        Command::Host(HostCmd::PowerOff { name }) => {
+            output::emit(out, &client.switch_host(&name, false).await?, output::host_power)
+        }
+        Command::Host(HostCmd::Energy) => output::emit(out, &client.energy().await?, output::energy),
+        Command::Host(HostCmd::Consolidate { apply }) => {
+            output::emit(out, &client.consolidate(apply).await?, output::consolidation)
+        }
         Command::Host(HostCmd::Undrain { name }) => {
             client.undrain_host(&name).await?;
             eprintln!("host {name} takes new VMs again");

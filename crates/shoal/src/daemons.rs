@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use shoal_agent::AgentConfig;
 use shoal_controller::ControllerConfig;
 use shoal_hv::qemu::Accel;
-use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SimDriver};
+use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SimDriver, SimLoad};
 
 use crate::cli::{AccelArg, AgentArgs, ControllerOpts, Driver, HostOpts, NetDriverArg, ServerArgs, UpArgs};
 
@@ -38,6 +38,9 @@ fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow
         bail!("--host-timeout {}: must be positive", o.host_timeout);
     }
     c.host_timeout = Duration::from_secs_f64(o.host_timeout);
+    c.sample_interval = seconds("--sample-interval", o.sample_interval)?;
+    c.consolidate = o.consolidate;
+    c.record = o.record.clone();
     Ok(c)
 }
 
@@ -122,10 +125,14 @@ async fn hypervisor_with_network(
 ) -> anyhow::Result<Arc<dyn Hypervisor>> {
     let dir = &config.data_dir;
     match h.driver {
-        Driver::Sim => Ok(Arc::new(SimDriver::open(
-            &dir.join("sim"),
-            Duration::from_millis(h.sim_boot_ms),
-        )?)),
+        Driver::Sim => {
+            let load = match &h.sim_trace {
+                Some(t) => SimLoad::from_trace_dir(t, seconds("--sim-trace-step", h.sim_trace_step)?).map_err(|e| anyhow::anyhow!("--sim-trace: {e}"))?,
+                None if (0.0..=1.0).contains(&h.sim_load) => SimLoad::Constant(h.sim_load),
+                None => bail!("--sim-load {}: must be between 0 and 1", h.sim_load),
+            };
+            Ok(Arc::new(SimDriver::open(&dir.join("sim"), Duration::from_millis(h.sim_boot_ms))?.with_load(load)))
+        }
         Driver::Qemu => {
             let mut q = QemuConfig::new(dir.join("qemu"));
             q.qemu = h.qemu.clone();

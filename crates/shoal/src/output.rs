@@ -124,13 +124,14 @@ fn json_name<T: Serialize>(v: &T) -> String {
 
 pub fn hosts(hosts: &Vec<Host>) -> String {
     table(
-        &["name", "state", "driver", "cpus", "used cpus", "memory", "used memory", "vms", "address"],
+        &["name", "state", "power", "driver", "cpus", "used cpus", "memory", "used memory", "vms", "address"],
         hosts
             .iter()
             .map(|h| {
                 vec![
                     h.name.clone(),
                     json_name(&h.state),
+                    h.power.as_str().to_string(),
                     h.driver.clone(),
                     h.cpus.to_string(),
                     h.used_cpus.to_string(),
@@ -142,6 +143,55 @@ pub fn hosts(hosts: &Vec<Host>) -> String {
             })
             .collect(),
     )
+}
+
+pub fn host_power(p: &shoal_model::power::HostPower) -> String {
+    let watts: Vec<String> = p.config.model.watts.iter().map(|w| format!("{w}")).collect();
+    sheet(vec![
+        ("host", p.host.clone()),
+        ("state", p.state.as_str().to_string()),
+        ("model", format!("{} W (idle to full load)", watts.join(", "))),
+        ("on command", p.config.power_on_command.clone().unwrap_or_else(|| "-".into())),
+        ("off command", p.config.power_off_command.clone().unwrap_or_else(|| "-".into())),
+        ("last error", p.last_error.clone().unwrap_or_else(|| "-".into())),
+    ])
+}
+
+pub fn energy(r: &shoal_model::power::EnergyReport) -> String {
+    let mut s = table(
+        &["host", "power", "cpu", "draw", "energy"],
+        r.hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.host.clone(),
+                    h.state.as_str().to_string(),
+                    format!("{:.0}%", h.cpu_util * 100.0),
+                    format!("{:.0} W", h.power_w),
+                    format!("{:.4} kWh", h.energy_kwh),
+                ]
+            })
+            .collect(),
+    );
+    s.push_str(&format!("total: {:.0} W now, {:.4} kWh\n", r.power_w, r.energy_kwh));
+    s
+}
+
+pub fn consolidation(p: &shoal_model::power::ConsolidationPlan) -> String {
+    let mut s = String::new();
+    for h in &p.power_on {
+        s.push_str(&format!("switch on  {h}\n"));
+    }
+    for m in &p.moves {
+        s.push_str(&format!("migrate    {} {} -> {}\n", m.vm, m.from, m.to));
+    }
+    for h in &p.power_off {
+        s.push_str(&format!("switch off {h}\n"));
+    }
+    if s.is_empty() {
+        s.push_str("nothing to do\n");
+    }
+    s
 }
 
 pub fn templates(ts: &Vec<Template>) -> String {

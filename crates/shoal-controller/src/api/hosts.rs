@@ -10,7 +10,9 @@ use crate::Controller;
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])))]
 pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Host>>> {
     let mut out = Vec::new();
+    let powers = crate::energy::power_records(&ctl).await?;
     for h in ctl.db.values::<HostRecord>("/hosts/").await? {
+        let power = powers.get(&h.name).map(|p| p.state).unwrap_or_default();
         let claim: Claim = ctl
             .db
             .get(&crate::db::claim_key(&h.name))
@@ -33,6 +35,7 @@ pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Hos
             labels: h.labels,
             allocation: h.allocation,
             underlay_ip: h.underlay_ip,
+            power,
         });
     }
     Ok(Json(out))

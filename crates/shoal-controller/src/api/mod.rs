@@ -16,6 +16,7 @@ pub mod images;
 pub mod networks;
 pub mod operations;
 pub mod plan;
+pub mod power;
 pub mod profiles;
 pub mod templates;
 pub mod vms;
@@ -31,6 +32,7 @@ pub mod vms;
         vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
+        power::energy_report, power::show_power, power::configure_power, power::switch_power, power::consolidate_plan,
         networks::create_network, networks::list_networks, networks::show_network, networks::delete_network,
         agents::register, agents::heartbeat, agents::template_file,
         images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
@@ -74,6 +76,10 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/plan/snapshot", get(plan::snapshot))
         .route("/v1/plan/place", post(plan::place))
         .route("/v1/plan/rebalance", post(plan::rebalance))
+        .route("/v1/plan/consolidate", post(power::consolidate_plan))
+        .route("/v1/energy", get(power::energy_report))
+        .route("/v1/hosts/{name}/power", get(power::show_power).put(power::configure_power))
+        .route("/v1/hosts/{name}/power/{state}", post(power::switch_power))
         .route(
             "/v1/templates",
             get(templates::list_templates)

@@ -78,6 +78,18 @@ struct Record {
     timings: std::collections::BTreeMap<String, f64>,
 }
 
+/// User and system CPU time of a process, s, from `/proc/PID/stat` (fields 14 and 15, in the
+/// kernel's fixed 100 Hz user ticks).
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// A QEMU process the driver watches: its pid, and how it ended once it has.
 #[derive(Clone)]
 struct Process {
@@ -99,6 +111,7 @@ struct Vm {
 
 impl Vm {
     fn status(&self) -> VmStatus {
+        let pid = self.process.lock().expect("process").as_ref().map(|p| p.pid);
         let r = self.record.lock().expect("vm record");
         VmStatus {
             uuid: self.uuid,
@@ -106,6 +119,7 @@ impl Vm {
             state: r.state,
             reason: r.reason.clone(),
             seq: r.seq,
+            cpu_seconds: pid.filter(|_| r.state == VmState::Running).and_then(process_cpu_seconds),
         }
     }
 
@@ -1040,5 +1054,23 @@ impl Hypervisor for QemuDriver {
             next: end as u64,
             data: String::from_utf8_lossy(&bytes[start..end]).into_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_cpu_time_is_read_and_grows() {
+        let me = std::process::id();
+        let before = super::process_cpu_seconds(me).expect("own /proc/PID/stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(300) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = super::process_cpu_seconds(me).unwrap();
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        assert_eq!(super::process_cpu_seconds(u32::MAX), None);
     }
 }

@@ -1,0 +1,266 @@
+//! The consolidator on real hosts: at each sample, the same policy as the simulator's `shoal`
+//! (`shoal_policy::consolidate`) decides from the measured demand which VMs to live-migrate and
+//! which hosts to switch off or on; this module feeds it and carries its plan out: hosts first
+//! switched on (and waited for), then the moves in waves (`plan::execute`), then the emptied
+//! hosts switched off through their power commands.
+//!
+//! What the policy may not touch is pinned: VMs not running, VMs of clusters with zone or rack
+//! anti-affinity or label rules it does not evaluate, VMs on hosts draining or in maintenance,
+//! and VMs on QEMU hosts until live migration lands (moving them would restart them without their
+//! disk). Hosts without both power commands are never emptied to save energy: nothing could
+//! switch them off.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use shoal_model::power::{ConsolidationPlan, HostPower, PlannedMove, PowerState};
+use shoal_model::{AntiAffinity, Cluster, HostState, VmState};
+use shoal_policy::consolidate::{self, Consolidator};
+use shoal_policy::rebalance::Move;
+
+use crate::db::{self, Claim, HostRecord};
+use crate::energy::{self, HISTORY_LEN};
+use crate::error::{ApiError, ApiResult};
+use crate::Controller;
+
+/// Live-migration bandwidth assumed for costing moves, MiB/s (half of 1 Gbit/s).
+pub const MIGRATION_MIB_S: f64 = 59.6;
+/// How long a switched-on host may take to be heard from again.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a power command may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Moves per wave, and moves per host within a wave.
+const WAVE: usize = 4;
+const PER_HOST: usize = 2;
+
+/// Plans one consolidation step from the samples so far. `commit` advances the consolidator's
+/// memory (as the loop does); a preview decides on a copy.
+pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan> {
+    let mut hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    let powers = energy::power_records(ctl).await?;
+    let claims: HashMap<String, Claim> = ctl.db.by_name("/claims/").await?;
+    let clusters: HashMap<String, Cluster> =
+        ctl.db.values::<Cluster>("/clusters/").await?.into_iter().map(|c| (c.name.clone(), c)).collect();
+    let marks = crate::plan::host_marks(ctl).await?;
+    let vms: Vec<shoal_model::Vm> = ctl
+        .db
+        .vms()
+        .await?
+        .into_iter()
+        .filter(|v| v.claimed && v.state != VmState::Deleting && names.contains(&v.host))
+        .collect();
+
+    let mut guard = ctl.energy.lock().await;
+    let meter = &mut *guard;
+    let step = meter.step;
+    let (vm_meters, last_migrated, slot) = (&meter.vms, &meter.last_migrated, &mut meter.consolidator);
+    let empty: Vec<f64> = Vec::new();
+    let mut on_host: Vec<Vec<u32>> = vec![Vec::new(); hosts.len()];
+    let mut groups: HashMap<&str, u32> = HashMap::new();
+    let mut cvms = Vec::with_capacity(vms.len());
+    for (i, v) in vms.iter().enumerate() {
+        let h = names.iter().position(|n| *n == v.host).expect("filtered on known hosts");
+        on_host[h].push(i as u32);
+        let vm_meter = vm_meters.get(&v.uuid);
+        let cluster = clusters.get(&v.cluster);
+        let rule = cluster.map(|c| c.anti_affinity).unwrap_or_default();
+        let host = &hosts[h];
+        let pinned = v.state != VmState::Running
+            || matches!(rule, AntiAffinity::Zone | AntiAffinity::Rack)
+            || host.driver.starts_with("qemu")
+            || !matches!(crate::plan::policy_host(ctl, host, &marks).state, shoal_policy::HostState::Up)
+            || vm_meter.is_none_or(|m| m.history.is_empty());
+        let next = groups.len() as u32;
+        let group = (rule == AntiAffinity::Host).then(|| *groups.entry(v.cluster.as_str()).or_insert(next));
+        cvms.push(consolidate::Vm {
+            size: v.cpus as f64,
+            demand: vm_meter.map_or(0.0, |m| m.rate),
+            history: vm_meter.map_or(&empty[..], |m| &m.history[..m.history.len().min(HISTORY_LEN)]),
+            migration_s: v.memory_mib as f64 / MIGRATION_MIB_S,
+            memory: v.memory_mib as f64,
+            cpus: v.cpus as f64,
+            in_migration: v.state == VmState::Pending,
+            last_migrated: last_migrated.get(&v.uuid).copied(),
+            gone: false,
+            pinned,
+            group,
+        });
+    }
+    let chosts: Vec<consolidate::Host> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let p = &powers[&h.name];
+            let claim = claims.get(&h.name).copied().unwrap_or_default();
+            let a = &h.allocation;
+            let cpus_cap = (h.cpus as f64 * a.cpu_overcommit).floor() - a.reserved_cpus as f64;
+            let mem_cap = (h.memory_mib as f64 * a.memory_overcommit).floor() - a.reserved_memory_mib as f64;
+            let up = ctl.host_state(&h.name).0 == HostState::Up;
+            consolidate::Host {
+                capacity: h.cpus as f64,
+                core: h.cpus as f64,
+                full_load_w: p.config.model.at(1.0),
+                power: match p.state {
+                    PowerState::Off => consolidate::Power::Off,
+                    PowerState::On if up && !marks_block(ctl, h, &marks) => consolidate::Power::On,
+                    // Booting, down, draining or in maintenance: takes nothing now.
+                    _ => consolidate::Power::Booting,
+                },
+                vms: &on_host[i],
+                requested: on_host[i].iter().map(|&v| cvms[v as usize].demand).sum(),
+                memory_free: mem_cap - claim.memory_mib as f64,
+                cpus_free: cpus_cap - claim.cpus as f64,
+                switchable: p.config.power_on_command.is_some() && p.config.power_off_command.is_some(),
+            }
+        })
+        .collect();
+    if !slot.as_ref().is_some_and(|(n, _)| *n == names) {
+        *slot = Some((names.clone(), Consolidator::default()));
+    }
+    let (_, c) = slot.as_mut().expect("set above");
+    let decided = if commit { c.decide(step, &chosts, &cvms) } else { c.clone().decide(step, &chosts, &cvms) };
+    Ok(ConsolidationPlan {
+        power_on: decided.power_on.iter().map(|&h| names[h as usize].clone()).collect(),
+        moves: decided
+            .migrations
+            .iter()
+            .map(|&(v, h)| PlannedMove { vm: vms[v as usize].name.clone(), from: vms[v as usize].host.clone(), to: names[h as usize].clone() })
+            .collect(),
+        power_off: decided.power_off.iter().map(|&h| names[h as usize].clone()).collect(),
+    })
+}
+
+fn marks_block(ctl: &Controller, h: &HostRecord, marks: &crate::plan::HostMarks) -> bool {
+    crate::plan::policy_host(ctl, h, marks).state != shoal_policy::HostState::Up
+}
+
+/// One step of the loop: plan with the consolidator's memory, then carry the plan out.
+pub async fn step(ctl: &Controller) -> ApiResult<ConsolidationPlan> {
+    let p = plan(ctl, true).await?;
+    apply(ctl, &p).await?;
+    Ok(p)
+}
+
+/// Carries a plan out: hosts switched on and waited for, moves in waves, emptied hosts off.
+pub async fn apply(ctl: &Controller, p: &ConsolidationPlan) -> ApiResult<()> {
+    for h in &p.power_on {
+        switch(ctl, h, true).await?;
+        wait_booted(ctl, h).await?;
+    }
+    if !p.moves.is_empty() {
+        let mut load: Vec<HashMap<&str, usize>> = Vec::new();
+        let mut moves = Vec::with_capacity(p.moves.len());
+        for m in &p.moves {
+            // The first wave with room for both ends.
+            let w = (0..)
+                .find(|&w| {
+                    load.get(w).is_none_or(|l: &HashMap<&str, usize>| {
+                        l.values().sum::<usize>() / 2 < WAVE
+                            && l.get(m.from.as_str()).copied().unwrap_or(0) < PER_HOST
+                            && l.get(m.to.as_str()).copied().unwrap_or(0) < PER_HOST
+                    })
+                })
+                .expect("an empty wave always has room");
+            if load.len() <= w {
+                load.resize(w + 1, HashMap::new());
+            }
+            *load[w].entry(&m.from).or_default() += 1;
+            *load[w].entry(&m.to).or_default() += 1;
+            moves.push(Move { vm: m.vm.clone(), from: m.from.clone(), to: m.to.clone(), gain: 0.0, seconds: 0.0, score_after: 0.0, wave: w as u32 });
+        }
+        let guard = ctl.write_lock.lock().await;
+        crate::plan::execute(ctl, &moves, guard).await?;
+        let vms = ctl.db.vms().await?;
+        let mut meter = ctl.energy.lock().await;
+        let step = meter.step;
+        for m in &p.moves {
+            if let Some(v) = vms.iter().find(|v| v.name == m.vm) {
+                meter.last_migrated.insert(v.uuid, step);
+            }
+        }
+    }
+    for h in &p.power_off {
+        switch(ctl, h, false).await?;
+    }
+    Ok(())
+}
+
+async fn wait_booted(ctl: &Controller, host: &str) -> ApiResult<()> {
+    let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let p = energy::power_record(ctl, host).await?;
+        let heard = ctl.liveness().get(host).is_some_and(|l| l.seen_unix_ms > p.since_unix_ms);
+        if p.state == PowerState::On || heard {
+            if p.state != PowerState::On {
+                energy::set_state(ctl, p, PowerState::On, None).await?;
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::Unavailable(format!("host {host} was switched on but not heard from within {BOOT_TIMEOUT:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Switches a host on or off with its power command. Switching off a host that still has VMs
+/// is refused; a command that fails leaves the state as it was, with the error recorded.
+pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPower> {
+    let p = energy::power_record(ctl, host).await?;
+    let (want, cmd, flag) = if on {
+        (PowerState::Booting, &p.config.power_on_command, "--on-command")
+    } else {
+        (PowerState::Off, &p.config.power_off_command, "--off-command")
+    };
+    if (on && p.state != PowerState::Off) || (!on && p.state == PowerState::Off) {
+        return Ok(p);
+    }
+    let Some(cmd) = cmd.clone() else {
+        return Err(ApiError::Invalid(format!(
+            "host {host} has no power-{} command; set one with `shoal host power {host} {flag} CMD`",
+            if on { "on" } else { "off" }
+        )));
+    };
+    if !on {
+        let claim: Claim = ctl.db.get(&db::claim_key(host)).await?.map(|v| v.value).unwrap_or_default();
+        if claim.vms > 0 {
+            return Err(ApiError::Conflict(format!("host {host} still has {} VMs; drain it first (`shoal host drain {host}`)", claim.vms)));
+        }
+    }
+    tracing::info!(%host, on, %cmd, "running power command");
+    match run_command(&cmd, host).await {
+        Ok(()) => energy::set_state(ctl, p, want, None).await,
+        Err(e) => {
+            let msg = format!("power-{} command for host {host} failed: {e}", if on { "on" } else { "off" });
+            let state = p.state;
+            energy::set_state(ctl, p, state, Some(msg.clone())).await?;
+            Err(ApiError::Unavailable(msg))
+        }
+    }
+}
+
+async fn run_command(cmd: &str, host: &str) -> Result<(), String> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("SHOAL_HOST", host)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("still running after {COMMAND_TIMEOUT:?}; killed"))?
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{}: {}", out.status, err.trim()))
+    }
+}
