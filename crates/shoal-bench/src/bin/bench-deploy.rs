@@ -68,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
     let join_s = t.elapsed().as_secs_f64();
 
     let img = dir.path().join("base.img");
-    std::fs::write(&img, vec![1u8; 1 << 20])?;
+    // 1 MiB with an MBR boot signature: the controller refuses files that are no disk image.
+    let mut disk = vec![1u8; 1 << 20];
+    disk[510..512].copy_from_slice(&[0x55, 0xAA]);
+    std::fs::write(&img, disk)?;
     client.import_template("base", &shoal_client::TemplateFiles::disk(&img)).await?;
     client
         .create_profile(&CreateProfile {
