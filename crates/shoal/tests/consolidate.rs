@@ -1,5 +1,5 @@
 //! Green consolidation on a running controller: simulated hosts whose VMs follow a CPU trace
-//! (light for 25 s, then saturated), power commands that write to a log, the consolidator
+//! (light for 40 s, then saturated), power commands that write to a log, the consolidator
 //! packing the VMs and switching hosts off, switching one back on when the load comes, the
 //! energy account, and the record replayed by `shoal sim`.
 
@@ -14,8 +14,8 @@ fn the_consolidator_switches_hosts_off_then_on_and_accounts_energy() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace");
     std::fs::create_dir(&trace).unwrap();
-    // 1-second samples: 25 light, then saturated (the trace repeats after 225 s).
-    let mut samples = "5\n".repeat(25);
+    // 1-second samples: 40 light (room for the checks under load), then saturated (repeats after 240 s).
+    let mut samples = "5\n".repeat(40);
     samples.push_str(&"100\n".repeat(200));
     std::fs::write(trace.join("vm"), samples).unwrap();
     let record = dir.path().join("record");
