@@ -132,19 +132,9 @@ impl Client {
             })
             .await?
         };
-        let distinct = distinct_chunks(&m);
+        let distinct = m.distinct_chunks();
         let missing = self.images_missing(host, &distinct).await?;
-        let total: u64 = {
-            let (s, ids) = (store.clone(), missing.clone());
-            blocking(move || {
-                let mut t = 0;
-                for id in &ids {
-                    t += s.get_blob(id)?.map(|b| b.len() as u64).unwrap_or(0);
-                }
-                Ok(t)
-            })
-            .await?
-        };
+        let total: u64 = missing.iter().filter_map(|id| store.blob_size(id)).sum();
         let sent = AtomicU64::new(0);
         progress(0, total);
         futures::stream::iter(batches(&missing))
@@ -224,16 +214,11 @@ impl Client {
             .await?;
         blocking(move || store.put_manifest(&bytes)).await?;
         Ok(TransferReport {
-            chunks_total: distinct_chunks(&m).len() as u64,
+            chunks_total: m.distinct_chunks().len() as u64,
             chunks_sent: total,
             bytes_sent: bytes_got.load(Ordering::Relaxed),
         })
     }
-}
-
-fn distinct_chunks(m: &Manifest) -> Vec<ChunkId> {
-    let mut seen = std::collections::HashSet::new();
-    m.chunks().map(|c| c.1).filter(|c| seen.insert(*c)).collect()
 }
 
 fn batches(ids: &[ChunkId]) -> Vec<Vec<ChunkId>> {

@@ -73,6 +73,12 @@ impl Manifest {
         })
     }
 
+    /// Each chunk once, in the order of its first use.
+    pub fn distinct_chunks(&self) -> Vec<ChunkId> {
+        let mut seen = std::collections::HashSet::new();
+        self.chunks().map(|(_, id, _)| id).filter(|id| seen.insert(*id)).collect()
+    }
+
     /// Bytes held in chunks (the rest are zeros).
     pub fn data_bytes(&self) -> u64 {
         self.chunks().map(|(_, _, len)| len).sum()

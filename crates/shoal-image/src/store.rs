@@ -504,8 +504,7 @@ impl ImageStore {
 
     /// The distinct chunks of `m` this store lacks, in image order.
     pub fn missing(&self, m: &Manifest) -> Vec<ChunkId> {
-        let mut seen = HashSet::new();
-        m.chunks().map(|(_, id, _)| id).filter(|id| seen.insert(*id) && !self.backend.contains(id)).collect()
+        m.distinct_chunks().into_iter().filter(|id| !self.backend.contains(id)).collect()
     }
 
     /// The share of `m`'s data bytes whose chunks this store holds (image locality).
@@ -520,6 +519,11 @@ impl ImageStore {
 
     pub fn get_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
         self.backend.get(id)
+    }
+
+    /// A held chunk's stored (compressed) length, without reading it.
+    pub fn blob_size(&self, id: &ChunkId) -> Option<u64> {
+        self.backend.size(id)
     }
 
     /// Stores blobs received from elsewhere, each verified against its id first; all or none.
@@ -559,7 +563,7 @@ impl ImageStore {
         let m = Manifest::decode(&bytes)?;
         let missing = dst.missing(&m);
         let mut rep = TransferReport {
-            chunks_total: m.chunks().map(|c| c.1).collect::<HashSet<_>>().len() as u64,
+            chunks_total: m.distinct_chunks().len() as u64,
             ..Default::default()
         };
         for batch in missing.chunks(256) {

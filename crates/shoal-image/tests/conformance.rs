@@ -16,6 +16,7 @@ fn suite(b: &dyn ChunkBackend) {
         assert!(w.put(&a, &ab).unwrap());
         assert!(w.contains(&a));
         assert!(!b.contains(&a));
+        assert_eq!(b.size(&a), None, "an uncommitted chunk has no size");
     }
     assert!(!b.contains(&a));
     assert_eq!(b.usage().chunks, 0);
@@ -27,6 +28,8 @@ fn suite(b: &dyn ChunkBackend) {
     w.commit().unwrap();
     assert_eq!(b.get(&a).unwrap().unwrap(), ab);
     assert_eq!(b.get(&c).unwrap().unwrap(), cb);
+    assert_eq!(b.size(&a), Some(ab.len() as u64));
+    assert_eq!(b.size(&c), Some(cb.len() as u64));
     let mut w = b.writer().unwrap();
     assert!(!w.put(&a, &ab).unwrap(), "a committed chunk is not written again");
     w.commit().unwrap();
@@ -53,6 +56,7 @@ fn suite(b: &dyn ChunkBackend) {
     b.remove(&[a, d]).unwrap();
     assert!(!b.contains(&a));
     assert!(b.get(&a).unwrap().is_none());
+    assert_eq!(b.size(&a), None);
     b.compact().unwrap();
     assert_eq!(b.get(&c).unwrap().unwrap(), cb);
     assert_eq!(b.usage().chunks, 1);

@@ -88,6 +88,16 @@ pub struct ConsoleQuery {
     pub max: Option<usize>,
 }
 
+/// The host record of the host a VM is on.
+async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::db::HostRecord> {
+    Ok(ctl
+        .db
+        .get::<crate::db::HostRecord>(&crate::db::host_key(&vm.host))
+        .await?
+        .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))?
+        .value)
+}
+
 /// The VM's serial console from `offset`, read from its host.
 #[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms",
     params(("name" = String, Path, description = "VM name"), ConsoleQuery),
@@ -98,12 +108,7 @@ pub async fn console(
     Query(q): Query<ConsoleQuery>,
 ) -> ApiResult<Json<ConsoleChunk>> {
     let Json(vm) = show_vm(State(ctl.clone()), Path(name.clone())).await?;
-    let host = ctl
-        .db
-        .get::<crate::db::HostRecord>(&crate::db::host_key(&vm.host))
-        .await?
-        .ok_or_else(|| ApiError::Unavailable(format!("VM {name}'s host {} is unknown", vm.host)))?
-        .value;
+    let host = vm_host(&ctl, &vm).await?;
     ctl.agent(&host.address)
         .console(vm.uuid, q.offset, q.max.unwrap_or(1 << 20))
         .await
@@ -132,12 +137,7 @@ pub async fn take_snapshot(ctl: &Controller, name: &str) -> ApiResult<(shoal_mod
     if matches!(vm.state, VmState::Pending | VmState::Creating | VmState::Deleting | VmState::Failed) {
         return Err(ApiError::Conflict(format!("VM {name} is {}; snapshot it once it runs or is stopped", vm.state.as_str())));
     }
-    let host = ctl
-        .db
-        .get::<crate::db::HostRecord>(&crate::db::host_key(&vm.host))
-        .await?
-        .ok_or_else(|| ApiError::Unavailable(format!("VM {name}'s host {} is unknown", vm.host)))?
-        .value;
+    let host = vm_host(ctl, &vm).await?;
     let disk = ctl.agent(&host.address).snapshot(vm.uuid).await.map_err(|e| match e.status() {
         Some(404) => ApiError::not_found("VM on its host", name),
         Some(409) => ApiError::Conflict(e.to_string()),

@@ -28,6 +28,9 @@ impl ChunkBackend for MemoryBackend {
     fn contains(&self, id: &ChunkId) -> bool {
         self.chunks.lock().expect("lock").contains_key(id)
     }
+    fn size(&self, id: &ChunkId) -> Option<u64> {
+        self.chunks.lock().expect("lock").get(id).map(|b| b.len() as u64)
+    }
     fn list(&self) -> Vec<ChunkId> {
         self.chunks.lock().expect("lock").keys().copied().collect()
     }

@@ -35,6 +35,8 @@ pub trait ChunkBackend: Send + Sync {
     fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error>;
     /// Whether a committed chunk is held.
     fn contains(&self, id: &ChunkId) -> bool;
+    /// The length of a committed chunk's blob, without reading it.
+    fn size(&self, id: &ChunkId) -> Option<u64>;
     /// Every committed chunk id (unordered).
     fn list(&self) -> Vec<ChunkId>;
     /// Forgets the given chunks (ids not held are ignored). Space is reclaimed by `compact`.

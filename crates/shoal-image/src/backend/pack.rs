@@ -193,6 +193,10 @@ impl ChunkBackend for PackBackend {
         self.inner.lock().expect("lock").index.contains_key(id)
     }
 
+    fn size(&self, id: &ChunkId) -> Option<u64> {
+        self.inner.lock().expect("lock").index.get(id).map(|l| l.len as u64)
+    }
+
     fn list(&self) -> Vec<ChunkId> {
         self.inner.lock().expect("lock").index.keys().copied().collect()
     }
