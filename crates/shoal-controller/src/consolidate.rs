@@ -15,12 +15,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use shoal_model::power::{ConsolidationPlan, HostPower, PlannedMove, PowerState};
-use shoal_model::{AntiAffinity, Cluster, HostState, VmState};
+use shoal_model::{AntiAffinity, Cluster, VmState};
 use shoal_policy::consolidate::{self, Consolidator};
 use shoal_policy::rebalance::Move;
 
 use crate::db::{self, Claim, HostRecord};
-use crate::energy::{self, HISTORY_LEN};
+use crate::energy;
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -40,29 +40,34 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
     let mut hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
     hosts.sort_by(|a, b| a.name.cmp(&b.name));
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-    let powers = energy::power_records(ctl).await?;
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let powers = energy::power_records(ctl, &hosts).await?;
     let claims: HashMap<String, Claim> = ctl.db.by_name("/claims/").await?;
     let clusters: HashMap<String, Cluster> =
         ctl.db.values::<Cluster>("/clusters/").await?.into_iter().map(|c| (c.name.clone(), c)).collect();
     let marks = crate::plan::host_marks(ctl).await?;
+    // Up to placement: not down, draining, in maintenance or powered off.
+    let in_service: Vec<bool> = hosts
+        .iter()
+        .map(|h| crate::plan::policy_host(ctl, h, &marks).state == shoal_policy::HostState::Up)
+        .collect();
     let vms: Vec<shoal_model::Vm> = ctl
         .db
         .vms()
         .await?
         .into_iter()
-        .filter(|v| v.claimed && v.state != VmState::Deleting && names.contains(&v.host))
+        .filter(|v| v.claimed && v.state != VmState::Deleting && index.contains_key(v.host.as_str()))
         .collect();
 
     let mut guard = ctl.energy.lock().await;
     let meter = &mut *guard;
     let step = meter.step;
     let (vm_meters, last_migrated, slot) = (&meter.vms, &meter.last_migrated, &mut meter.consolidator);
-    let empty: Vec<f64> = Vec::new();
     let mut on_host: Vec<Vec<u32>> = vec![Vec::new(); hosts.len()];
     let mut groups: HashMap<&str, u32> = HashMap::new();
     let mut cvms = Vec::with_capacity(vms.len());
     for (i, v) in vms.iter().enumerate() {
-        let h = names.iter().position(|n| *n == v.host).expect("filtered on known hosts");
+        let h = index[v.host.as_str()];
         on_host[h].push(i as u32);
         let vm_meter = vm_meters.get(&v.uuid);
         let cluster = clusters.get(&v.cluster);
@@ -71,14 +76,14 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         let pinned = v.state != VmState::Running
             || matches!(rule, AntiAffinity::Zone | AntiAffinity::Rack)
             || host.driver.starts_with("qemu")
-            || !matches!(crate::plan::policy_host(ctl, host, &marks).state, shoal_policy::HostState::Up)
+            || !in_service[h]
             || vm_meter.is_none_or(|m| m.history.is_empty());
         let next = groups.len() as u32;
         let group = (rule == AntiAffinity::Host).then(|| *groups.entry(v.cluster.as_str()).or_insert(next));
         cvms.push(consolidate::Vm {
             size: v.cpus as f64,
             demand: vm_meter.map_or(0.0, |m| m.rate),
-            history: vm_meter.map_or(&empty[..], |m| &m.history[..m.history.len().min(HISTORY_LEN)]),
+            history: vm_meter.map_or(&[][..], |m| &m.history),
             migration_s: v.memory_mib as f64 / MIGRATION_MIB_S,
             memory: v.memory_mib as f64,
             cpus: v.cpus as f64,
@@ -98,14 +103,13 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             let a = &h.allocation;
             let cpus_cap = (h.cpus as f64 * a.cpu_overcommit).floor() - a.reserved_cpus as f64;
             let mem_cap = (h.memory_mib as f64 * a.memory_overcommit).floor() - a.reserved_memory_mib as f64;
-            let up = ctl.host_state(&h.name).0 == HostState::Up;
             consolidate::Host {
                 capacity: h.cpus as f64,
                 core: h.cpus as f64,
                 full_load_w: p.config.model.at(1.0),
                 power: match p.state {
                     PowerState::Off => consolidate::Power::Off,
-                    PowerState::On if up && !marks_block(ctl, h, &marks) => consolidate::Power::On,
+                    PowerState::On if in_service[i] => consolidate::Power::On,
                     // Booting, down, draining or in maintenance: takes nothing now.
                     _ => consolidate::Power::Booting,
                 },
@@ -131,10 +135,6 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             .collect(),
         power_off: decided.power_off.iter().map(|&h| names[h as usize].clone()).collect(),
     })
-}
-
-fn marks_block(ctl: &Controller, h: &HostRecord, marks: &crate::plan::HostMarks) -> bool {
-    crate::plan::policy_host(ctl, h, marks).state != shoal_policy::HostState::Up
 }
 
 /// One step of the loop: plan with the consolidator's memory, then carry the plan out.
@@ -191,12 +191,8 @@ pub async fn apply(ctl: &Controller, p: &ConsolidationPlan) -> ApiResult<()> {
 async fn wait_booted(ctl: &Controller, host: &str) -> ApiResult<()> {
     let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
     loop {
-        let p = energy::power_record(ctl, host).await?;
-        let heard = ctl.liveness().get(host).is_some_and(|l| l.seen_unix_ms > p.since_unix_ms);
-        if p.state == PowerState::On || heard {
-            if p.state != PowerState::On {
-                energy::set_state(ctl, p, PowerState::On, None).await?;
-            }
+        let p = energy::settle_boot(ctl, energy::power_record(ctl, host).await?).await?;
+        if p.state == PowerState::On {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {

@@ -75,16 +75,15 @@ pub struct Meter {
     recorder: Option<Recorder>,
 }
 
-/// Every host's power record; hosts without one are on with the default model.
-pub async fn power_records(ctl: &Controller) -> ApiResult<HashMap<String, HostPower>> {
-    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+/// The power record of each of `hosts`; hosts without one are on with the default model.
+pub async fn power_records(ctl: &Controller, hosts: &[HostRecord]) -> ApiResult<HashMap<String, HostPower>> {
     let mut stored: HashMap<String, HostPower> =
         ctl.db.values::<HostPower>("/power/").await?.into_iter().map(|p| (p.host.clone(), p)).collect();
     Ok(hosts
-        .into_iter()
+        .iter()
         .map(|h| {
             let p = stored.remove(&h.name).unwrap_or_else(|| HostPower { host: h.name.clone(), ..Default::default() });
-            (h.name, p)
+            (h.name.clone(), p)
         })
         .collect())
 }
@@ -137,9 +136,22 @@ pub(crate) async fn set_state(ctl: &Controller, mut p: HostPower, state: PowerSt
     Ok(p)
 }
 
+/// A host switched on is back (`on`) once its agent is heard from after the command.
+pub(crate) async fn settle_boot(ctl: &Controller, p: HostPower) -> ApiResult<HostPower> {
+    if p.state != PowerState::Booting {
+        return Ok(p);
+    }
+    let (_, seen) = ctl.host_state(&p.host);
+    if seen.is_some_and(|ms| ms > p.since_unix_ms) {
+        return set_state(ctl, p, PowerState::On, None).await;
+    }
+    Ok(p)
+}
+
 /// Each host's power and energy now.
 pub async fn report(ctl: &Controller) -> ApiResult<EnergyReport> {
-    let powers = power_records(ctl).await?;
+    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let powers = power_records(ctl, &hosts).await?;
     let accounts: HashMap<String, Account> = ctl.db.by_name("/energy/").await?;
     let meter = ctl.energy.lock().await;
     let mut hosts: Vec<HostEnergy> = powers
@@ -196,26 +208,24 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
     let live = ctl.liveness();
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
     let vms: HashMap<Uuid, shoal_model::Vm> = ctl.db.vms().await?.into_iter().map(|v| (v.uuid, v)).collect();
-    let mut powers = power_records(ctl).await?;
-    // A host switched on is back once its agent is heard from after the command.
+    let mut powers = power_records(ctl, &hosts).await?;
     for p in powers.values_mut() {
-        let back = live.get(&p.host).is_some_and(|l| l.seen_unix_ms > p.since_unix_ms);
-        if p.state == PowerState::Booting && back {
-            *p = set_state(ctl, p.clone(), PowerState::On, None).await?;
-        }
+        *p = settle_boot(ctl, p.clone()).await?;
     }
-    let mut stored: HashMap<String, Account> = ctl.db.by_name("/energy/").await?;
-
     let mut m = ctl.energy.lock().await;
+    // Stored accounts are read once, when a host is first sampled by this process.
+    let mut stored: HashMap<String, Account> = if hosts.iter().any(|h| !m.hosts.contains_key(&h.name)) {
+        ctl.db.by_name("/energy/").await?
+    } else {
+        HashMap::new()
+    };
     let now = Instant::now();
     let dt = m.last_sample.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
     m.last_sample = Some(now);
     let mut busy: HashMap<&str, f64> = HashMap::new();
-    let mut seen: HashSet<Uuid> = HashSet::new();
     for (host, l) in &live {
         for st in &l.vms {
             let (Some(cpu), Some(vm)) = (st.cpu_seconds, vms.get(&st.uuid)) else { continue };
-            seen.insert(st.uuid);
             let vmm = m.vms.entry(st.uuid).or_default();
             let measured = match vmm.last {
                 Some((c0, t0)) if cpu >= c0 && l.seen > t0 => {
@@ -236,7 +246,7 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
             *busy.entry(host.as_str()).or_default() += vmm.rate;
         }
     }
-    m.vms.retain(|u, _| seen.contains(u) || vms.contains_key(u));
+    m.vms.retain(|u, _| vms.contains_key(u));
 
     let mut txn = Txn::new();
     for h in &hosts {

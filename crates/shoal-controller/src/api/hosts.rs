@@ -10,8 +10,9 @@ use crate::Controller;
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])))]
 pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Host>>> {
     let mut out = Vec::new();
-    let powers = crate::energy::power_records(&ctl).await?;
-    for h in ctl.db.values::<HostRecord>("/hosts/").await? {
+    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let powers = crate::energy::power_records(&ctl, &hosts).await?;
+    for h in hosts {
         let power = powers.get(&h.name).map(|p| p.state).unwrap_or_default();
         let claim: Claim = ctl
             .db
