@@ -7,6 +7,7 @@ set -euo pipefail
 PACKAGES=(
   ca-certificates
   iproute2
+  nftables            # nft: the network tests read the NAT gateway's rules (Shoal writes them over netlink)
   qemu-system-x86     # the VMs (pulls in SeaBIOS and the virtio-net option ROM)
   qemu-utils          # qemu-img: copy-on-write overlays, qcow2 checks
   busybox-static      # the demo template's root filesystem and initramfs

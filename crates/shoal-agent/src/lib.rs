@@ -142,9 +142,29 @@ pub async fn start_with_network(
     let loopback = local.ip().is_loopback();
 
     let mut creds = Credentials::load(&config.data_dir)?;
+    // Other hosts must reach the underlay address: the controller checks it at registration by
+    // connecting to it. The API listener answers there when it covers the address; otherwise a
+    // beacon that only accepts connections does.
+    let mut beacon = None;
+    let underlay_port = match &net {
+        None => None,
+        Some(n) if local.ip().is_unspecified() || local.ip() == std::net::IpAddr::V4(n.driver().underlay_ip()) => {
+            Some(local.port())
+        }
+        Some(n) => {
+            let ip = n.driver().underlay_ip();
+            let l = tokio::net::TcpListener::bind((ip, 0))
+                .await
+                .with_context(|| format!("agent {}: cannot listen on underlay address {ip}", config.name))?;
+            let port = l.local_addr()?.port();
+            beacon = Some(l);
+            Some(port)
+        }
+    };
     let net_info = net.as_ref().map(|n| NetInfo {
         driver: n.driver().name().to_string(),
         underlay_ip: n.driver().underlay_ip(),
+        underlay_port: underlay_port.unwrap_or_default(),
         guest_mtu: n.driver().guest_mtu(),
     });
     register(&config, &address, hv.as_ref(), net_info.as_ref(), &mut creds).await?;
@@ -172,6 +192,7 @@ pub async fn start_with_network(
         .route("/v1/vms/{uuid}/console", get(console))
         .route("/v1/vms/{uuid}/snapshot", post(snapshot))
         .route("/v1/networks/peers", post(net::set_peers))
+        .route("/v1/underlay/probe", post(net::probe_underlay))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -189,13 +210,25 @@ pub async fn start_with_network(
             tracing::error!("agent server: {e}");
         }
     });
-    let heartbeats = tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, net_info, creds, stop_rx));
+    let mut tasks = vec![server];
+    if let Some(l) = beacon {
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = l.accept() => {}
+                    _ = rx.wait_for(|s| *s) => return,
+                }
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, net_info, creds, stop_rx)));
     tracing::info!(agent = %config.name, %address, "agent started");
     Ok(RunningAgent {
         name: config.name,
         address,
         stop: stop_tx,
-        tasks: vec![server, heartbeats],
+        tasks,
     })
 }
 
@@ -204,6 +237,7 @@ pub async fn start_with_network(
 struct NetInfo {
     driver: String,
     underlay_ip: std::net::Ipv4Addr,
+    underlay_port: u16,
     guest_mtu: u32,
 }
 
@@ -224,6 +258,7 @@ async fn register(
         allocation: config.allocation.clone(),
         underlay_ip: net.map(|n| n.underlay_ip),
         network_driver: net.map(|n| n.driver.clone()),
+        underlay_port: net.map(|n| n.underlay_port),
         guest_mtu: net.map(|n| n.guest_mtu),
         join_token: if creds.credential.is_some() {
             None

@@ -1,5 +1,6 @@
-//! The agent's virtual networks: the network manager as the QEMU driver's [`VmNet`], and the
-//! command through which the controller programs remote VTEPs.
+//! The agent's virtual networks: the network manager as the QEMU driver's [`VmNet`], the command
+//! through which the controller programs remote VTEPs (and gateways), and the probe with which
+//! it checks that another host's underlay address is reachable from this one.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use shoal_hv::VmNet;
-use shoal_model::agent::VmSpec;
+use shoal_model::agent::{UnderlayProbe, UnderlayProbeResult, VmSpec};
 use shoal_model::api::{ErrorBody, ErrorDetail};
 use shoal_model::network::NetworkPeers;
 use shoal_net::NetManager;
@@ -34,6 +35,11 @@ impl VmNet for HvNet {
             tracing::error!(vm = %uuid, "removing the VM's network: {e}");
         }
     }
+}
+
+/// `POST /v1/underlay/probe`: does this host reach another host's underlay address?
+pub(crate) async fn probe_underlay(Json(req): Json<UnderlayProbe>) -> Json<UnderlayProbeResult> {
+    Json(shoal_client::probe_underlay(req.address, req.port, std::time::Duration::from_secs(3)).await)
 }
 
 /// `POST /v1/networks/peers`: the remote VTEPs of every network this host takes part in.

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_model::agent::{
     BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms,
+    UnderlayProbe, UnderlayProbeResult,
 };
 use shoal_model::api::{
     ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster,
@@ -142,6 +143,10 @@ impl Http {
 
     async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         self.send(self.request(Method::PUT, path).json(body)).await
+    }
+
+    async fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        self.send(self.request(Method::PATCH, path).json(body)).await
     }
 
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -389,6 +394,14 @@ impl Client {
         self.http.get(&format!("/v1/networks/{}", seg(name))).await
     }
 
+    pub async fn update_network(
+        &self,
+        name: &str,
+        req: &shoal_model::network::UpdateNetwork,
+    ) -> Result<shoal_model::network::NetworkView, ClientError> {
+        self.http.patch(&format!("/v1/networks/{}", seg(name)), req).await
+    }
+
     pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self.http.delete(&format!("/v1/networks/{}", seg(name))).await?;
         Ok(())
@@ -579,6 +592,14 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Asks the host whether it reaches another host's underlay address.
+    pub async fn probe_underlay(
+        &self,
+        req: &UnderlayProbe,
+    ) -> Result<UnderlayProbeResult, ClientError> {
+        self.http.post("/v1/underlay/probe", req).await
+    }
+
     pub async fn remove(&self, req: &RemoveVms) -> Result<BatchResult, ClientError> {
         self.http.post("/v1/vms/remove", req).await
     }
@@ -615,4 +636,24 @@ fn seg(s: &str) -> String {
         }
     }
     out
+}
+
+/// Opens a TCP connection to `address:port` within `timeout`: the reachability check of an
+/// underlay address, run by the controller and by agents.
+pub async fn probe_underlay(
+    address: std::net::Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> UnderlayProbeResult {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((address, port))).await {
+        Ok(Ok(_)) => UnderlayProbeResult { reachable: true, error: None },
+        Ok(Err(e)) => UnderlayProbeResult {
+            reachable: false,
+            error: Some(format!("connecting to {address}:{port}: {e}")),
+        },
+        Err(_) => UnderlayProbeResult {
+            reachable: false,
+            error: Some(format!("connecting to {address}:{port}: no answer within {} s", timeout.as_secs())),
+        },
+    }
 }

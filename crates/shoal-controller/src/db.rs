@@ -75,6 +75,9 @@ pub struct HostRecord {
     /// The MTU guests can have over its underlay.
     #[serde(default)]
     pub guest_mtu: Option<u32>,
+    /// Its network driver (`bridge`, `udp`), if any.
+    #[serde(default)]
+    pub network_driver: Option<String>,
 }
 
 /// Resources claimed on a host by the VMs placed there.

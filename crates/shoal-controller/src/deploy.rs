@@ -363,7 +363,7 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
     }
     let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
     let wanted = req.network.as_deref().or(shape.network.as_deref());
-    let (net, net_txn) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size).await?;
+    let (net, net_txn) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
     let subnet = net.subnet;
     let cluster = Cluster {
         name: req.name.clone(),

@@ -123,6 +123,7 @@ pub async fn plan_network(
         subnet,
         vni,
         owner: owner.map(str::to_string),
+        nat: req.nat,
         created_unix_ms: now_ms(),
     };
     let (sk, vk) = (db::subnet_key(&subnet), vni_key(vni));
@@ -143,6 +144,7 @@ pub async fn network_for_cluster(
     cluster: &str,
     wanted: Option<&str>,
     size: u32,
+    nat: bool,
 ) -> ApiResult<(Network, Option<Txn>)> {
     match wanted {
         Some(name) => {
@@ -151,10 +153,16 @@ pub async fn network_for_cluster(
                 .get::<Network>(&network_key(name))
                 .await?
                 .ok_or_else(|| ApiError::Invalid(format!("network {name:?} does not exist (shoal network create {name})")))?;
+            if nat && !v.value.nat {
+                return Err(ApiError::Invalid(format!(
+                    "cluster {cluster:?} joins network {name:?}, which has no outbound access: that is the \
+                     network's own setting (shoal network set {name} --nat true)"
+                )));
+            }
             Ok((v.value, None))
         }
         None => {
-            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None };
+            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None, nat };
             let (net, txn) = plan_network(ctl, &req, Some(cluster), size).await?;
             Ok((net, Some(txn)))
         }
@@ -177,21 +185,31 @@ pub async fn release_ops(ctl: &Controller, cluster: &Cluster) -> ApiResult<Vec<O
     }
 }
 
-/// A network with who uses it.
-pub fn view(net: Network, clusters: &[Cluster], vms: &[Vm]) -> NetworkView {
+/// A network with who uses it, from the topology of the same moment.
+pub fn view(net: Network, clusters: &[Cluster], vms: &[Vm], topo: &Topology) -> NetworkView {
     let on: Vec<&Cluster> = clusters
         .iter()
         .filter(|c| c.network.as_deref() == Some(net.name.as_str()))
         .collect();
     let names: BTreeSet<&str> = on.iter().map(|c| c.name.as_str()).collect();
-    let mine: Vec<&Vm> = vms.iter().filter(|v| names.contains(v.cluster.as_str())).collect();
-    let hosts: BTreeSet<String> = mine.iter().filter(|v| !v.host.is_empty()).map(|v| v.host.clone()).collect();
     NetworkView {
         clusters: on.iter().map(|c| c.name.clone()).collect(),
-        hosts: hosts.into_iter().collect(),
-        vms: mine.len() as u32,
+        hosts: topo.hosts.get(&net.name).into_iter().flatten().cloned().collect(),
+        vms: vms.iter().filter(|v| names.contains(v.cluster.as_str())).count() as u32,
+        gateway_host: topo.gateway(&net),
+        gateway_ip: net.nat.then(|| net.subnet.gateway()),
         network: net,
     }
+}
+
+/// The clusters, VMs and network topology as the store has them now.
+pub async fn topology_now(ctl: &Controller) -> ApiResult<(Vec<Cluster>, Vec<Vm>, Topology)> {
+    let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
+    let hosts: HashMap<String, HostRecord> =
+        ctl.db.values::<HostRecord>("/hosts/").await?.into_iter().map(|h| (h.name.clone(), h)).collect();
+    let by_name: HashMap<String, Cluster> = clusters.iter().map(|c| (c.name.clone(), c.clone())).collect();
+    let topo = Topology::new(&by_name, &vms, &hosts);
+    Ok((clusters, vms, topo))
 }
 
 /// Refuses to delete a network a cluster is on, or one a cluster made for itself.
@@ -217,13 +235,78 @@ pub fn check_deletable(net: &Network, clusters: &[Cluster]) -> ApiResult<()> {
     Ok(())
 }
 
+/// Refuses host `name` when its underlay address is not reachable: up to three other hosts with
+/// a network driver that are heard from try to connect to `ip:port` at once (the controller
+/// itself when there are none, or none of them answers), and one success admits the host. The
+/// address is the host's own by then (its agent checks that), but it may sit on an interface no
+/// other host reaches; VXLAN would then lose every frame without a word.
+pub async fn check_underlay(ctl: &Controller, name: &str, ip: Ipv4Addr, port: u16) -> ApiResult<()> {
+    use shoal_model::agent::UnderlayProbe;
+    use shoal_model::HostState;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+    let mut probers: Vec<HostRecord> = ctl
+        .db
+        .values::<HostRecord>("/hosts/")
+        .await?
+        .into_iter()
+        .filter(|h| h.name != name && h.underlay_ip.is_some_and(|u| u != ip))
+        .filter(|h| matches!(ctl.host_state(&h.name), (HostState::Up, Some(_))))
+        .collect();
+    probers.sort_by(|a, b| a.name.cmp(&b.name));
+    probers.truncate(3);
+    let probe = UnderlayProbe { address: ip, port };
+    let answers = futures::future::join_all(probers.iter().map(|h| {
+        let (agent, probe) = (ctl.agent(&h.address), probe.clone());
+        async move { tokio::time::timeout(WAIT * 2, agent.probe_underlay(&probe)).await }
+    }))
+    .await;
+    let mut failures = Vec::new();
+    for (h, a) in probers.iter().zip(answers) {
+        match a {
+            Ok(Ok(r)) if r.reachable => return Ok(()),
+            Ok(Ok(r)) => failures.push(format!("from host {}: {}", h.name, r.error.unwrap_or_default())),
+            // The prober did not answer: no verdict from it.
+            _ => {}
+        }
+    }
+    if failures.is_empty() {
+        let r = shoal_client::probe_underlay(ip, port, WAIT).await;
+        if r.reachable {
+            return Ok(());
+        }
+        failures.push(format!("from the controller: {}", r.error.unwrap_or_default()));
+    }
+    Err(ApiError::Invalid(format!(
+        "host {name:?}: its underlay address {ip} is unreachable ({}); the other hosts would send its \
+         virtual networks' traffic there: give --underlay-ip an address they reach",
+        failures.join("; ")
+    )))
+}
+
 /// Which hosts take part in which network, from the VMs placed on them.
 pub struct Topology {
     /// network → hosts running (or about to run) one of its VMs.
     pub hosts: HashMap<String, BTreeSet<String>>,
     /// host → underlay address, for hosts with a network driver.
     pub underlay: HashMap<String, Ipv4Addr>,
+    /// Hosts that can be a network's NAT gateway (those with the bridge driver).
+    pub routers: BTreeSet<String>,
     pub guest_mtu: u32,
+}
+
+/// The gateway of network `net` among `candidates`, by rendezvous hashing: the same host for as
+/// long as it stays a candidate, and a host that joins takes over only the networks it wins,
+/// so gateways (and the connections tracked on them) rarely move.
+pub fn pick_gateway<'a>(net: &str, candidates: impl IntoIterator<Item = &'a String>) -> Option<String> {
+    let weight = |host: &str| {
+        // FNV-1a over "net/host": stable across processes and releases.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in net.bytes().chain([b'/']).chain(host.bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    };
+    candidates.into_iter().max_by_key(|h| (weight(h), std::cmp::Reverse((*h).clone()))).cloned()
 }
 
 impl Topology {
@@ -240,8 +323,21 @@ impl Topology {
             .values()
             .filter_map(|h| Some((h.name.clone(), h.underlay_ip?)))
             .collect();
+        let routers = hosts
+            .values()
+            .filter(|h| h.network_driver.as_deref() == Some("bridge") && h.underlay_ip.is_some())
+            .map(|h| h.name.clone())
+            .collect();
         let guest_mtu = hosts.values().filter_map(|h| h.guest_mtu).min().unwrap_or(GUEST_MTU).min(GUEST_MTU);
-        Topology { hosts: on, underlay, guest_mtu }
+        Topology { hosts: on, underlay, routers, guest_mtu }
+    }
+
+    /// The host that is network `net`'s NAT gateway now, if it has NAT and a host to be it.
+    pub fn gateway(&self, net: &Network) -> Option<String> {
+        if !net.nat {
+            return None;
+        }
+        pick_gateway(&net.name, self.hosts.get(&net.name)?.iter().filter(|h| self.routers.contains(*h)))
     }
 
     /// What `host` needs for network `net`: the other hosts' underlay addresses.
@@ -255,7 +351,13 @@ impl Topology {
             .filter_map(|h| self.underlay.get(h).copied())
             .filter(|ip| Some(ip) != self.underlay.get(host))
             .collect();
-        VmNetwork { name: net.name.clone(), vni: net.vni, mtu: self.guest_mtu, peers: peers.into_iter().collect() }
+        VmNetwork {
+            name: net.name.clone(),
+            vni: net.vni,
+            mtu: self.guest_mtu,
+            peers: peers.into_iter().collect(),
+            gateway: (self.gateway(net).as_deref() == Some(host)).then_some(net.subnet),
+        }
     }
 
     /// For every host with a network driver, the networks it takes part in and their peers.
@@ -293,6 +395,7 @@ mod tests {
             joined_unix_ms: 0,
             underlay_ip: ip.map(|i| i.parse().unwrap()),
             guest_mtu: mtu,
+            network_driver: ip.map(|_| "bridge".into()),
             labels: Default::default(),
             allocation: Default::default(),
         }
@@ -307,10 +410,11 @@ mod tests {
 
     #[test]
     fn peers_are_the_other_hosts_of_the_network_with_an_underlay() {
-        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, created_unix_ms: 0 };
+        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: false, created_unix_ms: 0 };
         let t = Topology {
             hosts: [("n".to_string(), ["a", "b", "c"].iter().map(|s| s.to_string()).collect())].into(),
             underlay: [("a".to_string(), "10.9.0.1".parse().unwrap()), ("b".to_string(), "10.9.0.2".parse().unwrap())].into(),
+            routers: BTreeSet::new(),
             guest_mtu: 1500,
         };
         let a = t.vm_network(&net, "a");
@@ -318,6 +422,43 @@ mod tests {
         let by_host = t.peers_by_host(&[("n".to_string(), net)].into());
         assert_eq!(by_host.len(), 2, "only hosts with an underlay are told");
         assert_eq!(by_host["b"].networks[0].peers, vec!["10.9.0.1".parse::<Ipv4Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn one_host_of_a_nat_network_with_the_bridge_driver_is_its_gateway_and_stays_it() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+        let mut net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: true, created_unix_ms: 0 };
+        let mut t = Topology {
+            hosts: [("n".to_string(), names(&["a", "b", "u"]))].into(),
+            underlay: ["a", "b", "u"].iter().enumerate().map(|(i, h)| (h.to_string(), Ipv4Addr::new(10, 9, 0, i as u8 + 1))).collect(),
+            routers: names(&["a", "b"]),
+            guest_mtu: 1500,
+        };
+        let gw = t.gateway(&net).expect("a gateway");
+        assert!(gw == "a" || gw == "b", "{gw}: only bridge hosts route");
+        let by_host = t.peers_by_host(&[("n".to_string(), net.clone())].into());
+        let told: Vec<&String> = by_host.iter().filter(|(_, p)| p.networks[0].gateway.is_some()).map(|(h, _)| h).collect();
+        assert_eq!(told, vec![&gw], "exactly the gateway is told, with the subnet");
+        assert_eq!(by_host[&gw].networks[0].gateway, Some(net.subnet));
+        // Hosts joining move the gateway only to a host that wins by the hash; the gateway
+        // leaving hands it to another router.
+        let mut before = gw.clone();
+        for extra in ["c", "d", "e", "f"] {
+            t.hosts.get_mut("n").unwrap().insert(extra.into());
+            t.routers.insert(extra.into());
+            let now = t.gateway(&net).unwrap();
+            assert!(now == before || now == extra, "{before} -> {now} when {extra} joined");
+            before = now;
+        }
+        let now = t.gateway(&net).unwrap();
+        t.hosts.get_mut("n").unwrap().remove(&now);
+        assert_ne!(t.gateway(&net).unwrap(), now);
+        // No router among its hosts, or no NAT: no gateway.
+        t.routers.clear();
+        assert_eq!(t.gateway(&net), None);
+        net.nat = false;
+        t.routers = names(&["a"]);
+        assert_eq!(t.gateway(&net), None);
     }
 
     #[test]

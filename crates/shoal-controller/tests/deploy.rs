@@ -400,6 +400,7 @@ async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
         labels: Default::default(),
         allocation: shoal_model::Allocation { cpu_overcommit: 0.5, ..Default::default() },
         underlay_ip: None,
+        underlay_port: None,
         network_driver: None,
         guest_mtu: None,
     };

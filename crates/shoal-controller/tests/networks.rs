@@ -8,7 +8,7 @@ use shoal_model::network::CreateNetwork;
 use shoal_model::OperationState;
 
 fn net(name: &str, subnet: Option<&str>, vni: Option<u32>) -> CreateNetwork {
-    CreateNetwork { name: name.into(), subnet: subnet.map(Into::into), vni }
+    CreateNetwork { name: name.into(), subnet: subnet.map(Into::into), vni, nat: false }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,10 @@ pub struct RegisterRequest {
     /// The network driver (`bridge`), if any.
     #[serde(default)]
     pub network_driver: Option<String>,
+    /// A TCP port the agent accepts connections on at `underlay_ip`, so that the controller can
+    /// check that other hosts reach that address before admitting the host.
+    #[serde(default)]
+    pub underlay_port: Option<u16>,
     /// The MTU guests can have over this host's underlay.
     #[serde(default)]
     pub guest_mtu: Option<u32>,
@@ -152,4 +156,19 @@ pub struct DiskSnapshot {
     /// Chunks the controller did not have yet, and their compressed bytes.
     pub chunks_sent: u64,
     pub bytes_sent: u64,
+}
+
+/// Asks a host whether it reaches another host's underlay address (controller → agent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UnderlayProbe {
+    #[schema(value_type = String)]
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Whether the probed address answered, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UnderlayProbeResult {
+    pub reachable: bool,
+    pub error: Option<String>,
 }

@@ -39,6 +39,10 @@ pub struct CreateCluster {
     /// Network to join; default: the profile's, else a network of the cluster's own.
     #[serde(default)]
     pub network: Option<String>,
+    /// The cluster's own network gets outbound access (NAT); for a joined network this is the
+    /// network's own setting (`shoal network create --nat`, `network set --nat`).
+    #[serde(default)]
+    pub nat: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

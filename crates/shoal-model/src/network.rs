@@ -28,6 +28,10 @@ pub struct Network {
     /// The cluster that made this network for itself (deleted with it); `None` for a network an
     /// operator created, which clusters join by name.
     pub owner: Option<String>,
+    /// Outbound access: one host of the network takes the subnet's gateway address on its
+    /// bridge and masquerades the guests' traffic out through its own address.
+    #[serde(default)]
+    pub nat: bool,
     pub created_unix_ms: u64,
 }
 
@@ -38,6 +42,15 @@ pub struct CreateNetwork {
     pub subnet: Option<String>,
     /// VXLAN network identifier (1..=16777215); the lowest free one from 10000 when not given.
     pub vni: Option<u32>,
+    /// Give the network outbound access through a gateway on one of its hosts.
+    #[serde(default)]
+    pub nat: bool,
+}
+
+/// Changes to a network (`PATCH /v1/networks/{name}`); absent fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateNetwork {
+    pub nat: Option<bool>,
 }
 
 /// A network and who uses it.
@@ -50,6 +63,12 @@ pub struct NetworkView {
     /// Hosts that run at least one of its VMs.
     pub hosts: Vec<String>,
     pub vms: u32,
+    /// With `nat`: the host that is the network's gateway now (one of `hosts` with the bridge
+    /// driver; none while no such host runs one of its VMs).
+    pub gateway_host: Option<String>,
+    /// With `nat`: the address guests route through (the subnet's first).
+    #[schema(value_type = Option<String>)]
+    pub gateway_ip: Option<Ipv4Addr>,
 }
 
 /// What a host needs to connect a VM to its virtual network (part of the VM's spec), and what
@@ -63,6 +82,11 @@ pub struct VmNetwork {
     /// Underlay addresses of the other hosts running VMs of this network (the remote VTEPs).
     #[schema(value_type = Vec<String>)]
     pub peers: Vec<Ipv4Addr>,
+    /// Set only for the host that is the network's NAT gateway: the subnet whose first address
+    /// it takes on the network's bridge and whose outbound traffic it masquerades.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub gateway: Option<Ipv4Subnet>,
 }
 
 /// The remote VTEPs of every network a host takes part in (controller → agent).

@@ -1,8 +1,10 @@
 //! The bridge driver: per network, a Linux bridge and a VXLAN device enslaved to it, the VMs'
 //! taps on the bridge, and one all-zeros FDB entry per remote VTEP on the VXLAN device
 //! (`bridge fdb append 00:00:00:00:00:00 dev shvxN dst PEER`): broadcast and unknown unicast go to
-//! every peer by head-end replication, so the underlay needs no multicast. Everything is done over
-//! rtnetlink; nothing shells out.
+//! every peer by head-end replication, so the underlay needs no multicast. On the host that is a
+//! network's NAT gateway, the bridge also holds the subnet's first address, the host forwards,
+//! and [`crate::nftables`] masquerades the guests' outbound traffic. Everything is done over
+//! (rt/nf)netlink; nothing shells out.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -16,8 +18,9 @@ use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, Neig
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
 use shoal_model::network::{GUEST_MTU, VXLAN_OVERHEAD};
+use shoal_model::Ipv4Subnet;
 
-use crate::{bridge_name, has_net_admin, vxlan_name, NetDriver, NetError};
+use crate::{bridge_name, has_net_admin, nftables, vxlan_name, NetDriver, NetError};
 
 /// The IANA VXLAN port.
 pub const VXLAN_PORT: u16 = 4789;
@@ -157,6 +160,94 @@ impl BridgeDriver {
     }
 }
 
+impl BridgeDriver {
+    /// The IPv4 addresses on link `index`, with their prefix lengths.
+    async fn addresses_of(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl(format!("listing the addresses of link {index}")))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                        Some((*ip, m.header.prefix_len))
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Takes `subnet`'s gateway address on network `vni`'s bridge, forwards, and installs the
+    /// masquerade; `remove_gateway` undoes all but the forwarding.
+    async fn add_gateway(&self, vni: u32, subnet: Ipv4Subnet) -> Result<(), NetError> {
+        let br = bridge_name(vni);
+        let index = self.index_of(&br).await?.ok_or_else(|| NetError::TapMissing(br.clone()))?;
+        let gw = subnet.gateway();
+        let have = self.addresses_of(index).await?;
+        for (ip, prefix) in have.iter().filter(|a| **a != (gw, subnet.prefix())) {
+            self.del_address(index, *ip, *prefix).await?;
+        }
+        if !have.contains(&(gw, subnet.prefix())) {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(gw), subnet.prefix())
+                .execute()
+                .await
+                .map_err(nl(format!("adding {gw}/{} to {br}", subnet.prefix())))?;
+        }
+        // Forwarding is the host's (its network namespace's) setting; it stays on afterwards,
+        // as other gateways on the host may rely on it.
+        let fwd = "/proc/sys/net/ipv4/ip_forward";
+        if std::fs::read_to_string(fwd).map(|s| s.trim() != "1").unwrap_or(true) {
+            std::fs::write(fwd, "1").map_err(|source| NetError::Gateway { vni, source })?;
+        }
+        tokio::task::spawn_blocking(move || nftables::install_gateway(vni, subnet))
+            .await
+            .map_err(|e| NetError::Gateway { vni, source: std::io::Error::other(e) })?
+            .map_err(|source| NetError::Gateway { vni, source })
+    }
+
+    async fn remove_gateway(&self, vni: u32) -> Result<(), NetError> {
+        match tokio::task::spawn_blocking(move || nftables::remove_gateway(vni)).await {
+            Ok(Ok(())) => {}
+            // A kernel without nf_tables has no table to remove.
+            Ok(Err(e)) if e.raw_os_error() == Some(93) || e.raw_os_error() == Some(97) => {}
+            Ok(Err(source)) => return Err(NetError::Gateway { vni, source }),
+            Err(e) => return Err(NetError::Gateway { vni, source: std::io::Error::other(e) }),
+        }
+        if let Some(index) = self.index_of(&bridge_name(vni)).await? {
+            for (ip, prefix) in self.addresses_of(index).await? {
+                self.del_address(index, ip, prefix).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn del_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+        let mut m = netlink_packet_route::address::AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.index = index;
+        m.header.prefix_len = prefix;
+        m.attributes.push(AddressAttribute::Local(IpAddr::V4(ip)));
+        m.attributes.push(AddressAttribute::Address(IpAddr::V4(ip)));
+        match self.handle.address().del(m).execute().await {
+            Ok(()) => Ok(()),
+            // EADDRNOTAVAIL: gone already.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -99 => Ok(()),
+            Err(e) => Err(nl(format!("removing {ip}/{prefix} from link {index}"))(e)),
+        }
+    }
+}
+
 /// ENODEV: what the kernel answers for a link that does not exist.
 fn libc_enodev() -> i32 {
     19
@@ -256,7 +347,22 @@ impl NetDriver for BridgeDriver {
         self.up(tap_index, Some(br_index), &format!("attaching {tap} to {br}")).await
     }
 
+    async fn set_gateway(&self, vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {
+        match subnet {
+            Some(s) => {
+                let r = self.add_gateway(vni, s).await;
+                if r.is_err() {
+                    // Nothing half-made stays behind.
+                    let _ = self.remove_gateway(vni).await;
+                }
+                r
+            }
+            None => self.remove_gateway(vni).await,
+        }
+    }
+
     async fn destroy(&self, vni: u32) -> Result<(), NetError> {
+        self.remove_gateway(vni).await?;
         for name in [vxlan_name(vni), bridge_name(vni)] {
             if let Some(i) = self.index_of(&name).await? {
                 match self.handle.link().del(i).execute().await {

@@ -4,8 +4,9 @@
 //! ([`bridge::BridgeDriver`]) a Linux bridge `shbr<VNI>` and a VXLAN device `shvx<VNI>` on the
 //! underlay, with one all-zeros FDB entry per remote host (head-end replication, no multicast),
 //! all over netlink. [`NetManager`] keeps which VMs use which network, creates a network with its
-//! first VM on the host and removes it with its last, and applies the remote VTEPs the controller
-//! sends. [`sim::SimNet`] records instead of touching the kernel, for tests.
+//! first VM on the host and removes it with its last, and applies the remote VTEPs (and, on the
+//! one host the controller picks for a network with NAT, the gateway: [`nftables`]) that the
+//! controller sends. [`sim::SimNet`] records instead of touching the kernel, for tests.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -14,9 +15,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use shoal_model::agent::VmSpec;
 use shoal_model::network::NetworkPeers;
+use shoal_model::Ipv4Subnet;
 use uuid::Uuid;
 
 pub mod bridge;
+pub mod nftables;
 pub mod sim;
 pub mod udp;
 
@@ -28,6 +31,14 @@ pub enum NetError {
     UnderlayNotLocal(Ipv4Addr),
     #[error("the tap {0} of the VM did not appear")]
     TapMissing(String),
+    #[error("the {0} network driver cannot be a network's NAT gateway (only the bridge driver can)")]
+    NoGateway(&'static str),
+    #[error("setting up the gateway of network {vni}: {source}")]
+    Gateway {
+        vni: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("netlink: {what}: {source}")]
     Netlink {
         what: String,
@@ -52,8 +63,16 @@ pub trait NetDriver: Send + Sync {
     async fn set_peers(&self, vni: u32, peers: &[Ipv4Addr]) -> Result<(), NetError>;
     /// Connects a VM's tap (made by QEMU) to network `vni`.
     async fn attach(&self, vni: u32, tap: &str) -> Result<(), NetError>;
-    /// Removes network `vni`'s devices (and with them its FDB entries).
+    /// Removes network `vni`'s devices (and with them its FDB entries and its gateway).
     async fn destroy(&self, vni: u32) -> Result<(), NetError>;
+    /// Makes this host network `vni`'s NAT gateway for `subnet` (its first address on the
+    /// network's bridge, forwarding, masquerade), or, with `None`, no longer its gateway.
+    async fn set_gateway(&self, _vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {
+        match subnet {
+            Some(_) => Err(NetError::NoGateway(self.name())),
+            None => Ok(()),
+        }
+    }
     /// QEMU's `-netdev` (id `net0`) for VM `uuid` on network `vni`: by default a tap QEMU makes,
     /// which [`NetDriver::attach`] then connects.
     fn netdev(&self, _vni: u32, uuid: Uuid) -> Result<String, NetError> {
@@ -74,14 +93,29 @@ pub fn tap_name(uuid: Uuid) -> String {
     format!("sht{}", &uuid.simple().to_string()[..11])
 }
 
+/// How one network is wired on this host beyond its devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Wiring {
+    /// Remote VTEPs.
+    peers: BTreeSet<Ipv4Addr>,
+    /// The subnet this host is the NAT gateway of.
+    gateway: Option<Ipv4Subnet>,
+}
+
+impl Wiring {
+    fn of(n: &shoal_model::VmNetwork) -> Wiring {
+        Wiring { peers: n.peers.iter().copied().collect(), gateway: n.gateway }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// VM → the VNI of its network.
     vms: HashMap<Uuid, u32>,
-    /// Networks with devices on this host, and the peers programmed.
-    nets: HashMap<u32, BTreeSet<Ipv4Addr>>,
-    /// What the controller last said each network's peers are.
-    wanted: HashMap<u32, BTreeSet<Ipv4Addr>>,
+    /// Networks with devices on this host, and how they are wired.
+    nets: HashMap<u32, Wiring>,
+    /// What the controller last said each network's wiring is.
+    wanted: HashMap<u32, Wiring>,
 }
 
 /// Which VMs use which network on this host; creates and removes networks with their VMs.
@@ -109,11 +143,11 @@ impl NetManager {
                 let _ = self.driver.destroy(n.vni).await;
                 return Err(e);
             }
-            v.insert(BTreeSet::new());
+            v.insert(Wiring::default());
         }
         st.vms.insert(spec.uuid, n.vni);
-        let peers = st.wanted.get(&n.vni).cloned().unwrap_or_else(|| n.peers.iter().copied().collect());
-        self.program(&mut st, n.vni, peers).await?;
+        let wiring = st.wanted.get(&n.vni).cloned().unwrap_or_else(|| Wiring::of(n));
+        self.program(&mut st, n.vni, wiring).await?;
         Ok(Some(self.driver.netdev(n.vni, spec.uuid)?))
     }
 
@@ -147,34 +181,44 @@ impl NetManager {
     /// The controller's view of every network this host takes part in.
     pub async fn set_peers(&self, peers: &NetworkPeers) -> Result<(), NetError> {
         let mut st = self.state.lock().await;
-        st.wanted = peers
-            .networks
-            .iter()
-            .map(|n| (n.vni, n.peers.iter().copied().collect()))
-            .collect();
-        let vnis: Vec<u32> = st.nets.keys().copied().collect();
+        st.wanted = peers.networks.iter().map(|n| (n.vni, Wiring::of(n))).collect();
+        let mut vnis: Vec<u32> = st.nets.keys().copied().collect();
+        vnis.sort();
+        // Every network gets its turn; the first failure is reported.
+        let mut first = Ok(());
         for vni in vnis {
             let want = st.wanted.get(&vni).cloned().unwrap_or_default();
-            self.program(&mut st, vni, want).await?;
+            if let Err(e) = self.program(&mut st, vni, want).await {
+                tracing::error!(vni, "wiring network: {e}");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    async fn program(&self, st: &mut State, vni: u32, want: Wiring) -> Result<(), NetError> {
+        let peers: BTreeSet<Ipv4Addr> = want.peers.into_iter().filter(|p| *p != self.driver.underlay_ip()).collect();
+        let have = st.nets.get(&vni).cloned().unwrap_or_default();
+        if have.peers != peers {
+            let list: Vec<Ipv4Addr> = peers.iter().copied().collect();
+            self.driver.set_peers(vni, &list).await?;
+            st.nets.entry(vni).or_default().peers = peers;
+        }
+        if have.gateway != want.gateway {
+            self.driver.set_gateway(vni, want.gateway).await?;
+            st.nets.entry(vni).or_default().gateway = want.gateway;
         }
         Ok(())
     }
 
-    async fn program(&self, st: &mut State, vni: u32, peers: BTreeSet<Ipv4Addr>) -> Result<(), NetError> {
-        let peers: BTreeSet<Ipv4Addr> = peers.into_iter().filter(|p| *p != self.driver.underlay_ip()).collect();
-        if st.nets.get(&vni) == Some(&peers) {
-            return Ok(());
-        }
-        let list: Vec<Ipv4Addr> = peers.iter().copied().collect();
-        self.driver.set_peers(vni, &list).await?;
-        st.nets.insert(vni, peers);
-        Ok(())
-    }
-
-    /// Networks with devices on this host, with their peers.
-    pub async fn networks(&self) -> Vec<(u32, Vec<Ipv4Addr>)> {
+    /// Networks with devices on this host, with their peers and the subnet this host is the
+    /// gateway of.
+    pub async fn networks(&self) -> Vec<(u32, Vec<Ipv4Addr>, Option<Ipv4Subnet>)> {
         let st = self.state.lock().await;
-        let mut v: Vec<_> = st.nets.iter().map(|(k, p)| (*k, p.iter().copied().collect())).collect();
+        let mut v: Vec<_> =
+            st.nets.iter().map(|(k, w)| (*k, w.peers.iter().copied().collect(), w.gateway)).collect();
         v.sort();
         v
     }
@@ -221,6 +265,7 @@ mod tests {
                 vni,
                 mtu: 1500,
                 peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
+                gateway: None,
             }),
         }
     }
@@ -235,7 +280,7 @@ mod tests {
         m.connect(&a).await.unwrap();
         m.netdev(&b).await.unwrap();
         assert_eq!(sim.log.lock().unwrap().iter().filter(|l| l.starts_with("create")).count(), 1);
-        assert_eq!(m.networks().await, vec![(7, vec!["10.9.0.2".parse().unwrap()])]);
+        assert_eq!(m.networks().await, vec![(7, vec!["10.9.0.2".parse().unwrap()], None)]);
 
         // The controller's peers replace the spec's; this host's own address is never a peer.
         let peers = NetworkPeers {
@@ -244,10 +289,21 @@ mod tests {
                 vni: 7,
                 mtu: 1500,
                 peers: vec!["10.9.0.3".parse().unwrap(), "10.9.0.1".parse().unwrap()],
+                gateway: None,
             }],
         };
         m.set_peers(&peers).await.unwrap();
         assert_eq!(sim.nets.lock().unwrap()[&7].1, vec!["10.9.0.3".parse::<Ipv4Addr>().unwrap()]);
+
+        // Made the network's gateway, then no longer: the driver is told each change once.
+        let mut gw = peers.clone();
+        gw.networks[0].gateway = Some("10.0.0.0/24".parse().unwrap());
+        m.set_peers(&gw).await.unwrap();
+        m.set_peers(&gw).await.unwrap();
+        assert_eq!(sim.gateways.lock().unwrap().get(&7), Some(&"10.0.0.0/24".parse().unwrap()));
+        m.set_peers(&peers).await.unwrap();
+        assert!(sim.gateways.lock().unwrap().is_empty());
+        assert_eq!(sim.log.lock().unwrap().iter().filter(|l| l.starts_with("gateway")).count(), 2);
 
         m.release(a.uuid).await.unwrap();
         assert!(sim.nets.lock().unwrap().contains_key(&7), "b still uses it");

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use shoal_model::Ipv4Subnet;
 
 use crate::{NetDriver, NetError};
 
@@ -16,6 +17,8 @@ pub struct SimNet {
     pub underlay: Option<Ipv4Addr>,
     /// VNI → (taps attached, peers).
     pub nets: Mutex<BTreeMap<u32, SimNetwork>>,
+    /// VNI → the subnet this host is the gateway of.
+    pub gateways: Mutex<BTreeMap<u32, Ipv4Subnet>>,
     /// Every call, in order, for tests to inspect.
     pub log: Mutex<Vec<String>>,
 }
@@ -59,6 +62,16 @@ impl NetDriver for SimNet {
     async fn destroy(&self, vni: u32) -> Result<(), NetError> {
         self.log(format!("destroy {vni}"));
         self.nets.lock().expect("nets").remove(&vni);
+        self.gateways.lock().expect("gateways").remove(&vni);
+        Ok(())
+    }
+    async fn set_gateway(&self, vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {
+        self.log(format!("gateway {vni} {subnet:?}"));
+        let mut g = self.gateways.lock().expect("gateways");
+        match subnet {
+            Some(s) => g.insert(vni, s),
+            None => g.remove(&vni),
+        };
         Ok(())
     }
 }

@@ -492,9 +492,20 @@ pub enum NetworkCmd {
         /// VXLAN network identifier, 1..16777215 [default: the lowest free from 10000]
         #[arg(long)]
         vni: Option<u32>,
+        /// Outbound access: one of the network's hosts routes and masquerades its traffic
+        /// (needs a host with the bridge driver).
+        #[arg(long)]
+        nat: bool,
     },
     List,
     Show { name: String },
+    /// Change a network's settings.
+    Set {
+        name: String,
+        /// Switch outbound access (NAT) on or off.
+        #[arg(long)]
+        nat: Option<bool>,
+    },
     /// Delete a network no cluster is on.
     Delete { name: String },
 }
@@ -572,6 +583,9 @@ pub enum ClusterCmd {
         /// Network to join [default: the profile's, else one of the cluster's own]
         #[arg(long)]
         network: Option<String>,
+        /// Give the cluster's own network outbound access (see `network create --nat`).
+        #[arg(long)]
+        nat: bool,
         /// Wait until every VM runs, showing progress.
         #[arg(long)]
         wait: bool,

@@ -187,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 placement,
                 anti_affinity,
                 network,
+                nat,
                 wait,
                 dry_run,
                 explain,
@@ -206,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         AntiAffinityArg::Rack => AntiAffinity::Rack,
                     },
                     network,
+                    nat,
                 };
                 if dry_run {
                     let e = client.plan_place(&req, explain).await?;

@@ -1,16 +1,22 @@
-//! `shoal network create|list|show|delete`.
+//! `shoal network create|list|show|set|delete`.
 
 use shoal_client::Client;
-use shoal_model::network::{CreateNetwork, NetworkView};
+use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 
 use crate::cli::{NetworkCmd, Output};
 use crate::output::{emit, table};
 
 pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create { name, subnet, vni } => {
-            let n = client.create_network(&CreateNetwork { name, subnet, vni }).await?;
+        NetworkCmd::Create { name, subnet, vni, nat } => {
+            let n = client.create_network(&CreateNetwork { name, subnet, vni, nat }).await?;
             emit(out, &n, show);
+        }
+        NetworkCmd::Set { name, nat } => {
+            if nat.is_none() {
+                anyhow::bail!("network set {name}: nothing to change (give --nat true|false)");
+            }
+            emit(out, &client.update_network(&name, &UpdateNetwork { nat }).await?, show);
         }
         NetworkCmd::List => emit(out, &client.networks().await?, list),
         NetworkCmd::Show { name } => emit(out, &client.network(&name).await?, show),
@@ -29,7 +35,7 @@ fn list(ns: &Vec<NetworkView>) -> String {
 
 fn rows(ns: &[NetworkView]) -> String {
     table(
-        &["name", "subnet", "vni", "owner", "clusters", "vms", "hosts"],
+        &["name", "subnet", "vni", "owner", "nat", "clusters", "vms", "hosts"],
         ns.iter()
             .map(|n| {
                 vec![
@@ -37,6 +43,7 @@ fn rows(ns: &[NetworkView]) -> String {
                     n.network.subnet.to_string(),
                     n.network.vni.to_string(),
                     n.network.owner.clone().unwrap_or_else(|| "-".into()),
+                    nat(n),
                     n.clusters.join(","),
                     n.vms.to_string(),
                     n.hosts.join(","),
@@ -44,6 +51,16 @@ fn rows(ns: &[NetworkView]) -> String {
             })
             .collect(),
     )
+}
+
+/// `no`, or where the network's traffic goes out: `via h1 (10.200.0.1)`, or that no host of it
+/// can be its gateway yet.
+fn nat(n: &NetworkView) -> String {
+    match (n.network.nat, &n.gateway_host, n.gateway_ip) {
+        (false, _, _) => "no".into(),
+        (true, Some(h), Some(ip)) => format!("via {h} ({ip})"),
+        (true, _, _) => "no gateway host yet".into(),
+    }
 }
 
 fn show(n: &NetworkView) -> String {

@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             placement: Placement::Spread,
             anti_affinity: AntiAffinity::None,
             network: None,
+            nat: false,
         };
         let t = Instant::now();
         let op = client.create_cluster(&req).await?;

@@ -34,20 +34,70 @@ fn inner(underlay: &str, runs: usize) -> anyhow::Result<()> {
     rt.block_on(async {
         let d = shoal_net::bridge::BridgeDriver::open(underlay.parse()?).await?;
         let peer: std::net::Ipv4Addr = "10.250.0.99".parse()?;
-        let (mut up, mut down) = (Vec::new(), Vec::new());
+        let subnet: shoal_model::Ipv4Subnet = "10.249.0.0/24".parse()?;
+        let (mut up, mut down, mut gw_up, mut gw_down, mut cli) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             let vni = 5000 + i as u32;
             let t = Instant::now();
             d.create(vni).await?;
             d.set_peers(vni, &[peer]).await?;
             up.push(t.elapsed().as_secs_f64() * 1000.0);
+            // The NAT gateway: address, forwarding and the nf_tables table over netlink...
+            let t = Instant::now();
+            d.set_gateway(vni, Some(subnet)).await?;
+            gw_up.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            d.set_gateway(vni, None).await?;
+            gw_down.push(t.elapsed().as_secs_f64() * 1000.0);
+            // ...and the same table through the nft command, as Incus and LXD install theirs.
+            if let Some(ms) = nft_cli(vni, subnet)? {
+                cli.push(ms);
+            }
             let t = Instant::now();
             d.destroy(vni).await?;
             down.push(t.elapsed().as_secs_f64() * 1000.0);
         }
-        println!("{}", serde_json::json!({ "setup_ms": median(up), "teardown_ms": median(down) }));
+        println!(
+            "{}",
+            serde_json::json!({ "setup_ms": median(up), "teardown_ms": median(down), "gateway_ms": median(gw_up),
+                                "gateway_off_ms": median(gw_down), "nft_cli_ms": median(cli) })
+        );
         anyhow::Ok(())
     })
+}
+
+/// Installs network `vni`'s gateway table with `nft -f -` (and removes it again); the time of
+/// the install, or `None` (said on stderr) when the nft command is not installed.
+fn nft_cli(vni: u32, subnet: shoal_model::Ipv4Subnet) -> anyhow::Result<Option<f64>> {
+    use std::io::Write;
+    let br = shoal_net::bridge_name(vni);
+    let table = shoal_net::nftables::table_name(vni);
+    let ruleset = format!(
+        "add table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n\
+         chain postrouting {{ type nat hook postrouting priority 100; policy accept;\n\
+           ip saddr {subnet} oifname != \"{br}\" masquerade }}\n\
+         chain forward {{ type filter hook forward priority 0; policy accept;\n\
+           iifname \"{br}\" oifname \"{br}\" accept\n\
+           oifname \"{br}\" ct state established,related accept\n\
+           oifname \"{br}\" drop }}\n\
+         chain input {{ type filter hook input priority 0; policy accept;\n\
+           iifname \"{br}\" ct state established,related accept\n\
+           iifname \"{br}\" ip protocol icmp accept\n\
+           iifname \"{br}\" drop }}\n}}\n"
+    );
+    let t = Instant::now();
+    let mut child = match Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench-net: no nft command ({e}): the nft column stays empty");
+            return Ok(None);
+        }
+    };
+    child.stdin.take().expect("stdin").write_all(ruleset.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "nft -f failed on:\n{ruleset}");
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    shoal_net::nftables::remove_gateway(vni)?;
+    Ok(Some(ms))
 }
 
 struct Lab {
@@ -279,7 +329,9 @@ fn main() -> anyhow::Result<()> {
         .output()?;
     anyhow::ensure!(o.status.success(), "set-up bench: {}", String::from_utf8_lossy(&o.stderr));
     let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-    let (setup, teardown) = (st["setup_ms"].as_f64().unwrap_or(f64::NAN), st["teardown_ms"].as_f64().unwrap_or(f64::NAN));
+    let num = |k: &str| st[k].as_f64().unwrap_or(f64::NAN);
+    let (setup, teardown) = (num("setup_ms"), num("teardown_ms"));
+    let (gateway, gateway_off, nft_cli) = (num("gateway_ms"), num("gateway_off_ms"), num("nft_cli_ms"));
 
     // 2. Guests across hosts and on one bridge.
     let mut lab = lab;
@@ -296,6 +348,9 @@ fn main() -> anyhow::Result<()> {
         &[
             vec![format!("network set-up on a host (bridge+VXLAN+1 FDB entry, median of {runs})"), format!("{setup:.2} ms")],
             vec![format!("network tear-down on a host (median of {runs})"), format!("{teardown:.2} ms")],
+            vec![format!("NAT gateway on (address+forwarding+nf_tables over netlink, median of {runs})"), format!("{gateway:.2} ms")],
+            vec![format!("NAT gateway off (median of {runs})"), format!("{gateway_off:.2} ms")],
+            vec![format!("the same nf_tables table via `nft -f` (as Incus/LXD do, median of {runs})"), format!("{nft_cli:.2} ms")],
             vec!["guest RTT across hosts over VXLAN (ping, avg of 20)".into(), format!("{:.3} ms", cross.rtt_ms)],
             vec!["guest RTT on one host's bridge (ping, avg of 20)".into(), format!("{:.3} ms", local.rtt_ms)],
             vec![format!("guest TCP (HTTP GET {mib} MiB) across hosts over VXLAN"), format!("{:.1} Mbit/s", cross.mbit_s)],
@@ -308,6 +363,9 @@ fn main() -> anyhow::Result<()> {
             "bench": "net",
             "setup_ms": setup,
             "teardown_ms": teardown,
+            "gateway_ms": gateway,
+            "gateway_off_ms": gateway_off,
+            "nft_cli_ms": nft_cli,
             "rtt_ms_overlay": cross.rtt_ms,
             "rtt_ms_bridge": local.rtt_ms,
             "tcp_mbit_s_overlay": cross.mbit_s,

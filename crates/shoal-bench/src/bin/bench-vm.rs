@@ -239,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
             placement: Placement::Spread,
             anti_affinity: AntiAffinity::Host,
             network: None,
+            nat: false,
         })
         .await?;
     let plan_s = t.elapsed().as_secs_f64();

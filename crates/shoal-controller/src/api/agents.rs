@@ -44,6 +44,7 @@ pub async fn register(
         allocation: req.allocation.clone(),
         underlay_ip: req.underlay_ip,
         guest_mtu: req.guest_mtu,
+        network_driver: req.network_driver.clone(),
     };
     let mut txn = Txn::new().then(put(key, &record));
     let mut credential = None;
@@ -79,6 +80,10 @@ pub async fn register(
                 .then(Op::Put(token_key(&auth::hash(&cred)), enc(&agent_rec)));
             credential = Some(cred);
         }
+    }
+    if let (Some(ip), Some(port)) = (req.underlay_ip, req.underlay_port) {
+        // Before anything is written: a refused host joins nothing and keeps its join token.
+        crate::network::check_underlay(&ctl, &req.name, ip, port).await?;
     }
     if !ctl.db.store.txn(txn).await?.succeeded {
         return Err(ApiError::Unauthorized("invalid or already used join token".into()));

@@ -33,7 +33,7 @@ pub mod vms;
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
         power::energy_report, power::show_power, power::configure_power, power::switch_power, power::consolidate_plan,
-        networks::create_network, networks::list_networks, networks::show_network, networks::delete_network,
+        networks::create_network, networks::list_networks, networks::show_network, networks::update_network, networks::delete_network,
         agents::register, agents::heartbeat, agents::template_file,
         images::missing, images::upload_chunks, images::put_manifest, images::get_manifest, images::fetch_chunks,
         images::stats, images::gc, images::verify,
@@ -116,7 +116,7 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
         .route("/v1/networks", get(networks::list_networks).post(networks::create_network))
-        .route("/v1/networks/{name}", get(networks::show_network).delete(networks::delete_network))
+        .route("/v1/networks/{name}", get(networks::show_network).patch(networks::update_network).delete(networks::delete_network))
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))
         .route("/v1/images/missing", post(images::missing))

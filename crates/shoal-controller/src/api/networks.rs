@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use shoal_model::network::{CreateNetwork, NetworkView};
+use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 use shoal_model::Network;
 use shoal_store::{Compare, Op, Txn};
 
@@ -27,17 +27,18 @@ pub async fn create_network(
             net.name, net.subnet, net.vni
         )));
     }
-    Ok((StatusCode::CREATED, Json(network::view(net, &[], &[]))))
+    let (_, _, topo) = network::topology_now(&ctl).await?;
+    Ok((StatusCode::CREATED, Json(network::view(net, &[], &[], &topo))))
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, body = [NetworkView])))]
 pub async fn list_networks(State(ctl): State<Controller>) -> ApiResult<Json<Vec<NetworkView>>> {
-    let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
+    let (clusters, vms, topo) = network::topology_now(&ctl).await?;
     Ok(Json(
         network::networks(&ctl)
             .await?
             .into_iter()
-            .map(|n| network::view(n, &clusters, &vms))
+            .map(|n| network::view(n, &clusters, &vms, &topo))
             .collect(),
     ))
 }
@@ -52,8 +53,41 @@ pub async fn show_network(State(ctl): State<Controller>, Path(name): Path<String
         .await?
         .ok_or_else(|| ApiError::not_found("network", &name))?
         .value;
-    let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
-    Ok(Json(network::view(net, &clusters, &vms)))
+    let (clusters, vms, topo) = network::topology_now(&ctl).await?;
+    Ok(Json(network::view(net, &clusters, &vms, &topo)))
+}
+
+/// Changes a network's settings: `nat` switches its outbound access on or off; the reconciler
+/// then sets up or removes the gateway on its host.
+#[utoipa::path(patch, path = "/v1/networks/{name}", tag = "networks", request_body = UpdateNetwork,
+    params(("name" = String, Path, description = "Network name")),
+    responses((status = 200, body = NetworkView), (status = 404, body = shoal_model::api::ErrorBody),
+              (status = 409, body = shoal_model::api::ErrorBody)))]
+pub async fn update_network(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Json(req): Json<UpdateNetwork>,
+) -> ApiResult<Json<NetworkView>> {
+    let _guard = ctl.write_lock.lock().await;
+    let key = network_key(&name);
+    let v = ctl
+        .db
+        .get::<Network>(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found("network", &name))?;
+    let mut net = v.value;
+    if let Some(nat) = req.nat {
+        net.nat = nat;
+    }
+    let txn = Txn::new()
+        .when(Compare::ModRevision(key.clone(), v.mod_revision))
+        .then(db::put(key, &net));
+    if !ctl.db.store.txn(txn).await?.succeeded {
+        return Err(ApiError::Conflict(format!("network {name:?} changed meanwhile; nothing was changed")));
+    }
+    ctl.wake.notify_one();
+    let (clusters, vms, topo) = network::topology_now(&ctl).await?;
+    Ok(Json(network::view(net, &clusters, &vms, &topo)))
 }
 
 /// Deletes a network no cluster is on.

@@ -144,6 +144,7 @@ pub fn cluster(name: &str, profile: &str, size: u32) -> CreateCluster {
         placement: Placement::Spread,
         anti_affinity: AntiAffinity::None,
         network: None,
+        nat: false,
     }
 }
 

@@ -13,7 +13,8 @@ pub fn meta_data(spec: &VmSpec) -> String {
 
 pub fn network_config(spec: &VmSpec) -> String {
     format!(
-        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: 1500\n",
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: {mtu}\n",
+        mtu = spec.network.as_ref().map_or(1500, |n| n.mtu),
         mac = spec.mac,
         ip = spec.ip,
         prefix = spec.prefix_len,

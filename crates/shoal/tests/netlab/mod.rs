@@ -79,6 +79,33 @@ impl Lab {
         lab
     }
 
+    /// A namespace on the underlay that is no host: an "outside" address (.200) that guests
+    /// can reach only through a NAT gateway, since it has no route back to any guest subnet.
+    pub fn outside(&mut self) -> String {
+        let (ns, veth) = (format!("sln{}o", self.tag), format!("slv{}o", self.tag));
+        let addr = format!("10.251.{}.200", self.octet);
+        ip(&["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        ip(&["link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        ip(&["link", "set", &veth, "master", &self.bridge, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1600", "up"]);
+        addr
+    }
+
+    /// `nft list ruleset` in namespace `i` (what NAT gateways Shoal installed there).
+    pub fn nft_ruleset(&self, i: usize) -> String {
+        let o = Command::new("ip").args(["netns", "exec", &self.namespaces[i], "nft", "list", "ruleset"]).output().unwrap();
+        assert!(o.status.success(), "nft list ruleset: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The IPv4 addresses on link `dev` in namespace `i`.
+    pub fn addresses(&self, i: usize, dev: &str) -> String {
+        ip(&["-n", &self.namespaces[i], "-4", "-o", "addr", "show", "dev", dev])
+    }
+
     pub fn underlay(&self, host: usize) -> String {
         format!("10.251.{}.{}", self.octet, 11 + host)
     }
@@ -230,6 +257,16 @@ impl Drop for Lab {
         }
         ip_quiet(&["link", "del", &self.bridge]);
     }
+}
+
+/// Fails unless a dropped lab left nothing behind. The kernel frees a deleted namespace (and
+/// with it the root end of its veth) in the background, so this allows it a few seconds.
+pub fn assert_no_leftovers(tag: &str) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !leftovers(tag).is_empty() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(leftovers(tag).is_empty(), "left behind: {:?}", leftovers(tag));
 }
 
 /// Namespaces and root links a lab with this tag left behind.
