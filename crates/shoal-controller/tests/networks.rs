@@ -107,3 +107,45 @@ async fn clusters_get_their_own_network_or_share_a_named_one() {
     assert!(h.keys("/ipam/").await.is_empty(), "{:?}", h.keys("/ipam/").await);
     assert!(h.keys("/networks/").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nat_is_a_setting_of_the_network_and_a_joining_cluster_cannot_ask_for_it() {
+    use shoal_model::network::UpdateNetwork;
+    let h = Harness::start(Opts::default()).await;
+    h.template("t").await;
+    h.profile("small", "t", 1, "256MiB").await;
+
+    let out = h.client.create_network(&CreateNetwork { nat: true, ..net("out", Some("10.60.0.0/24"), None) }).await.unwrap();
+    assert!(out.network.nat);
+    assert_eq!(out.gateway_ip, Some("10.60.0.1".parse().unwrap()));
+    h.client.create_network(&net("plain", Some("10.61.0.0/24"), None)).await.unwrap();
+
+    // Joining a network without NAT while asking for NAT: refused, naming it, nothing written.
+    let before = h.keys("/").await;
+    let mut req = cluster("j", "small", 1);
+    req.network = Some("plain".into());
+    req.nat = true;
+    let e = h.client.create_cluster(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("\"plain\"") && e.to_string().contains("--nat true"), "{e}");
+    assert_eq!(h.keys("/").await, before);
+    // Joining one with NAT is fine, and so is a cluster's own network with NAT.
+    req.network = Some("out".into());
+    assert_eq!(h.client.wait(h.client.create_cluster(&req).await.unwrap().id, |_| {}).await.unwrap().state, OperationState::Succeeded);
+    let mut own = cluster("own", "small", 2);
+    own.nat = true;
+    assert_eq!(h.client.wait(h.client.create_cluster(&own).await.unwrap().id, |_| {}).await.unwrap().state, OperationState::Succeeded);
+    let v = h.client.network("own").await.unwrap();
+    assert!(v.network.nat && v.gateway_ip.is_some(), "{v:?}");
+    // These simulated hosts have no bridge driver: nobody can be the gateway yet.
+    assert_eq!(v.gateway_host, None, "{v:?}");
+
+    // Switched on and off later; a network that does not exist is not found.
+    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(true) }).await.unwrap();
+    assert!(v.network.nat);
+    assert!(h.client.network("plain").await.unwrap().network.nat, "stored");
+    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(false) }).await.unwrap();
+    assert!(!v.network.nat && v.gateway_ip.is_none());
+    let e = h.client.update_network("nope", &UpdateNetwork { nat: Some(true) }).await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+}

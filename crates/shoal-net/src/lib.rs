@@ -100,11 +100,14 @@ struct Wiring {
     peers: BTreeSet<Ipv4Addr>,
     /// The subnet this host is the NAT gateway of.
     gateway: Option<Ipv4Subnet>,
+    /// Whether `gateway` was applied since this agent started: a network adopted from before a
+    /// restart may still carry a gateway this host no longer is, so it is applied once anyway.
+    gateway_applied: bool,
 }
 
 impl Wiring {
     fn of(n: &shoal_model::VmNetwork) -> Wiring {
-        Wiring { peers: n.peers.iter().copied().collect(), gateway: n.gateway }
+        Wiring { peers: n.peers.iter().copied().collect(), gateway: n.gateway, gateway_applied: false }
     }
 }
 
@@ -206,9 +209,10 @@ impl NetManager {
             self.driver.set_peers(vni, &list).await?;
             st.nets.entry(vni).or_default().peers = peers;
         }
-        if have.gateway != want.gateway {
+        if have.gateway != want.gateway || !have.gateway_applied {
             self.driver.set_gateway(vni, want.gateway).await?;
-            st.nets.entry(vni).or_default().gateway = want.gateway;
+            let w = st.nets.entry(vni).or_default();
+            (w.gateway, w.gateway_applied) = (want.gateway, true);
         }
         Ok(())
     }
@@ -298,12 +302,15 @@ mod tests {
         // Made the network's gateway, then no longer: the driver is told each change once.
         let mut gw = peers.clone();
         gw.networks[0].gateway = Some("10.0.0.0/24".parse().unwrap());
+        let gateway_calls = || sim.log.lock().unwrap().iter().filter(|l| l.starts_with("gateway")).count();
+        let applied = gateway_calls();
+        assert_eq!(applied, 1, "the network's first wiring applies its gateway (none) once");
         m.set_peers(&gw).await.unwrap();
         m.set_peers(&gw).await.unwrap();
         assert_eq!(sim.gateways.lock().unwrap().get(&7), Some(&"10.0.0.0/24".parse().unwrap()));
         m.set_peers(&peers).await.unwrap();
         assert!(sim.gateways.lock().unwrap().is_empty());
-        assert_eq!(sim.log.lock().unwrap().iter().filter(|l| l.starts_with("gateway")).count(), 2);
+        assert_eq!(gateway_calls(), applied + 2);
 
         m.release(a.uuid).await.unwrap();
         assert!(sim.nets.lock().unwrap().contains_key(&7), "b still uses it");

@@ -40,6 +40,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -140,13 +141,28 @@ pub fn install_gateway(vni: u32, subnet: Ipv4Subnet) -> io::Result<()> {
     b.send()
 }
 
-/// Removes network `vni`'s gateway table if there is one.
+/// Removes network `vni`'s gateway table if there is one. Looking first costs a fraction of a
+/// deletion, which waits for the kernel to retire the old rules.
 pub fn remove_gateway(vni: u32) -> io::Result<()> {
     let table = table_name(vni);
+    if !table_exists(&table)? {
+        return Ok(());
+    }
     let mut b = Batch::new();
     b.table(NFT_MSG_NEWTABLE, &table);
     b.table(NFT_MSG_DELTABLE, &table);
     b.send()
+}
+
+/// Whether table `ip <table>` exists.
+pub fn table_exists(table: &str) -> io::Result<bool> {
+    let mut get = Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: false };
+    get.nft(NFT_MSG_GETTABLE, false, format!("reading table ip {table}"), |a| a.str(1, table));
+    match get.send() {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(2) || e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Netlink attributes, written in place.
@@ -237,17 +253,18 @@ fn expr(a: &mut Attrs, e: &Expr) {
 }
 
 /// One nfnetlink transaction: every message is acknowledged, and the kernel applies all of
-/// them or none.
+/// them or none. Unbatched, it carries a single request (a read).
 struct Batch {
     buf: Vec<u8>,
     seq: u32,
     /// Sequence numbers of the messages in between, with what each does (for errors).
     msgs: Vec<(u32, String)>,
+    batched: bool,
 }
 
 impl Batch {
     fn new() -> Batch {
-        let mut b = Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new() };
+        let mut b = Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: true };
         b.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, |_| {});
         b
     }
@@ -315,7 +332,9 @@ impl Batch {
 
     /// Sends the batch and waits for every message's answer; the first error wins.
     fn send(mut self) -> io::Result<()> {
-        self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, |_| {});
+        if self.batched {
+            self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, |_| {});
+        }
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
         sock.bind_auto()?;
         sock.set_non_blocking(true)?;

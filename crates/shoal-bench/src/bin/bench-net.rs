@@ -75,15 +75,15 @@ fn nft_cli(vni: u32, subnet: shoal_model::Ipv4Subnet) -> anyhow::Result<Option<f
     let ruleset = format!(
         "add table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n\
          chain postrouting {{ type nat hook postrouting priority 100; policy accept;\n\
-           ip saddr {subnet} oifname != \"{br}\" masquerade }}\n\
+           ip saddr {subnet} oifname != \"{br}\" masquerade; }}\n\
          chain forward {{ type filter hook forward priority 0; policy accept;\n\
            iifname \"{br}\" oifname \"{br}\" accept\n\
            oifname \"{br}\" ct state established,related accept\n\
-           oifname \"{br}\" drop }}\n\
+           oifname \"{br}\" drop; }}\n\
          chain input {{ type filter hook input priority 0; policy accept;\n\
            iifname \"{br}\" ct state established,related accept\n\
            iifname \"{br}\" ip protocol icmp accept\n\
-           iifname \"{br}\" drop }}\n}}\n"
+           iifname \"{br}\" drop; }}\n}}\n"
     );
     let t = Instant::now();
     let mut child = match Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn() {

@@ -9,6 +9,7 @@ use shoal_store::{Compare, Op, Txn};
 
 use crate::error::{ApiError, ApiResult};
 use crate::network::{self, network_key, vni_key};
+use crate::db::Versioned;
 use crate::{db, Controller};
 
 /// Creates a network; its subnet and VNI are allocated when not given.
@@ -47,12 +48,7 @@ pub async fn list_networks(State(ctl): State<Controller>) -> ApiResult<Json<Vec<
     params(("name" = String, Path, description = "Network name")),
     responses((status = 200, body = NetworkView), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<NetworkView>> {
-    let net = ctl
-        .db
-        .get::<Network>(&network_key(&name))
-        .await?
-        .ok_or_else(|| ApiError::not_found("network", &name))?
-        .value;
+    let net = stored(&ctl, &name).await?.value;
     let (clusters, vms, topo) = network::topology_now(&ctl).await?;
     Ok(Json(network::view(net, &clusters, &vms, &topo)))
 }
@@ -70,11 +66,7 @@ pub async fn update_network(
 ) -> ApiResult<Json<NetworkView>> {
     let _guard = ctl.write_lock.lock().await;
     let key = network_key(&name);
-    let v = ctl
-        .db
-        .get::<Network>(&key)
-        .await?
-        .ok_or_else(|| ApiError::not_found("network", &name))?;
+    let v = stored(&ctl, &name).await?;
     let mut net = v.value;
     if let Some(nat) = req.nat {
         net.nat = nat;
@@ -97,11 +89,7 @@ pub async fn update_network(
 pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<()>> {
     let _guard = ctl.write_lock.lock().await;
     let key = network_key(&name);
-    let v = ctl
-        .db
-        .get::<Network>(&key)
-        .await?
-        .ok_or_else(|| ApiError::not_found("network", &name))?;
+    let v = stored(&ctl, &name).await?;
     network::check_deletable(&v.value, &ctl.db.clusters().await?)?;
     let txn = Txn::new()
         .when(Compare::ModRevision(key.clone(), v.mod_revision))
@@ -112,4 +100,9 @@ pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<Stri
         return Err(ApiError::Conflict(format!("network {name:?} changed meanwhile; nothing was changed")));
     }
     Ok(Json(()))
+}
+
+/// Network `name` as stored, or not found.
+async fn stored(ctl: &Controller, name: &str) -> ApiResult<Versioned<Network>> {
+    ctl.db.get::<Network>(&network_key(name)).await?.ok_or_else(|| ApiError::not_found("network", name))
 }
