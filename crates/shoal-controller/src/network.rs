@@ -235,21 +235,26 @@ pub fn check_deletable(net: &Network, clusters: &[Cluster]) -> ApiResult<()> {
     Ok(())
 }
 
-/// Refuses host `name` when its underlay address is not reachable: up to three other hosts with
-/// a network driver that are heard from try to connect to `ip:port` at once (the controller
-/// itself when there are none, or none of them answers), and one success admits the host. The
+/// Refuses host `name` when its underlay address is another host's, or not reachable: up to
+/// three other hosts with a network driver that are heard from try to connect to `ip:port` at
+/// once (the controller itself when there are none, or none of them answers), and one success
+/// admits the host. The
 /// address is the host's own by then (its agent checks that), but it may sit on an interface no
 /// other host reaches; VXLAN would then lose every frame without a word.
 pub async fn check_underlay(ctl: &Controller, name: &str, ip: Ipv4Addr, port: u16) -> ApiResult<()> {
     use shoal_model::agent::UnderlayProbe;
     use shoal_model::HostState;
     const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-    let mut probers: Vec<HostRecord> = ctl
-        .db
-        .values::<HostRecord>("/hosts/")
-        .await?
+    let hosts: Vec<HostRecord> = ctl.db.values::<HostRecord>("/hosts/").await?;
+    if let Some(other) = hosts.iter().find(|h| h.name != name && h.underlay_ip == Some(ip)) {
+        return Err(ApiError::Conflict(format!(
+            "host {name:?}: underlay address {ip} is host {:?}'s already; every host needs its own",
+            other.name
+        )));
+    }
+    let mut probers: Vec<HostRecord> = hosts
         .into_iter()
-        .filter(|h| h.name != name && h.underlay_ip.is_some_and(|u| u != ip))
+        .filter(|h| h.name != name && h.underlay_ip.is_some())
         .filter(|h| matches!(ctl.host_state(&h.name), (HostState::Up, Some(_))))
         .collect();
     probers.sort_by(|a, b| a.name.cmp(&b.name));

@@ -254,21 +254,27 @@ fn an_agent_whose_underlay_address_no_other_host_reaches_is_refused_and_makes_no
     assert!(sysctl.success());
     let before = lab.links(1);
     let token = lab.ok(&["host", "join-token"]).trim().to_string();
-    let refused = |lab: &Lab, log: &str| {
+    let refused = |lab: &Lab, log: &str, underlay: &str| {
         let args = lab.agent_args(1, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", "bridge",
-                                       "--underlay-ip", &hidden]);
+                                       "--underlay-ip", underlay]);
         let mut a = netlab::spawn_ip(&args, &lab.dir.path().join(log));
         assert!(!a.wait_exit(Duration::from_secs(60)).expect("the agent should be refused").success());
         a.log()
     };
     // The first host: nobody else to ask, so the controller tries.
-    let log = refused(&lab, "h1a.log");
+    let log = refused(&lab, "h1a.log", &hidden);
     assert!(log.contains(&hidden) && log.contains("unreachable") && log.contains("from the controller"), "{log}");
     // With a host already there, that host tries (and the join token was not spent meanwhile).
     lab.start_agent(0, "bridge");
     eventually(Duration::from_secs(60), "h0 to join", || lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(1));
-    let log = refused(&lab, "h1b.log");
+    let log = refused(&lab, "h1b.log", &hidden);
     assert!(log.contains(&hidden) && log.contains("unreachable") && log.contains("from host h0"), "{log}");
+    // Another host's underlay address, even when this host holds it too: refused by name.
+    let h0 = lab.underlay(0);
+    netlab::ip(&["-n", &ns1, "addr", "add", &format!("{h0}/32"), "dev", "lo"]);
+    let log = refused(&lab, "h1c.log", &h0);
+    assert!(log.contains(&format!("underlay address {h0} is host \"h0\"'s already")), "{log}");
+    netlab::ip(&["-n", &ns1, "addr", "del", &format!("{h0}/32"), "dev", "lo"]);
     let hosts = lab.json(&["host", "list"]);
     assert_eq!(hosts.as_array().unwrap().len(), 1, "the refused host must not join: {hosts}");
     assert_eq!(lab.links(1), before, "the refused agent made no device");
