@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use shoal_model::network::{
-    validate_vni, CreateNetwork, NetworkPeers, NetworkView, GUEST_MTU, VNI_AUTO_START, VNI_MAX,
+    parse_dns, validate_vni, CreateNetwork, NetworkPeers, NetworkView, GUEST_MTU, VNI_AUTO_START, VNI_MAX,
 };
 use shoal_model::{now_ms, validate_name, Cluster, Ipv4Subnet, Network, Vm, VmNetwork, VmState};
 use shoal_store::{Compare, Op, Txn};
@@ -124,6 +124,7 @@ pub async fn plan_network(
         vni,
         owner: owner.map(str::to_string),
         nat: req.nat,
+        dns: parse_dns(&req.dns).map_err(ApiError::Invalid)?,
         created_unix_ms: now_ms(),
     };
     let (sk, vk) = (db::subnet_key(&subnet), vni_key(vni));
@@ -162,7 +163,7 @@ pub async fn network_for_cluster(
             Ok((v.value, None))
         }
         None => {
-            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None, nat };
+            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None, nat, dns: Vec::new() };
             let (net, txn) = plan_network(ctl, &req, Some(cluster), size).await?;
             Ok((net, Some(txn)))
         }
@@ -362,6 +363,7 @@ impl Topology {
             mtu: self.guest_mtu,
             peers: peers.into_iter().collect(),
             gateway: (self.gateway(net).as_deref() == Some(host)).then_some(net.subnet),
+            dns: net.dns.clone(),
         }
     }
 
@@ -415,7 +417,7 @@ mod tests {
 
     #[test]
     fn peers_are_the_other_hosts_of_the_network_with_an_underlay() {
-        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: false, created_unix_ms: 0 };
+        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: false, dns: Vec::new(), created_unix_ms: 0 };
         let t = Topology {
             hosts: [("n".to_string(), ["a", "b", "c"].iter().map(|s| s.to_string()).collect())].into(),
             underlay: [("a".to_string(), "10.9.0.1".parse().unwrap()), ("b".to_string(), "10.9.0.2".parse().unwrap())].into(),
@@ -432,7 +434,7 @@ mod tests {
     #[test]
     fn one_host_of_a_nat_network_with_the_bridge_driver_is_its_gateway_and_stays_it() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
-        let mut net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: true, created_unix_ms: 0 };
+        let mut net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: true, dns: Vec::new(), created_unix_ms: 0 };
         let mut t = Topology {
             hosts: [("n".to_string(), names(&["a", "b", "u"]))].into(),
             underlay: ["a", "b", "u"].iter().enumerate().map(|(i, h)| (h.to_string(), Ipv4Addr::new(10, 9, 0, i as u8 + 1))).collect(),

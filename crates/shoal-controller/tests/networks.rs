@@ -8,7 +8,7 @@ use shoal_model::network::CreateNetwork;
 use shoal_model::OperationState;
 
 fn net(name: &str, subnet: Option<&str>, vni: Option<u32>) -> CreateNetwork {
-    CreateNetwork { name: name.into(), subnet: subnet.map(Into::into), vni, nat: false }
+    CreateNetwork { name: name.into(), subnet: subnet.map(Into::into), vni, nat: false, dns: Vec::new() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,11 +141,39 @@ async fn nat_is_a_setting_of_the_network_and_a_joining_cluster_cannot_ask_for_it
     assert_eq!(v.gateway_host, None, "{v:?}");
 
     // Switched on and off later; a network that does not exist is not found.
-    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(true) }).await.unwrap();
+    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(true), dns: None }).await.unwrap();
     assert!(v.network.nat);
     assert!(h.client.network("plain").await.unwrap().network.nat, "stored");
-    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(false) }).await.unwrap();
+    let v = h.client.update_network("plain", &UpdateNetwork { nat: Some(false), dns: None }).await.unwrap();
     assert!(!v.network.nat && v.gateway_ip.is_none());
-    let e = h.client.update_network("nope", &UpdateNetwork { nat: Some(true) }).await.unwrap_err();
+    let e = h.client.update_network("nope", &UpdateNetwork { nat: Some(true), dns: None }).await.unwrap_err();
     assert_eq!(e.status(), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_servers_are_checked_replaced_and_cleared() {
+    use shoal_model::network::UpdateNetwork;
+    let h = Harness::start(Opts { hosts: 1, ..Default::default() }).await;
+    let dns = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    let n = h.client.create_network(&CreateNetwork { dns: dns(&["10.1.1.1", " 9.9.9.9"]), ..net("d", None, None) }).await.unwrap();
+    assert_eq!(n.network.dns, vec!["10.1.1.1".parse::<std::net::Ipv4Addr>().unwrap(), "9.9.9.9".parse().unwrap()]);
+
+    // Not an address, too many: refused naming them, nothing written or changed.
+    let before = h.keys("/").await;
+    for (bad, what) in [(dns(&["1.1.1.1", "dns.example"]), "\"dns.example\""), (dns(&["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]), "8.8.4.4")] {
+        let e = h.client.create_network(&CreateNetwork { dns: bad.clone(), ..net("e", None, None) }).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{bad:?}: {e}");
+        assert!(e.to_string().contains(what), "{e}");
+        let e = h.client.update_network("d", &UpdateNetwork { nat: Some(true), dns: Some(bad) }).await.unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    assert_eq!(h.keys("/").await, before);
+    let d = h.client.network("d").await.unwrap();
+    assert!(!d.network.nat && d.network.dns.len() == 2, "a refused change changes nothing: {d:?}");
+
+    // Replaced, then cleared.
+    let v = h.client.update_network("d", &UpdateNetwork { nat: None, dns: Some(dns(&["10.2.2.2"])) }).await.unwrap();
+    assert_eq!(v.network.dns, vec!["10.2.2.2".parse::<std::net::Ipv4Addr>().unwrap()]);
+    let v = h.client.update_network("d", &UpdateNetwork { nat: None, dns: Some(Vec::new()) }).await.unwrap();
+    assert!(v.network.dns.is_empty());
 }

@@ -32,6 +32,10 @@ pub struct Network {
     /// bridge and masquerades the guests' traffic out through its own address.
     #[serde(default)]
     pub nat: bool,
+    /// DNS servers the guests are told to use (their seed's `nameservers`); none by default.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<Ipv4Addr>,
     pub created_unix_ms: u64,
 }
 
@@ -45,12 +49,31 @@ pub struct CreateNetwork {
     /// Give the network outbound access through a gateway on one of its hosts.
     #[serde(default)]
     pub nat: bool,
+    /// DNS servers for the guests (IPv4 addresses, at most three).
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+/// The most DNS servers a guest's resolver uses (glibc's MAXNS).
+pub const DNS_MAX: usize = 3;
+
+/// DNS server addresses as given, or why not.
+pub fn parse_dns(given: &[String]) -> Result<Vec<Ipv4Addr>, String> {
+    if given.len() > DNS_MAX {
+        return Err(format!("{} DNS servers given ({}): guests use at most {DNS_MAX}", given.len(), given.join(", ")));
+    }
+    given
+        .iter()
+        .map(|s| s.trim().parse().map_err(|_| format!("invalid DNS server {s:?}: expected an IPv4 address")))
+        .collect()
 }
 
 /// Changes to a network (`PATCH /v1/networks/{name}`); absent fields stay as they are.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UpdateNetwork {
     pub nat: Option<bool>,
+    /// Replaces the DNS servers (an empty list: none). Guests read them when they boot.
+    pub dns: Option<Vec<String>>,
 }
 
 /// A network and who uses it.
@@ -87,6 +110,10 @@ pub struct VmNetwork {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub gateway: Option<Ipv4Subnet>,
+    /// DNS servers for the guests' seeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// The remote VTEPs of every network a host takes part in (controller → agent).

@@ -270,6 +270,7 @@ mod tests {
                 mtu: 1500,
                 peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
                 gateway: None,
+                dns: Vec::new(),
             }),
         }
     }
@@ -294,6 +295,7 @@ mod tests {
                 mtu: 1500,
                 peers: vec!["10.9.0.3".parse().unwrap(), "10.9.0.1".parse().unwrap()],
                 gateway: None,
+                dns: Vec::new(),
             }],
         };
         m.set_peers(&peers).await.unwrap();

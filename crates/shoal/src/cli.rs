@@ -496,6 +496,9 @@ pub enum NetworkCmd {
         /// (needs a host with the bridge driver).
         #[arg(long)]
         nat: bool,
+        /// DNS servers for the guests, comma-separated (at most 3).
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<String>,
     },
     List,
     Show { name: String },
@@ -505,6 +508,10 @@ pub enum NetworkCmd {
         /// Switch outbound access (NAT) on or off.
         #[arg(long)]
         nat: Option<bool>,
+        /// Replace the guests' DNS servers (comma-separated; `none` for none). VMs created
+        /// from then on get them.
+        #[arg(long, value_delimiter = ',')]
+        dns: Option<Vec<String>>,
     },
     /// Delete a network no cluster is on.
     Delete { name: String },

@@ -8,15 +8,16 @@ use crate::output::{emit, table};
 
 pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create { name, subnet, vni, nat } => {
-            let n = client.create_network(&CreateNetwork { name, subnet, vni, nat }).await?;
+        NetworkCmd::Create { name, subnet, vni, nat, dns } => {
+            let n = client.create_network(&CreateNetwork { name, subnet, vni, nat, dns }).await?;
             emit(out, &n, show);
         }
-        NetworkCmd::Set { name, nat } => {
-            if nat.is_none() {
-                anyhow::bail!("network set {name}: nothing to change (give --nat true|false)");
+        NetworkCmd::Set { name, nat, dns } => {
+            if nat.is_none() && dns.is_none() {
+                anyhow::bail!("network set {name}: nothing to change (give --nat true|false or --dns)");
             }
-            emit(out, &client.update_network(&name, &UpdateNetwork { nat }).await?, show);
+            let dns = dns.map(|d| if d == ["none"] { Vec::new() } else { d });
+            emit(out, &client.update_network(&name, &UpdateNetwork { nat, dns }).await?, show);
         }
         NetworkCmd::List => emit(out, &client.networks().await?, list),
         NetworkCmd::Show { name } => emit(out, &client.network(&name).await?, show),
@@ -35,7 +36,7 @@ fn list(ns: &Vec<NetworkView>) -> String {
 
 fn rows(ns: &[NetworkView]) -> String {
     table(
-        &["name", "subnet", "vni", "owner", "nat", "clusters", "vms", "hosts"],
+        &["name", "subnet", "vni", "owner", "nat", "dns", "clusters", "vms", "hosts"],
         ns.iter()
             .map(|n| {
                 vec![
@@ -44,6 +45,11 @@ fn rows(ns: &[NetworkView]) -> String {
                     n.network.vni.to_string(),
                     n.network.owner.clone().unwrap_or_else(|| "-".into()),
                     nat(n),
+                    if n.network.dns.is_empty() {
+                        "-".into()
+                    } else {
+                        n.network.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                    },
                     n.clusters.join(","),
                     n.vms.to_string(),
                     n.hosts.join(","),

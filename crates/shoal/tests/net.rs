@@ -60,12 +60,13 @@ fn across_two_hosts(driver: &str) {
     // other and then an address outside, which only a gateway's masquerade can reach.
     let o = lab.octet;
     let outside = lab.outside();
-    lab.ok(&["network", "create", "n1", "--subnet", &format!("10.77.{o}.0/24"), "--vni", "4242", "--nat"]);
+    // Its guests are told a DNS server (the outside address) and print their resolver.
+    lab.ok(&["network", "create", "n1", "--subnet", &format!("10.77.{o}.0/24"), "--vni", "4242", "--nat", "--dns", &outside]);
     lab.ok(&["network", "create", "n2", "--subnet", &format!("10.78.{o}.0/24"), "--vni", "4343"]);
     let peers = vec![format!("10.77.{o}.2"), format!("10.77.{o}.3")];
     let ud1 = lab.dir.path().join("ud1.sh");
     let out_tries = if bridge { 60 } else { 8 };
-    std::fs::write(&ud1, pinger("", &[(&peers[0], 90), (&peers[1], 90), (&outside, out_tries)])).unwrap();
+    std::fs::write(&ud1, pinger("cat /etc/resolv.conf", &[(&peers[0], 90), (&peers[1], 90), (&outside, out_tries)])).unwrap();
     // The intruder claims an address in n1's subnet on its own network: if the segments were
     // one, it would reach them. Its network has no NAT: it reaches nothing outside either.
     let ud2 = lab.dir.path().join("ud2.sh");
@@ -138,6 +139,7 @@ fn across_two_hosts(driver: &str) {
         });
         let text = console(&lab, vm);
         assert!(text.contains(&format!("reach {outside} {want}")), "{vm} to {outside}: expected {want}:\n{text}\n{}", lab.logs());
+        assert!(text.contains(&format!("nameserver {outside}")), "{vm} was not told n1's DNS server:\n{text}");
     }
     // The guest of the other network reaches neither them nor, without NAT, the outside.
     eventually(Duration::from_secs(180), "c2-0 to report", || console(&lab, "c2-0").matches("reach ").count() >= 3);

@@ -53,8 +53,9 @@ pub async fn show_network(State(ctl): State<Controller>, Path(name): Path<String
     Ok(Json(network::view(net, &clusters, &vms, &topo)))
 }
 
-/// Changes a network's settings: `nat` switches its outbound access on or off; the reconciler
-/// then sets up or removes the gateway on its host.
+/// Changes a network's settings: `nat` switches its outbound access on or off (the reconciler
+/// then sets up or removes the gateway on its host); `dns` replaces the guests' DNS servers,
+/// which VMs created from then on get in their seeds.
 #[utoipa::path(patch, path = "/v1/networks/{name}", tag = "networks", request_body = UpdateNetwork,
     params(("name" = String, Path, description = "Network name")),
     responses((status = 200, body = NetworkView), (status = 404, body = shoal_model::api::ErrorBody),
@@ -70,6 +71,9 @@ pub async fn update_network(
     let mut net = v.value;
     if let Some(nat) = req.nat {
         net.nat = nat;
+    }
+    if let Some(dns) = &req.dns {
+        net.dns = shoal_model::network::parse_dns(dns).map_err(ApiError::Invalid)?;
     }
     let txn = Txn::new()
         .when(Compare::ModRevision(key.clone(), v.mod_revision))

@@ -13,8 +13,15 @@ pub fn meta_data(spec: &VmSpec) -> String {
 
 pub fn network_config(spec: &VmSpec) -> String {
     format!(
-        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: {mtu}\n",
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: {mtu}\n{dns}",
         mtu = spec.network.as_ref().map_or(1500, |n| n.mtu),
+        dns = match spec.network.as_ref().map(|n| &n.dns) {
+            Some(d) if !d.is_empty() => format!(
+                "    nameservers:\n      addresses: [{}]\n",
+                d.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            _ => String::new(),
+        },
         mac = spec.mac,
         ip = spec.ip,
         prefix = spec.prefix_len,
@@ -71,4 +78,54 @@ async fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_model::VmNetwork;
+
+    fn spec(network: Option<VmNetwork>) -> VmSpec {
+        VmSpec {
+            uuid: uuid::Uuid::nil(),
+            name: "c-0".into(),
+            cpus: 1,
+            memory_mib: 128,
+            disk_mib: None,
+            template: "t".into(),
+            template_hash: String::new(),
+            template_format: "raw".into(),
+            kernel_boot: None,
+            ready_pattern: None,
+            power: Default::default(),
+            force_stop: false,
+            ip: "10.60.0.2".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.60.0.1".parse().unwrap(),
+            mac: shoal_model::MacAddr::qemu(1),
+            user_data: None,
+            network,
+        }
+    }
+
+    #[test]
+    fn network_config_carries_the_networks_mtu_and_dns_servers() {
+        let plain = network_config(&spec(None));
+        assert!(plain.contains("mtu: 1500") && !plain.contains("nameservers"), "{plain}");
+        let net = VmNetwork {
+            name: "n".into(),
+            vni: 7,
+            mtu: 1450,
+            peers: Vec::new(),
+            gateway: None,
+            dns: vec!["10.1.1.1".parse().unwrap(), "9.9.9.9".parse().unwrap()],
+        };
+        let c = network_config(&spec(Some(net)));
+        assert!(c.contains("mtu: 1450"), "{c}");
+        // After the interface's own addresses: the demo guest takes the first `addresses:` as
+        // its own and the list under `nameservers:` as its resolvers.
+        let own = c.find("- 10.60.0.2/24").unwrap();
+        let ns = c.find("    nameservers:\n      addresses: [10.1.1.1, 9.9.9.9]\n").expect(&c);
+        assert!(own < ns, "{c}");
+    }
 }
