@@ -362,7 +362,11 @@ impl NetDriver for BridgeDriver {
     }
 
     async fn destroy(&self, vni: u32) -> Result<(), NetError> {
-        self.remove_gateway(vni).await?;
+        // A gateway table that cannot be removed (or looked up: a kernel without nf_tables never
+        // had one) must not keep the network's devices alive.
+        if let Err(e) = self.remove_gateway(vni).await {
+            tracing::warn!(vni, "removing the network's gateway: {e}");
+        }
         for name in [vxlan_name(vni), bridge_name(vni)] {
             if let Some(i) = self.index_of(&name).await? {
                 match self.handle.link().del(i).execute().await {

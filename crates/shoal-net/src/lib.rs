@@ -210,7 +210,14 @@ impl NetManager {
             st.nets.entry(vni).or_default().peers = peers;
         }
         if have.gateway != want.gateway || !have.gateway_applied {
-            self.driver.set_gateway(vni, want.gateway).await?;
+            match self.driver.set_gateway(vni, want.gateway).await {
+                // Clearing a gateway this host was never told it has is housekeeping: a host that
+                // cannot do it (a kernel without nf_tables) still runs the network.
+                Err(e) if want.gateway.is_none() && have.gateway.is_none() => {
+                    tracing::warn!(vni, "clearing any stale gateway: {e}")
+                }
+                r => r?,
+            }
             let w = st.nets.entry(vni).or_default();
             (w.gateway, w.gateway_applied) = (want.gateway, true);
         }
@@ -323,5 +330,18 @@ mod tests {
         let mut plain = spec(8, &[]);
         plain.network = None;
         assert_eq!(m.netdev(&plain).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_host_that_cannot_be_a_gateway_still_runs_networks_and_says_why_it_cannot_route() {
+        let sim = Arc::new(sim::SimNet { underlay: Some("10.9.0.1".parse().unwrap()), no_gateways: true, ..Default::default() });
+        let m = NetManager::new(sim.clone());
+        let a = spec(7, &["10.9.0.2"]);
+        m.netdev(&a).await.expect("the network comes up without a gateway");
+        let mut gw = NetworkPeers { networks: vec![a.network.clone().unwrap()] };
+        gw.networks[0].gateway = Some("10.0.0.0/24".parse().unwrap());
+        let e = m.set_peers(&gw).await.unwrap_err();
+        assert!(e.to_string().contains("gateway of network 7"), "{e}");
+        assert!(sim.nets.lock().unwrap().contains_key(&7), "the network itself stays");
     }
 }

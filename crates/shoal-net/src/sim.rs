@@ -19,6 +19,8 @@ pub struct SimNet {
     pub nets: Mutex<BTreeMap<u32, SimNetwork>>,
     /// VNI → the subnet this host is the gateway of.
     pub gateways: Mutex<BTreeMap<u32, Ipv4Subnet>>,
+    /// Fail every gateway change, as a host without nf_tables would.
+    pub no_gateways: bool,
     /// Every call, in order, for tests to inspect.
     pub log: Mutex<Vec<String>>,
 }
@@ -67,6 +69,9 @@ impl NetDriver for SimNet {
     }
     async fn set_gateway(&self, vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {
         self.log(format!("gateway {vni} {subnet:?}"));
+        if self.no_gateways {
+            return Err(NetError::Gateway { vni, source: std::io::Error::from_raw_os_error(93) });
+        }
         let mut g = self.gateways.lock().expect("gateways");
         match subnet {
             Some(s) => g.insert(vni, s),
