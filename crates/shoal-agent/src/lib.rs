@@ -146,27 +146,28 @@ pub async fn start_with_network(
     // connecting to it. The API listener answers there when it covers the address; otherwise a
     // beacon that only accepts connections does.
     let mut beacon = None;
-    let underlay_port = match &net {
+    let net_info = match &net {
         None => None,
-        Some(n) if local.ip().is_unspecified() || local.ip() == std::net::IpAddr::V4(n.driver().underlay_ip()) => {
-            Some(local.port())
-        }
         Some(n) => {
             let ip = n.driver().underlay_ip();
-            let l = tokio::net::TcpListener::bind((ip, 0))
-                .await
-                .with_context(|| format!("agent {}: cannot listen on underlay address {ip}", config.name))?;
-            let port = l.local_addr()?.port();
-            beacon = Some(l);
-            Some(port)
+            let underlay_port = if local.ip().is_unspecified() || local.ip() == std::net::IpAddr::V4(ip) {
+                local.port()
+            } else {
+                let l = tokio::net::TcpListener::bind((ip, 0))
+                    .await
+                    .with_context(|| format!("agent {}: cannot listen on underlay address {ip}", config.name))?;
+                let port = l.local_addr()?.port();
+                beacon = Some(l);
+                port
+            };
+            Some(NetInfo {
+                driver: n.driver().name().to_string(),
+                underlay_ip: ip,
+                underlay_port,
+                guest_mtu: n.driver().guest_mtu(),
+            })
         }
     };
-    let net_info = net.as_ref().map(|n| NetInfo {
-        driver: n.driver().name().to_string(),
-        underlay_ip: n.driver().underlay_ip(),
-        underlay_port: underlay_port.unwrap_or_default(),
-        guest_mtu: n.driver().guest_mtu(),
-    });
     register(&config, &address, hv.as_ref(), net_info.as_ref(), &mut creds).await?;
     if !loopback && creds.controller_token_hash.is_none() {
         bail!(

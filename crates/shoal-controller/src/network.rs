@@ -30,32 +30,19 @@ pub async fn networks(ctl: &Controller) -> ApiResult<Vec<Network>> {
     ctl.db.values("/networks/").await
 }
 
-async fn taken_subnets(ctl: &Controller) -> ApiResult<Vec<(Ipv4Subnet, String)>> {
+/// An IPAM index under `prefix` (`/ipam/subnets/`, `/ipam/vnis/`): each key's suffix parsed,
+/// with the name of the network that holds it.
+async fn taken<K: std::str::FromStr, C: FromIterator<(K, String)>>(ctl: &Controller, prefix: &str) -> ApiResult<C> {
     Ok(ctl
         .db
         .store
-        .range("/ipam/subnets/")
+        .range(prefix)
         .await?
         .kvs
         .into_iter()
         .filter_map(|kv| {
-            let s = kv.key.strip_prefix("/ipam/subnets/")?.parse().ok()?;
-            Some((s, String::from_utf8_lossy(&kv.value).into_owned()))
-        })
-        .collect())
-}
-
-async fn taken_vnis(ctl: &Controller) -> ApiResult<BTreeMap<u32, String>> {
-    Ok(ctl
-        .db
-        .store
-        .range("/ipam/vnis/")
-        .await?
-        .kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let v = kv.key.strip_prefix("/ipam/vnis/")?.parse().ok()?;
-            Some((v, String::from_utf8_lossy(&kv.value).into_owned()))
+            let k = kv.key.strip_prefix(prefix)?.parse().ok()?;
+            Some((k, String::from_utf8_lossy(&kv.value).into_owned()))
         })
         .collect())
 }
@@ -86,7 +73,7 @@ pub async fn plan_network(
             None => ApiError::exists("network", &req.name),
         });
     }
-    let subnets = taken_subnets(ctl).await?;
+    let subnets: Vec<(Ipv4Subnet, String)> = taken(ctl, "/ipam/subnets/").await?;
     let subnet = match &req.subnet {
         Some(s) => {
             let s: Ipv4Subnet = s.parse().map_err(|e| ApiError::Invalid(format!("{e}")))?;
@@ -107,7 +94,7 @@ pub async fn plan_network(
             ipam::allocate_subnet(&ctl.config, guests.max(1), &taken)?
         }
     };
-    let vnis = taken_vnis(ctl).await?;
+    let vnis: BTreeMap<u32, String> = taken(ctl, "/ipam/vnis/").await?;
     let vni = match req.vni {
         Some(v) => {
             validate_vni(v).map_err(ApiError::Invalid)?;
@@ -208,8 +195,9 @@ pub async fn topology_now(ctl: &Controller) -> ApiResult<(Vec<Cluster>, Vec<Vm>,
     let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
     let hosts: HashMap<String, HostRecord> =
         ctl.db.values::<HostRecord>("/hosts/").await?.into_iter().map(|h| (h.name.clone(), h)).collect();
-    let by_name: HashMap<String, Cluster> = clusters.iter().map(|c| (c.name.clone(), c.clone())).collect();
-    let topo = Topology::new(&by_name, &vms, &hosts);
+    let network_of: HashMap<&str, &str> =
+        clusters.iter().filter_map(|c| Some((c.name.as_str(), c.network.as_deref()?))).collect();
+    let topo = Topology::new(|c| network_of.get(c).copied(), &vms, &hosts);
     Ok((clusters, vms, topo))
 }
 
@@ -239,9 +227,8 @@ pub fn check_deletable(net: &Network, clusters: &[Cluster]) -> ApiResult<()> {
 /// Refuses host `name` when its underlay address is another host's, or not reachable: up to
 /// three other hosts with a network driver that are heard from try to connect to `ip:port` at
 /// once (the controller itself when there are none, or none of them answers), and one success
-/// admits the host. The
-/// address is the host's own by then (its agent checks that), but it may sit on an interface no
-/// other host reaches; VXLAN would then lose every frame without a word.
+/// admits the host. The address is the host's own by then (its agent checks that), but it may
+/// sit on an interface no other host reaches; VXLAN would then lose every frame without a word.
 pub async fn check_underlay(ctl: &Controller, name: &str, ip: Ipv4Addr, port: u16) -> ApiResult<()> {
     use shoal_model::agent::UnderlayProbe;
     use shoal_model::HostState;
@@ -316,14 +303,19 @@ pub fn pick_gateway<'a>(net: &str, candidates: impl IntoIterator<Item = &'a Stri
 }
 
 impl Topology {
-    pub fn new(clusters: &HashMap<String, Cluster>, vms: &[Vm], hosts: &HashMap<String, HostRecord>) -> Topology {
+    /// From the VMs, the network of each VM's cluster (`network_of(cluster)`), and the hosts.
+    pub fn new<'a>(
+        network_of: impl Fn(&str) -> Option<&'a str>,
+        vms: impl IntoIterator<Item = &'a Vm>,
+        hosts: &HashMap<String, HostRecord>,
+    ) -> Topology {
         let mut on: HashMap<String, BTreeSet<String>> = HashMap::new();
         for vm in vms {
             if vm.host.is_empty() || matches!(vm.state, VmState::Deleting) {
                 continue;
             }
-            let Some(net) = clusters.get(&vm.cluster).and_then(|c| c.network.clone()) else { continue };
-            on.entry(net).or_default().insert(vm.host.clone());
+            let Some(net) = network_of(&vm.cluster) else { continue };
+            on.entry(net.to_string()).or_default().insert(vm.host.clone());
         }
         let underlay = hosts
             .values()
@@ -475,7 +467,7 @@ mod tests {
             ("b".to_string(), host("b", Some("10.9.0.2"), Some(1500))),
         ]
         .into();
-        assert_eq!(Topology::new(&HashMap::new(), &[], &hosts).guest_mtu, 1450);
-        assert_eq!(Topology::new(&HashMap::new(), &[], &HashMap::new()).guest_mtu, 1500);
+        assert_eq!(Topology::new(|_| None, &[], &hosts).guest_mtu, 1450);
+        assert_eq!(Topology::new(|_| None, &[], &HashMap::new()).guest_mtu, 1500);
     }
 }

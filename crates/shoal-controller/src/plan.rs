@@ -27,13 +27,12 @@ pub fn draining_key(host: &str) -> String {
 
 /// The hosts marked draining.
 pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
-    Ok(ctl
-        .db
-        .keys("/draining/")
-        .await?
-        .into_iter()
-        .filter_map(|k| k.strip_prefix("/draining/").map(str::to_string))
-        .collect())
+    marked(ctl, "/draining/").await
+}
+
+/// The hosts with a marker key under `prefix`.
+async fn marked(ctl: &Controller, prefix: &str) -> ApiResult<std::collections::HashSet<String>> {
+    Ok(ctl.db.keys(prefix).await?.into_iter().filter_map(|k| k.strip_prefix(prefix).map(str::to_string)).collect())
 }
 
 /// Key marking a host as in maintenance: it keeps its VMs but takes nothing new.
@@ -43,13 +42,7 @@ pub fn maintenance_key(host: &str) -> String {
 
 /// The hosts in maintenance.
 pub async fn in_maintenance(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
-    Ok(ctl
-        .db
-        .keys("/maintenance/")
-        .await?
-        .into_iter()
-        .filter_map(|k| k.strip_prefix("/maintenance/").map(str::to_string))
-        .collect())
+    marked(ctl, "/maintenance/").await
 }
 
 /// Puts a host into maintenance or takes it out.

@@ -238,9 +238,8 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
 }
 
 fn topology(s: &Snapshot) -> crate::network::Topology {
-    let clusters: HashMap<String, Cluster> = s.clusters.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
-    let vms: Vec<Vm> = s.vms.iter().map(|v| v.value.clone()).collect();
-    crate::network::Topology::new(&clusters, &vms, &s.hosts)
+    let network_of = |c: &str| s.clusters.get(c).and_then(|c| c.value.network.as_deref());
+    crate::network::Topology::new(network_of, s.vms.iter().map(|v| &v.value), &s.hosts)
 }
 
 fn spec_for(s: &Snapshot, topo: &crate::network::Topology, vm: &Vm) -> Option<VmSpec> {

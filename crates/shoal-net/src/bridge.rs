@@ -158,9 +158,7 @@ impl BridgeDriver {
         }
         Ok(())
     }
-}
 
-impl BridgeDriver {
     /// The IPv4 addresses on link `index`, with their prefix lengths.
     async fn addresses_of(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
         let msgs: Vec<_> = self
@@ -210,20 +208,11 @@ impl BridgeDriver {
         if std::fs::read_to_string(fwd).map(|s| s.trim() != "1").unwrap_or(true) {
             std::fs::write(fwd, "1").map_err(|source| NetError::Gateway { vni, source })?;
         }
-        tokio::task::spawn_blocking(move || nftables::install_gateway(vni, subnet))
-            .await
-            .map_err(|e| NetError::Gateway { vni, source: std::io::Error::other(e) })?
-            .map_err(|source| NetError::Gateway { vni, source })
+        nft(vni, move || nftables::install_gateway(vni, subnet)).await
     }
 
     async fn remove_gateway(&self, vni: u32) -> Result<(), NetError> {
-        match tokio::task::spawn_blocking(move || nftables::remove_gateway(vni)).await {
-            Ok(Ok(())) => {}
-            // A kernel without nf_tables has no table to remove.
-            Ok(Err(e)) if e.raw_os_error() == Some(93) || e.raw_os_error() == Some(97) => {}
-            Ok(Err(source)) => return Err(NetError::Gateway { vni, source }),
-            Err(e) => return Err(NetError::Gateway { vni, source: std::io::Error::other(e) }),
-        }
+        nft(vni, move || nftables::remove_gateway(vni)).await?;
         if let Some(index) = self.index_of(&bridge_name(vni)).await? {
             for (ip, prefix) in self.addresses_of(index).await? {
                 self.del_address(index, ip, prefix).await?;
@@ -246,6 +235,15 @@ impl BridgeDriver {
             Err(e) => Err(nl(format!("removing {ip}/{prefix} from link {index}"))(e)),
         }
     }
+}
+
+/// Runs a (blocking) nf_tables exchange for network `vni`'s gateway off the async threads.
+async fn nft(vni: u32, f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<(), NetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| NetError::Gateway { vni, source })
 }
 
 /// ENODEV: what the kernel answers for a link that does not exist.

@@ -96,8 +96,20 @@ fn established() -> [Expr; 3] {
     [Expr::CtState, Expr::And(6u32.to_ne_bytes().to_vec()), Expr::Cmp { eq: false, data: vec![0; 4] }]
 }
 
-/// The gateway's chains: (name, hook, priority, type, rules).
-pub fn gateway_chains(vni: u32, subnet: Ipv4Subnet) -> Vec<(&'static str, u32, i32, &'static str, Vec<Vec<Expr>>)> {
+/// A base chain of the gateway's table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chain {
+    pub name: &'static str,
+    /// The netfilter hook it sits on (`NF_INET_*`).
+    pub hook: u32,
+    pub priority: i32,
+    /// `nat` or `filter`.
+    pub kind: &'static str,
+    pub rules: Vec<Vec<Expr>>,
+}
+
+/// The gateway's chains.
+pub fn gateway_chains(vni: u32, subnet: Ipv4Subnet) -> Vec<Chain> {
     let br = bridge_name(vni);
     let mask = if subnet.prefix() == 0 { 0 } else { u32::MAX << (32 - subnet.prefix()) };
     let saddr = vec![
@@ -110,18 +122,18 @@ pub fn gateway_chains(vni: u32, subnet: Ipv4Subnet) -> Vec<(&'static str, u32, i
     let drop = [Expr::Verdict(NF_DROP)];
     let icmp = [Expr::Network { offset: 9, len: 1 }, Expr::Cmp { eq: true, data: vec![1] }];
     vec![
-        ("postrouting", NF_INET_POST_ROUTING, 100, "nat",
-         vec![cat(&[&saddr, &iface_is(false, &br, false), &[Expr::Masquerade]])]),
-        ("forward", NF_INET_FORWARD, 0, "filter", vec![
+        Chain { name: "postrouting", hook: NF_INET_POST_ROUTING, priority: 100, kind: "nat",
+                rules: vec![cat(&[&saddr, &iface_is(false, &br, false), &[Expr::Masquerade]])] },
+        Chain { name: "forward", hook: NF_INET_FORWARD, priority: 0, kind: "filter", rules: vec![
             cat(&[&iface_is(true, &br, true), &iface_is(false, &br, true), &accept]),
             cat(&[&iface_is(false, &br, true), &established(), &accept]),
             cat(&[&iface_is(false, &br, true), &drop]),
-        ]),
-        ("input", NF_INET_LOCAL_IN, 0, "filter", vec![
+        ] },
+        Chain { name: "input", hook: NF_INET_LOCAL_IN, priority: 0, kind: "filter", rules: vec![
             cat(&[&iface_is(true, &br, true), &established(), &accept]),
             cat(&[&iface_is(true, &br, true), &icmp, &accept]),
             cat(&[&iface_is(true, &br, true), &drop]),
-        ]),
+        ] },
     ]
 }
 
@@ -132,10 +144,10 @@ pub fn install_gateway(vni: u32, subnet: Ipv4Subnet) -> io::Result<()> {
     b.table(NFT_MSG_NEWTABLE, &table);
     b.table(NFT_MSG_DELTABLE, &table);
     b.table(NFT_MSG_NEWTABLE, &table);
-    for (chain, hook, prio, kind, rules) in gateway_chains(vni, subnet) {
-        b.chain(&table, chain, hook, prio, kind);
-        for r in &rules {
-            b.rule(&table, chain, r);
+    for c in gateway_chains(vni, subnet) {
+        b.chain(&table, &c);
+        for r in &c.rules {
+            b.rule(&table, c.name, r);
         }
     }
     b.send()
@@ -154,13 +166,15 @@ pub fn remove_gateway(vni: u32) -> io::Result<()> {
     b.send()
 }
 
-/// Whether table `ip <table>` exists.
+/// Whether table `ip <table>` exists (a kernel without nf_tables has none).
 pub fn table_exists(table: &str) -> io::Result<bool> {
-    let mut get = Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: false };
+    let mut get = Batch::request();
     get.nft(NFT_MSG_GETTABLE, false, format!("reading table ip {table}"), |a| a.str(1, table));
     match get.send() {
         Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(2) || e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        // EPROTONOSUPPORT: no nfnetlink to open a socket to.
+        Err(e) if e.raw_os_error() == Some(93) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -177,7 +191,7 @@ impl Attrs<'_> {
         self.pad();
     }
     fn pad(&mut self) {
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
     }
@@ -264,9 +278,14 @@ struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        let mut b = Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: true };
+        let mut b = Batch { batched: true, ..Batch::request() };
         b.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, |_| {});
         b
+    }
+
+    /// A single request outside a transaction.
+    fn request() -> Batch {
+        Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: false }
     }
 
     /// Appends one message; `family` and `res_id` make its nfgenmsg.
@@ -305,16 +324,16 @@ impl Batch {
         self.nft(msg, msg == NFT_MSG_NEWTABLE, format!("{verb} table ip {table}"), |a| a.str(1, table));
     }
 
-    fn chain(&mut self, table: &str, chain: &str, hook: u32, priority: i32, kind: &str) {
-        self.nft(NFT_MSG_NEWCHAIN, true, format!("adding chain {chain} to table ip {table}"), |a| {
+    fn chain(&mut self, table: &str, c: &Chain) {
+        self.nft(NFT_MSG_NEWCHAIN, true, format!("adding chain {} to table ip {table}", c.name), |a| {
             a.str(1, table);
-            a.str(3, chain);
+            a.str(3, c.name);
             a.nest(4, |h| {
-                h.u32(1, hook);
-                h.u32(2, priority as u32);
+                h.u32(1, c.hook);
+                h.u32(2, c.priority as u32);
             });
             a.u32(5, NF_ACCEPT);
-            a.str(7, kind);
+            a.str(7, c.kind);
         });
     }
 
@@ -404,15 +423,16 @@ mod tests {
     #[test]
     fn the_masquerade_matches_the_subnet_and_not_the_bridge() {
         let chains = gateway_chains(4242, "10.77.8.0/22".parse().unwrap());
-        let (name, hook, prio, kind, rules) = &chains[0];
-        assert_eq!((*name, *hook, *prio, *kind), ("postrouting", NF_INET_POST_ROUTING, 100, "nat"));
+        let c = &chains[0];
+        assert_eq!((c.name, c.hook, c.priority, c.kind), ("postrouting", NF_INET_POST_ROUTING, 100, "nat"));
+        let rules = &c.rules;
         assert_eq!(rules[0][1], Expr::And(vec![255, 255, 252, 0]));
         assert_eq!(rules[0][2], Expr::Cmp { eq: true, data: vec![10, 77, 8, 0] });
         assert_eq!(rules[0][4], Expr::Cmp { eq: false, data: ifname("shbr4242") });
         assert_eq!(rules[0].last(), Some(&Expr::Masquerade));
         // Every filter chain ends by dropping what is left for (or from) the bridge.
-        for (_, _, _, _, rules) in &chains[1..] {
-            assert_eq!(rules.last().unwrap().last(), Some(&Expr::Verdict(NF_DROP)));
+        for c in &chains[1..] {
+            assert_eq!(c.rules.last().unwrap().last(), Some(&Expr::Verdict(NF_DROP)));
         }
     }
 }

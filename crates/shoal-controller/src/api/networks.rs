@@ -28,8 +28,9 @@ pub async fn create_network(
             net.name, net.subnet, net.vni
         )));
     }
-    let (_, _, topo) = network::topology_now(&ctl).await?;
-    Ok((StatusCode::CREATED, Json(network::view(net, &[], &[], &topo))))
+    // A new network has no VMs yet, so no hosts and no gateway.
+    let none = network::Topology::new(|_| None, &[], &Default::default());
+    Ok((StatusCode::CREATED, Json(network::view(net, &[], &[], &none))))
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, body = [NetworkView])))]
