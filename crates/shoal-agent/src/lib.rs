@@ -17,9 +17,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_client::{Client, ClientError};
 use shoal_hv::{HvError, Hypervisor, TemplateFile, TemplateSource};
-use shoal_model::agent::{
-    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus,
-};
+use shoal_model::agent::{BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus};
 use shoal_model::api::{ErrorBody, ErrorDetail};
 use shoal_model::VmState;
 use tokio::sync::watch;
@@ -58,8 +56,7 @@ impl Credentials {
 
     fn load(dir: &Path) -> anyhow::Result<Credentials> {
         match std::fs::read(Self::path(dir)) {
-            Ok(b) => serde_json::from_slice(&b)
-                .with_context(|| format!("corrupt {}", Self::path(dir).display())),
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("corrupt {}", Self::path(dir).display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Credentials::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", Self::path(dir).display())),
         }
@@ -68,8 +65,7 @@ impl Credentials {
     fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let path = Self::path(dir);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec(self)?).with_context(|| format!("writing {}", tmp.display()))?;
         restrict(&tmp);
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
@@ -129,16 +125,12 @@ pub async fn start_with_network(
     hv: Arc<dyn Hypervisor>,
     net: Option<Arc<shoal_net::NetManager>>,
 ) -> anyhow::Result<RunningAgent> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("agent {}: cannot listen on {}", config.name, config.listen))?;
     let local = listener.local_addr()?;
-    let address = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+    let address = config.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
     let loopback = local.ip().is_loopback();
 
     let mut creds = Credentials::load(&config.data_dir)?;
@@ -204,10 +196,7 @@ pub async fn start_with_network(
         let shutdown = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!("agent server: {e}");
         }
     });
@@ -223,7 +212,14 @@ pub async fn start_with_network(
             }
         }));
     }
-    tasks.push(tokio::spawn(heartbeat_loop(config.clone(), address.clone(), hv, net_info, creds, stop_rx)));
+    tasks.push(tokio::spawn(heartbeat_loop(
+        config.clone(),
+        address.clone(),
+        hv,
+        net_info,
+        creds,
+        stop_rx,
+    )));
     tracing::info!(agent = %config.name, %address, "agent started");
     Ok(RunningAgent {
         name: config.name,
@@ -390,7 +386,11 @@ async fn console(
     UrlPath(uuid): UrlPath<uuid::Uuid>,
     Query(q): Query<ConsoleQuery>,
 ) -> Response {
-    match state.hv.console(uuid, q.offset, q.max.unwrap_or(1 << 20).min(4 << 20)).await {
+    match state
+        .hv
+        .console(uuid, q.offset, q.max.unwrap_or(1 << 20).min(4 << 20))
+        .await
+    {
         Ok(c) => Json::<ConsoleChunk>(c).into_response(),
         Err(e) => {
             let status = match e {
@@ -399,7 +399,12 @@ async fn console(
             };
             let body = ErrorBody {
                 error: ErrorDetail {
-                    code: if status == StatusCode::NOT_FOUND { "not_found" } else { "internal" }.into(),
+                    code: if status == StatusCode::NOT_FOUND {
+                        "not_found"
+                    } else {
+                        "internal"
+                    }
+                    .into(),
                     message: e.to_string(),
                 },
             };
@@ -417,7 +422,12 @@ async fn snapshot(State(state): State<AgentState>, UrlPath(uuid): UrlPath<uuid::
                 HvError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 _ => (StatusCode::CONFLICT, "snapshot_failed"),
             };
-            let body = ErrorBody { error: ErrorDetail { code: code.into(), message: e.to_string() } };
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: code.into(),
+                    message: e.to_string(),
+                },
+            };
             (status, Json(body)).into_response()
         }
     }
@@ -435,7 +445,12 @@ pub struct ControllerTemplates {
 
 impl ControllerTemplates {
     pub fn new(controller_url: String, host: String, data_dir: PathBuf) -> ControllerTemplates {
-        ControllerTemplates { controller_url, host, data_dir, images: tokio::sync::OnceCell::new() }
+        ControllerTemplates {
+            controller_url,
+            host,
+            data_dir,
+            images: tokio::sync::OnceCell::new(),
+        }
     }
 
     async fn client(&self) -> Result<Client, String> {
@@ -470,7 +485,9 @@ impl TemplateSource for ControllerTemplates {
     }
 
     async fn cached_images(&self) -> Vec<String> {
-        let Ok(images) = self.images().await else { return Vec::new() };
+        let Ok(images) = self.images().await else {
+            return Vec::new();
+        };
         let refs = tokio::task::spawn_blocking(move || images.refs()).await;
         let mut ids: Vec<String> = match refs {
             Ok(Ok(r)) => r.values().map(|id| id.to_hex()).collect(),
@@ -488,7 +505,10 @@ impl TemplateSource for ControllerTemplates {
             // The VM's own disk: taken as raw whatever it holds.
             store.import_path(
                 &path,
-                &shoal_image::ImportOptions { format: Some(shoal_image::ImageFormat::Raw), ..Default::default() },
+                &shoal_image::ImportOptions {
+                    format: Some(shoal_image::ImageFormat::Raw),
+                    ..Default::default()
+                },
             )
         })
         .await
@@ -521,8 +541,12 @@ impl TemplateSource for ControllerTemplates {
             .await
             .map_err(|e| format!("fetching image {manifest}: {e}"))?;
         tracing::info!(
-            template, chunks = rep.chunks_total, fetched = rep.chunks_sent, bytes = rep.bytes_sent,
-            seconds = started.elapsed().as_secs_f64(), "template image in the host's cache"
+            template,
+            chunks = rep.chunks_total,
+            fetched = rep.chunks_sent,
+            bytes = rep.bytes_sent,
+            seconds = started.elapsed().as_secs_f64(),
+            "template image in the host's cache"
         );
         let (dest, name) = (dest.to_path_buf(), format!("template/{template}"));
         tokio::task::spawn_blocking(move || {

@@ -50,7 +50,12 @@ pub(crate) async fn set_peers(State(state): State<AgentState>, Json(req): Json<N
     match net.set_peers(&req).await {
         Ok(()) => Json(()).into_response(),
         Err(e) => {
-            let body = ErrorBody { error: ErrorDetail { code: "network_failed".into(), message: e.to_string() } };
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: "network_failed".into(),
+                    message: e.to_string(),
+                },
+            };
             (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
         }
     }

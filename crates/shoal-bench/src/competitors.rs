@@ -65,7 +65,9 @@ pub fn ensure_installed() -> anyhow::Result<()> {
     }
     let install = |missing: &[&str]| {
         let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "-q"]).args(missing).env("DEBIAN_FRONTEND", "noninteractive");
+        c.args(["install", "-y", "-q"])
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         run("apt-get", &mut c)
     };
     if install(&missing).is_err() {
@@ -74,7 +76,10 @@ pub fn ensure_installed() -> anyhow::Result<()> {
         install(&missing)?;
     }
     for p in PACKAGES {
-        anyhow::ensure!(dpkg_installed(p), "apt-get: {p} still not installed after apt-get install");
+        anyhow::ensure!(
+            dpkg_installed(p),
+            "apt-get: {p} still not installed after apt-get install"
+        );
     }
     Ok(())
 }
@@ -95,7 +100,12 @@ pub fn run_borg(images: &[PathBuf], restore: &Path, work: &Path) -> anyhow::Resu
 }
 
 /// [`run_borg`] with other chunker params (`default`, `fixed,4096`, `buzhash,…`).
-pub fn run_borg_with(images: &[PathBuf], restore: &Path, work: &Path, chunker_params: &str) -> anyhow::Result<ToolResult> {
+pub fn run_borg_with(
+    images: &[PathBuf],
+    restore: &Path,
+    work: &Path,
+    chunker_params: &str,
+) -> anyhow::Result<ToolResult> {
     let (images, restore) = absolute(images, restore)?;
     let logical = logical_bytes(&images)?;
     let dir = Scratch::new(work, "borg")?;
@@ -110,7 +120,14 @@ pub fn run_borg_with(images: &[PathBuf], restore: &Path, work: &Path, chunker_pa
             .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
             .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
         // These would override BORG_BASE_DIR or the repository given on the command line.
-        for v in ["BORG_REPO", "BORG_PASSPHRASE", "BORG_CACHE_DIR", "BORG_CONFIG_DIR", "BORG_SECURITY_DIR", "BORG_KEYS_DIR"] {
+        for v in [
+            "BORG_REPO",
+            "BORG_PASSPHRASE",
+            "BORG_CACHE_DIR",
+            "BORG_CONFIG_DIR",
+            "BORG_SECURITY_DIR",
+            "BORG_KEYS_DIR",
+        ] {
             c.env_remove(v);
         }
         c
@@ -123,7 +140,14 @@ pub fn run_borg_with(images: &[PathBuf], restore: &Path, work: &Path, chunker_pa
     run(
         "borg",
         borg()
-            .args(["create", "--compression", "lz4", "--chunker-params", chunker_params, &archive])
+            .args([
+                "create",
+                "--compression",
+                "lz4",
+                "--chunker-params",
+                chunker_params,
+                &archive,
+            ])
             .args(&images),
     )?;
     let ingest_s = t.elapsed().as_secs_f64();
@@ -132,7 +156,13 @@ pub fn run_borg_with(images: &[PathBuf], restore: &Path, work: &Path, chunker_pa
     // borg stores absolute paths without the leading '/', and extracts relative to the cwd.
     let member = restore.strip_prefix("/").unwrap_or(&restore).to_path_buf();
     let t = Instant::now();
-    run("borg", borg().args(["extract", "--sparse", &archive]).arg(&member).current_dir(&out_dir))?;
+    run(
+        "borg",
+        borg()
+            .args(["extract", "--sparse", &archive])
+            .arg(&member)
+            .current_dir(&out_dir),
+    )?;
     sync_file(&out_dir.join(&member))?;
     let restore_s = t.elapsed().as_secs_f64();
     let identical = files_identical(&restore, &out_dir.join(&member))?;
@@ -161,12 +191,18 @@ pub fn run_casync(images: &[PathBuf], restore: &Path, work: &Path) -> anyhow::Re
     let version = tool_version("casync", Command::new("casync").arg("--version"));
     let store_arg = format!("--store={}", store.display());
     let index_of = |img: &Path| -> anyhow::Result<PathBuf> {
-        let name = img.file_name().with_context(|| format!("casync: image {} has no file name", img.display()))?;
+        let name = img
+            .file_name()
+            .with_context(|| format!("casync: image {} has no file name", img.display()))?;
         Ok(idx.join(format!("{}.caibx", name.to_string_lossy())))
     };
     let mut seen = std::collections::HashSet::new();
     for img in &images {
-        anyhow::ensure!(seen.insert(index_of(img)?), "casync: two images named like {}", img.display());
+        anyhow::ensure!(
+            seen.insert(index_of(img)?),
+            "casync: two images named like {}",
+            img.display()
+        );
     }
 
     let t = Instant::now();
@@ -185,7 +221,14 @@ pub fn run_casync(images: &[PathBuf], restore: &Path, work: &Path) -> anyhow::Re
     let stored = dir_bytes(&store) + dir_bytes(&idx);
 
     let t = Instant::now();
-    run("casync", Command::new("casync").arg("extract").arg(&store_arg).arg(index_of(&restore)?).arg(&out))?;
+    run(
+        "casync",
+        Command::new("casync")
+            .arg("extract")
+            .arg(&store_arg)
+            .arg(index_of(&restore)?)
+            .arg(&out),
+    )?;
     sync_file(&out)?;
     let restore_s = t.elapsed().as_secs_f64();
     let identical = files_identical(&restore, &out)?;
@@ -229,12 +272,22 @@ pub fn run_restic(images: &[PathBuf], restore: &Path, work: &Path) -> anyhow::Re
 
     run("restic", restic().args(["init", "--repository-version", "2"]))?;
     let t = Instant::now();
-    run("restic", restic().args(["backup", "--compression", "auto"]).args(&images))?;
+    run(
+        "restic",
+        restic().args(["backup", "--compression", "auto"]).args(&images),
+    )?;
     let ingest_s = t.elapsed().as_secs_f64();
     let stored = dir_bytes(&repo);
 
     let t = Instant::now();
-    run("restic", restic().args(["restore", "latest", "--target"]).arg(&out_dir).arg("--include").arg(&restore))?;
+    run(
+        "restic",
+        restic()
+            .args(["restore", "latest", "--target"])
+            .arg(&out_dir)
+            .arg("--include")
+            .arg(&restore),
+    )?;
     let out = out_dir.join(restore.strip_prefix("/").unwrap_or(&restore));
     sync_file(&out)?;
     let restore_s = t.elapsed().as_secs_f64();
@@ -254,7 +307,9 @@ pub fn run_restic(images: &[PathBuf], restore: &Path, work: &Path) -> anyhow::Re
 /// Flushes a restored file to disk. Every tool's restore time includes it, as Shoal's export
 /// syncs what it writes: a restore is done when the image is on disk.
 pub fn sync_file(p: &Path) -> anyhow::Result<()> {
-    File::open(p).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", p.display()))
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", p.display()))
 }
 
 /// Whether two files have the same length and bytes (streamed, 1 MiB at a time).
@@ -270,8 +325,10 @@ pub fn files_identical(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let mut left = len;
     while left > 0 {
         let n = left.min(BUF as u64) as usize;
-        fa.read_exact(&mut ba[..n]).with_context(|| format!("reading {}", a.display()))?;
-        fb.read_exact(&mut bb[..n]).with_context(|| format!("reading {}", b.display()))?;
+        fa.read_exact(&mut ba[..n])
+            .with_context(|| format!("reading {}", a.display()))?;
+        fb.read_exact(&mut bb[..n])
+            .with_context(|| format!("reading {}", b.display()))?;
         if ba[..n] != bb[..n] {
             return Ok(false);
         }
@@ -284,7 +341,9 @@ pub fn files_identical(a: &Path, b: &Path) -> anyhow::Result<bool> {
 /// Allocated bytes (`st_blocks * 512`) of everything under `dir`, itself included; symlinks are
 /// not followed, unreadable entries count as 0.
 pub fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(dir) else { return 0 };
+    let Ok(md) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
     let mut total = md.blocks() * 512;
     if md.is_dir() {
         if let Ok(rd) = std::fs::read_dir(dir) {
@@ -361,14 +420,22 @@ fn absolute(images: &[PathBuf], restore: &Path) -> anyhow::Result<(Vec<PathBuf>,
     let abs = |p: &Path| std::fs::canonicalize(p).with_context(|| format!("image {}", p.display()));
     let images = images.iter().map(|p| abs(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let restore = abs(restore)?;
-    anyhow::ensure!(images.contains(&restore), "{} is not one of the images", restore.display());
+    anyhow::ensure!(
+        images.contains(&restore),
+        "{} is not one of the images",
+        restore.display()
+    );
     Ok((images, restore))
 }
 
 pub fn logical_bytes(images: &[PathBuf]) -> anyhow::Result<u64> {
     images
         .iter()
-        .map(|p| Ok(std::fs::metadata(p).with_context(|| format!("image {}", p.display()))?.len()))
+        .map(|p| {
+            Ok(std::fs::metadata(p)
+                .with_context(|| format!("image {}", p.display()))?
+                .len())
+        })
         .sum()
 }
 
@@ -476,6 +543,9 @@ mod tests {
         assert!(dir_bytes(d.path()) < with_sparse + (1 << 20));
 
         assert_eq!(dir_bytes(&d.path().join("missing")), 0);
-        assert_eq!(dir_bytes(&sub.join("data")), std::fs::metadata(sub.join("data")).unwrap().blocks() * 512);
+        assert_eq!(
+            dir_bytes(&sub.join("data")),
+            std::fs::metadata(sub.join("data")).unwrap().blocks() * 512
+        );
     }
 }

@@ -23,8 +23,13 @@ fn image_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Image(e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, shoal_image::Error> + Send + 'static) -> Result<T, ClientError> {
-    tokio::task::spawn_blocking(f).await.map_err(image_err)?.map_err(image_err)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, shoal_image::Error> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(image_err)?
+        .map_err(image_err)
 }
 
 impl Client {
@@ -37,17 +42,25 @@ impl Client {
     }
 
     async fn bytes(&self, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, ClientError> {
-        let resp = rb.try_clone().expect("no streaming body").send().await.map_err(|source| ClientError::Transport {
-            url: self.http.base.clone(),
-            source,
-        })?;
+        let resp = rb
+            .try_clone()
+            .expect("no streaming body")
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.http.base.clone(),
+                source,
+            })?;
         if !resp.status().is_success() {
             return self.http.send::<()>(rb).await.map(|_| vec![]);
         }
         Ok(resp
             .bytes()
             .await
-            .map_err(|source| ClientError::Transport { url: self.http.base.clone(), source })?
+            .map_err(|source| ClientError::Transport {
+                url: self.http.base.clone(),
+                source,
+            })?
             .to_vec())
     }
 
@@ -55,8 +68,13 @@ impl Client {
     pub async fn images_missing(&self, host: Option<&str>, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let mut out = vec![];
         for part in ids.chunks(BATCH * 64) {
-            let req = ChunkList { chunks: part.iter().map(|c| c.to_hex()).collect() };
-            let got: ChunkList = self.http.post(&format!("{}/missing", self.images_base(host)), &req).await?;
+            let req = ChunkList {
+                chunks: part.iter().map(|c| c.to_hex()).collect(),
+            };
+            let got: ChunkList = self
+                .http
+                .post(&format!("{}/missing", self.images_base(host)), &req)
+                .await?;
             for c in got.chunks {
                 out.push(c.parse().map_err(image_err)?);
             }
@@ -73,7 +91,12 @@ impl Client {
         self.http.send(rb).await
     }
 
-    pub async fn put_manifest(&self, host: Option<&str>, id: &ManifestId, bytes: Vec<u8>) -> Result<ManifestRef, ClientError> {
+    pub async fn put_manifest(
+        &self,
+        host: Option<&str>,
+        id: &ManifestId,
+        bytes: Vec<u8>,
+    ) -> Result<ManifestRef, ClientError> {
         let rb = self
             .http
             .request(Method::PUT, &format!("{}/manifests/{id}", self.images_base(host)))
@@ -83,15 +106,28 @@ impl Client {
     }
 
     pub async fn get_manifest(&self, host: Option<&str>, id: &ManifestId) -> Result<Vec<u8>, ClientError> {
-        let b = self.bytes(self.http.request(Method::GET, &format!("{}/manifests/{id}", self.images_base(host)))).await?;
+        let b = self
+            .bytes(
+                self.http
+                    .request(Method::GET, &format!("{}/manifests/{id}", self.images_base(host))),
+            )
+            .await?;
         if ManifestId::of(&b) != *id {
-            return Err(ClientError::Image(format!("the controller sent a manifest that does not hash to {id}")));
+            return Err(ClientError::Image(format!(
+                "the controller sent a manifest that does not hash to {id}"
+            )));
         }
         Ok(b)
     }
 
-    pub async fn fetch_chunks(&self, host: Option<&str>, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, ClientError> {
-        let req = ChunkList { chunks: ids.iter().map(|c| c.to_hex()).collect() };
+    pub async fn fetch_chunks(
+        &self,
+        host: Option<&str>,
+        ids: &[ChunkId],
+    ) -> Result<Vec<(ChunkId, Vec<u8>)>, ClientError> {
+        let req = ChunkList {
+            chunks: ids.iter().map(|c| c.to_hex()).collect(),
+        };
         let rb = self
             .http
             .request(Method::POST, &format!("{}/chunks/fetch", self.images_base(host)))
@@ -110,7 +146,11 @@ impl Client {
     }
 
     pub async fn image_verify(&self) -> Result<ImageVerify, ClientError> {
-        let rb = self.http.request(Method::POST, "/v1/images/verify").timeout(Duration::from_secs(3600)).json(&());
+        let rb = self
+            .http
+            .request(Method::POST, "/v1/images/verify")
+            .timeout(Duration::from_secs(3600))
+            .json(&());
         self.http.send(rb).await
     }
 
@@ -201,7 +241,10 @@ impl Client {
                     let blobs = self.fetch_chunks(host, &part).await?;
                     let n = blobs.len() as u64;
                     if n != part.len() as u64 {
-                        return Err(ClientError::Image(format!("asked for {} chunks, received {n}", part.len())));
+                        return Err(ClientError::Image(format!(
+                            "asked for {} chunks, received {n}",
+                            part.len()
+                        )));
                     }
                     bytes_got.fetch_add(blobs.iter().map(|b| b.1.len() as u64).sum(), Ordering::Relaxed);
                     blocking(move || store.put_blobs(&blobs)).await?;

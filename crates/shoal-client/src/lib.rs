@@ -10,12 +10,10 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_model::agent::{
-    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms,
-    UnderlayProbe, UnderlayProbeResult,
+    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms, UnderlayProbe,
+    UnderlayProbeResult,
 };
-use shoal_model::api::{
-    ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster,
-};
+use shoal_model::api::{ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster};
 use shoal_model::{Host, Operation, OperationState, Template, Vm};
 use thiserror::Error;
 use uuid::Uuid;
@@ -24,11 +22,7 @@ use uuid::Uuid;
 pub enum ClientError {
     /// The server answered with an error body.
     #[error("{message}")]
-    Api {
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Api { status: u16, code: String, message: String },
     #[error("cannot reach {url}: {source}")]
     Transport {
         url: String,
@@ -133,11 +127,7 @@ impl Http {
         self.send(self.request(Method::GET, path)).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T, ClientError> {
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
@@ -241,8 +231,15 @@ impl Client {
     }
 
     pub async fn publish_template(&self, vm: &str, name: &str) -> Result<Template, ClientError> {
-        let req = shoal_model::api::PublishTemplate { vm: vm.into(), name: name.into() };
-        let rb = self.http.request(Method::POST, "/v1/templates/publish").timeout(Duration::from_secs(3600)).json(&req);
+        let req = shoal_model::api::PublishTemplate {
+            vm: vm.into(),
+            name: name.into(),
+        };
+        let rb = self
+            .http
+            .request(Method::POST, "/v1/templates/publish")
+            .timeout(Duration::from_secs(3600))
+            .json(&req);
         self.http.send(rb).await
     }
 
@@ -260,9 +257,7 @@ impl Client {
     }
 
     pub async fn delete_template(&self, name: &str) -> Result<(), ClientError> {
-        self.http
-            .delete(&format!("/v1/templates/{}", seg(name)))
-            .await
+        self.http.delete(&format!("/v1/templates/{}", seg(name))).await
     }
 
     pub async fn create_profile(&self, req: &CreateProfile) -> Result<ProfileView, ClientError> {
@@ -347,15 +342,24 @@ impl Client {
     /// Switches a host on or off with its power command.
     pub async fn switch_host(&self, host: &str, on: bool) -> Result<shoal_model::power::HostPower, ClientError> {
         let state = if on { "on" } else { "off" };
-        self.http.post(&format!("/v1/hosts/{}/power/{state}", seg(host)), &serde_json::json!({})).await
+        self.http
+            .post(
+                &format!("/v1/hosts/{}/power/{state}", seg(host)),
+                &serde_json::json!({}),
+            )
+            .await
     }
 
     pub async fn consolidate(&self, apply: bool) -> Result<shoal_model::power::ConsolidationPlan, ClientError> {
-        self.http.post("/v1/plan/consolidate", &serde_json::json!({ "apply": apply })).await
+        self.http
+            .post("/v1/plan/consolidate", &serde_json::json!({ "apply": apply }))
+            .await
     }
 
     pub async fn undrain_host(&self, host: &str) -> Result<(), ClientError> {
-        self.http.post(&format!("/v1/hosts/{}/undrain", seg(host)), &serde_json::json!({})).await
+        self.http
+            .post(&format!("/v1/hosts/{}/undrain", seg(host)), &serde_json::json!({}))
+            .await
     }
 
     pub async fn clusters(&self) -> Result<Vec<ClusterView>, ClientError> {
@@ -368,10 +372,7 @@ impl Client {
 
     pub async fn scale_cluster(&self, name: &str, size: u32) -> Result<Operation, ClientError> {
         self.http
-            .post(
-                &format!("/v1/clusters/{}/scale", seg(name)),
-                &ScaleCluster { size },
-            )
+            .post(&format!("/v1/clusters/{}/scale", seg(name)), &ScaleCluster { size })
             .await
     }
 
@@ -447,11 +448,7 @@ impl Client {
 
     /// Polls an operation until it ends, calling `progress` whenever it changes. A failed
     /// operation is an error carrying its message.
-    pub async fn wait(
-        &self,
-        id: Uuid,
-        mut progress: impl FnMut(&Operation),
-    ) -> Result<Operation, ClientError> {
+    pub async fn wait(&self, id: Uuid, mut progress: impl FnMut(&Operation)) -> Result<Operation, ClientError> {
         let mut last: Option<Operation> = None;
         let mut delay = Duration::from_millis(20);
         loop {
@@ -481,10 +478,7 @@ impl Client {
     }
 
     /// An agent's registration (agents use this; the token is the join token or credential).
-    pub async fn register_agent(
-        &self,
-        req: &RegisterRequest,
-    ) -> Result<RegisterResponse, ClientError> {
+    pub async fn register_agent(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
         self.http.post("/v1/agents/register", req).await
     }
 
@@ -530,9 +524,7 @@ impl Client {
     }
 
     pub async fn heartbeat(&self, host: &str, hb: &Heartbeat) -> Result<(), ClientError> {
-        self.http
-            .post(&format!("/v1/agents/{}/heartbeat", seg(host)), hb)
-            .await
+        self.http.post(&format!("/v1/agents/{}/heartbeat", seg(host)), hb).await
     }
 }
 
@@ -563,10 +555,16 @@ async fn file_part(path: &Path) -> Result<reqwest::multipart::Part, ClientError>
     let f = tokio::fs::File::open(path).await.map_err(err)?;
     let len = f.metadata().await.map_err(err)?.len();
     let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
-    Ok(reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
-        .file_name(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
-        .mime_str("application/octet-stream")
-        .expect("valid MIME type"))
+    Ok(
+        reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+            .file_name(
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )
+            .mime_str("application/octet-stream")
+            .expect("valid MIME type"),
+    )
 }
 
 /// Client of one host agent's command API.
@@ -593,10 +591,7 @@ impl AgentClient {
     }
 
     /// Asks the host whether it reaches another host's underlay address.
-    pub async fn probe_underlay(
-        &self,
-        req: &UnderlayProbe,
-    ) -> Result<UnderlayProbeResult, ClientError> {
+    pub async fn probe_underlay(&self, req: &UnderlayProbe) -> Result<UnderlayProbeResult, ClientError> {
         self.http.post("/v1/underlay/probe", req).await
     }
 
@@ -640,20 +635,22 @@ fn seg(s: &str) -> String {
 
 /// Opens a TCP connection to `address:port` within `timeout`: the reachability check of an
 /// underlay address, run by the controller and by agents.
-pub async fn probe_underlay(
-    address: std::net::Ipv4Addr,
-    port: u16,
-    timeout: Duration,
-) -> UnderlayProbeResult {
+pub async fn probe_underlay(address: std::net::Ipv4Addr, port: u16, timeout: Duration) -> UnderlayProbeResult {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((address, port))).await {
-        Ok(Ok(_)) => UnderlayProbeResult { reachable: true, error: None },
+        Ok(Ok(_)) => UnderlayProbeResult {
+            reachable: true,
+            error: None,
+        },
         Ok(Err(e)) => UnderlayProbeResult {
             reachable: false,
             error: Some(format!("connecting to {address}:{port}: {e}")),
         },
         Err(_) => UnderlayProbeResult {
             reachable: false,
-            error: Some(format!("connecting to {address}:{port}: no answer within {} s", timeout.as_secs())),
+            error: Some(format!(
+                "connecting to {address}:{port}: no answer within {} s",
+                timeout.as_secs()
+            )),
         },
     }
 }

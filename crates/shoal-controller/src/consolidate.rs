@@ -43,8 +43,13 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let powers = energy::power_records(ctl, &hosts).await?;
     let claims: HashMap<String, Claim> = ctl.db.by_name("/claims/").await?;
-    let clusters: HashMap<String, Cluster> =
-        ctl.db.values::<Cluster>("/clusters/").await?.into_iter().map(|c| (c.name.clone(), c)).collect();
+    let clusters: HashMap<String, Cluster> = ctl
+        .db
+        .values::<Cluster>("/clusters/")
+        .await?
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
     let marks = crate::plan::host_marks(ctl).await?;
     // Up to placement: not down, draining, in maintenance or powered off.
     let in_service: Vec<bool> = hosts
@@ -125,13 +130,21 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         *slot = Some((names.clone(), Consolidator::default()));
     }
     let (_, c) = slot.as_mut().expect("set above");
-    let decided = if commit { c.decide(step, &chosts, &cvms) } else { c.clone().decide(step, &chosts, &cvms) };
+    let decided = if commit {
+        c.decide(step, &chosts, &cvms)
+    } else {
+        c.clone().decide(step, &chosts, &cvms)
+    };
     Ok(ConsolidationPlan {
         power_on: decided.power_on.iter().map(|&h| names[h as usize].clone()).collect(),
         moves: decided
             .migrations
             .iter()
-            .map(|&(v, h)| PlannedMove { vm: vms[v as usize].name.clone(), from: vms[v as usize].host.clone(), to: names[h as usize].clone() })
+            .map(|&(v, h)| PlannedMove {
+                vm: vms[v as usize].name.clone(),
+                from: vms[v as usize].host.clone(),
+                to: names[h as usize].clone(),
+            })
             .collect(),
         power_off: decided.power_off.iter().map(|&h| names[h as usize].clone()).collect(),
     })
@@ -169,7 +182,15 @@ pub async fn apply(ctl: &Controller, p: &ConsolidationPlan) -> ApiResult<()> {
             }
             *load[w].entry(&m.from).or_default() += 1;
             *load[w].entry(&m.to).or_default() += 1;
-            moves.push(Move { vm: m.vm.clone(), from: m.from.clone(), to: m.to.clone(), gain: 0.0, seconds: 0.0, score_after: 0.0, wave: w as u32 });
+            moves.push(Move {
+                vm: m.vm.clone(),
+                from: m.from.clone(),
+                to: m.to.clone(),
+                gain: 0.0,
+                seconds: 0.0,
+                score_after: 0.0,
+                wave: w as u32,
+            });
         }
         let guard = ctl.write_lock.lock().await;
         crate::plan::execute(ctl, &moves, guard).await?;
@@ -196,7 +217,9 @@ async fn wait_booted(ctl: &Controller, host: &str) -> ApiResult<()> {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(ApiError::Unavailable(format!("host {host} was switched on but not heard from within {BOOT_TIMEOUT:?}")));
+            return Err(ApiError::Unavailable(format!(
+                "host {host} was switched on but not heard from within {BOOT_TIMEOUT:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -221,16 +244,27 @@ pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPow
         )));
     };
     if !on {
-        let claim: Claim = ctl.db.get(&db::claim_key(host)).await?.map(|v| v.value).unwrap_or_default();
+        let claim: Claim = ctl
+            .db
+            .get(&db::claim_key(host))
+            .await?
+            .map(|v| v.value)
+            .unwrap_or_default();
         if claim.vms > 0 {
-            return Err(ApiError::Conflict(format!("host {host} still has {} VMs; drain it first (`shoal host drain {host}`)", claim.vms)));
+            return Err(ApiError::Conflict(format!(
+                "host {host} still has {} VMs; drain it first (`shoal host drain {host}`)",
+                claim.vms
+            )));
         }
     }
     tracing::info!(%host, on, %cmd, "running power command");
     match run_command(&cmd, host).await {
         Ok(()) => energy::set_state(ctl, p, want, None).await,
         Err(e) => {
-            let msg = format!("power-{} command for host {host} failed: {e}", if on { "on" } else { "off" });
+            let msg = format!(
+                "power-{} command for host {host} failed: {e}",
+                if on { "on" } else { "off" }
+            );
             let state = p.state;
             energy::set_state(ctl, p, state, Some(msg.clone())).await?;
             Err(ApiError::Unavailable(msg))

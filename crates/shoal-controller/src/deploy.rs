@@ -11,9 +11,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shoal_model::api::CreateCluster;
 use shoal_model::{
-    format_mib, now_ms, validate_name, Cluster, ClusterState, MacAddr, Operation,
-    OperationKind, OperationState, OperationStep, Profile, StepState, Vm, VmShape, VmState,
-    DEPLOY_STEPS,
+    format_mib, now_ms, validate_name, Cluster, ClusterState, MacAddr, Operation, OperationKind, OperationState,
+    OperationStep, Profile, StepState, Vm, VmShape, VmState, DEPLOY_STEPS,
 };
 use shoal_policy::{GangRequest, Placer};
 use shoal_store::{Compare, Op, Txn};
@@ -305,8 +304,8 @@ pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiRe
     let mut claims: HashMap<String, (Claim, u64)> = HashMap::new();
     for kv in kvs {
         let host = kv.key.trim_start_matches("/claims/").to_string();
-        let c: Claim = serde_json::from_slice(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("claim {}: {e}", kv.key)))?;
+        let c: Claim =
+            serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(format!("claim {}: {e}", kv.key)))?;
         claims.insert(host, (c, kv.mod_revision));
     }
     let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
@@ -429,10 +428,7 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
         return Err(busy_error(name, &op));
     }
     let vms = ctl.db.cluster_vms(name).await?;
-    let live: Vec<&Versioned<Vm>> = vms
-        .iter()
-        .filter(|v| v.value.state != VmState::Deleting)
-        .collect();
+    let live: Vec<&Versioned<Vm>> = vms.iter().filter(|v| v.value.state != VmState::Deleting).collect();
     let current = live.len() as u32;
     let previous = cluster.size;
     cluster.size = size;
@@ -440,7 +436,10 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
     let mut txn = Txn::new().when(Compare::ModRevision(ck.clone(), crev));
     let op = if size > current {
         let used: HashSet<u32> = vms.iter().map(|v| v.value.index).collect();
-        let indices: Vec<u32> = (0..).filter(|i| !used.contains(i)).take((size - current) as usize).collect();
+        let indices: Vec<u32> = (0..)
+            .filter(|i| !used.contains(i))
+            .take((size - current) as usize)
+            .collect();
         let existing: Vec<Vm> = live.iter().map(|v| v.value.clone()).collect();
         let mut op = new_operation(OperationKind::ClusterScale, name, &DEPLOY_STEPS, previous);
         let (_new, plan) = plan_new_vms(ctl, &cluster, &indices, &existing, &mut op).await?;
@@ -468,9 +467,7 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
         }
         op
     };
-    let txn = txn
-        .then(put(ck, &cluster))
-        .then(put(db::operation_key(&op.id), &op));
+    let txn = txn.then(put(ck, &cluster)).then(put(db::operation_key(&op.id), &op));
     commit(ctl, txn, name).await?;
     ctl.wake.notify_one();
     Ok(op)
@@ -572,9 +569,15 @@ mod tests {
         let a = profile("a", Some("b"));
         let b = profile("b", Some("a"));
         let map: HashMap<_, _> = [a, b].into_iter().map(|p| (p.name.clone(), p)).collect();
-        assert!(resolve_profile(&map, "a").unwrap_err().to_string().contains("inherits from itself"));
+        assert!(resolve_profile(&map, "a")
+            .unwrap_err()
+            .to_string()
+            .contains("inherits from itself"));
         let lone: HashMap<_, _> = [("c".to_string(), profile("c", None))].into();
-        assert!(resolve_profile(&lone, "c").unwrap_err().to_string().contains("template"));
+        assert!(resolve_profile(&lone, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("template"));
         assert!(matches!(resolve_profile(&lone, "zz"), Err(ApiError::NotFound { .. })));
     }
 }

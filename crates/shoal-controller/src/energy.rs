@@ -77,12 +77,20 @@ pub struct Meter {
 
 /// The power record of each of `hosts`; hosts without one are on with the default model.
 pub async fn power_records(ctl: &Controller, hosts: &[HostRecord]) -> ApiResult<HashMap<String, HostPower>> {
-    let mut stored: HashMap<String, HostPower> =
-        ctl.db.values::<HostPower>("/power/").await?.into_iter().map(|p| (p.host.clone(), p)).collect();
+    let mut stored: HashMap<String, HostPower> = ctl
+        .db
+        .values::<HostPower>("/power/")
+        .await?
+        .into_iter()
+        .map(|p| (p.host.clone(), p))
+        .collect();
     Ok(hosts
         .iter()
         .map(|h| {
-            let p = stored.remove(&h.name).unwrap_or_else(|| HostPower { host: h.name.clone(), ..Default::default() });
+            let p = stored.remove(&h.name).unwrap_or_else(|| HostPower {
+                host: h.name.clone(),
+                ..Default::default()
+            });
             (h.name.clone(), p)
         })
         .collect())
@@ -97,7 +105,10 @@ pub async fn power_record(ctl: &Controller, host: &str) -> ApiResult<HostPower> 
         .get::<HostPower>(&power_key(host))
         .await?
         .map(|v| v.value)
-        .unwrap_or_else(|| HostPower { host: host.to_string(), ..Default::default() }))
+        .unwrap_or_else(|| HostPower {
+            host: host.to_string(),
+            ..Default::default()
+        }))
 }
 
 /// Hosts that are not on (switched off, or switched on and not back yet): placement skips them.
@@ -115,7 +126,10 @@ pub async fn powered_off(ctl: &Controller) -> ApiResult<HashSet<String>> {
 /// Sets a host's power model and commands; its state stays as it is.
 pub async fn configure(ctl: &Controller, host: &str, config: HostPowerConfig) -> ApiResult<HostPower> {
     config.model.validate().map_err(ApiError::Invalid)?;
-    for (flag, c) in [("power_on_command", &config.power_on_command), ("power_off_command", &config.power_off_command)] {
+    for (flag, c) in [
+        ("power_on_command", &config.power_on_command),
+        ("power_off_command", &config.power_off_command),
+    ] {
         if c.as_deref().is_some_and(|c| c.trim().is_empty()) {
             return Err(ApiError::Invalid(format!("{flag} is empty; leave it out for none")));
         }
@@ -126,7 +140,12 @@ pub async fn configure(ctl: &Controller, host: &str, config: HostPowerConfig) ->
     Ok(p)
 }
 
-pub(crate) async fn set_state(ctl: &Controller, mut p: HostPower, state: PowerState, error: Option<String>) -> ApiResult<HostPower> {
+pub(crate) async fn set_state(
+    ctl: &Controller,
+    mut p: HostPower,
+    state: PowerState,
+    error: Option<String>,
+) -> ApiResult<HostPower> {
     if p.state != state {
         p.since_unix_ms = now_ms();
     }
@@ -158,13 +177,24 @@ pub async fn report(ctl: &Controller) -> ApiResult<EnergyReport> {
         .values()
         .map(|p| {
             let m = meter.hosts.get(&p.host);
-            let account = m.map(|m| m.account.clone()).or_else(|| accounts.get(&p.host).cloned()).unwrap_or_default();
+            let account = m
+                .map(|m| m.account.clone())
+                .or_else(|| accounts.get(&p.host).cloned())
+                .unwrap_or_default();
             HostEnergy {
                 host: p.host.clone(),
                 state: p.state,
                 // A host switched off since the last sample draws nothing now.
-                cpu_util: if p.state == PowerState::Off { 0.0 } else { m.map_or(0.0, |m| m.util) },
-                power_w: if p.state == PowerState::Off { 0.0 } else { m.map_or(0.0, |m| m.power_w) },
+                cpu_util: if p.state == PowerState::Off {
+                    0.0
+                } else {
+                    m.map_or(0.0, |m| m.util)
+                },
+                power_w: if p.state == PowerState::Off {
+                    0.0
+                } else {
+                    m.map_or(0.0, |m| m.power_w)
+                },
                 energy_kwh: account.joules / 3.6e6,
                 since_unix_ms: account.since_unix_ms,
             }
@@ -225,7 +255,9 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
     let mut busy: HashMap<&str, f64> = HashMap::new();
     for (host, l) in &live {
         for st in &l.vms {
-            let (Some(cpu), Some(vm)) = (st.cpu_seconds, vms.get(&st.uuid)) else { continue };
+            let (Some(cpu), Some(vm)) = (st.cpu_seconds, vms.get(&st.uuid)) else {
+                continue;
+            };
             let vmm = m.vms.entry(st.uuid).or_default();
             let measured = match vmm.last {
                 Some((c0, t0)) if cpu >= c0 && l.seen > t0 => {
@@ -250,7 +282,10 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
 
     let mut txn = Txn::new();
     for h in &hosts {
-        let p = powers.remove(&h.name).unwrap_or_else(|| HostPower { host: h.name.clone(), ..Default::default() });
+        let p = powers.remove(&h.name).unwrap_or_else(|| HostPower {
+            host: h.name.clone(),
+            ..Default::default()
+        });
         let util = (busy.get(h.name.as_str()).copied().unwrap_or(0.0) / h.cpus.max(1) as f64).clamp(0.0, 1.0);
         let up = ctl.host_state(&h.name).0 == HostState::Up;
         let power_w = match p.state {
@@ -261,7 +296,10 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
             PowerState::On => 0.0,
         };
         let hm = m.hosts.entry(h.name.clone()).or_insert_with(|| HostMeter {
-            account: stored.remove(&h.name).unwrap_or(Account { joules: 0.0, since_unix_ms: now_ms() }),
+            account: stored.remove(&h.name).unwrap_or(Account {
+                joules: 0.0,
+                since_unix_ms: now_ms(),
+            }),
             ..Default::default()
         });
         // Energy over the interval at the draw measured over it.
@@ -279,10 +317,12 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
             .filter_map(|(u, vmm)| Some((vms.get(u)?.name.clone(), *vmm.history.first()?)))
             .collect();
         if m.recorder.is_none() {
-            m.recorder = Some(Recorder::open(dir).map_err(|e| ApiError::Internal(format!("record {}: {e}", dir.display())))?);
+            m.recorder =
+                Some(Recorder::open(dir).map_err(|e| ApiError::Internal(format!("record {}: {e}", dir.display())))?);
         }
         let r = m.recorder.as_mut().expect("opened above");
-        r.append(&shares).map_err(|e| ApiError::Internal(format!("record {}: {e}", dir.display())))?;
+        r.append(&shares)
+            .map_err(|e| ApiError::Internal(format!("record {}: {e}", dir.display())))?;
     }
     m.step += 1;
     Ok(())
@@ -312,21 +352,31 @@ impl Recorder {
                 files.insert(e.file_name().to_string_lossy().into_owned());
             }
         }
-        Ok(Recorder { dir: dir.to_owned(), steps, files })
+        Ok(Recorder {
+            dir: dir.to_owned(),
+            steps,
+            files,
+        })
     }
 
     fn append(&mut self, shares: &BTreeMap<String, f64>) -> std::io::Result<()> {
         let line = |share: f64| format!("{}\n", ((share * 100.0).round() as u32).clamp(1, 100));
         for (name, &share) in shares {
             if self.files.contains(name) {
-                std::fs::OpenOptions::new().append(true).open(self.dir.join(name))?.write_all(line(share).as_bytes())?;
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.dir.join(name))?
+                    .write_all(line(share).as_bytes())?;
             } else {
                 std::fs::write(self.dir.join(name), line(share).repeat(self.steps + 1))?;
                 self.files.insert(name.clone());
             }
         }
         for name in self.files.iter().filter(|n| !shares.contains_key(*n)) {
-            std::fs::OpenOptions::new().append(true).open(self.dir.join(name))?.write_all(b"0\n")?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.dir.join(name))?
+                .write_all(b"0\n")?;
         }
         self.steps += 1;
         Ok(())
@@ -343,7 +393,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut r = Recorder::open(&dir).unwrap();
         r.append(&BTreeMap::from([("a-0".to_string(), 0.25)])).unwrap();
-        r.append(&BTreeMap::from([("a-0".to_string(), 0.001), ("b-0".to_string(), 0.5)])).unwrap();
+        r.append(&BTreeMap::from([("a-0".to_string(), 0.001), ("b-0".to_string(), 0.5)]))
+            .unwrap();
         r.append(&BTreeMap::from([("b-0".to_string(), 1.0)])).unwrap();
         let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
         assert_eq!(read("a-0"), "25\n1\n0\n");

@@ -13,11 +13,7 @@ use crate::ControllerConfig;
 
 /// The first free subnet of the pool big enough for `size` guests, never smaller than the
 /// configured prefix allows.
-pub fn allocate_subnet(
-    config: &ControllerConfig,
-    size: u32,
-    taken: &[Ipv4Subnet],
-) -> ApiResult<Ipv4Subnet> {
+pub fn allocate_subnet(config: &ControllerConfig, size: u32, taken: &[Ipv4Subnet]) -> ApiResult<Ipv4Subnet> {
     let pool = config.subnet_pool;
     let mut prefix = config.subnet_prefix.max(pool.prefix());
     while prefix > pool.prefix() && pool.child(prefix, 0).map(|s| s.guest_capacity()).unwrap_or(0) < size as u64 {
@@ -122,9 +118,15 @@ mod tests {
     fn ips_prefer_the_index_address_and_fill_holes_when_shared() {
         let s: Ipv4Subnet = "10.1.0.0/29".parse().unwrap();
         let ip = |x: &str| x.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(allocate_ips(&s, &[0, 1], &HashSet::new()).unwrap(), vec![ip("10.1.0.2"), ip("10.1.0.3")]);
+        assert_eq!(
+            allocate_ips(&s, &[0, 1], &HashSet::new()).unwrap(),
+            vec![ip("10.1.0.2"), ip("10.1.0.3")]
+        );
         let taken: HashSet<_> = [ip("10.1.0.2"), ip("10.1.0.3")].into();
-        assert_eq!(allocate_ips(&s, &[0, 2], &taken).unwrap(), vec![ip("10.1.0.5"), ip("10.1.0.4")]);
+        assert_eq!(
+            allocate_ips(&s, &[0, 2], &taken).unwrap(),
+            vec![ip("10.1.0.5"), ip("10.1.0.4")]
+        );
         // /29: five guest addresses.
         assert!(allocate_ips(&s, &[0, 1, 2, 3], &taken).is_none());
     }

@@ -27,10 +27,10 @@ mod deploy;
 pub mod energy;
 pub mod error;
 mod ipam;
-pub mod locality;
-pub mod plan;
 pub mod lifecycle;
+pub mod locality;
 pub mod network;
+pub mod plan;
 mod reconcile;
 
 pub use db::Db;
@@ -205,11 +205,7 @@ impl Controller {
             .expect("agents lock")
             .entry(address.to_string())
             .or_insert_with(|| {
-                AgentClient::new(
-                    address,
-                    Some(self.controller_token.clone()),
-                    self.config.agent_timeout,
-                )
+                AgentClient::new(address, Some(self.controller_token.clone()), self.config.agent_timeout)
             })
             .clone()
     }
@@ -236,8 +232,7 @@ impl RunningController {
 }
 
 pub async fn start(config: ControllerConfig) -> anyhow::Result<RunningController> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
         FileStore::open(config.data_dir.join("state"))
             .with_context(|| format!("opening the state store in {}", config.data_dir.display()))?,
@@ -245,18 +240,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<RunningController
     start_with_store(config, store).await
 }
 
-pub async fn start_with_store(
-    config: ControllerConfig,
-    store: Arc<dyn Store>,
-) -> anyhow::Result<RunningController> {
+pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningController> {
     std::fs::create_dir_all(config.data_dir.join("templates"))
         .with_context(|| format!("creating {}/templates", config.data_dir.display()))?;
     let admin_path = config.data_dir.join("admin.token");
-    let admin_token = auth::load_or_create_secret(&admin_path)
-        .with_context(|| format!("admin token {}", admin_path.display()))?;
+    let admin_token =
+        auth::load_or_create_secret(&admin_path).with_context(|| format!("admin token {}", admin_path.display()))?;
     let ctl_path = config.data_dir.join("controller.token");
-    let controller_token = auth::load_or_create_secret(&ctl_path)
-        .with_context(|| format!("controller token {}", ctl_path.display()))?;
+    let controller_token =
+        auth::load_or_create_secret(&ctl_path).with_context(|| format!("controller token {}", ctl_path.display()))?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -296,10 +288,7 @@ pub async fn start_with_store(
         let shutdown = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!("controller server: {e}");
         }
     });

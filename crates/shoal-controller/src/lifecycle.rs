@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 
 use shoal_model::{
-    format_mib, Cluster, ClusterState, Operation, OperationKind, OperationState, Power, StepState,
-    Vm, VmState,
+    format_mib, Cluster, ClusterState, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
 };
 use shoal_store::{Compare, Txn};
 
@@ -47,7 +46,13 @@ impl Action {
 
     /// Whether `vm` can take this action; `Ok(false)` when it is already done.
     fn applies(self, vm: &Vm) -> ApiResult<bool> {
-        let refuse = |why: &str| Err(ApiError::Conflict(format!("cannot {} VM {}: {why}", self.verb(), vm.name)));
+        let refuse = |why: &str| {
+            Err(ApiError::Conflict(format!(
+                "cannot {} VM {}: {why}",
+                self.verb(),
+                vm.name
+            )))
+        };
         match (self, vm.state) {
             (_, VmState::Deleting) => refuse("it is being deleted"),
             (_, VmState::Pending | VmState::Creating) => refuse("it is still being created"),
@@ -190,7 +195,9 @@ async fn apply(
             vm.state = VmState::Pending;
         }
         let k = db::vm_key(&vm.cluster, vm.index);
-        txn = txn.when(Compare::ModRevision(k.clone(), v.mod_revision)).then(put(k, &vm));
+        txn = txn
+            .when(Compare::ModRevision(k.clone(), v.mod_revision))
+            .then(put(k, &vm));
     }
     op.vms = changing.iter().map(|v| v.value.name.clone()).collect();
     let n = op.vms.len();
@@ -211,7 +218,9 @@ async fn apply(
         let mut cl = c.value.clone();
         cl.state = ClusterState::Converging;
         let ck = db::cluster_key(&cl.name);
-        txn = txn.when(Compare::ModRevision(ck.clone(), c.mod_revision)).then(put(ck, &cl));
+        txn = txn
+            .when(Compare::ModRevision(ck.clone(), c.mod_revision))
+            .then(put(ck, &cl));
     }
     txn = txn.then(put(db::operation_key(&op.id), &op));
     commit(ctl, txn, target).await?;

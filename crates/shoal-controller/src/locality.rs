@@ -40,7 +40,15 @@ pub async fn image_locality(ctl: &Controller, template: ManifestId) -> BTreeMap<
     let reports: Vec<(String, Vec<ManifestId>)> = ctl
         .liveness()
         .into_iter()
-        .map(|(h, l)| (h, l.images.iter().filter_map(|i| i.parse().ok()).collect::<Vec<ManifestId>>()))
+        .map(|(h, l)| {
+            (
+                h,
+                l.images
+                    .iter()
+                    .filter_map(|i| i.parse().ok())
+                    .collect::<Vec<ManifestId>>(),
+            )
+        })
         .filter(|(_, ims)| !ims.is_empty())
         .collect();
     if reports.is_empty() {
@@ -49,7 +57,9 @@ pub async fn image_locality(ctl: &Controller, template: ManifestId) -> BTreeMap<
     let c = ctl.clone();
     tokio::task::spawn_blocking(move || {
         let store = &c.images;
-        let Ok(m) = store.manifest(&template) else { return BTreeMap::new() };
+        let Ok(m) = store.manifest(&template) else {
+            return BTreeMap::new();
+        };
         let total = m.data_bytes().max(1) as f64;
         let mut out = BTreeMap::new();
         for (host, ims) in reports {
@@ -57,7 +67,11 @@ pub async fn image_locality(ctl: &Controller, template: ManifestId) -> BTreeMap<
                 1.0
             } else {
                 let sets: Vec<_> = ims.iter().filter_map(|i| c.chunk_sets.get(store, i)).collect();
-                let have: u64 = m.chunks().filter(|(_, id, _)| sets.iter().any(|s| s.contains(id))).map(|c| c.2).sum();
+                let have: u64 = m
+                    .chunks()
+                    .filter(|(_, id, _)| sets.iter().any(|s| s.contains(id)))
+                    .map(|c| c.2)
+                    .sum();
                 have as f64 / total
             };
             out.insert(host, share);

@@ -136,11 +136,9 @@ pub async fn network_for_cluster(
 ) -> ApiResult<(Network, Option<Txn>)> {
     match wanted {
         Some(name) => {
-            let v = ctl
-                .db
-                .get::<Network>(&network_key(name))
-                .await?
-                .ok_or_else(|| ApiError::Invalid(format!("network {name:?} does not exist (shoal network create {name})")))?;
+            let v = ctl.db.get::<Network>(&network_key(name)).await?.ok_or_else(|| {
+                ApiError::Invalid(format!("network {name:?} does not exist (shoal network create {name})"))
+            })?;
             if nat && !v.value.nat {
                 return Err(ApiError::Invalid(format!(
                     "cluster {cluster:?} joins network {name:?}, which has no outbound access: that is the \
@@ -150,7 +148,13 @@ pub async fn network_for_cluster(
             Ok((v.value, None))
         }
         None => {
-            let req = CreateNetwork { name: cluster.to_string(), subnet: None, vni: None, nat, dns: Vec::new() };
+            let req = CreateNetwork {
+                name: cluster.to_string(),
+                subnet: None,
+                vni: None,
+                nat,
+                dns: Vec::new(),
+            };
             let (net, txn) = plan_network(ctl, &req, Some(cluster), size).await?;
             Ok((net, Some(txn)))
         }
@@ -193,10 +197,17 @@ pub fn view(net: Network, clusters: &[Cluster], vms: &[Vm], topo: &Topology) -> 
 /// The clusters, VMs and network topology as the store has them now.
 pub async fn topology_now(ctl: &Controller) -> ApiResult<(Vec<Cluster>, Vec<Vm>, Topology)> {
     let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
-    let hosts: HashMap<String, HostRecord> =
-        ctl.db.values::<HostRecord>("/hosts/").await?.into_iter().map(|h| (h.name.clone(), h)).collect();
-    let network_of: HashMap<&str, &str> =
-        clusters.iter().filter_map(|c| Some((c.name.as_str(), c.network.as_deref()?))).collect();
+    let hosts: HashMap<String, HostRecord> = ctl
+        .db
+        .values::<HostRecord>("/hosts/")
+        .await?
+        .into_iter()
+        .map(|h| (h.name.clone(), h))
+        .collect();
+    let network_of: HashMap<&str, &str> = clusters
+        .iter()
+        .filter_map(|c| Some((c.name.as_str(), c.network.as_deref()?)))
+        .collect();
     let topo = Topology::new(|c| network_of.get(c).copied(), &vms, &hosts);
     Ok((clusters, vms, topo))
 }
@@ -299,7 +310,10 @@ pub fn pick_gateway<'a>(net: &str, candidates: impl IntoIterator<Item = &'a Stri
         }
         h
     };
-    candidates.into_iter().max_by_key(|h| (weight(h), std::cmp::Reverse((*h).clone()))).cloned()
+    candidates
+        .into_iter()
+        .max_by_key(|h| (weight(h), std::cmp::Reverse((*h).clone())))
+        .cloned()
 }
 
 impl Topology {
@@ -326,8 +340,18 @@ impl Topology {
             .filter(|h| h.network_driver.as_deref() == Some("bridge") && h.underlay_ip.is_some())
             .map(|h| h.name.clone())
             .collect();
-        let guest_mtu = hosts.values().filter_map(|h| h.guest_mtu).min().unwrap_or(GUEST_MTU).min(GUEST_MTU);
-        Topology { hosts: on, underlay, routers, guest_mtu }
+        let guest_mtu = hosts
+            .values()
+            .filter_map(|h| h.guest_mtu)
+            .min()
+            .unwrap_or(GUEST_MTU)
+            .min(GUEST_MTU);
+        Topology {
+            hosts: on,
+            underlay,
+            routers,
+            guest_mtu,
+        }
     }
 
     /// The host that is network `net`'s NAT gateway now, if it has NAT and a host to be it.
@@ -335,7 +359,10 @@ impl Topology {
         if !net.nat {
             return None;
         }
-        pick_gateway(&net.name, self.hosts.get(&net.name)?.iter().filter(|h| self.routers.contains(*h)))
+        pick_gateway(
+            &net.name,
+            self.hosts.get(&net.name)?.iter().filter(|h| self.routers.contains(*h)),
+        )
     }
 
     /// What `host` needs for network `net`: the other hosts' underlay addresses.
@@ -368,7 +395,10 @@ impl Topology {
             let Some(net) = networks.get(name) else { continue };
             for host in &self.hosts[name] {
                 if self.underlay.contains_key(host) {
-                    out.entry(host.clone()).or_default().networks.push(self.vm_network(net, host));
+                    out.entry(host.clone())
+                        .or_default()
+                        .networks
+                        .push(self.vm_network(net, host));
                 }
             }
         }
@@ -409,10 +439,22 @@ mod tests {
 
     #[test]
     fn peers_are_the_other_hosts_of_the_network_with_an_underlay() {
-        let net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: false, dns: Vec::new(), created_unix_ms: 0 };
+        let net = Network {
+            name: "n".into(),
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            vni: 7,
+            owner: None,
+            nat: false,
+            dns: Vec::new(),
+            created_unix_ms: 0,
+        };
         let t = Topology {
             hosts: [("n".to_string(), ["a", "b", "c"].iter().map(|s| s.to_string()).collect())].into(),
-            underlay: [("a".to_string(), "10.9.0.1".parse().unwrap()), ("b".to_string(), "10.9.0.2".parse().unwrap())].into(),
+            underlay: [
+                ("a".to_string(), "10.9.0.1".parse().unwrap()),
+                ("b".to_string(), "10.9.0.2".parse().unwrap()),
+            ]
+            .into(),
             routers: BTreeSet::new(),
             guest_mtu: 1500,
         };
@@ -420,23 +462,42 @@ mod tests {
         assert_eq!(a.peers, vec!["10.9.0.2".parse::<Ipv4Addr>().unwrap()]);
         let by_host = t.peers_by_host(&[("n".to_string(), net)].into());
         assert_eq!(by_host.len(), 2, "only hosts with an underlay are told");
-        assert_eq!(by_host["b"].networks[0].peers, vec!["10.9.0.1".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            by_host["b"].networks[0].peers,
+            vec!["10.9.0.1".parse::<Ipv4Addr>().unwrap()]
+        );
     }
 
     #[test]
     fn one_host_of_a_nat_network_with_the_bridge_driver_is_its_gateway_and_stays_it() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
-        let mut net = Network { name: "n".into(), subnet: "10.1.0.0/24".parse().unwrap(), vni: 7, owner: None, nat: true, dns: Vec::new(), created_unix_ms: 0 };
+        let mut net = Network {
+            name: "n".into(),
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            vni: 7,
+            owner: None,
+            nat: true,
+            dns: Vec::new(),
+            created_unix_ms: 0,
+        };
         let mut t = Topology {
             hosts: [("n".to_string(), names(&["a", "b", "u"]))].into(),
-            underlay: ["a", "b", "u"].iter().enumerate().map(|(i, h)| (h.to_string(), Ipv4Addr::new(10, 9, 0, i as u8 + 1))).collect(),
+            underlay: ["a", "b", "u"]
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (h.to_string(), Ipv4Addr::new(10, 9, 0, i as u8 + 1)))
+                .collect(),
             routers: names(&["a", "b"]),
             guest_mtu: 1500,
         };
         let gw = t.gateway(&net).expect("a gateway");
         assert!(gw == "a" || gw == "b", "{gw}: only bridge hosts route");
         let by_host = t.peers_by_host(&[("n".to_string(), net.clone())].into());
-        let told: Vec<&String> = by_host.iter().filter(|(_, p)| p.networks[0].gateway.is_some()).map(|(h, _)| h).collect();
+        let told: Vec<&String> = by_host
+            .iter()
+            .filter(|(_, p)| p.networks[0].gateway.is_some())
+            .map(|(h, _)| h)
+            .collect();
         assert_eq!(told, vec![&gw], "exactly the gateway is told, with the subnet");
         assert_eq!(by_host[&gw].networks[0].gateway, Some(net.subnet));
         // Hosts joining move the gateway only to a host that wins by the hash; the gateway

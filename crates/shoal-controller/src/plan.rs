@@ -32,7 +32,13 @@ pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<S
 
 /// The hosts with a marker key under `prefix`.
 async fn marked(ctl: &Controller, prefix: &str) -> ApiResult<std::collections::HashSet<String>> {
-    Ok(ctl.db.keys(prefix).await?.into_iter().filter_map(|k| k.strip_prefix(prefix).map(str::to_string)).collect())
+    Ok(ctl
+        .db
+        .keys(prefix)
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+        .collect())
 }
 
 /// Key marking a host as in maintenance: it keeps its VMs but takes nothing new.
@@ -236,7 +242,10 @@ pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
 /// refused before anything moves.
 pub(crate) async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync::MutexGuard<'_, ()>) -> ApiResult<()> {
     let hosts: Vec<db::HostRecord> = ctl.db.values("/hosts/").await?;
-    if let Some(m) = moves.iter().find(|m| hosts.iter().any(|h| h.name == m.from && h.driver.starts_with("qemu"))) {
+    if let Some(m) = moves
+        .iter()
+        .find(|m| hosts.iter().any(|h| h.name == m.from && h.driver.starts_with("qemu")))
+    {
         return Err(ApiError::Conflict(format!(
             "VM {} runs on QEMU host {}: moving it would restart it elsewhere without its disk (live \
              migration is not built yet); nothing was moved",
@@ -272,7 +281,10 @@ async fn wait_moved(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
         let vms: Vec<Vm> = ctl.db.vms().await?;
         let waiting: Vec<&Move> = moves
             .iter()
-            .filter(|m| !vms.iter().any(|v| v.name == m.vm && v.host == m.to && v.state == VmState::Running))
+            .filter(|m| {
+                !vms.iter()
+                    .any(|v| v.name == m.vm && v.host == m.to && v.state == VmState::Running)
+            })
             .collect();
         if waiting.is_empty() {
             return Ok(());

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shoal_model::agent::{EnsureVms, RemoveVms, VmSpec, VmStatus};
 use shoal_model::{
-    format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind,
-    OperationState, StepState, Vm, VmState,
+    format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind, OperationState, StepState, Vm,
+    VmState,
 };
 use shoal_store::{Compare, Op, Txn};
 use tokio::sync::watch;
@@ -156,7 +156,12 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
             continue;
         }
         let Some(l) = live.get(&v.value.host) else { continue };
-        if let Some(new) = l.vms.iter().find(|r| r.uuid == v.value.uuid).and_then(|r| applied(&v.value, r)) {
+        if let Some(new) = l
+            .vms
+            .iter()
+            .find(|r| r.uuid == v.value.uuid)
+            .and_then(|r| applied(&v.value, r))
+        {
             updates.push((v, new));
         }
     }
@@ -322,12 +327,7 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
             .collect();
         let ctl = ctl.clone();
         spawn_until_stopped(stop, async move {
-            let result = ctl
-                .agent(&address)
-                .remove(&RemoveVms {
-                    uuids: uuids.clone(),
-                })
-                .await;
+            let result = ctl.agent(&address).remove(&RemoveVms { uuids: uuids.clone() }).await;
             match result {
                 Ok(r) => {
                     let failed: HashSet<Uuid> = r.vms.iter().map(|v| v.uuid).collect();
@@ -403,7 +403,9 @@ async fn write_updates(ctl: &Controller, updates: &[(&Versioned<Vm>, Vm)]) -> Ap
             c.vms += 1;
         }
         let k = db::vm_key(&new.cluster, new.index);
-        txn = txn.when(Compare::ModRevision(k.clone(), old.mod_revision)).then(put(k, &new));
+        txn = txn
+            .when(Compare::ModRevision(k.clone(), old.mod_revision))
+            .then(put(k, &new));
     }
     txn = release_claims(ctl, txn, &freed).await?;
     ctl.db.store.txn(txn).await?;
@@ -569,7 +571,12 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
             OperationKind::ClusterDelete | OperationKind::ClusterScale if op.steps.len() == 1 => {
                 let left = vms.len() as u64;
                 let cluster_gone = !s.clusters.contains_key(&op.target);
-                set_execute(&mut new, total - left, total, format!("{} of {total} VMs removed", total - left));
+                set_execute(
+                    &mut new,
+                    total - left,
+                    total,
+                    format!("{} of {total} VMs removed", total - left),
+                );
                 if left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone) {
                     finish(&mut new, None);
                 }
@@ -617,9 +624,10 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                 let at = |v: &Vm| v.state == v.desired.target();
                 let done = vms.iter().filter(|v| at(&v.value)).count() as u64;
                 set_execute(&mut new, done, total, format!("{done} of {total} VMs done"));
-                let failure = if let Some(f) = vms.iter().find(|v| {
-                    v.value.state == VmState::Failed || (v.value.reason.is_some() && !at(&v.value))
-                }) {
+                let failure = if let Some(f) = vms
+                    .iter()
+                    .find(|v| v.value.state == VmState::Failed || (v.value.reason.is_some() && !at(&v.value)))
+                {
                     Some(format!(
                         "VM {} on host {}: {}",
                         f.value.name,
@@ -629,7 +637,11 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                 } else if vms.len() < op.vms.len() {
                     Some("VMs of the operation were deleted".to_string())
                 } else if timed_out && done < total {
-                    Some(format!("timed out after {:?} waiting for {}", ctl.config.operation_timeout, waiting(&at)))
+                    Some(format!(
+                        "timed out after {:?} waiting for {}",
+                        ctl.config.operation_timeout,
+                        waiting(&at)
+                    ))
                 } else {
                     None
                 };
@@ -699,7 +711,9 @@ async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<
             let mut vm = v.value.clone();
             vm.state = VmState::Deleting;
             let k = db::vm_key(&vm.cluster, vm.index);
-            txn = txn.when(Compare::ModRevision(k.clone(), v.mod_revision)).then(put(k, &vm));
+            txn = txn
+                .when(Compare::ModRevision(k.clone(), v.mod_revision))
+                .then(put(k, &vm));
         }
     }
     ctl.db.store.txn(txn).await?;
@@ -710,10 +724,17 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
     let busy: HashSet<&str> = s.ops.iter().map(|o| o.target.as_str()).collect();
     let mut counts: HashMap<&str, HashMap<VmState, u32>> = HashMap::new();
     for v in &s.vms {
-        *counts.entry(v.value.cluster.as_str()).or_default().entry(v.value.state).or_default() += 1;
+        *counts
+            .entry(v.value.cluster.as_str())
+            .or_default()
+            .entry(v.value.state)
+            .or_default() += 1;
         // A VM operation keeps its cluster converging too.
         if busy.contains(v.value.name.as_str()) {
-            counts.entry(v.value.cluster.as_str()).or_default().insert(VmState::Pending, 1);
+            counts
+                .entry(v.value.cluster.as_str())
+                .or_default()
+                .insert(VmState::Pending, 1);
         }
     }
     for c in s.clusters.values() {
@@ -734,7 +755,11 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
             ClusterState::Stopped
         } else if all(VmState::Suspended) {
             ClusterState::Suspended
-        } else if n.keys().all(|st| matches!(st, VmState::Running | VmState::Stopped | VmState::Suspended)) && total == c.value.size {
+        } else if n
+            .keys()
+            .all(|st| matches!(st, VmState::Running | VmState::Stopped | VmState::Suspended))
+            && total == c.value.size
+        {
             // Some VMs stopped or suspended on their own request: not all is running.
             ClusterState::Degraded
         } else {

@@ -30,7 +30,12 @@ async fn deploys_a_cluster_with_fresh_identities_in_four_steps() {
     for vm in &vms {
         assert_eq!(vm.state, VmState::Running);
         assert_eq!(vm.name, format!("web-{}", vm.index));
-        assert!(c.cluster.subnet.contains(vm.ip), "{} outside {}", vm.ip, c.cluster.subnet);
+        assert!(
+            c.cluster.subnet.contains(vm.ip),
+            "{} outside {}",
+            vm.ip,
+            c.cluster.subnet
+        );
         assert_ne!(vm.ip, c.cluster.subnet.gateway());
         assert!(vm.mac.to_string().starts_with("52:54:00:"));
         names.insert(vm.name.clone());
@@ -56,14 +61,26 @@ async fn deploys_a_cluster_with_fresh_identities_in_four_steps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pack_fills_hosts_and_anti_affinity_spreads_one_per_host() {
-    let h = Harness::start(Opts { hosts: 4, cpus: 4, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 4,
+        cpus: 4,
+        ..Default::default()
+    })
+    .await;
     h.template("t").await;
     h.profile("p", "t", 1, "256MiB").await;
     let mut req = cluster("packed", "p", 6);
     req.placement = Placement::Pack;
     let op = h.client.create_cluster(&req).await.unwrap();
     h.client.wait(op.id, |_| {}).await.unwrap();
-    let used: HashSet<String> = h.client.vms(Some("packed")).await.unwrap().into_iter().map(|v| v.host).collect();
+    let used: HashSet<String> = h
+        .client
+        .vms(Some("packed"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.host)
+        .collect();
     assert_eq!(used.len(), 2, "pack should use 2 hosts of 4 vCPU for 6 VMs: {used:?}");
 
     // One host is now full: three can take a VM each.
@@ -71,19 +88,34 @@ async fn pack_fills_hosts_and_anti_affinity_spreads_one_per_host() {
     req.anti_affinity = AntiAffinity::Host;
     let op = h.client.create_cluster(&req).await.unwrap();
     h.client.wait(op.id, |_| {}).await.unwrap();
-    let used: HashSet<String> = h.client.vms(Some("aa")).await.unwrap().into_iter().map(|v| v.host).collect();
+    let used: HashSet<String> = h
+        .client
+        .vms(Some("aa"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.host)
+        .collect();
     assert_eq!(used.len(), 3);
 
     let mut req = cluster("aa2", "p", 4);
     req.anti_affinity = AntiAffinity::Host;
     let e = h.client.create_cluster(&req).await.unwrap_err();
     assert_eq!(e.code(), Some("insufficient_capacity"));
-    assert!(e.to_string().contains("anti-affinity by host: needs 4 hosts") && e.to_string().contains("only 3 have"), "{e}");
+    assert!(
+        e.to_string().contains("anti-affinity by host: needs 4 hosts") && e.to_string().contains("only 3 have"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_larger_than_free_capacity_creates_nothing() {
-    let h = Harness::start(Opts { hosts: 4, cpus: 4, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 4,
+        cpus: 4,
+        ..Default::default()
+    })
+    .await;
     h.template("t").await;
     h.profile("p", "t", 2, "512MiB").await;
     let before_ipam = h.keys("/ipam/").await;
@@ -100,7 +132,12 @@ async fn a_cluster_larger_than_free_capacity_creates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_never_overcommit() {
-    let h = Harness::start(Opts { hosts: 3, cpus: 4, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 3,
+        cpus: 4,
+        ..Default::default()
+    })
+    .await;
     h.template("t").await;
     h.profile("p", "t", 1, "256MiB").await;
     // 12 vCPU in all; eight requests of 5 each: at most two can fit.
@@ -135,7 +172,9 @@ async fn scale_up_down_and_delete_free_everything() {
     assert_eq!(grown.len(), 6);
     // Existing VMs keep their identity.
     for vm in &first {
-        assert!(grown.iter().any(|g| g.uuid == vm.uuid && g.ip == vm.ip && g.mac == vm.mac));
+        assert!(grown
+            .iter()
+            .any(|g| g.uuid == vm.uuid && g.ip == vm.ip && g.mac == vm.mac));
     }
 
     let op = h.client.scale_cluster("web", 2).await.unwrap();
@@ -144,14 +183,23 @@ async fn scale_up_down_and_delete_free_everything() {
     let names: Vec<&str> = shrunk.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["web-0", "web-1"]);
     assert_eq!(h.keys("/ipam/ips/").await.len(), 2);
-    assert_eq!(h.client.hosts().await.unwrap().iter().map(|x| x.used_cpus).sum::<u32>(), 2);
+    assert_eq!(
+        h.client.hosts().await.unwrap().iter().map(|x| x.used_cpus).sum::<u32>(),
+        2
+    );
 
     let op = h.client.delete_cluster("web").await.unwrap();
     h.client.wait(op.id, |_| {}).await.unwrap();
     assert_eq!(h.client.cluster("web").await.unwrap_err().status(), Some(404));
     assert!(h.keys("/ipam/").await.is_empty(), "{:?}", h.keys("/ipam/").await);
     assert!(h.keys("/vms/").await.is_empty());
-    assert!(h.client.hosts().await.unwrap().iter().all(|x| x.used_cpus == 0 && x.vms == 0));
+    assert!(h
+        .client
+        .hosts()
+        .await
+        .unwrap()
+        .iter()
+        .all(|x| x.used_cpus == 0 && x.vms == 0));
     // The agents no longer run anything.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for a in h.agents.iter().flatten() {
@@ -196,10 +244,20 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
     assert!(e.to_string().contains("invalid size \"12XB\""), "{e}");
     bad.memory = Some("1GiB".into());
     bad.cpus = Some(0);
-    assert!(c.create_profile(&bad).await.unwrap_err().to_string().contains("invalid cpus 0"));
+    assert!(c
+        .create_profile(&bad)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("invalid cpus 0"));
     bad.cpus = Some(1);
     bad.parent = Some("nope".into());
-    assert!(c.create_profile(&bad).await.unwrap_err().to_string().contains("parent profile \"nope\" not found"));
+    assert!(c
+        .create_profile(&bad)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("parent profile \"nope\" not found"));
     bad.parent = None;
     bad.name = "p".into();
     let e = c.create_profile(&bad).await.unwrap_err();
@@ -207,17 +265,32 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
 
     let f = h.dir.path().join("x.img");
     std::fs::write(&f, b"x").unwrap();
-    let e = c.import_template("t", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
+    let e = c
+        .import_template("t", &shoal_client::TemplateFiles::disk(&f))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some("already_exists"));
-    let e = c.import_template("Bad", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
+    let e = c
+        .import_template("Bad", &shoal_client::TemplateFiles::disk(&f))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some("invalid"));
     std::fs::write(&f, b"").unwrap();
-    let e = c.import_template("empty", &shoal_client::TemplateFiles::disk(&f)).await.unwrap_err();
+    let e = c
+        .import_template("empty", &shoal_client::TemplateFiles::disk(&f))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
 
-    assert_eq!(h.controller().db.store.revision().await.unwrap(), rev, "a refused request wrote to the store");
+    assert_eq!(
+        h.controller().db.store.revision().await.unwrap(),
+        rev,
+        "a refused request wrote to the store"
+    );
     // Nothing stray in the template directory (disks go to the image store) nor in the store.
-    let files: Vec<_> = std::fs::read_dir(h.config.data_dir.join("templates")).unwrap().collect();
+    let files: Vec<_> = std::fs::read_dir(h.config.data_dir.join("templates"))
+        .unwrap()
+        .collect();
     assert_eq!(files.len(), 0, "{files:?}");
     let refs = h.controller().images.refs().unwrap();
     assert_eq!(refs.keys().collect::<Vec<_>>(), vec!["template/t"], "{refs:?}");
@@ -242,7 +315,10 @@ async fn in_use_profiles_and_templates_cannot_be_deleted() {
 
     let e = h.client.delete_template("t").await.unwrap_err();
     assert_eq!(e.code(), Some("in_use"));
-    assert!(e.to_string().contains("profiles [p]") && e.to_string().contains("clusters [web]"), "{e}");
+    assert!(
+        e.to_string().contains("profiles [p]") && e.to_string().contains("clusters [web]"),
+        "{e}"
+    );
     let e = h.client.delete_profile("p").await.unwrap_err();
     assert!(e.to_string().contains("child profiles [child]"), "{e}");
     let e = h.client.delete_profile("child").await.unwrap_err();
@@ -254,7 +330,9 @@ async fn in_use_profiles_and_templates_cannot_be_deleted() {
     h.client.delete_profile("p").await.unwrap();
     h.client.delete_template("t").await.unwrap();
     assert!(h.client.templates().await.unwrap().is_empty());
-    let files: Vec<_> = std::fs::read_dir(h.config.data_dir.join("templates")).unwrap().collect();
+    let files: Vec<_> = std::fs::read_dir(h.config.data_dir.join("templates"))
+        .unwrap()
+        .collect();
     assert!(files.is_empty(), "template file left behind: {files:?}");
 }
 
@@ -277,7 +355,10 @@ async fn vms_of_a_host_that_vanishes_mid_deployment_are_placed_elsewhere() {
     assert_eq!(op.state, OperationState::Succeeded);
     let vms = h.client.vms(Some("web")).await.unwrap();
     assert_eq!(vms.len(), 6);
-    assert!(vms.iter().all(|v| v.state == VmState::Running && v.host != "host1"), "{vms:?}");
+    assert!(
+        vms.iter().all(|v| v.state == VmState::Running && v.host != "host1"),
+        "{vms:?}"
+    );
     let hosts = h.client.hosts().await.unwrap();
     let h1 = hosts.iter().find(|x| x.name == "host1").unwrap();
     assert_eq!(h1.state, shoal_model::HostState::Down);
@@ -302,16 +383,30 @@ async fn a_deployment_that_cannot_finish_is_rolled_back_without_leaks() {
     h.agents[0].take().unwrap().kill();
     let e = h.client.wait(op.id, |_| {}).await.unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("went down before the VM started") && msg.contains("rolled back"), "{msg}");
+    assert!(
+        msg.contains("went down before the VM started") && msg.contains("rolled back"),
+        "{msg}"
+    );
     // The rollback removes every VM and then the cluster itself.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while h.client.cluster("web").await.is_ok() {
         assert!(tokio::time::Instant::now() < deadline, "cluster not rolled back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(h.keys("/ipam/").await.is_empty(), "leaked: {:?}", h.keys("/ipam/").await);
+    assert!(
+        h.keys("/ipam/").await.is_empty(),
+        "leaked: {:?}",
+        h.keys("/ipam/").await
+    );
     assert!(h.keys("/vms/").await.is_empty());
-    let alive = h.client.hosts().await.unwrap().into_iter().find(|x| x.name == "host2").unwrap();
+    let alive = h
+        .client
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|x| x.name == "host2")
+        .unwrap();
     assert_eq!((alive.used_cpus, alive.vms), (0, 0));
     // And the surviving host runs nothing.
     let a = h.agents[1].as_ref().unwrap();
@@ -353,19 +448,35 @@ async fn a_controller_restart_mid_deployment_finishes_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_anti_affinity_puts_one_vm_per_zone_and_names_the_rule_when_zones_run_out() {
-    let h = Harness::start(Opts { hosts: 4, zones: 2, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 4,
+        zones: 2,
+        ..Default::default()
+    })
+    .await;
     h.template("debian").await;
     h.profile("small", "debian", 1, "512MiB").await;
     let hosts = h.client.hosts().await.unwrap();
-    assert!(hosts.iter().all(|x| x.labels.contains_key("zone")), "hosts register their labels: {hosts:?}");
-    let zone_of: std::collections::HashMap<String, String> =
-        hosts.iter().map(|x| (x.name.clone(), x.labels["zone"].clone())).collect();
+    assert!(
+        hosts.iter().all(|x| x.labels.contains_key("zone")),
+        "hosts register their labels: {hosts:?}"
+    );
+    let zone_of: std::collections::HashMap<String, String> = hosts
+        .iter()
+        .map(|x| (x.name.clone(), x.labels["zone"].clone()))
+        .collect();
     let mut req = cluster("ha", "small", 2);
     req.anti_affinity = AntiAffinity::Zone;
     let op = h.client.create_cluster(&req).await.unwrap();
     h.client.wait(op.id, |_| {}).await.unwrap();
-    let zones: HashSet<String> =
-        h.client.vms(Some("ha")).await.unwrap().iter().map(|v| zone_of[&v.host].clone()).collect();
+    let zones: HashSet<String> = h
+        .client
+        .vms(Some("ha"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| zone_of[&v.host].clone())
+        .collect();
     assert_eq!(zones.len(), 2, "one VM per zone");
     // A third VM has no zone left: refused, naming the rule; nothing created.
     let rev = h.controller().db.store.revision().await.unwrap();
@@ -379,8 +490,17 @@ async fn zone_anti_affinity_puts_one_vm_per_zone_and_names_the_rule_when_zones_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
     // Two hosts of 4 vCPU: 2x CPU overcommit less 1 reserved vCPU makes 7 placeable on each.
-    let h = Harness::start(Opts { hosts: 2, cpus: 4, allocation: shoal_model::Allocation {
-        cpu_overcommit: 2.0, reserved_cpus: 1, ..Default::default() }, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 2,
+        cpus: 4,
+        allocation: shoal_model::Allocation {
+            cpu_overcommit: 2.0,
+            reserved_cpus: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
     h.template("t").await;
     h.profile("p", "t", 1, "256MiB").await;
     let op = h.client.create_cluster(&cluster("fourteen", "p", 14)).await.unwrap();
@@ -388,7 +508,12 @@ async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
     let e = h.client.create_cluster(&cluster("one-more", "p", 1)).await.unwrap_err();
     assert!(e.to_string().contains("vCPU"), "{e}");
     let hosts = h.client.hosts().await.unwrap();
-    assert!(hosts.iter().all(|x| x.allocation.cpu_overcommit == 2.0 && x.allocation.reserved_cpus == 1), "{hosts:?}");
+    assert!(
+        hosts
+            .iter()
+            .all(|x| x.allocation.cpu_overcommit == 2.0 && x.allocation.reserved_cpus == 1),
+        "{hosts:?}"
+    );
     // A host claiming nonsense is refused when it registers.
     let bad = shoal_model::agent::RegisterRequest {
         name: "odd".into(),
@@ -398,7 +523,10 @@ async fn overcommit_and_reservations_registered_by_hosts_bound_placement() {
         memory_mib: 1024,
         join_token: None,
         labels: Default::default(),
-        allocation: shoal_model::Allocation { cpu_overcommit: 0.5, ..Default::default() },
+        allocation: shoal_model::Allocation {
+            cpu_overcommit: 0.5,
+            ..Default::default()
+        },
         underlay_ip: None,
         underlay_port: None,
         network_driver: None,

@@ -17,7 +17,11 @@ fn disk(path: &Path, mib: usize, seed: u64) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if (i / 64) % 2 == 0 { (x as u8) & 0x0f } else { x as u8 }
+            if (i / 64) % 2 == 0 {
+                (x as u8) & 0x0f
+            } else {
+                x as u8
+            }
         })
         .collect();
     d[510] = 0x55;
@@ -33,7 +37,11 @@ fn local(dir: &Path, file: &Path) -> (Arc<ImageStore>, ManifestId) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_send_only_missing_chunks_and_refuse_tampering() {
-    let h = Harness::start(Opts { hosts: 1, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 1,
+        ..Default::default()
+    })
+    .await;
     let d = h.dir.path();
     disk(&d.join("a.raw"), 4, 1);
     let (store, id) = local(&d.join("cache"), &d.join("a.raw"));
@@ -49,15 +57,31 @@ async fn uploads_send_only_missing_chunks_and_refuse_tampering() {
     assert!(e.to_string().contains("missing"), "{e}");
     // A batch with one tampered blob is refused whole.
     let m = store.manifest(&id).unwrap();
-    let some: Vec<_> = m.chunks().take(8).map(|c| (c.1, store.get_blob(&c.1).unwrap().unwrap())).collect();
+    let some: Vec<_> = m
+        .chunks()
+        .take(8)
+        .map(|c| (c.1, store.get_blob(&c.1).unwrap().unwrap()))
+        .collect();
     let mut bad = some.clone();
     let last = bad.len() - 1;
     bad[last].1[10] ^= 0xff;
-    let e = h.client.upload_chunks(None, wire::encode_batch(&bad)).await.unwrap_err();
+    let e = h
+        .client
+        .upload_chunks(None, wire::encode_batch(&bad))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some("invalid"), "{e}");
-    let e = h.client.upload_chunks(None, wire::encode_batch(&some)[..100].to_vec()).await.unwrap_err();
+    let e = h
+        .client
+        .upload_chunks(None, wire::encode_batch(&some)[..100].to_vec())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("cut short"), "{e}");
-    assert_eq!(h.client.image_stats().await.unwrap().chunks, 0, "refused uploads stored nothing");
+    assert_eq!(
+        h.client.image_stats().await.unwrap().chunks,
+        0,
+        "refused uploads stored nothing"
+    );
 
     // The real thing: everything once, nothing the second time.
     let first = h.client.push_image(None, store.clone(), id, &|_, _| {}).await.unwrap();
@@ -74,14 +98,23 @@ async fn uploads_send_only_missing_chunks_and_refuse_tampering() {
     let mut b = std::fs::read(d.join("a.raw")).unwrap();
     b[(1 << 20)..(1 << 20) + 8192].fill(0x42);
     std::fs::write(d.join("b.raw"), &b).unwrap();
-    let idb = store.import_path(&d.join("b.raw"), &ImportOptions::default()).unwrap().manifest;
+    let idb = store
+        .import_path(&d.join("b.raw"), &ImportOptions::default())
+        .unwrap()
+        .manifest;
     let t2 = h.client.push_image(None, store.clone(), idb, &|_, _| {}).await.unwrap();
-    assert!(t2.chunks_sent <= 2, "{} chunks sent for one changed 8 KiB", t2.chunks_sent);
+    assert!(
+        t2.chunks_sent <= 2,
+        "{} chunks sent for one changed 8 KiB",
+        t2.chunks_sent
+    );
 
     // A pull into another store writes back the very same bytes.
     let other = Arc::new(ImageStore::open(&d.join("other")).unwrap());
     h.client.pull_image(None, other.clone(), idb, &|_, _| {}).await.unwrap();
-    other.export(&idb, &d.join("b.out"), shoal_image::ImageFormat::Raw, None).unwrap();
+    other
+        .export(&idb, &d.join("b.out"), shoal_image::ImageFormat::Raw, None)
+        .unwrap();
     assert_eq!(std::fs::read(d.join("b.out")).unwrap(), b);
 
     // Deleting the template and collecting garbage frees what only it used.
@@ -95,7 +128,11 @@ async fn uploads_send_only_missing_chunks_and_refuse_tampering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locality_is_the_share_of_a_template_a_host_already_holds() {
-    let h = Harness::start(Opts { hosts: 1, ..Default::default() }).await;
+    let h = Harness::start(Opts {
+        hosts: 1,
+        ..Default::default()
+    })
+    .await;
     let d = h.dir.path();
     disk(&d.join("a.raw"), 4, 7);
     let mut b = std::fs::read(d.join("a.raw")).unwrap();
@@ -104,7 +141,10 @@ async fn locality_is_the_share_of_a_template_a_host_already_holds() {
     b[half..].copy_from_slice(&noise);
     std::fs::write(d.join("b.raw"), &b).unwrap();
     let (store, a) = local(&d.join("cache"), &d.join("a.raw"));
-    let bid = store.import_path(&d.join("b.raw"), &ImportOptions::default()).unwrap().manifest;
+    let bid = store
+        .import_path(&d.join("b.raw"), &ImportOptions::default())
+        .unwrap()
+        .manifest;
     for id in [a, bid] {
         h.client.push_image(None, store.clone(), id, &|_, _| {}).await.unwrap();
     }
@@ -117,5 +157,8 @@ async fn locality_is_the_share_of_a_template_a_host_already_holds() {
     assert!(!la.contains_key("holds-nothing"));
     let lb = shoal_controller::locality::image_locality(&ctl, bid).await;
     let share = lb["holds-a"];
-    assert!((0.4..0.6).contains(&share), "b shares half its bytes with a, locality says {share}");
+    assert!(
+        (0.4..0.6).contains(&share),
+        "b shares half its bytes with a, locality says {share}"
+    );
 }

@@ -43,9 +43,15 @@ fn every_route_is_documented() {
         ("/v1/agents/register", "post"),
         ("/v1/agents/{name}/heartbeat", "post"),
     ] {
-        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} undocumented");
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} undocumented"
+        );
     }
     for schema in ["Vm", "Host", "Operation", "ErrorBody", "ClusterView"] {
-        assert!(doc["components"]["schemas"].get(schema).is_some(), "schema {schema} missing");
+        assert!(
+            doc["components"]["schemas"].get(schema).is_some(),
+            "schema {schema} missing"
+        );
     }
 }

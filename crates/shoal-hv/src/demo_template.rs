@@ -107,10 +107,7 @@ pub enum DemoError {
     )]
     NoModules { version: String, dir: PathBuf },
     #[error("kernel module {module} is neither in {} nor built in", modules_dep.display())]
-    MissingModule {
-        module: String,
-        modules_dep: PathBuf,
-    },
+    MissingModule { module: String, modules_dep: PathBuf },
     #[error("cannot extract vmlinux from {}: {reason}", path.display())]
     Kernel { path: PathBuf, reason: String },
     #[error("busybox-static not installed ({} missing or not static)", path.display())]
@@ -141,10 +138,7 @@ pub fn build_demo_template(out_dir: &Path) -> Result<DemoTemplate, DemoError> {
 }
 
 /// [`build_demo_template`] with explicit inputs.
-pub fn build_demo_template_from(
-    sources: &DemoSources,
-    out_dir: &Path,
-) -> Result<DemoTemplate, DemoError> {
+pub fn build_demo_template_from(sources: &DemoSources, out_dir: &Path) -> Result<DemoTemplate, DemoError> {
     // Check everything that can be missing before the slow steps.
     let busybox = check_static_busybox(&sources.busybox)?;
     let kernel = find_kernel(&sources.boot_dir, &sources.modules_root)?;
@@ -399,10 +393,7 @@ fn module_name(rel_path: &str) -> &str {
 /// The modules in `wanted` plus their dependencies, ordered so that every module comes after the
 /// modules it depends on (from `modules_dir/modules.dep`). Modules listed in `modules.builtin` are
 /// left out.
-pub fn module_load_order(
-    modules_dir: &Path,
-    wanted: &[&str],
-) -> Result<Vec<KernelModule>, DemoError> {
+pub fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<KernelModule>, DemoError> {
     let dep_path = modules_dir.join("modules.dep");
     let dep_text = std::fs::read_to_string(&dep_path).map_err(io_err(&dep_path))?;
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
@@ -411,14 +402,8 @@ pub fn module_load_order(
             continue;
         };
         let module = module.trim();
-        let requires = rest
-            .split_whitespace()
-            .map(|d| module_key(module_name(d)))
-            .collect();
-        deps.insert(
-            module_key(module_name(module)),
-            (module.to_string(), requires),
-        );
+        let requires = rest.split_whitespace().map(|d| module_key(module_name(d))).collect();
+        deps.insert(module_key(module_name(module)), (module.to_string(), requires));
     }
     let builtin: BTreeSet<String> = std::fs::read_to_string(modules_dir.join("modules.builtin"))
         .unwrap_or_default()
@@ -465,14 +450,7 @@ pub fn module_load_order(
                 modules_dep: dep_path,
             });
         }
-        visit(
-            &key,
-            &deps,
-            modules_dir,
-            &mut done,
-            &mut Vec::new(),
-            &mut order,
-        );
+        visit(&key, &deps, modules_dir, &mut done, &mut Vec::new(), &mut order);
     }
     Ok(order)
 }
@@ -627,12 +605,7 @@ fn build_initramfs(busybox: &[u8], modules: &[KernelModule]) -> Result<Vec<u8>, 
 
 // --- root filesystem ------------------------------------------------------------------------------
 
-fn build_rootfs_image(
-    busybox_path: &Path,
-    busybox: &[u8],
-    out_dir: &Path,
-    disk: &Path,
-) -> Result<(), DemoError> {
+fn build_rootfs_image(busybox_path: &Path, busybox: &[u8], out_dir: &Path, disk: &Path) -> Result<(), DemoError> {
     let staging = out_dir.join(".demo-rootfs");
     remove_path(&staging)?;
     let result = stage_rootfs(busybox_path, busybox, &staging).and_then(|()| {
@@ -698,11 +671,7 @@ fn stage_rootfs(busybox_path: &Path, busybox: &[u8], root: &Path) -> Result<(), 
     )?;
     for applet in String::from_utf8_lossy(&list).lines() {
         let applet = applet.trim().trim_start_matches('/');
-        if applet.is_empty()
-            || applet == "sbin/init"
-            || applet == "linuxrc"
-            || applet.contains("..")
-        {
+        if applet.is_empty() || applet == "sbin/init" || applet == "linuxrc" || applet.contains("..") {
             continue;
         }
         let link = root.join(applet);
@@ -775,19 +744,10 @@ fn find_tool(tool: &str) -> PathBuf {
 }
 
 /// Runs `tool args...`, feeding it `stdin`, and returns its stdout.
-fn run_tool(
-    tool: &str,
-    args: &[&str],
-    package: &str,
-    stdin: Option<&[u8]>,
-) -> Result<Vec<u8>, DemoError> {
+fn run_tool(tool: &str, args: &[&str], package: &str, stdin: Option<&[u8]>) -> Result<Vec<u8>, DemoError> {
     let mut child = Command::new(find_tool(tool))
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -844,28 +804,14 @@ mod tests {
 
     #[test]
     fn versions_sort_numerically() {
-        let mut v = vec![
-            "6.1.0-9-cloud-amd64",
-            "6.1.0-56-cloud-amd64",
-            "5.10.0-30-amd64",
-        ];
+        let mut v = vec!["6.1.0-9-cloud-amd64", "6.1.0-56-cloud-amd64", "5.10.0-30-amd64"];
         v.sort_by_key(|v| version_key(v));
-        assert_eq!(
-            v,
-            [
-                "5.10.0-30-amd64",
-                "6.1.0-9-cloud-amd64",
-                "6.1.0-56-cloud-amd64"
-            ]
-        );
+        assert_eq!(v, ["5.10.0-30-amd64", "6.1.0-9-cloud-amd64", "6.1.0-56-cloud-amd64"]);
     }
 
     #[test]
     fn module_names() {
-        assert_eq!(
-            module_name("kernel/fs/nls/nls_iso8859-1.ko"),
-            "nls_iso8859-1"
-        );
+        assert_eq!(module_name("kernel/fs/nls/nls_iso8859-1.ko"), "nls_iso8859-1");
         assert_eq!(module_name("kernel/fs/fat/vfat.ko.xz"), "vfat");
         assert_eq!(module_key("nls_iso8859-1"), "nls_iso8859_1");
     }

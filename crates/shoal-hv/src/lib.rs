@@ -101,7 +101,9 @@ pub trait TemplateSource: Send + Sync + 'static {
     /// a raw image, fetching only the chunks this host lacks; every chunk is verified on arrival.
     async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
         let _ = dest;
-        Err(format!("template {template}: image {manifest} is in an image store this host cannot reach"))
+        Err(format!(
+            "template {template}: image {manifest} is in an image store this host cannot reach"
+        ))
     }
 
     /// Images (manifest ids, hex) this host's cache holds whole.

@@ -61,9 +61,12 @@ impl SimLoad {
             let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
             let mut samples = Vec::new();
             for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let v: f64 = l.trim().parse().ok().filter(|v| (0.0..=100.0).contains(v)).ok_or_else(|| {
-                    format!("{} line {}: {:?} is not a CPU percentage", f.display(), i + 1, l.trim())
-                })?;
+                let v: f64 = l
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|v| (0.0..=100.0).contains(v))
+                    .ok_or_else(|| format!("{} line {}: {:?} is not a CPU percentage", f.display(), i + 1, l.trim()))?;
                 samples.push(v / 100.0);
             }
             if !samples.is_empty() {
@@ -85,7 +88,9 @@ impl SimLoad {
             SimLoad::Constant(f) => f.clamp(0.0, 1.0),
             SimLoad::Trace { traces, step } => {
                 // FNV-1a: stable across runs and platforms.
-                let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                let h = name
+                    .bytes()
+                    .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
                 let t = &traces[(h % traces.len() as u64) as usize];
                 t[(elapsed.as_nanos() / step.as_nanos().max(1)) as usize % t.len()]
             }
@@ -152,7 +157,11 @@ impl SimDriver {
                 }
                 continue;
             }
-            let m = meters.entry(v.uuid).or_insert(Meter { cpus: 1, cpu_seconds: 0.0, at: now });
+            let m = meters.entry(v.uuid).or_insert(Meter {
+                cpus: 1,
+                cpu_seconds: 0.0,
+                at: now,
+            });
             let share = self.load.at(&v.name, now.duration_since(self.started));
             m.cpu_seconds += share * m.cpus as f64 * now.duration_since(m.at).as_secs_f64();
             m.at = now;
@@ -211,8 +220,16 @@ impl Hypervisor for SimDriver {
         let status = status.clone();
         self.persist(&vms).await?;
         let now = Instant::now();
-        self.meters.lock().expect("meters").entry(spec.uuid).or_insert(Meter { cpus: 0, cpu_seconds: 0.0, at: now }).cpus =
-            spec.cpus;
+        self.meters
+            .lock()
+            .expect("meters")
+            .entry(spec.uuid)
+            .or_insert(Meter {
+                cpus: 0,
+                cpu_seconds: 0.0,
+                at: now,
+            })
+            .cpus = spec.cpus;
         Ok(status)
     }
 
@@ -285,7 +302,11 @@ mod tests {
         let st = d.ensure(&stopped).await.unwrap();
         assert_eq!((st.state, st.seq), (VmState::Stopped, 2));
         stopped.power = Power::Suspended;
-        assert_eq!(d.ensure(&stopped).await.unwrap().state, VmState::Stopped, "a stopped VM cannot be suspended");
+        assert_eq!(
+            d.ensure(&stopped).await.unwrap().state,
+            VmState::Stopped,
+            "a stopped VM cannot be suspended"
+        );
         assert_eq!(d.ensure(&s).await.unwrap().state, VmState::Running);
         drop(d);
         let d = SimDriver::open(dir.path(), Duration::ZERO).unwrap();

@@ -11,16 +11,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_hv::demo_template::{
-    build_demo_template, build_demo_template_from, extract_vmlinux, module_load_order, DemoError,
-    DemoSources, DemoTemplate, DEMO_CMDLINE, DEMO_MODULES,
+    build_demo_template, build_demo_template_from, extract_vmlinux, module_load_order, DemoError, DemoSources,
+    DemoTemplate, DEMO_CMDLINE, DEMO_MODULES,
 };
 
 const MAC: &str = "52:54:00:ab:cd:ef";
 
 fn build(dir: &Path) -> (DemoTemplate, Duration) {
     let started = Instant::now();
-    let template =
-        build_demo_template(dir).unwrap_or_else(|e| panic!("building the demo template: {e}"));
+    let template = build_demo_template(dir).unwrap_or_else(|e| panic!("building the demo template: {e}"));
     (template, started.elapsed())
 }
 
@@ -41,35 +40,21 @@ fn read_cpio(archive: &[u8]) -> BTreeMap<String, CpioEntry> {
         let h = &archive[pos..pos + 110];
         assert_eq!(&h[..6], b"070701", "newc magic at offset {pos}");
         let field = |i: usize| hex(&h[6 + i * 8..14 + i * 8]);
-        let (mode, size, rdev, namesize) = (
-            field(1),
-            field(6) as usize,
-            (field(9), field(10)),
-            field(11) as usize,
-        );
+        let (mode, size, rdev, namesize) = (field(1), field(6) as usize, (field(9), field(10)), field(11) as usize);
         let name_start = pos + 110;
         let name = std::str::from_utf8(&archive[name_start..name_start + namesize - 1])
             .unwrap()
             .to_string();
-        assert_eq!(
-            archive[name_start + namesize - 1],
-            0,
-            "NUL after the name {name}"
-        );
+        assert_eq!(archive[name_start + namesize - 1], 0, "NUL after the name {name}");
         let data_start = align(name_start + namesize);
         let data = archive[data_start..data_start + size].to_vec();
         pos = align(data_start + size);
         if name == "TRAILER!!!" {
-            assert!(
-                archive[pos..].iter().all(|&b| b == 0),
-                "only padding after the trailer"
-            );
+            assert!(archive[pos..].iter().all(|&b| b == 0), "only padding after the trailer");
             return entries;
         }
         assert!(
-            entries
-                .insert(name.clone(), CpioEntry { mode, rdev, data })
-                .is_none(),
+            entries.insert(name.clone(), CpioEntry { mode, rdev, data }).is_none(),
             "{name} twice"
         );
     }
@@ -130,16 +115,10 @@ fn builds_a_demo_template_in_seconds() {
     eprintln!("module load order: {}", order.join(" "));
     for m in &order {
         let ko = &cpio[&format!("lib/modules/{m}.ko")];
-        assert!(
-            ko.data.starts_with(b"\x7fELF"),
-            "{m}.ko is not an ELF object"
-        );
+        assert!(ko.data.starts_with(b"\x7fELF"), "{m}.ko is not an ELF object");
     }
     for wanted in DEMO_MODULES {
-        assert!(
-            order.iter().any(|m| m == wanted),
-            "{wanted} missing from the initramfs"
-        );
+        assert!(order.iter().any(|m| m == wanted), "{wanted} missing from the initramfs");
     }
     let at = |m: &str| {
         order
@@ -161,19 +140,12 @@ fn builds_a_demo_template_in_seconds() {
         .find(|p| p.join("modules.dep").exists())
         .expect("a /lib/modules/<version>/modules.dep");
     let computed = module_load_order(&version, DEMO_MODULES).unwrap();
-    assert_eq!(
-        computed.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
-        order
-    );
+    assert_eq!(computed.iter().map(|m| m.name.clone()).collect::<Vec<_>>(), order);
 
     // Disk: 64 MiB raw ext4 (superblock magic 0xEF53 at 1080) labelled shoal-demo.
     let disk = std::fs::read(&t.disk).unwrap();
     assert_eq!(disk.len(), 64 << 20);
-    assert_eq!(
-        u16::from_le_bytes([disk[1080], disk[1081]]),
-        0xEF53,
-        "not ext4"
-    );
+    assert_eq!(u16::from_le_bytes([disk[1080], disk[1081]]), 0xEF53, "not ext4");
     assert_eq!(&disk[1024 + 120..1024 + 130], b"shoal-demo");
 
     // Building again into the same directory replaces the files.
@@ -246,11 +218,7 @@ fn errors_name_the_missing_piece() {
 
     // A module the kernel does not have.
     std::fs::create_dir_all(modules.join("9.9.9-test")).unwrap();
-    std::fs::write(
-        modules.join("9.9.9-test/modules.dep"),
-        "kernel/fs/fat/fat.ko:\n",
-    )
-    .unwrap();
+    std::fs::write(modules.join("9.9.9-test/modules.dep"), "kernel/fs/fat/fat.ko:\n").unwrap();
     let e = module_load_order(&modules.join("9.9.9-test"), &["fat", "vfat"]).unwrap_err();
     assert!(
         e.to_string().contains("vfat") && e.to_string().contains("modules.dep"),
@@ -279,9 +247,7 @@ fn tool(tool: &str, package: &str) -> PathBuf {
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{tool} not found: this test needs it (install the {package} package)")
-        })
+        .unwrap_or_else(|| panic!("{tool} not found: this test needs it (install the {package} package)"))
 }
 
 fn run(cmd: &mut Command) {
@@ -350,18 +316,16 @@ impl Qemu {
         let console = dir.join("console.log");
         let qmp = dir.join("qmp.sock");
         let mut cmd = Command::new(qemu);
-        cmd.args([
-            "-machine", "pc", "-accel", "tcg", "-m", "128", "-display", "none",
-        ])
-        .args(["-no-reboot", "-nodefaults"])
-        .arg("-kernel")
-        .arg(&t.kernel)
-        .arg("-initrd")
-        .arg(&t.initrd)
-        .arg("-append")
-        .arg(&t.cmdline)
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", overlay.display()));
+        cmd.args(["-machine", "pc", "-accel", "tcg", "-m", "128", "-display", "none"])
+            .args(["-no-reboot", "-nodefaults"])
+            .arg("-kernel")
+            .arg(&t.kernel)
+            .arg("-initrd")
+            .arg(&t.initrd)
+            .arg("-append")
+            .arg(&t.cmdline)
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2", overlay.display()));
         if let Some(seed) = seed {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", seed.display()));
@@ -380,30 +344,20 @@ impl Qemu {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting qemu-system-x86_64: {e}"));
-        Qemu {
-            child,
-            console,
-            qmp,
-        }
+        Qemu { child, console, qmp }
     }
 
     /// The console's complete lines: the serial port writes a byte at a time, so the last line
     /// may still be growing (`ready web-0 10.2`) and is left out until its newline arrives.
     fn console(&self) -> String {
-        let mut text =
-            String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned();
+        let mut text = String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned();
         text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
         text
     }
 
     /// Waits until `done` holds for the console's lines; panics with the console after `timeout`
     /// or if QEMU exits.
-    fn wait_console(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&[&str]) -> bool,
-    ) -> Duration {
+    fn wait_console(&mut self, what: &str, timeout: Duration, done: impl Fn(&[&str]) -> bool) -> Duration {
         let started = Instant::now();
         loop {
             let text = self.console();
@@ -421,11 +375,8 @@ impl Qemu {
     }
 
     fn qmp(&self, commands: &[&str]) {
-        let stream = UnixStream::connect(&self.qmp)
-            .unwrap_or_else(|e| panic!("QMP {}: {e}", self.qmp.display()));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let stream = UnixStream::connect(&self.qmp).unwrap_or_else(|e| panic!("QMP {}: {e}", self.qmp.display()));
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut writer = stream;
         let mut line = String::new();
@@ -435,10 +386,7 @@ impl Qemu {
             writeln!(writer, "{{\"execute\":\"{c}\"}}").unwrap();
             loop {
                 line.clear();
-                assert!(
-                    reader.read_line(&mut line).unwrap() > 0,
-                    "QMP closed during {c}"
-                );
+                assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed during {c}");
                 if line.contains("\"return\"") {
                     break;
                 }
@@ -486,10 +434,7 @@ fn boots_under_tcg_configures_itself_and_powers_off() {
     eprintln!("boot to ready: {ready:.2?}");
     let console = vm.console();
     let lines: Vec<&str> = console.lines().collect();
-    assert!(
-        lines.contains(&"ready web-0 10.200.0.2"),
-        "console:\n{console}"
-    );
+    assert!(lines.contains(&"ready web-0 10.200.0.2"), "console:\n{console}");
     assert_eq!(
         lines.iter().filter(|l| l.starts_with("ready")).count(),
         1,
@@ -498,10 +443,7 @@ fn boots_under_tcg_configures_itself_and_powers_off() {
 
     // Console output continues after ready; the user-data script ran once, after networking.
     vm.wait_console("alive 2 after ready", Duration::from_secs(30), |lines| {
-        let ready = lines
-            .iter()
-            .position(|l| *l == "ready web-0 10.200.0.2")
-            .unwrap();
+        let ready = lines.iter().position(|l| *l == "ready web-0 10.200.0.2").unwrap();
         lines[ready..].contains(&"alive 2")
     });
     vm.wait_console("user-data output", Duration::from_secs(30), |lines| {
@@ -531,20 +473,13 @@ fn without_seed_or_nic_it_says_not_ready_and_still_powers_off() {
             .any(|l| l.starts_with("ready ") || l.starts_with("not-ready"))
     });
     eprintln!("boot to not-ready: {took:.2?}");
-    vm.wait_console("alive 1", Duration::from_secs(30), |lines| {
-        lines.contains(&"alive 1")
-    });
+    vm.wait_console("alive 1", Duration::from_secs(30), |lines| lines.contains(&"alive 1"));
     let console = vm.console();
     assert!(
-        console
-            .lines()
-            .any(|l| l.starts_with("not-ready: no NoCloud seed")),
+        console.lines().any(|l| l.starts_with("not-ready: no NoCloud seed")),
         "console:\n{console}"
     );
-    assert!(
-        !console.lines().any(|l| l.starts_with("ready")),
-        "console:\n{console}"
-    );
+    assert!(!console.lines().any(|l| l.starts_with("ready")), "console:\n{console}");
     vm.powerdown_and_wait(Duration::from_secs(30));
 }
 
@@ -560,18 +495,11 @@ fn without_nic_it_is_ready_with_the_configured_address() {
             .iter()
             .any(|l| l.starts_with("ready ") || l.starts_with("not-ready"))
     });
-    vm.wait_console("alive 1", Duration::from_secs(30), |lines| {
-        lines.contains(&"alive 1")
-    });
+    vm.wait_console("alive 1", Duration::from_secs(30), |lines| lines.contains(&"alive 1"));
     let console = vm.console();
     let lines: Vec<&str> = console.lines().collect();
-    assert!(
-        lines.contains(&"ready db-1 10.200.0.2"),
-        "console:\n{console}"
-    );
-    assert!(lines.contains(
-        &format!("demo-guest: no interface with MAC {MAC}, networking skipped").as_str()
-    ));
+    assert!(lines.contains(&"ready db-1 10.200.0.2"), "console:\n{console}");
+    assert!(lines.contains(&format!("demo-guest: no interface with MAC {MAC}, networking skipped").as_str()));
     assert!(lines.contains(&"user-data: cloud-config not supported by the demo guest, ignored"));
     vm.powerdown_and_wait(Duration::from_secs(30));
 }

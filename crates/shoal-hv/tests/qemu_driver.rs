@@ -89,7 +89,9 @@ async fn driver(f: &Fixture, tweak: impl FnOnce(&mut QemuConfig)) -> Arc<QemuDri
     cfg.accel = Some(Accel::Tcg);
     cfg.ready_timeout = Duration::from_secs(120);
     tweak(&mut cfg);
-    QemuDriver::open(cfg, Arc::new(LocalSource(f.template.clone()))).await.unwrap()
+    QemuDriver::open(cfg, Arc::new(LocalSource(f.template.clone())))
+        .await
+        .unwrap()
 }
 
 /// Waits until the VM leaves `creating`/the given state and returns its status.
@@ -100,7 +102,10 @@ async fn settle(d: &QemuDriver, uuid: Uuid, from: VmState, timeout: Duration) ->
         if s.state != from {
             return s;
         }
-        assert!(tokio::time::Instant::now() < end, "VM stayed {from:?} for {timeout:?}: {s:?}");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "VM stayed {from:?} for {timeout:?}: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -114,7 +119,10 @@ fn nothing_left(root: &Path, uuid: Uuid) {
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(c) = std::fs::read(p.path().join("cmdline")) {
             let c = String::from_utf8_lossy(&c);
-            assert!(!(c.contains("qemu") && c.contains(&uuid.to_string())), "QEMU of {uuid} still runs: {c}");
+            assert!(
+                !(c.contains("qemu") && c.contains(&uuid.to_string())),
+                "QEMU of {uuid} still runs: {c}"
+            );
         }
     }
 }
@@ -127,7 +135,13 @@ async fn without_a_qemu_binary_the_vm_fails_clearly() {
     d.ensure(&s).await.unwrap();
     let st = settle(&d, s.uuid, VmState::Creating, Duration::from_secs(30)).await;
     assert_eq!(st.state, VmState::Failed);
-    assert!(st.reason.as_deref().unwrap().contains("QEMU binary /nonexistent/qemu-system-x86_64 not found"), "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap()
+            .contains("QEMU binary /nonexistent/qemu-system-x86_64 not found"),
+        "{st:?}"
+    );
     nothing_left(&f.root, s.uuid);
 }
 
@@ -169,7 +183,10 @@ async fn a_guest_that_never_becomes_ready_fails_and_leaves_nothing() {
     let st = settle(&d, s.uuid, VmState::Creating, Duration::from_secs(90)).await;
     assert_eq!(st.state, VmState::Failed);
     let reason = st.reason.unwrap();
-    assert!(reason.contains("did not print \"a line this guest never prints\" on its console within 20s"), "{reason}");
+    assert!(
+        reason.contains("did not print \"a line this guest never prints\" on its console within 20s"),
+        "{reason}"
+    );
     // The reason shows what the guest did print.
     assert!(reason.contains("console ends with"), "{reason}");
     nothing_left(&f.root, s.uuid);
@@ -197,9 +214,18 @@ async fn a_qemu_whose_qmp_stops_answering_is_fenced() {
     d.ensure(&suspend).await.unwrap();
     let st = settle(&d, s.uuid, VmState::Running, Duration::from_secs(60)).await;
     assert_eq!(st.state, VmState::Failed, "{st:?}");
-    assert!(st.reason.as_deref().unwrap().contains("QMP stopped answering"), "{st:?}");
+    assert!(
+        st.reason.as_deref().unwrap().contains("QMP stopped answering"),
+        "{st:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"), "QEMU {pid} still alive");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "QEMU {pid} still alive"
+    );
     d.remove(s.uuid).await.unwrap();
     nothing_left(&f.root, s.uuid);
 }
@@ -215,7 +241,10 @@ async fn a_full_disk_while_creating_the_overlay_fails_cleanly() {
         .arg(&vms)
         .status()
         .unwrap();
-    assert!(st.success(), "mounting a small tmpfs needs root (tests run as root in CI)");
+    assert!(
+        st.success(),
+        "mounting a small tmpfs needs root (tests run as root in CI)"
+    );
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -227,6 +256,9 @@ async fn a_full_disk_while_creating_the_overlay_fails_cleanly() {
     d.ensure(&s).await.unwrap();
     let st = settle(&d, s.uuid, VmState::Creating, Duration::from_secs(60)).await;
     assert_eq!(st.state, VmState::Failed);
-    assert!(st.reason.as_deref().unwrap().contains("No space left on device"), "{st:?}");
+    assert!(
+        st.reason.as_deref().unwrap().contains("No space left on device"),
+        "{st:?}"
+    );
     nothing_left(&f.root, s.uuid);
 }

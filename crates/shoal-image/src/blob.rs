@@ -16,7 +16,9 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + data.len() / 2);
     out.push(ZSTD);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok().filter(|c| c.len() < data.len());
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
+        .ok()
+        .filter(|c| c.len() < data.len());
     match compressed {
         Some(c) => out.extend_from_slice(&c),
         None => {
@@ -29,7 +31,9 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
 
 /// The raw length a blob claims, without decompressing it.
 pub fn raw_len(blob: &[u8]) -> Result<usize, Error> {
-    let h = blob.get(..HEADER).ok_or_else(|| Error::Corrupt("chunk blob shorter than its header".into()))?;
+    let h = blob
+        .get(..HEADER)
+        .ok_or_else(|| Error::Corrupt("chunk blob shorter than its header".into()))?;
     Ok(u32::from_le_bytes(h[1..5].try_into().expect("4")) as usize)
 }
 
@@ -39,11 +43,17 @@ pub fn decode(blob: &[u8]) -> Result<Vec<u8>, Error> {
     let payload = &blob[HEADER..];
     match blob[0] {
         RAW if payload.len() == len => Ok(payload.to_vec()),
-        RAW => Err(Error::Corrupt(format!("raw chunk holds {} bytes, header says {len}", payload.len()))),
+        RAW => Err(Error::Corrupt(format!(
+            "raw chunk holds {} bytes, header says {len}",
+            payload.len()
+        ))),
         ZSTD => {
             let out = zstd::bulk::decompress(payload, len).map_err(|e| Error::Corrupt(format!("zstd: {e}")))?;
             if out.len() != len {
-                return Err(Error::Corrupt(format!("chunk decompressed to {} bytes, header says {len}", out.len())));
+                return Err(Error::Corrupt(format!(
+                    "chunk decompressed to {} bytes, header says {len}",
+                    out.len()
+                )));
             }
             Ok(out)
         }
@@ -55,7 +65,10 @@ pub fn decode(blob: &[u8]) -> Result<Vec<u8>, Error> {
 pub fn open_verified(id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, Error> {
     let data = decode(blob).map_err(|e| Error::Corrupt(format!("chunk {id}: {e}")))?;
     if ChunkId::of(&data) != *id {
-        return Err(Error::Corrupt(format!("chunk {id}: content hashes to {}", ChunkId::of(&data))));
+        return Err(Error::Corrupt(format!(
+            "chunk {id}: content hashes to {}",
+            ChunkId::of(&data)
+        )));
     }
     Ok(data)
 }

@@ -33,7 +33,11 @@ impl ChunkParams {
     /// Format version 1: 8 KiB minimum, 16 KiB average, 64 KiB maximum. Chosen by measurement on
     /// the seven-image Debian corpus (see the crate README): smaller chunks stored more metadata
     /// than they saved, larger ones lost sharing and compressed no better.
-    pub const V1: ChunkParams = ChunkParams { min_blocks: 2, max_blocks: 16, mask_bits: 1 };
+    pub const V1: ChunkParams = ChunkParams {
+        min_blocks: 2,
+        max_blocks: 16,
+        mask_bits: 1,
+    };
 
     fn mask(&self) -> u64 {
         (1u64 << self.mask_bits) - 1
@@ -73,32 +77,52 @@ pub fn split(params: &ChunkParams, buf: &[u8], base: u64, last: bool, cuts: &mut
         edges.push(buf.len());
     }
     // Hashing the blocks is the bulk of the work: in parallel; the cut decisions are sequential.
-    let hashes: Vec<(u64, bool)> = edges.par_windows(2).with_min_len(64).map(|w| block_hash(&buf[w[0]..w[1]])).collect();
+    let hashes: Vec<(u64, bool)> = edges
+        .par_windows(2)
+        .with_min_len(64)
+        .map(|w| block_hash(&buf[w[0]..w[1]]))
+        .collect();
     let mut start = 0usize;
     let mut blocks = 0u32;
     for (w, &(hash, zero)) in edges.windows(2).zip(&hashes) {
         let (pos, end) = (w[0], w[1]);
         if zero {
             if start < pos {
-                cuts.push(Cut { start, end: pos, zero: false });
+                cuts.push(Cut {
+                    start,
+                    end: pos,
+                    zero: false,
+                });
             }
             match cuts.last_mut() {
                 Some(c) if c.zero && c.end == pos => c.end = end,
-                _ => cuts.push(Cut { start: pos, end, zero: true }),
+                _ => cuts.push(Cut {
+                    start: pos,
+                    end,
+                    zero: true,
+                }),
             }
             start = end;
             blocks = 0;
         } else {
             blocks += 1;
             if blocks >= params.max_blocks || (blocks >= params.min_blocks && (hash >> 40) & mask == 0) {
-                cuts.push(Cut { start, end, zero: false });
+                cuts.push(Cut {
+                    start,
+                    end,
+                    zero: false,
+                });
                 start = end;
                 blocks = 0;
             }
         }
     }
     if last && start < buf.len() {
-        cuts.push(Cut { start, end: buf.len(), zero: false });
+        cuts.push(Cut {
+            start,
+            end: buf.len(),
+            zero: false,
+        });
         start = buf.len();
     }
     start
@@ -108,7 +132,12 @@ pub fn split(params: &ChunkParams, buf: &[u8], base: u64, last: bool, cuts: &mut
 /// block is all zeros, in one pass. Not cryptographic: it only chooses cut points.
 pub fn block_hash(b: &[u8]) -> (u64, bool) {
     const P: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = [0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344, 0xA409_3822_299F_31D0, 0x082E_FA98_EC4E_6C89];
+    let mut h = [
+        0x243F_6A88_85A3_08D3u64,
+        0x1319_8A2E_0370_7344,
+        0xA409_3822_299F_31D0,
+        0x082E_FA98_EC4E_6C89,
+    ];
     let mut or = 0u64;
     let mut words = b.chunks_exact(32);
     for c in &mut words {
@@ -183,8 +212,18 @@ mod tests {
             fed = (fed + step).min(buf.len());
             let last = fed == buf.len();
             let mut cuts = vec![];
-            let rest = split(&ChunkParams::V1, &buf[carry_start..fed], carry_start as u64, last, &mut cuts);
-            got.extend(cuts.iter().map(|c| Cut { start: c.start + carry_start, end: c.end + carry_start, zero: c.zero }));
+            let rest = split(
+                &ChunkParams::V1,
+                &buf[carry_start..fed],
+                carry_start as u64,
+                last,
+                &mut cuts,
+            );
+            got.extend(cuts.iter().map(|c| Cut {
+                start: c.start + carry_start,
+                end: c.end + carry_start,
+                zero: c.zero,
+            }));
             carry_start += rest;
             if last {
                 break;
@@ -201,7 +240,9 @@ mod tests {
         let ids = |buf: &[u8]| {
             let mut cuts = vec![];
             split(&ChunkParams::V1, buf, 0, true, &mut cuts);
-            cuts.iter().map(|c| blake3::hash(&buf[c.start..c.end])).collect::<std::collections::HashSet<_>>()
+            cuts.iter()
+                .map(|c| blake3::hash(&buf[c.start..c.end]))
+                .collect::<std::collections::HashSet<_>>()
         };
         let (ia, ib) = (ids(&a), ids(&b));
         let changed = ib.difference(&ia).count();

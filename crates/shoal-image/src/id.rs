@@ -39,7 +39,10 @@ macro_rules! hash_id {
             fn from_str(s: &str) -> Result<Self, Error> {
                 let mut out = [0u8; 32];
                 hex::decode_to_slice(s, &mut out).map_err(|_| {
-                    Error::Invalid(format!(concat!("{:?} is not a ", $what, " id (64 hex digits)"), s))
+                    Error::Invalid(format!(
+                        concat!("{:?} is not a ", $what, " id (64 hex digits)"),
+                        s
+                    ))
                 })?;
                 Ok(Self(out))
             }

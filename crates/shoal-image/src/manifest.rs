@@ -76,7 +76,10 @@ impl Manifest {
     /// Each chunk once, in the order of its first use.
     pub fn distinct_chunks(&self) -> Vec<ChunkId> {
         let mut seen = std::collections::HashSet::new();
-        self.chunks().map(|(_, id, _)| id).filter(|id| seen.insert(*id)).collect()
+        self.chunks()
+            .map(|(_, id, _)| id)
+            .filter(|id| seen.insert(*id))
+            .collect()
     }
 
     /// Bytes held in chunks (the rest are zeros).
@@ -145,7 +148,10 @@ impl Manifest {
                 0 => Extent::Zero { len },
                 1 => {
                     let id = r.take(32).ok_or_else(|| bad("truncated"))?;
-                    Extent::Chunk { id: ChunkId(id.try_into().expect("32")), len }
+                    Extent::Chunk {
+                        id: ChunkId(id.try_into().expect("32")),
+                        len,
+                    }
                 }
                 t => return Err(bad(&format!("extent {i} has unknown tag {t}"))),
             };

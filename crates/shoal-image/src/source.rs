@@ -98,14 +98,16 @@ fn looks_like_disk(start: &[u8]) -> bool {
         || at(0, b"LUKS\xba\xbe")                 // LUKS
         || at(0, b"hsqs")                         // squashfs
         || at(4086, b"SWAPSPACE2")                // swap
-        || at(3, b"mkfs.fat") || at(3, b"MSDOS")  // FAT
+        || at(3, b"mkfs.fat") || at(3, b"MSDOS") // FAT
 }
 
 /// Recognises the image at `path` and lists its segments. `forced` skips recognition.
 pub fn layout(path: &Path, forced: Option<ImageFormat>) -> Result<Layout, Error> {
     let name = path.display();
     let f = File::open(path).map_err(|e| Error::Io(format!("opening {name}: {e}"), e.kind()))?;
-    let meta = f.metadata().map_err(|e| Error::Io(format!("reading {name}: {e}"), e.kind()))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::Io(format!("reading {name}: {e}"), e.kind()))?;
     if !meta.is_file() {
         return Err(Error::Invalid(format!("{name} is not a regular file")));
     }
@@ -144,8 +146,19 @@ fn raw_layout(path: &Path, f: &File, size: u64) -> Result<Layout, Error> {
             path.display()
         )));
     }
-    let segments = data_segments(f, size).map_err(|e| Error::Io(format!("mapping {}: {e}", path.display()), std::io::Error::from(e).kind()))?;
-    Ok(Layout { format: ImageFormat::Raw, size, segments, file: path.to_path_buf(), temp: None })
+    let segments = data_segments(f, size).map_err(|e| {
+        Error::Io(
+            format!("mapping {}: {e}", path.display()),
+            std::io::Error::from(e).kind(),
+        )
+    })?;
+    Ok(Layout {
+        format: ImageFormat::Raw,
+        size,
+        segments,
+        file: path.to_path_buf(),
+        temp: None,
+    })
 }
 
 /// Data and hole segments of a file, from `SEEK_DATA`/`SEEK_HOLE`.
@@ -161,13 +174,20 @@ pub fn data_segments(f: &File, size: u64) -> Result<Vec<Segment>, nix::Error> {
             Err(e) => return Err(e),
         };
         if data > at {
-            out.push(Segment::Zero { guest: at, len: data.min(size) - at });
+            out.push(Segment::Zero {
+                guest: at,
+                len: data.min(size) - at,
+            });
         }
         if data >= size {
             break;
         }
         let hole = (lseek(fd, data as i64, Whence::SeekHole)? as u64).min(size);
-        out.push(Segment::Data { guest: data, len: hole - data, file_offset: data });
+        out.push(Segment::Data {
+            guest: data,
+            len: hole - data,
+            file_offset: data,
+        });
         at = hole;
     }
     Ok(out)
@@ -185,7 +205,9 @@ fn qemu_img(args: &[&str]) -> Result<std::process::Output, Error> {
 
 fn qcow2_layout(path: &Path, file_len: u64) -> Result<Layout, Error> {
     let name = path.display().to_string();
-    let p = path.to_str().ok_or_else(|| Error::Invalid(format!("{name}: path is not UTF-8")))?;
+    let p = path
+        .to_str()
+        .ok_or_else(|| Error::Invalid(format!("{name}: path is not UTF-8")))?;
     let info = qemu_img(&["info", "--output=json", "-f", "qcow2", p])?;
     if !info.status.success() {
         return Err(Error::Invalid(format!(
@@ -201,7 +223,9 @@ fn qcow2_layout(path: &Path, file_len: u64) -> Result<Layout, Error> {
         )));
     }
     if info.get("encrypted").and_then(|e| e.as_bool()) == Some(true) {
-        return Err(Error::Invalid(format!("{name} is an encrypted qcow2 image, which Shoal does not import")));
+        return Err(Error::Invalid(format!(
+            "{name} is an encrypted qcow2 image, which Shoal does not import"
+        )));
     }
     let size = info
         .get("virtual-size")
@@ -240,7 +264,11 @@ fn qcow2_layout(path: &Path, file_len: u64) -> Result<Layout, Error> {
                             "{name} is truncated: data at guest offset {guest} lies beyond the end of the file"
                         )));
                     }
-                    segments.push(Segment::Data { guest, len, file_offset: off })
+                    segments.push(Segment::Data {
+                        guest,
+                        len,
+                        file_offset: off,
+                    })
                 }
                 _ => needs_convert = true,
             }
@@ -255,7 +283,17 @@ fn qcow2_layout(path: &Path, file_len: u64) -> Result<Layout, Error> {
             .tempdir()
             .map_err(|e| Error::Io(format!("creating a temporary directory: {e}"), e.kind()))?;
         let raw = temp.path().join("image.raw");
-        let out = qemu_img(&["convert", "-f", "qcow2", "-O", "raw", "-S", "4k", p, raw.to_str().expect("utf-8")])?;
+        let out = qemu_img(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "-S",
+            "4k",
+            p,
+            raw.to_str().expect("utf-8"),
+        ])?;
         if !out.status.success() {
             return Err(Error::Invalid(format!(
                 "{name}: qemu-img convert failed: {}",
@@ -263,10 +301,27 @@ fn qcow2_layout(path: &Path, file_len: u64) -> Result<Layout, Error> {
             )));
         }
         let f = File::open(&raw).map_err(|e| Error::Io(format!("opening {}: {e}", raw.display()), e.kind()))?;
-        let segments = data_segments(&f, size).map_err(|e| Error::Io(format!("mapping {}: {e}", raw.display()), std::io::Error::from(e).kind()))?;
-        return Ok(Layout { format: ImageFormat::Qcow2, size, segments, file: raw, temp: Some(temp) });
+        let segments = data_segments(&f, size).map_err(|e| {
+            Error::Io(
+                format!("mapping {}: {e}", raw.display()),
+                std::io::Error::from(e).kind(),
+            )
+        })?;
+        return Ok(Layout {
+            format: ImageFormat::Qcow2,
+            size,
+            segments,
+            file: raw,
+            temp: Some(temp),
+        });
     }
-    Ok(Layout { format: ImageFormat::Qcow2, size, segments, file: path.to_path_buf(), temp: None })
+    Ok(Layout {
+        format: ImageFormat::Qcow2,
+        size,
+        segments,
+        file: path.to_path_buf(),
+        temp: None,
+    })
 }
 
 /// Runs `qemu-img convert` from a raw file to qcow2.
@@ -278,10 +333,14 @@ pub fn raw_to_qcow2(raw: &Path, dest: &Path) -> Result<(), Error> {
         "-O",
         "qcow2",
         raw.to_str().ok_or_else(|| Error::Invalid("path is not UTF-8".into()))?,
-        dest.to_str().ok_or_else(|| Error::Invalid("path is not UTF-8".into()))?,
+        dest.to_str()
+            .ok_or_else(|| Error::Invalid("path is not UTF-8".into()))?,
     ])?;
     if !out.status.success() {
-        return Err(Error::Tool(format!("qemu-img convert to qcow2 failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Tool(format!(
+            "qemu-img convert to qcow2 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
@@ -290,7 +349,9 @@ pub fn raw_to_qcow2(raw: &Path, dest: &Path) -> Result<(), Error> {
 /// sparse raw temporary (for VM disks, which are overlays on their host's base image).
 pub fn flattened_layout(path: &Path) -> Result<Layout, Error> {
     let name = path.display().to_string();
-    let p = path.to_str().ok_or_else(|| Error::Invalid(format!("{name}: path is not UTF-8")))?;
+    let p = path
+        .to_str()
+        .ok_or_else(|| Error::Invalid(format!("{name}: path is not UTF-8")))?;
     let temp = tempfile::Builder::new()
         .prefix("shoal-flatten-")
         .tempdir()
@@ -298,11 +359,27 @@ pub fn flattened_layout(path: &Path) -> Result<Layout, Error> {
     let raw = temp.path().join("image.raw");
     let out = qemu_img(&["convert", "-O", "raw", "-S", "4k", p, raw.to_str().expect("utf-8")])?;
     if !out.status.success() {
-        return Err(Error::Invalid(format!("{name}: qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Invalid(format!(
+            "{name}: qemu-img convert failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     let f = File::open(&raw).map_err(|e| Error::Io(format!("opening {}: {e}", raw.display()), e.kind()))?;
-    let size = f.metadata().map_err(|e| Error::Io(format!("reading {}: {e}", raw.display()), e.kind()))?.len();
-    let segments =
-        data_segments(&f, size).map_err(|e| Error::Io(format!("mapping {}: {e}", raw.display()), std::io::Error::from(e).kind()))?;
-    Ok(Layout { format: ImageFormat::Raw, size, segments, file: raw, temp: Some(temp) })
+    let size = f
+        .metadata()
+        .map_err(|e| Error::Io(format!("reading {}: {e}", raw.display()), e.kind()))?
+        .len();
+    let segments = data_segments(&f, size).map_err(|e| {
+        Error::Io(
+            format!("mapping {}: {e}", raw.display()),
+            std::io::Error::from(e).kind(),
+        )
+    })?;
+    Ok(Layout {
+        format: ImageFormat::Raw,
+        size,
+        segments,
+        file: raw,
+        temp: Some(temp),
+    })
 }

@@ -141,7 +141,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     }
     fs::rename(&tmp, path).map_err(io_err("renaming into", path))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", dir))?;
     }
     Ok(())
 }
@@ -151,14 +153,22 @@ fn lock_dir(root: &Path) -> Result<nix::fcntl::Flock<File>, Error> {
     let path = root.join("lock");
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err("opening", &path))?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
         match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(l),
             Err((_, nix::Error::EWOULDBLOCK)) if Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(100))
             }
             Err((_, e)) => {
-                return Err(Error::Conflict(format!("image store {} is in use by another process ({e})", root.display())))
+                return Err(Error::Conflict(format!(
+                    "image store {} is in use by another process ({e})",
+                    root.display()
+                )))
             }
         }
     }
@@ -173,7 +183,9 @@ pub fn check_ref_name(name: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Invalid(format!("{name:?} is not a valid image name (letters, digits and ._-@/: only)")))
+        Err(Error::Invalid(format!(
+            "{name:?} is not a valid image name (letters, digits and ._-@/: only)"
+        )))
     }
 }
 
@@ -215,7 +227,11 @@ impl ImageStore {
     /// Imports an image file (raw or qcow2): chunks it, stores the chunks the store lacks, writes
     /// its manifest and, if asked, names it. On any error the store is as it was.
     pub fn import_path(&self, path: &Path, opts: &ImportOptions<'_>) -> Result<ImportReport, Error> {
-        let layout = if opts.flatten { source::flattened_layout(path)? } else { source::layout(path, opts.format)? };
+        let layout = if opts.flatten {
+            source::flattened_layout(path)?
+        } else {
+            source::layout(path, opts.format)?
+        };
         self.import_layout(&layout, opts)
     }
 
@@ -239,14 +255,23 @@ impl ImageStore {
             new_stored_bytes: 0,
             seconds: 0.0,
         };
-        let mut manifest = Manifest { params: self.params, size: layout.size, extents: vec![] };
+        let mut manifest = Manifest {
+            params: self.params,
+            size: layout.size,
+            extents: vec![],
+        };
         let mut new_ids = vec![];
         let file = File::open(&layout.file).map_err(io_err("opening", &layout.file))?;
         let file_len = file.metadata().map_err(io_err("reading", &layout.file))?.len();
         enum Piece {
             Zero(u64),
             /// `n` bytes at `buf[SLACK..]`; the room before them takes the previous tail.
-            Data { guest: u64, buf: Vec<u8>, n: usize, last: bool },
+            Data {
+                guest: u64,
+                buf: Vec<u8>,
+                n: usize,
+                last: bool,
+            },
             Failed(Error),
         }
         let (tx, rx) = sync_channel::<Piece>(3);
@@ -264,11 +289,17 @@ impl ImageStore {
                                 return;
                             }
                         }
-                        Segment::Data { guest, len, file_offset } => {
+                        Segment::Data {
+                            guest,
+                            len,
+                            file_offset,
+                        } => {
                             let mut done = 0;
                             while done < len {
                                 let n = READ_STEP.min(len - done);
-                                let mut buf = free_rx.try_recv().unwrap_or_else(|_| vec![0u8; slack + READ_STEP as usize]);
+                                let mut buf = free_rx
+                                    .try_recv()
+                                    .unwrap_or_else(|_| vec![0u8; slack + READ_STEP as usize]);
                                 let piece = if file_offset + done + n > file_len {
                                     Piece::Failed(Error::Invalid(format!(
                                         "{} is truncated: it ends at byte {file_len}, its data continues to {}",
@@ -277,7 +308,12 @@ impl ImageStore {
                                     )))
                                 } else {
                                     match file.read_exact_at(&mut buf[slack..slack + n as usize], file_offset + done) {
-                                        Ok(()) => Piece::Data { guest: guest + done, buf, n: n as usize, last: done + n == len },
+                                        Ok(()) => Piece::Data {
+                                            guest: guest + done,
+                                            buf,
+                                            n: n as usize,
+                                            last: done + n == len,
+                                        },
                                         Err(e) => Piece::Failed(io_err("reading", name)(e)),
                                     }
                                 };
@@ -302,11 +338,18 @@ impl ImageStore {
                         manifest.push(Extent::Zero { len });
                         done += len;
                     }
-                    Piece::Data { guest, mut buf, n, last } => {
+                    Piece::Data {
+                        guest,
+                        mut buf,
+                        n,
+                        last,
+                    } => {
                         report.read_bytes += n as u64;
                         // The previous read's unfinished tail goes right before this read's bytes.
                         let base = if carry.is_empty() { guest } else { carry_base };
-                        let start = slack.checked_sub(carry.len()).expect("a tail is shorter than the largest chunk");
+                        let start = slack
+                            .checked_sub(carry.len())
+                            .expect("a tail is shorter than the largest chunk");
                         buf[start..slack].copy_from_slice(&carry);
                         let work = &buf[start..slack + n];
                         cuts.clear();
@@ -377,10 +420,13 @@ impl ImageStore {
         let data: Vec<&Cut> = cuts.iter().filter(|c| !c.zero).collect();
         let ids: Vec<ChunkId> = data.par_iter().map(|c| ChunkId::of(&work[c.start..c.end])).collect();
         let mut seen = HashSet::new();
-        let fresh: Vec<usize> =
-            (0..ids.len()).filter(|&i| !writer.contains(&ids[i]) && seen.insert(ids[i])).collect();
-        let blobs: Vec<Vec<u8>> =
-            fresh.par_iter().map(|&i| blob::encode(&work[data[i].start..data[i].end])).collect();
+        let fresh: Vec<usize> = (0..ids.len())
+            .filter(|&i| !writer.contains(&ids[i]) && seen.insert(ids[i]))
+            .collect();
+        let blobs: Vec<Vec<u8>> = fresh
+            .par_iter()
+            .map(|&i| blob::encode(&work[data[i].start..data[i].end]))
+            .collect();
         for (&i, b) in fresh.iter().zip(&blobs) {
             if writer.put(&ids[i], b)? {
                 report.new_chunks += 1;
@@ -395,7 +441,10 @@ impl ImageStore {
             if c.zero {
                 manifest.push(Extent::Zero { len });
             } else {
-                manifest.push(Extent::Chunk { id: *next.next().expect("one id per data cut"), len });
+                manifest.push(Extent::Chunk {
+                    id: *next.next().expect("one id per data cut"),
+                    len,
+                });
             }
         }
         Ok(())
@@ -419,7 +468,9 @@ impl ImageStore {
             ImageFormat::Raw => self.write_raw(&m, &part, progress),
             ImageFormat::Qcow2 => {
                 let raw = PathBuf::from(format!("{}.raw.part", dest.display()));
-                let r = self.write_raw(&m, &raw, progress).and_then(|w| source::raw_to_qcow2(&raw, &part).map(|_| w));
+                let r = self
+                    .write_raw(&m, &raw, progress)
+                    .and_then(|w| source::raw_to_qcow2(&raw, &part).map(|_| w));
                 let _ = fs::remove_file(&raw);
                 r
             }
@@ -432,7 +483,11 @@ impl ImageStore {
             }
         };
         fs::rename(&part, dest).map_err(io_err("renaming into", dest))?;
-        Ok(ExportReport { logical_bytes: m.size, written_bytes: written, seconds: started.elapsed().as_secs_f64() })
+        Ok(ExportReport {
+            logical_bytes: m.size,
+            written_bytes: written,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     fn write_raw(&self, m: &Manifest, path: &Path, progress: Option<Progress<'_>>) -> Result<u64, Error> {
@@ -445,7 +500,10 @@ impl ImageStore {
             let b = self.backend.get(&id)?.ok_or_else(|| Error::Missing(vec![id]))?;
             let data = blob::open_verified(&id, &b)?;
             if data.len() as u64 != len {
-                return Err(Error::Corrupt(format!("chunk {id} holds {} bytes, the manifest says {len}", data.len())));
+                return Err(Error::Corrupt(format!(
+                    "chunk {id} holds {} bytes, the manifest says {len}",
+                    data.len()
+                )));
             }
             f.write_all_at(&data, off).map_err(io_err("writing", path))?;
             let d = done.fetch_add(len, Ordering::Relaxed) + len;
@@ -504,7 +562,10 @@ impl ImageStore {
 
     /// The distinct chunks of `m` this store lacks, in image order.
     pub fn missing(&self, m: &Manifest) -> Vec<ChunkId> {
-        m.distinct_chunks().into_iter().filter(|id| !self.backend.contains(id)).collect()
+        m.distinct_chunks()
+            .into_iter()
+            .filter(|id| !self.backend.contains(id))
+            .collect()
     }
 
     /// The share of `m`'s data bytes whose chunks this store holds (image locality).
@@ -513,7 +574,11 @@ impl ImageStore {
         if total == 0 {
             return 1.0;
         }
-        let have: u64 = m.chunks().filter(|(_, id, _)| self.backend.contains(id)).map(|(_, _, l)| l).sum();
+        let have: u64 = m
+            .chunks()
+            .filter(|(_, id, _)| self.backend.contains(id))
+            .map(|(_, _, l)| l)
+            .sum();
         have as f64 / total as f64
     }
 
@@ -529,7 +594,9 @@ impl ImageStore {
     /// Stores blobs received from elsewhere, each verified against its id first; all or none.
     /// Returns the number that were new.
     pub fn put_blobs(&self, blobs: &[(ChunkId, Vec<u8>)]) -> Result<u64, Error> {
-        blobs.par_iter().try_for_each(|(id, b)| blob::open_verified(id, b).map(|_| ()))?;
+        blobs
+            .par_iter()
+            .try_for_each(|(id, b)| blob::open_verified(id, b).map(|_| ()))?;
         let _gc = self.gc_lock.read().expect("gc lock");
         let mut w = self.backend.writer()?;
         let mut new = 0;
@@ -694,7 +761,11 @@ impl ImageStore {
         }
         let bad: Vec<ChunkId> = corrupt.iter().map(|c| c.0).collect();
         self.backend.remove(&bad)?;
-        let mut report = VerifyReport { chunks_checked: ids.len() as u64, corrupt: bad, ..Default::default() };
+        let mut report = VerifyReport {
+            chunks_checked: ids.len() as u64,
+            corrupt: bad,
+            ..Default::default()
+        };
         let mut missing = HashSet::new();
         let refs = self.refs()?;
         for (name, id) in &refs {

@@ -22,15 +22,23 @@ pub fn decode_batch(mut b: &[u8]) -> Result<Vec<(ChunkId, Vec<u8>)>, Error> {
     let mut out = vec![];
     while !b.is_empty() {
         if b.len() < 36 {
-            return Err(Error::Invalid(format!("chunk batch: {} trailing bytes, a record header is 36", b.len())));
+            return Err(Error::Invalid(format!(
+                "chunk batch: {} trailing bytes, a record header is 36",
+                b.len()
+            )));
         }
         let id = ChunkId(b[..32].try_into().expect("32"));
         let len = u32::from_le_bytes(b[32..36].try_into().expect("4")) as usize;
         if len > MAX_BLOB {
-            return Err(Error::Invalid(format!("chunk batch: chunk {id} claims {len} bytes, more than {MAX_BLOB}")));
+            return Err(Error::Invalid(format!(
+                "chunk batch: chunk {id} claims {len} bytes, more than {MAX_BLOB}"
+            )));
         }
         let blob = b.get(36..36 + len).ok_or_else(|| {
-            Error::Invalid(format!("chunk batch cut short in chunk {id} ({} of {len} bytes)", b.len() - 36))
+            Error::Invalid(format!(
+                "chunk batch cut short in chunk {id} ({} of {len} bytes)",
+                b.len() - 36
+            ))
         })?;
         out.push((id, blob.to_vec()));
         b = &b[36 + len..];

@@ -95,7 +95,11 @@ fn pack_backend_survives_reopen_and_drops_aborted_packs() {
     let b = PackBackend::open(dir.path()).unwrap();
     assert_eq!(b.get(&a).unwrap().unwrap(), ab);
     assert!(!b.contains(&c));
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "the orphan pack was removed");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "the orphan pack was removed"
+    );
     // removals and compaction persist
     let mut w = b.writer().unwrap();
     w.put(&c, &cb).unwrap();

@@ -35,7 +35,14 @@ fn digest_of_cuts(buf: &[u8], cuts: &[Cut]) -> String {
 
 #[test]
 fn v1_parameters() {
-    assert_eq!(ChunkParams::V1, ChunkParams { min_blocks: 2, max_blocks: 16, mask_bits: 1 });
+    assert_eq!(
+        ChunkParams::V1,
+        ChunkParams {
+            min_blocks: 2,
+            max_blocks: 16,
+            mask_bits: 1
+        }
+    );
 }
 
 #[test]
@@ -60,7 +67,13 @@ fn v1_manifest_encoding() {
     let m = Manifest {
         params: ChunkParams::V1,
         size: 4096 + 8192,
-        extents: vec![Extent::Chunk { id: ChunkId::of(b"shoal"), len: 4096 }, Extent::Zero { len: 8192 }],
+        extents: vec![
+            Extent::Chunk {
+                id: ChunkId::of(b"shoal"),
+                len: 4096,
+            },
+            Extent::Zero { len: 8192 },
+        ],
     };
     let enc = m.encode();
     assert_eq!(hex::encode(&enc), GOLDEN_MANIFEST_HEX);

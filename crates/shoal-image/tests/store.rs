@@ -11,25 +11,44 @@ use shoal_image::{Error, ImageFormat, ImageStore, ImportOptions};
 const MIB: u64 = 1 << 20;
 
 fn import(s: &ImageStore, p: &Path, name: &str) -> shoal_image::ImportReport {
-    s.import_path(p, &ImportOptions { ref_name: Some(name), ..Default::default() }).unwrap()
+    s.import_path(
+        p,
+        &ImportOptions {
+            ref_name: Some(name),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 #[test]
 fn raw_round_trip_is_bit_identical_and_holes_are_neither_read_nor_stored() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("a.raw");
-    raw_image(&img, 64 * MIB, &[(MIB, 3 * MIB as usize, 1), (40 * MIB + 1234, 70_000, 2)]);
+    raw_image(
+        &img,
+        64 * MIB,
+        &[(MIB, 3 * MIB as usize, 1), (40 * MIB + 1234, 70_000, 2)],
+    );
     let s = ImageStore::open(&d.path().join("store")).unwrap();
     let r = import(&s, &img, "a");
     assert_eq!(r.logical_bytes, 64 * MIB);
-    assert!(r.read_bytes < 5 * MIB, "read {} bytes of a 64 MiB image with ~3 MiB of data", r.read_bytes);
+    assert!(
+        r.read_bytes < 5 * MIB,
+        "read {} bytes of a 64 MiB image with ~3 MiB of data",
+        r.read_bytes
+    );
     let st = s.stats().unwrap();
     assert!(st.stored_bytes < 4 * MIB, "stored {}", st.stored_bytes);
     assert_eq!(st.logical_bytes, 64 * MIB);
     let out = d.path().join("out.raw");
     s.export(&r.manifest, &out, ImageFormat::Raw, None).unwrap();
     assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&out).unwrap());
-    assert!(allocated(&out) < 8 * MIB, "export is sparse: {} allocated", allocated(&out));
+    assert!(
+        allocated(&out) < 8 * MIB,
+        "export is sparse: {} allocated",
+        allocated(&out)
+    );
     // same content, same manifest: importing again adds nothing
     let again = s.import_path(&img, &ImportOptions::default()).unwrap();
     assert_eq!(again.manifest, r.manifest);
@@ -43,19 +62,47 @@ fn qcow2_imports_to_the_same_manifest_as_its_raw_twin_and_exports_identically() 
     raw_image(&raw, 32 * MIB, &[(0, 200_000, 5), (10 * MIB, 2 * MIB as usize, 6)]);
     let q = d.path().join("a.qcow2");
     let qc = d.path().join("c.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]);
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qc.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qc.to_str().unwrap(),
+    ]);
     let s = ImageStore::open(&d.path().join("store")).unwrap();
     let r_raw = import(&s, &raw, "raw");
     let r_q = import(&s, &q, "q");
     let r_c = import(&s, &qc, "compressed");
     assert_eq!(r_q.format, ImageFormat::Qcow2);
-    assert_eq!(r_q.manifest, r_raw.manifest, "qcow2 and raw of one disk share one manifest");
+    assert_eq!(
+        r_q.manifest, r_raw.manifest,
+        "qcow2 and raw of one disk share one manifest"
+    );
     assert_eq!(r_c.manifest, r_raw.manifest, "compressed qcow2 too");
     assert_eq!(r_q.new_chunks, 0);
     let out = d.path().join("out.qcow2");
     s.export(&r_q.manifest, &out, ImageFormat::Qcow2, None).unwrap();
-    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", out.to_str().unwrap(), raw.to_str().unwrap()]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        out.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
     let mut head = [0u8; 4];
     std::io::Read::read_exact(&mut std::fs::File::open(&out).unwrap(), &mut head).unwrap();
     assert_eq!(&head, b"QFI\xfb");
@@ -68,12 +115,25 @@ fn a_derived_image_stores_only_what_changed() {
     let derived = d.path().join("derived.raw");
     let regions = [(MIB, 8 * MIB as usize, 11)];
     raw_image(&base, 32 * MIB, &regions);
-    raw_image(&derived, 32 * MIB, &[(MIB, 8 * MIB as usize, 11), (3 * MIB + 8192, 4096, 12), (20 * MIB, 256 * 1024, 13)]);
+    raw_image(
+        &derived,
+        32 * MIB,
+        &[
+            (MIB, 8 * MIB as usize, 11),
+            (3 * MIB + 8192, 4096, 12),
+            (20 * MIB, 256 * 1024, 13),
+        ],
+    );
     let s = ImageStore::open(&d.path().join("store")).unwrap();
     let b = import(&s, &base, "base");
     let r = import(&s, &derived, "derived");
     let new_raw = r.new_chunks as f64 * 16384.0;
-    assert!(new_raw < 0.1 * 8.0 * MIB as f64, "derived image added {} chunks ({} bytes compressed)", r.new_chunks, r.new_stored_bytes);
+    assert!(
+        new_raw < 0.1 * 8.0 * MIB as f64,
+        "derived image added {} chunks ({} bytes compressed)",
+        r.new_chunks,
+        r.new_stored_bytes
+    );
     // and a second store holding base receives only those chunks
     let other = ImageStore::open(&d.path().join("host")).unwrap();
     ImageStore::transfer(&s, &other, &b.manifest).unwrap();
@@ -107,7 +167,12 @@ fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
 
     let odd = d.path().join("odd.raw");
     std::fs::copy(&good, &odd).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&odd).unwrap().set_len(8 * MIB - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&odd)
+        .unwrap()
+        .set_len(8 * MIB - 100)
+        .unwrap();
     assert_refused(&s, &sd, &odd, &o, "not a whole number of 512-byte sectors");
 
     let empty = d.path().join("empty.raw");
@@ -120,17 +185,43 @@ fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
 
     let base = d.path().join("base.qcow2");
     let overlay = d.path().join("overlay.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", good.to_str().unwrap(), base.to_str().unwrap()]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", overlay.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        good.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+    ]);
     assert_refused(&s, &sd, &overlay, &o, "backing file");
 
     let truncated = d.path().join("truncated.qcow2");
     std::fs::copy(&base, &truncated).unwrap();
     let len = std::fs::metadata(&base).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&truncated).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let before = tree(&sd);
     let err = s.import_path(&truncated, &o).expect_err("truncated qcow2").to_string();
-    assert!(err.contains("truncated") || err.contains("damaged") || err.contains("not a readable qcow2"), "{err}");
+    assert!(
+        err.contains("truncated") || err.contains("damaged") || err.contains("not a readable qcow2"),
+        "{err}"
+    );
     assert_eq!(tree(&sd), before);
 
     let garbage_qcow2 = d.path().join("garbage.qcow2");
@@ -138,13 +229,38 @@ fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
     assert_refused(&s, &sd, &garbage_qcow2, &o, "qcow2");
 
     assert_refused(&s, &sd, &d.path().join("absent.raw"), &o, "absent.raw");
-    assert_refused(&s, &sd, &good, &ImportOptions { ref_name: Some("good"), ..Default::default() }, "already exists");
-    assert_refused(&s, &sd, &good, &ImportOptions { ref_name: Some("../x"), ..Default::default() }, "not a valid image name");
+    assert_refused(
+        &s,
+        &sd,
+        &good,
+        &ImportOptions {
+            ref_name: Some("good"),
+            ..Default::default()
+        },
+        "already exists",
+    );
+    assert_refused(
+        &s,
+        &sd,
+        &good,
+        &ImportOptions {
+            ref_name: Some("../x"),
+            ..Default::default()
+        },
+        "not a valid image name",
+    );
 
     // forcing raw takes a file that is no recognisable image
     let forced = d.path().join("blob.bin");
     std::fs::write(&forced, pseudo(8192, 9)).unwrap();
-    s.import_path(&forced, &ImportOptions { format: Some(ImageFormat::Raw), ..Default::default() }).unwrap();
+    s.import_path(
+        &forced,
+        &ImportOptions {
+            format: Some(ImageFormat::Raw),
+            ..Default::default()
+        },
+    )
+    .unwrap();
 }
 
 #[test]
@@ -170,9 +286,14 @@ fn a_corrupt_chunk_is_found_quarantined_and_named_and_export_refuses_it() {
     }
     std::fs::write(&pack, bytes).unwrap();
     let s = ImageStore::open(&sd).unwrap();
-    let err = s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None).unwrap_err();
+    let err = s
+        .export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None)
+        .unwrap_err();
     assert!(matches!(err, Error::Corrupt(_)), "{err}");
-    assert!(!d.path().join("out.raw").exists() && !d.path().join("out.raw.part").exists(), "no half-written export");
+    assert!(
+        !d.path().join("out.raw").exists() && !d.path().join("out.raw.part").exists(),
+        "no half-written export"
+    );
     let v = s.verify().unwrap();
     assert!(!v.corrupt.is_empty());
     assert_eq!(v.damaged_refs, vec!["victim".to_string()]);
@@ -185,8 +306,12 @@ fn a_corrupt_chunk_is_found_quarantined_and_named_and_export_refuses_it() {
     assert_eq!(healed.new_chunks as usize, v.corrupt.len());
     let v2 = s.verify().unwrap();
     assert!(v2.corrupt.is_empty() && v2.damaged_refs.is_empty());
-    s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None).unwrap();
-    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(d.path().join("out.raw")).unwrap());
+    s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(d.path().join("out.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -200,7 +325,10 @@ fn a_transfer_cut_half_way_resumes_with_only_the_rest() {
     let bytes = src.manifest_bytes(&r.manifest).unwrap();
     let m = src.manifest(&r.manifest).unwrap();
     let missing = dst.missing(&m);
-    let half: Vec<_> = missing[..missing.len() / 2].iter().map(|id| (*id, src.get_blob(id).unwrap().unwrap())).collect();
+    let half: Vec<_> = missing[..missing.len() / 2]
+        .iter()
+        .map(|id| (*id, src.get_blob(id).unwrap().unwrap()))
+        .collect();
     dst.put_blobs(&half).unwrap();
     // the cut: the manifest cannot be stored while chunks are missing
     match dst.put_manifest(&bytes) {
@@ -210,7 +338,10 @@ fn a_transfer_cut_half_way_resumes_with_only_the_rest() {
     assert!(!dst.has_manifest(&r.manifest));
     // a tampered blob in the resumed batch is refused and nothing of the batch is stored
     let rest = dst.missing(&m);
-    let mut bad: Vec<_> = rest.iter().map(|id| (*id, src.get_blob(id).unwrap().unwrap())).collect();
+    let mut bad: Vec<_> = rest
+        .iter()
+        .map(|id| (*id, src.get_blob(id).unwrap().unwrap()))
+        .collect();
     let last = bad.len() - 1;
     let n = bad[last].1.len();
     bad[last].1[n - 1] ^= 1;
@@ -218,8 +349,12 @@ fn a_transfer_cut_half_way_resumes_with_only_the_rest() {
     assert_eq!(dst.missing(&m).len(), rest.len());
     let t = ImageStore::transfer(&src, &dst, &r.manifest).unwrap();
     assert_eq!(t.chunks_sent as usize, rest.len());
-    dst.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None).unwrap();
-    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(d.path().join("out.raw")).unwrap());
+    dst.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(d.path().join("out.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -234,7 +369,15 @@ fn two_imports_of_one_name_at_once_name_exactly_one_and_leave_nothing_of_the_oth
         .into_iter()
         .map(|p| {
             let s = s.clone();
-            std::thread::spawn(move || s.import_path(&p, &ImportOptions { ref_name: Some("same"), ..Default::default() }))
+            std::thread::spawn(move || {
+                s.import_path(
+                    &p,
+                    &ImportOptions {
+                        ref_name: Some("same"),
+                        ..Default::default()
+                    },
+                )
+            })
         })
         .collect::<Vec<_>>()
         .into_iter()
@@ -246,7 +389,11 @@ fn two_imports_of_one_name_at_once_name_exactly_one_and_leave_nothing_of_the_oth
     assert!(err.to_string().contains("already exists"), "{err}");
     let winner = ok[0];
     assert_eq!(s.get_ref("same").unwrap(), Some(winner.manifest));
-    assert_eq!(s.stats().unwrap().chunks, winner.chunks, "the loser's chunks are not in the store");
+    assert_eq!(
+        s.stats().unwrap().chunks,
+        winner.chunks,
+        "the loser's chunks are not in the store"
+    );
     assert_eq!(s.manifests().unwrap(), vec![winner.manifest]);
 }
 
@@ -258,7 +405,11 @@ fn gc_runs_safely_beside_imports_and_frees_what_no_ref_names() {
         .map(|i| {
             let p = d.path().join(format!("{i}.raw"));
             // images share their first 2 MiB
-            raw_image(&p, 16 * MIB, &[(0, 2 * MIB as usize, 50), (4 * MIB, MIB as usize, 60 + i)]);
+            raw_image(
+                &p,
+                16 * MIB,
+                &[(0, 2 * MIB as usize, 50), (4 * MIB, MIB as usize, 60 + i)],
+            );
             p
         })
         .collect();
@@ -284,7 +435,11 @@ fn gc_runs_safely_beside_imports_and_frees_what_no_ref_names() {
         let id = s.get_ref(&format!("img{i}")).unwrap().unwrap();
         let out = d.path().join(format!("out{i}.raw"));
         s.export(&id, &out, ImageFormat::Raw, None).unwrap();
-        assert_eq!(std::fs::read(p).unwrap(), std::fs::read(&out).unwrap(), "image {i} intact after concurrent gc");
+        assert_eq!(
+            std::fs::read(p).unwrap(),
+            std::fs::read(&out).unwrap(),
+            "image {i} intact after concurrent gc"
+        );
     }
     let before = s.stats().unwrap();
     assert!(s.delete_ref("img3").unwrap());
@@ -295,8 +450,12 @@ fn gc_runs_safely_beside_imports_and_frees_what_no_ref_names() {
     assert!(after.stored_bytes < before.stored_bytes);
     // the shared chunks survived
     let id = s.get_ref("img0").unwrap().unwrap();
-    s.export(&id, &d.path().join("again.raw"), ImageFormat::Raw, None).unwrap();
-    assert_eq!(std::fs::read(&imgs[0]).unwrap(), std::fs::read(d.path().join("again.raw")).unwrap());
+    s.export(&id, &d.path().join("again.raw"), ImageFormat::Raw, None)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&imgs[0]).unwrap(),
+        std::fs::read(d.path().join("again.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -308,7 +467,11 @@ fn disk_full_during_import_fails_cleanly_and_leaves_the_store_as_it_was() {
     let d = tempfile::tempdir().unwrap();
     let mnt = d.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs failed");
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
@@ -336,7 +499,15 @@ fn disk_full_during_import_fails_cleanly_and_leaves_the_store_as_it_was() {
         })
         .collect();
     std::os::unix::fs::FileExt::write_all_at(&f, &noise, MIB).unwrap();
-    let err = s.import_path(&big, &ImportOptions { ref_name: Some("big"), ..Default::default() }).unwrap_err();
+    let err = s
+        .import_path(
+            &big,
+            &ImportOptions {
+                ref_name: Some("big"),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("No space left"), "{err}");
     assert_eq!(tree(&sd), before, "the failed import left files behind");
     let again = s.stats().unwrap();
@@ -344,8 +515,12 @@ fn disk_full_during_import_fails_cleanly_and_leaves_the_store_as_it_was() {
     assert!(s.get_ref("big").unwrap().is_none());
     // and the store still works
     let id = s.get_ref("small").unwrap().unwrap();
-    s.export(&id, &d.path().join("out.raw"), ImageFormat::Raw, None).unwrap();
-    assert_eq!(std::fs::read(&small).unwrap(), std::fs::read(d.path().join("out.raw")).unwrap());
+    s.export(&id, &d.path().join("out.raw"), ImageFormat::Raw, None)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&small).unwrap(),
+        std::fs::read(d.path().join("out.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -359,6 +534,10 @@ fn the_store_survives_reopening() {
     };
     let s = ImageStore::open(&d.path().join("store")).unwrap();
     assert_eq!(s.get_ref("a").unwrap(), Some(r.manifest));
-    s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None).unwrap();
-    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(d.path().join("out.raw")).unwrap());
+    s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(d.path().join("out.raw")).unwrap()
+    );
 }

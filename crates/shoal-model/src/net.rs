@@ -33,10 +33,7 @@ impl Ipv4Subnet {
         let base = u32::from(addr);
         let net = base & Self::mask_of(prefix);
         if net != base {
-            return Err(NetError::HostBitsSet(
-                s,
-                format!("{}/{prefix}", Ipv4Addr::from(net)),
-            ));
+            return Err(NetError::HostBitsSet(s, format!("{}/{prefix}", Ipv4Addr::from(net))));
         }
         Ok(Ipv4Subnet { base, prefix })
     }
@@ -211,7 +208,10 @@ mod tests {
 
     #[test]
     fn subnet_errors_name_the_value() {
-        assert!(matches!("10.200.0.1/16".parse::<Ipv4Subnet>(), Err(NetError::HostBitsSet(..))));
+        assert!(matches!(
+            "10.200.0.1/16".parse::<Ipv4Subnet>(),
+            Err(NetError::HostBitsSet(..))
+        ));
         assert!(matches!("10.200.0.0".parse::<Ipv4Subnet>(), Err(NetError::BadSubnet(s)) if s == "10.200.0.0"));
         assert!("10.200.0.0/33".parse::<Ipv4Subnet>().is_err());
     }

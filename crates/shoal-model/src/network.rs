@@ -60,11 +60,19 @@ pub const DNS_MAX: usize = 3;
 /// DNS server addresses as given, or why not.
 pub fn parse_dns(given: &[String]) -> Result<Vec<Ipv4Addr>, String> {
     if given.len() > DNS_MAX {
-        return Err(format!("{} DNS servers given ({}): guests use at most {DNS_MAX}", given.len(), given.join(", ")));
+        return Err(format!(
+            "{} DNS servers given ({}): guests use at most {DNS_MAX}",
+            given.len(),
+            given.join(", ")
+        ));
     }
     given
         .iter()
-        .map(|s| s.trim().parse().map_err(|_| format!("invalid DNS server {s:?}: expected an IPv4 address")))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| format!("invalid DNS server {s:?}: expected an IPv4 address"))
+        })
         .collect()
 }
 

@@ -79,23 +79,37 @@ fn one() -> f64 {
 
 impl Default for Allocation {
     fn default() -> Self {
-        Allocation { cpu_overcommit: 1.0, memory_overcommit: 1.0, reserved_cpus: 0, reserved_memory_mib: 0 }
+        Allocation {
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            reserved_cpus: 0,
+            reserved_memory_mib: 0,
+        }
     }
 }
 
 impl Allocation {
     /// Checks the ratios and reservations against a host of `cpus` and `memory_mib`.
     pub fn check(&self, cpus: u32, memory_mib: u64) -> Result<(), String> {
-        for (what, v) in [("cpu overcommit", self.cpu_overcommit), ("memory overcommit", self.memory_overcommit)] {
+        for (what, v) in [
+            ("cpu overcommit", self.cpu_overcommit),
+            ("memory overcommit", self.memory_overcommit),
+        ] {
             if !v.is_finite() || !(1.0..=64.0).contains(&v) {
                 return Err(format!("{what} {v} is outside 1..=64"));
             }
         }
         if self.reserved_cpus >= cpus {
-            return Err(format!("reserving {} of {cpus} vCPUs leaves none for VMs", self.reserved_cpus));
+            return Err(format!(
+                "reserving {} of {cpus} vCPUs leaves none for VMs",
+                self.reserved_cpus
+            ));
         }
         if self.reserved_memory_mib >= memory_mib {
-            return Err(format!("reserving {} of {memory_mib} MiB leaves none for VMs", self.reserved_memory_mib));
+            return Err(format!(
+                "reserving {} of {memory_mib} MiB leaves none for VMs",
+                self.reserved_memory_mib
+            ));
         }
         Ok(())
     }
@@ -353,12 +367,7 @@ pub enum StepState {
 }
 
 /// The four steps of a deployment, in order. Deletions use only `execute`.
-pub const DEPLOY_STEPS: [&str; 4] = [
-    "prepare_images",
-    "configure_vms",
-    "choose_hosts",
-    "execute",
-];
+pub const DEPLOY_STEPS: [&str; 4] = ["prepare_images", "configure_vms", "choose_hosts", "execute"];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OperationStep {

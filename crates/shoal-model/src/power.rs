@@ -14,7 +14,9 @@ pub struct PowerModel {
 impl Default for PowerModel {
     /// A generic two-socket server: 120 W idle, 300 W at full load.
     fn default() -> Self {
-        PowerModel { watts: vec![120.0, 300.0] }
+        PowerModel {
+            watts: vec![120.0, 300.0],
+        }
     }
 }
 
@@ -32,7 +34,10 @@ impl PowerModel {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.watts.len() < 2 {
-            return Err(format!("a power model needs at least two points (idle and full load), got {:?}", self.watts));
+            return Err(format!(
+                "a power model needs at least two points (idle and full load), got {:?}",
+                self.watts
+            ));
         }
         if let Some(w) = self.watts.iter().find(|w| !w.is_finite() || **w < 0.0) {
             return Err(format!("power model point {w} W is not a non-negative number"));
@@ -50,7 +55,11 @@ impl std::str::FromStr for PowerModel {
     fn from_str(s: &str) -> Result<Self, String> {
         let watts = s
             .split(',')
-            .map(|w| w.trim().parse::<f64>().map_err(|_| format!("power model {s:?}: {w:?} is not a number of watts")))
+            .map(|w| {
+                w.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("power model {s:?}: {w:?} is not a number of watts"))
+            })
             .collect::<Result<Vec<f64>, String>>()?;
         let m = PowerModel { watts };
         m.validate()?;

@@ -18,9 +18,7 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
         reason: reason.to_string(),
     };
     let s = input.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
     if number.is_empty() {
         return Err(err("expected a number, e.g. 512MiB or 2GiB"));
@@ -30,11 +28,7 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
         "" | "MiB" | "M" => 1024,
         "GiB" | "G" => 1024 * 1024,
         "TiB" | "T" => 1024 * 1024 * 1024,
-        other => {
-            return Err(err(&format!(
-                "unknown unit {other:?} (use KiB, MiB, GiB or TiB)"
-            )))
-        }
+        other => return Err(err(&format!("unknown unit {other:?} (use KiB, MiB, GiB or TiB)"))),
     };
     // Work in KiB with an exact decimal fraction so that `1.5GiB` is exact.
     let (whole, frac) = number.split_once('.').unwrap_or((number, ""));

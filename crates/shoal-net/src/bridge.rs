@@ -61,11 +61,20 @@ impl BridgeDriver {
             })
             .map(|a| a.header.index)
             .ok_or(NetError::UnderlayNotLocal(underlay))?;
-        let d = BridgeDriver { handle, underlay, underlay_index: index, underlay_mtu: 1500 };
+        let d = BridgeDriver {
+            handle,
+            underlay,
+            underlay_index: index,
+            underlay_mtu: 1500,
+        };
         let mtu = d
             .link_by_index(index)
             .await?
-            .and_then(|m| m.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }))
+            .and_then(|m| {
+                m.attributes
+                    .iter()
+                    .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+            })
             .unwrap_or(1500);
         Ok(BridgeDriver { underlay_mtu: mtu, ..d })
     }
@@ -80,7 +89,15 @@ impl BridgeDriver {
 
     /// The index of link `name`, if it exists.
     pub async fn index_of(&self, name: &str) -> Result<Option<u32>, NetError> {
-        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+        {
             Ok(m) => Ok(m.map(|m| m.header.index)),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
             Err(e) => Err(nl(format!("reading link {name}"))(e)),
@@ -140,7 +157,8 @@ impl BridgeDriver {
         m.header.state = netlink_packet_route::neighbour::NeighbourState::Permanent;
         m.header.flags = NeighbourFlags::Own;
         m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
         m
     }
 
@@ -148,11 +166,15 @@ impl BridgeDriver {
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(Self::fdb_message(vx, peer)));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
         let mut handle = self.handle.clone();
-        let mut resp = handle.request(req).map_err(nl(format!("adding FDB entry for {peer}")))?;
+        let mut resp = handle
+            .request(req)
+            .map_err(nl(format!("adding FDB entry for {peer}")))?;
         while let Some(msg) = futures::StreamExt::next(&mut resp).await {
             if let NetlinkPayload::Error(e) = msg.payload {
                 if e.code.is_some() {
-                    return Err(nl(format!("adding FDB entry for {peer}"))(rtnetlink::Error::NetlinkError(e)));
+                    return Err(nl(format!("adding FDB entry for {peer}"))(
+                        rtnetlink::Error::NetlinkError(e),
+                    ));
                 }
             }
         }
@@ -188,7 +210,10 @@ impl BridgeDriver {
     /// masquerade; `remove_gateway` undoes all but the forwarding.
     async fn add_gateway(&self, vni: u32, subnet: Ipv4Subnet) -> Result<(), NetError> {
         let br = bridge_name(vni);
-        let index = self.index_of(&br).await?.ok_or_else(|| NetError::TapMissing(br.clone()))?;
+        let index = self
+            .index_of(&br)
+            .await?
+            .ok_or_else(|| NetError::TapMissing(br.clone()))?;
         let gw = subnet.gateway();
         let have = self.addresses_of(index).await?;
         for (ip, prefix) in have.iter().filter(|a| **a != (gw, subnet.prefix())) {
@@ -276,7 +301,9 @@ impl NetDriver for BridgeDriver {
                     .execute()
                     .await
                     .map_err(nl(format!("creating bridge {br}")))?;
-                self.index_of(&br).await?.ok_or_else(|| NetError::TapMissing(br.clone()))?
+                self.index_of(&br)
+                    .await?
+                    .ok_or_else(|| NetError::TapMissing(br.clone()))?
             }
         };
         self.up(br_index, None, &format!("bringing {br} up")).await?;
@@ -296,20 +323,31 @@ impl NetDriver for BridgeDriver {
                     .execute()
                     .await
                     .map_err(nl(format!("creating VXLAN device {vx} (VNI {vni})")))?;
-                self.index_of(&vx).await?.ok_or_else(|| NetError::TapMissing(vx.clone()))?
+                self.index_of(&vx)
+                    .await?
+                    .ok_or_else(|| NetError::TapMissing(vx.clone()))?
             }
         };
-        self.up(vx_index, Some(br_index), &format!("attaching {vx} to {br}")).await
+        self.up(vx_index, Some(br_index), &format!("attaching {vx} to {br}"))
+            .await
     }
 
     async fn set_peers(&self, vni: u32, peers: &[Ipv4Addr]) -> Result<(), NetError> {
         let vx = vxlan_name(vni);
-        let Some(vx_index) = self.index_of(&vx).await? else { return Ok(()) };
+        let Some(vx_index) = self.index_of(&vx).await? else {
+            return Ok(());
+        };
         let entries = self.fdb_entries(vx_index).await?;
         let have: Vec<Ipv4Addr> = entries.iter().filter(|(m, _)| *m == [0; 6]).map(|(_, d)| *d).collect();
         // A host that left: its flood entry and what was learned behind it go.
         for (mac, old) in entries.iter().filter(|(_, d)| !peers.contains(d)) {
-            match self.handle.neighbours().del(Self::fdb_message_for(vx_index, *mac, *old)).execute().await {
+            match self
+                .handle
+                .neighbours()
+                .del(Self::fdb_message_for(vx_index, *mac, *old))
+                .execute()
+                .await
+            {
                 Ok(()) => {}
                 // A learned entry may age out meanwhile.
                 Err(rtnetlink::Error::NetlinkError(e)) if *mac != [0; 6] && e.raw_code() == -2 => {}
@@ -324,7 +362,10 @@ impl NetDriver for BridgeDriver {
 
     async fn attach(&self, vni: u32, tap: &str) -> Result<(), NetError> {
         let br = bridge_name(vni);
-        let br_index = self.index_of(&br).await?.ok_or_else(|| NetError::TapMissing(br.clone()))?;
+        let br_index = self
+            .index_of(&br)
+            .await?
+            .ok_or_else(|| NetError::TapMissing(br.clone()))?;
         // QEMU makes the tap while it starts; give it a few seconds.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let tap_index = loop {
@@ -342,7 +383,8 @@ impl NetDriver for BridgeDriver {
             .execute()
             .await
             .map_err(nl(format!("setting the MTU of {tap}")))?;
-        self.up(tap_index, Some(br_index), &format!("attaching {tap} to {br}")).await
+        self.up(tap_index, Some(br_index), &format!("attaching {tap} to {br}"))
+            .await
     }
 
     async fn set_gateway(&self, vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {

@@ -107,7 +107,11 @@ struct Wiring {
 
 impl Wiring {
     fn of(n: &shoal_model::VmNetwork) -> Wiring {
-        Wiring { peers: n.peers.iter().copied().collect(), gateway: n.gateway, gateway_applied: false }
+        Wiring {
+            peers: n.peers.iter().copied().collect(),
+            gateway: n.gateway,
+            gateway_applied: false,
+        }
     }
 }
 
@@ -129,7 +133,10 @@ pub struct NetManager {
 
 impl NetManager {
     pub fn new(driver: Arc<dyn NetDriver>) -> NetManager {
-        NetManager { driver, state: Default::default() }
+        NetManager {
+            driver,
+            state: Default::default(),
+        }
     }
 
     pub fn driver(&self) -> &Arc<dyn NetDriver> {
@@ -202,7 +209,11 @@ impl NetManager {
     }
 
     async fn program(&self, st: &mut State, vni: u32, want: Wiring) -> Result<(), NetError> {
-        let peers: BTreeSet<Ipv4Addr> = want.peers.into_iter().filter(|p| *p != self.driver.underlay_ip()).collect();
+        let peers: BTreeSet<Ipv4Addr> = want
+            .peers
+            .into_iter()
+            .filter(|p| *p != self.driver.underlay_ip())
+            .collect();
         let have = st.nets.get(&vni).cloned().unwrap_or_default();
         if have.peers != peers {
             let list: Vec<Ipv4Addr> = peers.iter().copied().collect();
@@ -228,8 +239,11 @@ impl NetManager {
     /// gateway of.
     pub async fn networks(&self) -> Vec<(u32, Vec<Ipv4Addr>, Option<Ipv4Subnet>)> {
         let st = self.state.lock().await;
-        let mut v: Vec<_> =
-            st.nets.iter().map(|(k, w)| (*k, w.peers.iter().copied().collect(), w.gateway)).collect();
+        let mut v: Vec<_> = st
+            .nets
+            .iter()
+            .map(|(k, w)| (*k, w.peers.iter().copied().collect(), w.gateway))
+            .collect();
         v.sort();
         v
     }
@@ -284,14 +298,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_network_lives_from_its_first_vm_on_the_host_to_its_last() {
-        let sim = Arc::new(sim::SimNet { underlay: Some("10.9.0.1".parse().unwrap()), ..Default::default() });
+        let sim = Arc::new(sim::SimNet {
+            underlay: Some("10.9.0.1".parse().unwrap()),
+            ..Default::default()
+        });
         let m = NetManager::new(sim.clone());
         let (a, b) = (spec(7, &["10.9.0.2"]), spec(7, &["10.9.0.2"]));
         let netdev = m.netdev(&a).await.unwrap().unwrap();
-        assert!(netdev.starts_with("tap,id=net0,ifname=sht") && netdev.contains("script=no"), "{netdev}");
+        assert!(
+            netdev.starts_with("tap,id=net0,ifname=sht") && netdev.contains("script=no"),
+            "{netdev}"
+        );
         m.connect(&a).await.unwrap();
         m.netdev(&b).await.unwrap();
-        assert_eq!(sim.log.lock().unwrap().iter().filter(|l| l.starts_with("create")).count(), 1);
+        assert_eq!(
+            sim.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with("create"))
+                .count(),
+            1
+        );
         assert_eq!(m.networks().await, vec![(7, vec!["10.9.0.2".parse().unwrap()], None)]);
 
         // The controller's peers replace the spec's; this host's own address is never a peer.
@@ -306,17 +334,30 @@ mod tests {
             }],
         };
         m.set_peers(&peers).await.unwrap();
-        assert_eq!(sim.nets.lock().unwrap()[&7].1, vec!["10.9.0.3".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            sim.nets.lock().unwrap()[&7].1,
+            vec!["10.9.0.3".parse::<Ipv4Addr>().unwrap()]
+        );
 
         // Made the network's gateway, then no longer: the driver is told each change once.
         let mut gw = peers.clone();
         gw.networks[0].gateway = Some("10.0.0.0/24".parse().unwrap());
-        let gateway_calls = || sim.log.lock().unwrap().iter().filter(|l| l.starts_with("gateway")).count();
+        let gateway_calls = || {
+            sim.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with("gateway"))
+                .count()
+        };
         let applied = gateway_calls();
         assert_eq!(applied, 1, "the network's first wiring applies its gateway (none) once");
         m.set_peers(&gw).await.unwrap();
         m.set_peers(&gw).await.unwrap();
-        assert_eq!(sim.gateways.lock().unwrap().get(&7), Some(&"10.0.0.0/24".parse().unwrap()));
+        assert_eq!(
+            sim.gateways.lock().unwrap().get(&7),
+            Some(&"10.0.0.0/24".parse().unwrap())
+        );
         m.set_peers(&peers).await.unwrap();
         assert!(sim.gateways.lock().unwrap().is_empty());
         assert_eq!(gateway_calls(), applied + 2);
@@ -334,11 +375,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_host_that_cannot_be_a_gateway_still_runs_networks_and_says_why_it_cannot_route() {
-        let sim = Arc::new(sim::SimNet { underlay: Some("10.9.0.1".parse().unwrap()), no_gateways: true, ..Default::default() });
+        let sim = Arc::new(sim::SimNet {
+            underlay: Some("10.9.0.1".parse().unwrap()),
+            no_gateways: true,
+            ..Default::default()
+        });
         let m = NetManager::new(sim.clone());
         let a = spec(7, &["10.9.0.2"]);
         m.netdev(&a).await.expect("the network comes up without a gateway");
-        let mut gw = NetworkPeers { networks: vec![a.network.clone().unwrap()] };
+        let mut gw = NetworkPeers {
+            networks: vec![a.network.clone().unwrap()],
+        };
         gw.networks[0].gateway = Some("10.0.0.0/24".parse().unwrap());
         let e = m.set_peers(&gw).await.unwrap_err();
         assert!(e.to_string().contains("gateway of network 7"), "{e}");

@@ -67,15 +67,23 @@ const REG_1: u32 = 1;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
     /// Load `len` bytes at `offset` of the network header.
-    Network { offset: u32, len: u32 },
+    Network {
+        offset: u32,
+        len: u32,
+    },
     /// Load the input (`iif`) or output interface's name.
-    IfName { input: bool },
+    IfName {
+        input: bool,
+    },
     /// Load the packet's conntrack state bits.
     CtState,
     /// `reg & mask` (xor 0), over `mask.len()` bytes.
     And(Vec<u8>),
     /// Compare the register with `data` (over `data.len()` bytes).
-    Cmp { eq: bool, data: Vec<u8> },
+    Cmp {
+        eq: bool,
+        data: Vec<u8>,
+    },
     Verdict(u32),
     Masquerade,
 }
@@ -93,7 +101,14 @@ fn iface_is(input: bool, name: &str, eq: bool) -> [Expr; 2] {
 
 /// `ct state established,related` (the kernel's state bits: ESTABLISHED 2, RELATED 4).
 fn established() -> [Expr; 3] {
-    [Expr::CtState, Expr::And(6u32.to_ne_bytes().to_vec()), Expr::Cmp { eq: false, data: vec![0; 4] }]
+    [
+        Expr::CtState,
+        Expr::And(6u32.to_ne_bytes().to_vec()),
+        Expr::Cmp {
+            eq: false,
+            data: vec![0; 4],
+        },
+    ]
 }
 
 /// A base chain of the gateway's table.
@@ -111,29 +126,59 @@ pub struct Chain {
 /// The gateway's chains.
 pub fn gateway_chains(vni: u32, subnet: Ipv4Subnet) -> Vec<Chain> {
     let br = bridge_name(vni);
-    let mask = if subnet.prefix() == 0 { 0 } else { u32::MAX << (32 - subnet.prefix()) };
+    let mask = if subnet.prefix() == 0 {
+        0
+    } else {
+        u32::MAX << (32 - subnet.prefix())
+    };
     let saddr = vec![
         Expr::Network { offset: 12, len: 4 },
         Expr::And(mask.to_be_bytes().to_vec()),
-        Expr::Cmp { eq: true, data: subnet.network().octets().to_vec() },
+        Expr::Cmp {
+            eq: true,
+            data: subnet.network().octets().to_vec(),
+        },
     ];
     let cat = |parts: &[&[Expr]]| parts.iter().flat_map(|p| p.iter().cloned()).collect::<Vec<Expr>>();
     let accept = [Expr::Verdict(NF_ACCEPT)];
     let drop = [Expr::Verdict(NF_DROP)];
-    let icmp = [Expr::Network { offset: 9, len: 1 }, Expr::Cmp { eq: true, data: vec![1] }];
+    let icmp = [
+        Expr::Network { offset: 9, len: 1 },
+        Expr::Cmp {
+            eq: true,
+            data: vec![1],
+        },
+    ];
     vec![
-        Chain { name: "postrouting", hook: NF_INET_POST_ROUTING, priority: 100, kind: "nat",
-                rules: vec![cat(&[&saddr, &iface_is(false, &br, false), &[Expr::Masquerade]])] },
-        Chain { name: "forward", hook: NF_INET_FORWARD, priority: 0, kind: "filter", rules: vec![
-            cat(&[&iface_is(true, &br, true), &iface_is(false, &br, true), &accept]),
-            cat(&[&iface_is(false, &br, true), &established(), &accept]),
-            cat(&[&iface_is(false, &br, true), &drop]),
-        ] },
-        Chain { name: "input", hook: NF_INET_LOCAL_IN, priority: 0, kind: "filter", rules: vec![
-            cat(&[&iface_is(true, &br, true), &established(), &accept]),
-            cat(&[&iface_is(true, &br, true), &icmp, &accept]),
-            cat(&[&iface_is(true, &br, true), &drop]),
-        ] },
+        Chain {
+            name: "postrouting",
+            hook: NF_INET_POST_ROUTING,
+            priority: 100,
+            kind: "nat",
+            rules: vec![cat(&[&saddr, &iface_is(false, &br, false), &[Expr::Masquerade]])],
+        },
+        Chain {
+            name: "forward",
+            hook: NF_INET_FORWARD,
+            priority: 0,
+            kind: "filter",
+            rules: vec![
+                cat(&[&iface_is(true, &br, true), &iface_is(false, &br, true), &accept]),
+                cat(&[&iface_is(false, &br, true), &established(), &accept]),
+                cat(&[&iface_is(false, &br, true), &drop]),
+            ],
+        },
+        Chain {
+            name: "input",
+            hook: NF_INET_LOCAL_IN,
+            priority: 0,
+            kind: "filter",
+            rules: vec![
+                cat(&[&iface_is(true, &br, true), &established(), &accept]),
+                cat(&[&iface_is(true, &br, true), &icmp, &accept]),
+                cat(&[&iface_is(true, &br, true), &drop]),
+            ],
+        },
     ]
 }
 
@@ -169,7 +214,9 @@ pub fn remove_gateway(vni: u32) -> io::Result<()> {
 /// Whether table `ip <table>` exists (a kernel without nf_tables has none).
 pub fn table_exists(table: &str) -> io::Result<bool> {
     let mut get = Batch::request();
-    get.nft(NFT_MSG_GETTABLE, false, format!("reading table ip {table}"), |a| a.str(1, table));
+    get.nft(NFT_MSG_GETTABLE, false, format!("reading table ip {table}"), |a| {
+        a.str(1, table)
+    });
     match get.send() {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -278,14 +325,22 @@ struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        let mut b = Batch { batched: true, ..Batch::request() };
+        let mut b = Batch {
+            batched: true,
+            ..Batch::request()
+        };
         b.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, |_| {});
         b
     }
 
     /// A single request outside a transaction.
     fn request() -> Batch {
-        Batch { buf: Vec::new(), seq: std::process::id().wrapping_mul(1000), msgs: Vec::new(), batched: false }
+        Batch {
+            buf: Vec::new(),
+            seq: std::process::id().wrapping_mul(1000),
+            msgs: Vec::new(),
+            batched: false,
+        }
     }
 
     /// Appends one message; `family` and `res_id` make its nfgenmsg.
@@ -321,32 +376,44 @@ impl Batch {
 
     fn table(&mut self, msg: u16, table: &str) {
         let verb = if msg == NFT_MSG_DELTABLE { "deleting" } else { "adding" };
-        self.nft(msg, msg == NFT_MSG_NEWTABLE, format!("{verb} table ip {table}"), |a| a.str(1, table));
+        self.nft(msg, msg == NFT_MSG_NEWTABLE, format!("{verb} table ip {table}"), |a| {
+            a.str(1, table)
+        });
     }
 
     fn chain(&mut self, table: &str, c: &Chain) {
-        self.nft(NFT_MSG_NEWCHAIN, true, format!("adding chain {} to table ip {table}", c.name), |a| {
-            a.str(1, table);
-            a.str(3, c.name);
-            a.nest(4, |h| {
-                h.u32(1, c.hook);
-                h.u32(2, c.priority as u32);
-            });
-            a.u32(5, NF_ACCEPT);
-            a.str(7, c.kind);
-        });
+        self.nft(
+            NFT_MSG_NEWCHAIN,
+            true,
+            format!("adding chain {} to table ip {table}", c.name),
+            |a| {
+                a.str(1, table);
+                a.str(3, c.name);
+                a.nest(4, |h| {
+                    h.u32(1, c.hook);
+                    h.u32(2, c.priority as u32);
+                });
+                a.u32(5, NF_ACCEPT);
+                a.str(7, c.kind);
+            },
+        );
     }
 
     fn rule(&mut self, table: &str, chain: &str, exprs: &[Expr]) {
-        self.nft(NFT_MSG_NEWRULE, true, format!("adding a rule to chain {chain} of table ip {table}"), |a| {
-            a.str(1, table);
-            a.str(2, chain);
-            a.nest(4, |list| {
-                for e in exprs {
-                    expr(list, e);
-                }
-            });
-        });
+        self.nft(
+            NFT_MSG_NEWRULE,
+            true,
+            format!("adding a rule to chain {chain} of table ip {table}"),
+            |a| {
+                a.str(1, table);
+                a.str(2, chain);
+                a.nest(4, |list| {
+                    for e in exprs {
+                        expr(list, e);
+                    }
+                });
+            },
+        );
     }
 
     /// Sends the batch and waits for every message's answer; the first error wins.
@@ -371,9 +438,8 @@ impl Batch {
                 }
                 // After a refused batch the kernel may not answer the messages it never ran.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(first_error.unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::TimedOut, "nf_tables did not answer")
-                    }))
+                    return Err(first_error
+                        .unwrap_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "nf_tables did not answer")))
                 }
                 Err(e) => return Err(e),
             };
@@ -424,11 +490,26 @@ mod tests {
     fn the_masquerade_matches_the_subnet_and_not_the_bridge() {
         let chains = gateway_chains(4242, "10.77.8.0/22".parse().unwrap());
         let c = &chains[0];
-        assert_eq!((c.name, c.hook, c.priority, c.kind), ("postrouting", NF_INET_POST_ROUTING, 100, "nat"));
+        assert_eq!(
+            (c.name, c.hook, c.priority, c.kind),
+            ("postrouting", NF_INET_POST_ROUTING, 100, "nat")
+        );
         let rules = &c.rules;
         assert_eq!(rules[0][1], Expr::And(vec![255, 255, 252, 0]));
-        assert_eq!(rules[0][2], Expr::Cmp { eq: true, data: vec![10, 77, 8, 0] });
-        assert_eq!(rules[0][4], Expr::Cmp { eq: false, data: ifname("shbr4242") });
+        assert_eq!(
+            rules[0][2],
+            Expr::Cmp {
+                eq: true,
+                data: vec![10, 77, 8, 0]
+            }
+        );
+        assert_eq!(
+            rules[0][4],
+            Expr::Cmp {
+                eq: false,
+                data: ifname("shbr4242")
+            }
+        );
         assert_eq!(rules[0].last(), Some(&Expr::Masquerade));
         // Every filter chain ends by dropping what is left for (or from) the bridge.
         for c in &chains[1..] {

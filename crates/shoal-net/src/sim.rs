@@ -70,7 +70,10 @@ impl NetDriver for SimNet {
     async fn set_gateway(&self, vni: u32, subnet: Option<Ipv4Subnet>) -> Result<(), NetError> {
         self.log(format!("gateway {vni} {subnet:?}"));
         if self.no_gateways {
-            return Err(NetError::Gateway { vni, source: std::io::Error::from_raw_os_error(93) });
+            return Err(NetError::Gateway {
+                vni,
+                source: std::io::Error::from_raw_os_error(93),
+            });
         }
         let mut g = self.gateways.lock().expect("gateways");
         match subnet {

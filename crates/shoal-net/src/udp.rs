@@ -77,7 +77,9 @@ impl UdpDriver {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
-                let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    continue;
+                };
                 let SocketAddr::V4(from) = from else { continue };
                 if n < 4 + 14 {
                     continue;
@@ -89,7 +91,13 @@ impl UdpDriver {
                 }
             }
         });
-        Ok(UdpDriver { underlay, port, remote, nets, task })
+        Ok(UdpDriver {
+            underlay,
+            port,
+            remote,
+            nets,
+            task,
+        })
     }
 
     fn net(&self, vni: u32) -> Option<Arc<Net>> {
@@ -98,7 +106,9 @@ impl UdpDriver {
 
     /// Reserves a loopback port for a VM's QEMU and returns QEMU's `-netdev` for it.
     pub fn netdev_for(&self, vni: u32, uuid: Uuid) -> Result<String, NetError> {
-        let net = self.net(vni).ok_or_else(|| NetError::TapMissing(format!("network {vni}")))?;
+        let net = self
+            .net(vni)
+            .ok_or_else(|| NetError::TapMissing(format!("network {vni}")))?;
         // QEMU binds this port itself; the probe socket only picks a free one.
         let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let vm = probe.local_addr()?;
@@ -127,7 +137,9 @@ impl Net {
     }
 
     async fn switch_local(&self, remote: &UdpSocket, port: u16, from: SocketAddr, frame: &[u8]) {
-        let (Some(dst), Some(src)) = (mac(frame, 0), mac(frame, 6)) else { return };
+        let (Some(dst), Some(src)) = (mac(frame, 0), mac(frame, 6)) else {
+            return;
+        };
         if !self.vms.lock().expect("vms").values().any(|a| *a == from) {
             return;
         }
@@ -142,7 +154,14 @@ impl Net {
             }
             Some(Port::Remote(ip)) => self.send_remote(remote, port, ip, frame).await,
             None => {
-                let locals: Vec<SocketAddr> = self.vms.lock().expect("vms").values().copied().filter(|a| *a != from).collect();
+                let locals: Vec<SocketAddr> = self
+                    .vms
+                    .lock()
+                    .expect("vms")
+                    .values()
+                    .copied()
+                    .filter(|a| *a != from)
+                    .collect();
                 for a in locals {
                     let _ = self.local.send_to(frame, a).await;
                 }
@@ -155,7 +174,9 @@ impl Net {
     }
 
     async fn switch_remote(&self, from: Ipv4Addr, frame: &[u8]) {
-        let (Some(dst), Some(src)) = (mac(frame, 0), mac(frame, 6)) else { return };
+        let (Some(dst), Some(src)) = (mac(frame, 0), mac(frame, 6)) else {
+            return;
+        };
         if !self.peers.lock().expect("peers").contains(&from) {
             return;
         }
@@ -199,7 +220,9 @@ impl NetDriver for UdpDriver {
             let task = tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
-                    let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+                    let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                        continue;
+                    };
                     let Some(net) = me.upgrade() else { return };
                     net.switch_local(&remote, port, from, &buf[..n]).await;
                 }

@@ -129,10 +129,7 @@ impl Default for Consolidator {
 }
 
 fn peak(history: &[f64], n: usize) -> f64 {
-    history
-        .iter()
-        .take(n.max(1))
-        .fold(0.0, |a: f64, &b| a.max(b))
+    history.iter().take(n.max(1)).fold(0.0, |a: f64, &b| a.max(b))
 }
 
 /// Watts per unit of capacity at full load: lower is better.
@@ -164,7 +161,9 @@ impl Pack<'_> {
 
     fn allowed(&self, h: usize, v: usize) -> bool {
         let vm = &self.vms[v];
-        vm.memory <= self.memory_free[h] && vm.cpus <= self.cpus_free[h] && vm.group.is_none_or(|g| !self.groups[h].contains(&g))
+        vm.memory <= self.memory_free[h]
+            && vm.cpus <= self.cpus_free[h]
+            && vm.group.is_none_or(|g| !self.groups[h].contains(&g))
     }
 
     /// Best fit: the usable host with the least room left after taking `size`, under `limit`.
@@ -238,11 +237,7 @@ impl Consolidator {
         let short = self.sizes(vms, self.short_window);
         let long = self.sizes(vms, self.long_window);
         let mut spare: Vec<usize> = (0..n).filter(|&h| hosts[h].power == Power::Off).collect();
-        spare.sort_by(|&a, &b| {
-            efficiency(&hosts[a])
-                .total_cmp(&efficiency(&hosts[b]))
-                .then(a.cmp(&b))
-        });
+        spare.sort_by(|&a, &b| efficiency(&hosts[a]).total_cmp(&efficiency(&hosts[b])).then(a.cmp(&b)));
         spare.reverse(); // popped from the end
         let any_group = vms.iter().any(|v| v.group.is_some());
         let mut p = Pack {
@@ -258,10 +253,7 @@ impl Consolidator {
                 .iter()
                 .map(|h| {
                     if any_group {
-                        h.vms
-                            .iter()
-                            .filter_map(|&v| vms[v as usize].group)
-                            .collect()
+                        h.vms.iter().filter_map(|&v| vms[v as usize].group).collect()
                     } else {
                         Vec::new()
                     }
@@ -273,11 +265,7 @@ impl Consolidator {
         };
         let mut plan = Plan::default();
         let mut moved = vec![false; vms.len()];
-        let in_cooldown = |v: usize| {
-            vms[v]
-                .last_migrated
-                .is_some_and(|s| step < s + self.cooldown)
-        };
+        let in_cooldown = |v: usize| vms[v].last_migrated.is_some_and(|s| step < s + self.cooldown);
         let cost = |v: usize| vms[v].migration_s * (vms[v].demand + 1.0);
 
         // 1. Relieve hosts whose predicted demand is over the limit, or that are short now.
@@ -287,9 +275,7 @@ impl Consolidator {
                 p.load[h] > self.overload * cap || hosts[h].requested > cap
             })
             .collect();
-        hot.sort_by(|&a, &b| {
-            (p.load[b] / hosts[b].capacity).total_cmp(&(p.load[a] / hosts[a].capacity))
-        });
+        hot.sort_by(|&a, &b| (p.load[b] / hosts[b].capacity).total_cmp(&(p.load[a] / hosts[a].capacity)));
         for &h in &hot {
             p.closed[h] = true;
         }
@@ -345,8 +331,7 @@ impl Consolidator {
             let on = hosts[h].power == Power::On && hosts[h].switchable && !hosts[h].vms.is_empty();
             let low = on && !p.closed[h] && p.load[h] < self.underload * hosts[h].capacity;
             self.low_streak[h] = if low { self.low_streak[h] + 1 } else { 0 };
-            let settled =
-                self.last_received[h].is_none_or(|s| step >= s + self.underload_steps as usize);
+            let settled = self.last_received[h].is_none_or(|s| step >= s + self.underload_steps as usize);
             if low && self.low_streak[h] >= self.underload_steps && settled {
                 cold.push(h);
             }
@@ -530,7 +515,10 @@ mod tests {
         hosts[2].cpus_free = 0.5;
         hosts[0].switchable = true;
         let mut c = Consolidator::default();
-        assert!((1..=5).all(|s| c.decide(s, &hosts, &vms).migrations.is_empty()), "no vCPU room on the only target");
+        assert!(
+            (1..=5).all(|s| c.decide(s, &hosts, &vms).migrations.is_empty()),
+            "no vCPU room on the only target"
+        );
     }
 
     #[test]

@@ -64,7 +64,11 @@ impl Explanation {
             r.count,
             r.cpus,
             r.memory_mib,
-            if r.disk_mib > 0 { format!(", {} MiB disk", r.disk_mib) } else { String::new() },
+            if r.disk_mib > 0 {
+                format!(", {} MiB disk", r.disk_mib)
+            } else {
+                String::new()
+            },
             r.cluster,
             r.placement
         );

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use shoal_model::Placement;
+use utoipa::ToSchema;
 
 use crate::snapshot::{Host, HostState};
 
@@ -103,7 +103,9 @@ impl GangRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "filter", rename_all = "snake_case")]
 pub enum Reject {
-    State { state: HostState },
+    State {
+        state: HostState,
+    },
     NotListed,
     Avoided,
     Label {
@@ -111,9 +113,18 @@ pub enum Reject {
         want: String,
         have: Option<String>,
     },
-    Cpu { free: i64, need: u64 },
-    Memory { free: i64, need: u64 },
-    Disk { free: i64, need: u64 },
+    Cpu {
+        free: i64,
+        need: u64,
+    },
+    Memory {
+        free: i64,
+        need: u64,
+    },
+    Disk {
+        free: i64,
+        need: u64,
+    },
     AntiAffinity {
         domain: String,
         value: String,

@@ -86,7 +86,11 @@ pub(crate) fn vm_delta(
 ) -> [f64; STATS] {
     [
         -(memory_mib as f64) / t.memory,
-        if local_disk && t.disk > 0.0 { -(disk_mib as f64) / t.disk } else { 0.0 },
+        if local_disk && t.disk > 0.0 {
+            -(disk_mib as f64) / t.disk
+        } else {
+            0.0
+        },
         cpus as f64 / t.cores,
         if ignore_dynu { 0.0 } else { 1.0 },
         if local_disk { 1.0 / SPINDLE_RATIO } else { 0.0 },
@@ -224,10 +228,22 @@ mod tests {
         // python3 score.py three.json --ignore-dynu    -> 0.59149120
         // python3 score.py three.json --template plain -> 4.51309630 (local disks)
         let mut s = snap();
-        assert!((score(&s, false).total - 4.36272737).abs() < 5e-9, "{:?}", score(&s, false));
-        assert!((score(&s, true).total - 0.59149120).abs() < 5e-9, "{:?}", score(&s, true));
+        assert!(
+            (score(&s, false).total - 4.36272737).abs() < 5e-9,
+            "{:?}",
+            score(&s, false)
+        );
+        assert!(
+            (score(&s, true).total - 0.59149120).abs() < 5e-9,
+            "{:?}",
+            score(&s, true)
+        );
         s.shared_storage = false;
-        assert!((score(&s, false).total - 4.51309630).abs() < 5e-9, "{:?}", score(&s, false));
+        assert!(
+            (score(&s, false).total - 4.51309630).abs() < 5e-9,
+            "{:?}",
+            score(&s, false)
+        );
     }
 
     #[test]

@@ -50,18 +50,14 @@ pub enum PlacementError {
         needed: u64,
         hosts: usize,
     },
-    #[error(
-        "needs {missing} MiB of memory more than free on {hosts} hosts ({free} MiB free, {needed} MiB needed)"
-    )]
+    #[error("needs {missing} MiB of memory more than free on {hosts} hosts ({free} MiB free, {needed} MiB needed)")]
     Memory {
         missing: u64,
         free: u64,
         needed: u64,
         hosts: usize,
     },
-    #[error(
-        "needs {missing} MiB of disk more than free on {hosts} hosts ({free} MiB free, {needed} MiB needed)"
-    )]
+    #[error("needs {missing} MiB of disk more than free on {hosts} hosts ({free} MiB free, {needed} MiB needed)")]
     Disk {
         missing: u64,
         free: u64,
@@ -373,11 +369,7 @@ impl<'s> Placer<'s> {
                 }
             })
         };
-        let (locality, locality_top) = match req
-            .template
-            .as_ref()
-            .and_then(|t| self.snap.image_locality.get(t))
-        {
+        let (locality, locality_top) = match req.template.as_ref().and_then(|t| self.snap.image_locality.get(t)) {
             Some(m) if !m.is_empty() => {
                 let idx = self.snap.host_index();
                 let mut v = vec![0.0; self.snap.hosts.len()];
@@ -414,10 +406,7 @@ impl<'s> Placer<'s> {
         if let Some(m) = self.clusters.get(&req.cluster) {
             let mut hosts: Vec<(&usize, &u32)> = m.iter().collect();
             hosts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            if let Some(v) = hosts
-                .first()
-                .and_then(|(&h, _)| self.snap.hosts[h].domain(key))
-            {
+            if let Some(v) = hosts.first().and_then(|(&h, _)| self.snap.hosts[h].domain(key)) {
                 ctx.affinity = Some((key.clone(), v.to_string()));
                 return Ok(());
             }
@@ -554,7 +543,12 @@ impl<'s> Placer<'s> {
         out.clear();
         let n = self.snap.hosts.len();
         if n <= EXHAUSTIVE_HOSTS {
-            out.extend(self.order.iter().copied().filter(|&h| self.filter(req, ctx, h).is_none()));
+            out.extend(
+                self.order
+                    .iter()
+                    .copied()
+                    .filter(|&h| self.filter(req, ctx, h).is_none()),
+            );
             return;
         }
         let k = self.candidates.max(1);
@@ -696,7 +690,10 @@ impl<'s> Placer<'s> {
             per_cluster.remove(&h);
         }
         let host = &self.snap.hosts[h];
-        for d in [&mut ctx.anti, &mut ctx.soft_anti, &mut ctx.soft_aff].into_iter().flatten() {
+        for d in [&mut ctx.anti, &mut ctx.soft_anti, &mut ctx.soft_aff]
+            .into_iter()
+            .flatten()
+        {
             if let Some(v) = host.domain(&d.key) {
                 let c = d.counts.entry(v.to_string()).or_default();
                 *c = (*c as i64 + sign) as u32;
@@ -739,10 +736,7 @@ impl<'s> Placer<'s> {
             req.memory_mib,
             if self.snap.shared_storage { 0 } else { req.disk_mib },
         ];
-        if !ok
-            .iter()
-            .any(|&h| (0..3).all(|r| self.cap[h][r] >= need[r]))
-        {
+        if !ok.iter().any(|&h| (0..3).all(|r| self.cap[h][r] >= need[r])) {
             return PlacementError::VmTooLarge {
                 cpus: req.cpus,
                 memory_mib: req.memory_mib,
@@ -755,9 +749,24 @@ impl<'s> Placer<'s> {
             if needed > free {
                 let (missing, hosts) = (needed - free, ok.len());
                 return match r {
-                    0 => PlacementError::Cpu { missing, free, needed, hosts },
-                    1 => PlacementError::Memory { missing, free, needed, hosts },
-                    _ => PlacementError::Disk { missing, free, needed, hosts },
+                    0 => PlacementError::Cpu {
+                        missing,
+                        free,
+                        needed,
+                        hosts,
+                    },
+                    1 => PlacementError::Memory {
+                        missing,
+                        free,
+                        needed,
+                        hosts,
+                    },
+                    _ => PlacementError::Disk {
+                        missing,
+                        free,
+                        needed,
+                        hosts,
+                    },
                 };
             }
         }
@@ -813,7 +822,6 @@ pub fn place_gang(snap: &Snapshot, req: &GangRequest) -> Result<Vec<usize>, Plac
     Placer::new(snap).place(req)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,14 +854,20 @@ mod tests {
         let mut spread = place_gang(&s, &req(4, 1, 512, Placement::Spread)).unwrap();
         spread.sort();
         assert_eq!(spread, vec![0, 1, 2, 3]);
-        assert_eq!(place_gang(&s, &req(4, 1, 512, Placement::Pack)).unwrap(), vec![0, 0, 0, 0]);
+        assert_eq!(
+            place_gang(&s, &req(4, 1, 512, Placement::Pack)).unwrap(),
+            vec![0, 0, 0, 0]
+        );
     }
 
     #[test]
     fn shortfall_names_the_missing_vcpus() {
         let s = hosts(4, 4, 65536);
         let e = place_gang(&s, &req(14, 2, 512, Placement::Spread)).unwrap_err();
-        assert_eq!(e.to_string(), "needs 12 vCPU more than free on 4 hosts (16 free, 28 needed)");
+        assert_eq!(
+            e.to_string(),
+            "needs 12 vCPU more than free on 4 hosts (16 free, 28 needed)"
+        );
     }
 
     #[test]
@@ -938,7 +952,10 @@ mod tests {
         assert_eq!(place_gang(&s, &r).unwrap(), vec![3]);
         r.rules.required_labels.insert("zone".into(), "z1".into());
         let e = place_gang(&s, &r).unwrap_err();
-        assert_eq!(e.to_string(), "no host passes the filters: 1 × labels: zone=z0, needs zone=z1");
+        assert_eq!(
+            e.to_string(),
+            "no host passes the filters: 1 × labels: zone=z0, needs zone=z1"
+        );
         r.allow_power_on = true;
         r.rules.required_labels.insert("zone".into(), "z2".into());
         assert_eq!(place_gang(&s, &r).unwrap(), vec![2]);
@@ -958,7 +975,10 @@ mod tests {
         // 4 × 4 − 2 = 14 vCPU, 7168 MiB.
         assert!(place_gang(&s, &req(14, 1, 512, Placement::Pack)).is_ok());
         let e = place_gang(&s, &req(15, 1, 256, Placement::Pack)).unwrap_err();
-        assert_eq!(e.to_string(), "needs 1 vCPU more than free on 1 hosts (14 free, 15 needed)");
+        assert_eq!(
+            e.to_string(),
+            "needs 1 vCPU more than free on 1 hosts (14 free, 15 needed)"
+        );
         let e = place_gang(&s, &req(8, 1, 1024, Placement::Pack)).unwrap_err();
         assert!(matches!(e, PlacementError::Memory { missing: 1024, .. }), "{e}");
     }
@@ -980,7 +1000,8 @@ mod tests {
     #[test]
     fn image_locality_breaks_ties_between_equal_hosts() {
         let mut s = hosts(3, 8, 8192);
-        s.image_locality.insert("debian".into(), [("h2".to_string(), 0.9)].into_iter().collect());
+        s.image_locality
+            .insert("debian".into(), [("h2".to_string(), 0.9)].into_iter().collect());
         let mut r = req(1, 1, 512, Placement::Spread);
         r.template = Some("debian".into());
         assert_eq!(place_gang(&s, &r).unwrap(), vec![2]);
@@ -993,11 +1014,16 @@ mod tests {
         let mut s = hosts(1, 4, 4096);
         assert_eq!(
             place_gang(&s, &req(1, 8, 512, Placement::Spread)),
-            Err(PlacementError::VmTooLarge { cpus: 8, memory_mib: 512 })
+            Err(PlacementError::VmTooLarge {
+                cpus: 8,
+                memory_mib: 512
+            })
         );
         s.hosts[0].state = HostState::Down;
         assert_eq!(
-            place_gang(&s, &req(1, 1, 512, Placement::Spread)).unwrap_err().to_string(),
+            place_gang(&s, &req(1, 1, 512, Placement::Spread))
+                .unwrap_err()
+                .to_string(),
             "no host is up (1 × down)"
         );
     }
@@ -1034,7 +1060,12 @@ mod tests {
         let e = p.explain(&req(2, 2, 512, Placement::Pack));
         assert_eq!(e.hosts[0].vms, 2);
         assert!(e.hosts[0].score.is_some());
-        assert_eq!(e.hosts[1].rejected, Some(Reject::State { state: HostState::Draining }));
+        assert_eq!(
+            e.hosts[1].rejected,
+            Some(Reject::State {
+                state: HostState::Draining
+            })
+        );
         assert_eq!(e.hosts[2].rejected, Some(Reject::Cpu { free: 1, need: 2 }));
         let text = e.render();
         assert!(text.contains("rejected by state: host is draining"), "{text}");
@@ -1101,29 +1132,54 @@ mod tests {
     }
 
     fn arb_request() -> impl Strategy<Value = GangRequest> {
-        (1u32..20, 1u32..8, 1u64..8, any::<bool>(), 0u8..4, any::<bool>(), 0u8..3)
-            .prop_map(|(count, cpus, mem, pack, rule, power, cluster)| {
+        (1u32..20, 1u32..8, 1u64..8, any::<bool>(), 0u8..4, any::<bool>(), 0u8..3).prop_map(
+            |(count, cpus, mem, pack, rule, power, cluster)| {
                 let mut r = GangRequest::new(format!("c{cluster}"), count, cpus, mem * 256);
                 r.placement = if pack { Placement::Pack } else { Placement::Spread };
                 r.allow_power_on = power;
                 r.rules = match rule {
                     0 => Rules::default(),
-                    1 => Rules { anti_affinity: Some("host".into()), ..Default::default() },
-                    2 => Rules { anti_affinity: Some("zone".into()), ..Default::default() },
-                    _ => Rules { affinity: Some("zone".into()), ..Default::default() },
+                    1 => Rules {
+                        anti_affinity: Some("host".into()),
+                        ..Default::default()
+                    },
+                    2 => Rules {
+                        anti_affinity: Some("zone".into()),
+                        ..Default::default()
+                    },
+                    _ => Rules {
+                        affinity: Some("zone".into()),
+                        ..Default::default()
+                    },
                 };
                 r
-            })
+            },
+        )
     }
 
     /// Checks a committed plan against every hard rule, starting from `before`.
-    fn check_plan(s: &Snapshot, before: &Placer, after: &Placer, r: &GangRequest, plan: &[usize]) -> Result<(), TestCaseError> {
+    fn check_plan(
+        s: &Snapshot,
+        before: &Placer,
+        after: &Placer,
+        r: &GangRequest,
+        plan: &[usize],
+    ) -> Result<(), TestCaseError> {
         prop_assert_eq!(plan.len(), r.count as usize);
         for &h in plan {
             let host = &s.hosts[h];
-            prop_assert!(static_filter(host, r).is_none(), "host {} breaks a static rule", host.name);
+            prop_assert!(
+                static_filter(host, r).is_none(),
+                "host {} breaks a static rule",
+                host.name
+            );
             let f = after.free(h);
-            prop_assert!(f[0] >= 0 && f[1] >= 0 && f[2] >= 0, "host {} overcommitted: {:?}", host.name, f);
+            prop_assert!(
+                f[0] >= 0 && f[1] >= 0 && f[2] >= 0,
+                "host {} overcommitted: {:?}",
+                host.name,
+                f
+            );
         }
         for h in 0..s.hosts.len() {
             let n = plan.iter().filter(|&&x| x == h).count() as i64;
@@ -1148,11 +1204,18 @@ mod tests {
         Ok(())
     }
 
-    fn run_sequence(s: &Snapshot, reqs: &[GangRequest]) -> Result<Vec<Result<Vec<usize>, PlacementError>>, TestCaseError> {
+    fn run_sequence(
+        s: &Snapshot,
+        reqs: &[GangRequest],
+    ) -> Result<Vec<Result<Vec<usize>, PlacementError>>, TestCaseError> {
         let mut p = Placer::new(s);
         let mut out = Vec::new();
         for r in reqs {
-            let before = Placer { clusters: p.clusters.clone(), free: p.free.clone(), ..Placer::new(s) };
+            let before = Placer {
+                clusters: p.clusters.clone(),
+                free: p.free.clone(),
+                ..Placer::new(s)
+            };
             let res = p.place(r);
             match &res {
                 Ok(plan) => check_plan(s, &before, &p, r, plan)?,

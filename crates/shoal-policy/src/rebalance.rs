@@ -301,7 +301,11 @@ impl<'s> Balance<'s> {
                 None => return false,
                 Some(d) => {
                     let here = self.snap.hosts[self.vm_host[vm]].domain(key) == Some(d);
-                    let n = self.spread.get(&(v.cluster.clone(), d.to_string())).copied().unwrap_or(0);
+                    let n = self
+                        .spread
+                        .get(&(v.cluster.clone(), d.to_string()))
+                        .copied()
+                        .unwrap_or(0);
                     if n > 0 && !here {
                         return false;
                     }
@@ -404,7 +408,11 @@ impl<'s> Balance<'s> {
                             continue;
                         }
                         // Live migration needs room at every instant: move first whichever fits.
-                        let (x, xt, y, yt) = if self.fits(v1, b) { (v1, b, v2, a) } else { (v2, a, v1, b) };
+                        let (x, xt, y, yt) = if self.fits(v1, b) {
+                            (v1, b, v2, a)
+                        } else {
+                            (v2, a, v1, b)
+                        };
                         if !self.fits(x, xt) {
                             continue;
                         }
@@ -416,8 +424,13 @@ impl<'s> Balance<'s> {
                             f64::NEG_INFINITY
                         };
                         self.do_move(x, from);
-                        let (Some(s1), Some(s2)) = (self.seconds(v1, b), self.seconds(v2, a)) else { continue };
-                        if gain > self.opts.min_gain && gain > self.cost(s1 + s2) && best.is_none_or(|(_, _, g)| gain > g) {
+                        let (Some(s1), Some(s2)) = (self.seconds(v1, b), self.seconds(v2, a)) else {
+                            continue;
+                        };
+                        if gain > self.opts.min_gain
+                            && gain > self.cost(s1 + s2)
+                            && best.is_none_or(|(_, _, g)| gain > g)
+                        {
                             best = Some((v1, v2, gain));
                         }
                     }
@@ -690,8 +703,10 @@ fn refine(start: &Balance, prefix: &[Step]) -> Option<(f64, Vec<Step>)> {
         }
     }
     // One migration per moved VM, each time the one that gains most among those that fit.
-    let mut pending: Vec<(usize, usize)> =
-        (0..orig.len()).filter(|&v| b.vm_host[v] != orig[v]).map(|v| (v, b.vm_host[v])).collect();
+    let mut pending: Vec<(usize, usize)> = (0..orig.len())
+        .filter(|&v| b.vm_host[v] != orig[v])
+        .map(|v| (v, b.vm_host[v]))
+        .collect();
     let mut e = start.clone();
     e.target_ok = vec![true; n];
     let mut out = Vec::with_capacity(pending.len());
@@ -735,7 +750,11 @@ pub fn plan_greedy(snap: &Snapshot, opts: &RebalanceOptions) -> Result<Rebalance
     plan_with(snap, opts, 0)
 }
 
-fn plan_with(snap: &Snapshot, opts: &RebalanceOptions, quality_max_hosts: usize) -> Result<RebalancePlan, RebalanceError> {
+fn plan_with(
+    snap: &Snapshot,
+    opts: &RebalanceOptions,
+    quality_max_hosts: usize,
+) -> Result<RebalancePlan, RebalanceError> {
     let mut b = Balance::new(snap, opts)?;
     let before = hbal::score(snap, opts.ignore_dynu);
     let mut moves = Vec::new();
@@ -775,7 +794,11 @@ fn plan_with(snap: &Snapshot, opts: &RebalanceOptions, quality_max_hosts: usize)
         let mut ok = |k: usize| -> bool {
             tried
                 .entry(k)
-                .or_insert_with(|| refine(&b, &seq[..k]).filter(|(obj, _)| *obj <= target + 1e-12).map(|r| r.1))
+                .or_insert_with(|| {
+                    refine(&b, &seq[..k])
+                        .filter(|(obj, _)| *obj <= target + 1e-12)
+                        .map(|r| r.1)
+                })
                 .is_some()
         };
         let (mut lo, mut hi) = (0, seq.len());
@@ -827,8 +850,11 @@ fn plan_with(snap: &Snapshot, opts: &RebalanceOptions, quality_max_hosts: usize)
         let (h1, h2) = (b.vm_host[v1], b.vm_host[v2]);
         let (s1, s2) = (b.seconds(v1, h2).unwrap_or(0.0), b.seconds(v2, h1).unwrap_or(0.0));
         // Live migration needs room at every instant: first whichever fits.
-        let ((x, xt, xs), (y, yt, ys)) =
-            if b.fits(v1, h2) { ((v1, h2, s1), (v2, h1, s2)) } else { ((v2, h1, s2), (v1, h2, s1)) };
+        let ((x, xt, xs), (y, yt, ys)) = if b.fits(v1, h2) {
+            ((v1, h2, s1), (v2, h1, s2))
+        } else {
+            ((v2, h1, s2), (v1, h2, s1))
+        };
         let g1 = b.gain(x, xt);
         record(&mut b, x, xt, g1, xs, &mut moves);
         record(&mut b, y, yt, gain - g1, ys, &mut moves);
@@ -899,11 +925,7 @@ fn compress(snap: &Snapshot, seq: &[Move], opts: &RebalanceOptions) -> Option<Ve
 
 /// Plans moving every VM off `host` (which takes nothing new meanwhile), each to the host that
 /// leaves the cluster best balanced. Fails, naming the VM, when one fits nowhere.
-pub fn drain(
-    snap: &Snapshot,
-    host: &str,
-    opts: &RebalanceOptions,
-) -> Result<RebalancePlan, RebalanceError> {
+pub fn drain(snap: &Snapshot, host: &str, opts: &RebalanceOptions) -> Result<RebalancePlan, RebalanceError> {
     let h = *snap
         .host_index()
         .get(host)
@@ -918,7 +940,10 @@ pub fn drain(
     // Largest first: they have the fewest places to go.
     vms.sort_by(|&x, &y| {
         let (vx, vy) = (&marked.vms[x], &marked.vms[y]);
-        vy.memory_mib.cmp(&vx.memory_mib).then(vy.cpus.cmp(&vx.cpus)).then(vx.name.cmp(&vy.name))
+        vy.memory_mib
+            .cmp(&vx.memory_mib)
+            .then(vy.cpus.cmp(&vx.cpus))
+            .then(vx.name.cmp(&vy.name))
     });
     let mut moves = Vec::new();
     for vm in vms {
@@ -935,7 +960,10 @@ pub fn drain(
         let Some((to, gain)) = best else {
             let v = &marked.vms[vm];
             let why = if v.anti_affinity.is_some() {
-                format!(" without breaking its cluster's anti-affinity by {}", v.anti_affinity.as_deref().unwrap_or(""))
+                format!(
+                    " without breaking its cluster's anti-affinity by {}",
+                    v.anti_affinity.as_deref().unwrap_or("")
+                )
             } else {
                 String::new()
             };
@@ -973,12 +1001,7 @@ pub fn drain(
 /// The snapshot after the moves, in order (moves of unknown VMs are skipped).
 pub fn apply(snap: &Snapshot, moves: &[Move]) -> Snapshot {
     let mut out = snap.clone();
-    let idx: HashMap<String, usize> = out
-        .vms
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.name.clone(), i))
-        .collect();
+    let idx: HashMap<String, usize> = out.vms.iter().enumerate().map(|(i, v)| (v.name.clone(), i)).collect();
     for m in moves {
         if let Some(&i) = idx.get(&m.vm) {
             out.vms[i].host = m.to.clone();
@@ -1067,9 +1090,15 @@ mod tests {
             v.dirty_mib_s = Some(2000.0); // faster than the link: pre-copy never converges
         }
         assert!(plan(&s, &RebalanceOptions::default()).unwrap().moves.is_empty());
-        let opts = RebalanceOptions { cost_per_second: 100.0, ..Default::default() };
+        let opts = RebalanceOptions {
+            cost_per_second: 100.0,
+            ..Default::default()
+        };
         assert!(plan(&lopsided(), &opts).unwrap().moves.is_empty());
-        let opts = RebalanceOptions { max_moves: Some(2), ..Default::default() };
+        let opts = RebalanceOptions {
+            max_moves: Some(2),
+            ..Default::default()
+        };
         assert_eq!(plan(&lopsided(), &opts).unwrap().moves.len(), 2);
     }
 
@@ -1081,7 +1110,10 @@ mod tests {
         assert_eq!(p.moves.len(), 8);
         let after = apply(&s, &p.moves);
         assert!(after.vms.iter().all(|v| v.host != "h0"));
-        assert!(after.vms.iter().all(|v| v.name == "big" || v.host != "h1"), "the full host takes nothing");
+        assert!(
+            after.vms.iter().all(|v| v.name == "big" || v.host != "h1"),
+            "the full host takes nothing"
+        );
         valid(&after).unwrap();
         s.hosts[2].state = HostState::Maintenance;
         s.hosts[3].state = HostState::Down;
@@ -1090,43 +1122,57 @@ mod tests {
             e.to_string(),
             "cannot drain host \"h1\": VM \"big\" (8 vCPU, 30000 MiB) fits on no other host that is up"
         );
-        assert_eq!(drain(&s, "nope", &RebalanceOptions::default()).unwrap_err(), RebalanceError::UnknownHost("nope".into()));
+        assert_eq!(
+            drain(&s, "nope", &RebalanceOptions::default()).unwrap_err(),
+            RebalanceError::UnknownHost("nope".into())
+        );
     }
 
     fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
-        (2usize..10, prop::collection::vec((0usize..10, 1u32..6, 1u64..9, 0u8..4), 1..40)).prop_map(|(n, vms)| {
-            let mut s = Snapshot {
-                hosts: (0..n).map(|i| {
-                    let mut h = Host::new(format!("h{i}"), 8 + 4 * (i as u32 % 3), 16384 + 8192 * (i as u64 % 2), 0);
-                    h.cpu_overcommit = 2.0;
-                    h.labels.insert("zone".into(), format!("z{}", i % 3));
-                    h
-                }).collect(),
-                shared_storage: true,
-                ..Default::default()
-            };
-            let mut used = vec![[0u64; 2]; n];
-            for (i, (h, c, m, cl)) in vms.into_iter().enumerate() {
-                let h = h % n;
-                let cap = s.hosts[h].capacity();
-                let mem = m * 1024;
-                if used[h][0] + c as u64 > cap[0] || used[h][1] + mem > cap[1] {
-                    continue;
-                }
-                let mut v = vm(&format!("v{i}"), &format!("h{h}"), c, mem);
-                if cl == 0 {
-                    v.cluster = "spread".into();
-                    v.anti_affinity = Some("host".into());
-                    if s.vms.iter().any(|o| o.cluster == "spread" && o.host == v.host) {
+        (
+            2usize..10,
+            prop::collection::vec((0usize..10, 1u32..6, 1u64..9, 0u8..4), 1..40),
+        )
+            .prop_map(|(n, vms)| {
+                let mut s = Snapshot {
+                    hosts: (0..n)
+                        .map(|i| {
+                            let mut h = Host::new(
+                                format!("h{i}"),
+                                8 + 4 * (i as u32 % 3),
+                                16384 + 8192 * (i as u64 % 2),
+                                0,
+                            );
+                            h.cpu_overcommit = 2.0;
+                            h.labels.insert("zone".into(), format!("z{}", i % 3));
+                            h
+                        })
+                        .collect(),
+                    shared_storage: true,
+                    ..Default::default()
+                };
+                let mut used = vec![[0u64; 2]; n];
+                for (i, (h, c, m, cl)) in vms.into_iter().enumerate() {
+                    let h = h % n;
+                    let cap = s.hosts[h].capacity();
+                    let mem = m * 1024;
+                    if used[h][0] + c as u64 > cap[0] || used[h][1] + mem > cap[1] {
                         continue;
                     }
+                    let mut v = vm(&format!("v{i}"), &format!("h{h}"), c, mem);
+                    if cl == 0 {
+                        v.cluster = "spread".into();
+                        v.anti_affinity = Some("host".into());
+                        if s.vms.iter().any(|o| o.cluster == "spread" && o.host == v.host) {
+                            continue;
+                        }
+                    }
+                    used[h][0] += c as u64;
+                    used[h][1] += mem;
+                    s.vms.push(v);
                 }
-                used[h][0] += c as u64;
-                used[h][1] += mem;
-                s.vms.push(v);
-            }
-            s
-        })
+                s
+            })
     }
 
     proptest! {

@@ -2,8 +2,8 @@
 //! to 0..=1 (higher is better) and weighted by the request's [`Weights`].
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use shoal_model::Placement;
+use utoipa::ToSchema;
 
 use crate::filter::Weights;
 use crate::snapshot::HostState;

@@ -103,9 +103,8 @@ impl Host {
 
     /// What placement may hand out: `[vCPU, memory MiB, disk MiB]`.
     pub fn capacity(&self) -> [u64; 3] {
-        let scaled = |raw: u64, ratio: f64, reserved: u64| {
-            ((raw as f64 * ratio).floor() as u64).saturating_sub(reserved)
-        };
+        let scaled =
+            |raw: u64, ratio: f64, reserved: u64| ((raw as f64 * ratio).floor() as u64).saturating_sub(reserved);
         [
             scaled(self.cpus as u64, self.cpu_overcommit, self.reserved_cpus as u64),
             scaled(self.memory_mib, self.memory_overcommit, self.reserved_memory_mib),

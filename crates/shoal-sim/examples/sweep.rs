@@ -7,12 +7,10 @@ fn main() {
     let day = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "../shared/bench/planetlab/20110303".into());
-    let mut w =
-        shoal_sim::load_planetlab(std::path::Path::new(&day), 800).expect("the PlanetLab day");
+    let mut w = shoal_sim::load_planetlab(std::path::Path::new(&day), 800).expect("the PlanetLab day");
     for full in [false, true] {
         w.reference_quirks = !full;
-        let lr =
-            shoal_sim::simulate(&w, shoal_sim::policy("lr-mmt:1.2").unwrap().as_mut()).unwrap();
+        let lr = shoal_sim::simulate(&w, shoal_sim::policy("lr-mmt:1.2").unwrap().as_mut()).unwrap();
         let variants: Vec<(&str, ShoalPolicy)> = vec![
             ("default", ShoalPolicy::default()),
             ("pack 0.80", {
@@ -60,7 +58,16 @@ fn main() {
         ];
         for (name, mut p) in variants {
             let r = shoal_sim::simulate(&w, &mut p).unwrap();
-            println!("{:>5} {:<18} {:>7.2} kWh  ESV {:>6.1}% of lr  migr {:>5} ({:>4.1}%)  SLATAH {:.2}%", if full {"full"} else {"ref"}, name, r.energy_kwh, r.esv/lr.esv*100.0, r.migrations, r.migrations as f64/lr.migrations as f64*100.0, r.slatah*100.0);
+            println!(
+                "{:>5} {:<18} {:>7.2} kWh  ESV {:>6.1}% of lr  migr {:>5} ({:>4.1}%)  SLATAH {:.2}%",
+                if full { "full" } else { "ref" },
+                name,
+                r.energy_kwh,
+                r.esv / lr.esv * 100.0,
+                r.migrations,
+                r.migrations as f64 / lr.migrations as f64 * 100.0,
+                r.slatah * 100.0
+            );
         }
         println!("      lr-mmt:1.2 {:.2} kWh", lr.energy_kwh);
     }

@@ -51,7 +51,15 @@ impl<'a> Planner<'a> {
         let req_alloc: Vec<f64> = view.demand.to_vec();
         let req_check = req_alloc.clone();
         let ram_used = vec![0; hosts.len()];
-        Planner { view, vms, req_alloc, req_check, ram_used, check_ram: initial, detector }
+        Planner {
+            view,
+            vms,
+            req_alloc,
+            req_check,
+            ram_used,
+            check_ram: initial,
+            detector,
+        }
     }
 
     fn total(&self, h: usize) -> f64 {
@@ -82,7 +90,10 @@ impl<'a> Planner<'a> {
         }
         let pe = self.view.core_mips(h);
         let scale = total / s;
-        self.vms[h].iter().map(|&v| (self.req_alloc[v as usize].min(pe) * scale).floor()).sum()
+        self.vms[h]
+            .iter()
+            .map(|&v| (self.req_alloc[v as usize].min(pe) * scale).floor())
+            .sum()
     }
 
     fn suitable(&self, h: usize, v: usize) -> bool {
@@ -90,7 +101,9 @@ impl<'a> Planner<'a> {
         if self.view.core_mips(h) < req || self.available(h) < req {
             return false;
         }
-        !self.check_ram || self.ram_used[h] + self.view.workload.vms[v].ram_mb <= self.view.workload.host_types[self.view.hosts[h].ty].ram_mb
+        !self.check_ram
+            || self.ram_used[h] + self.view.workload.vms[v].ram_mb
+                <= self.view.workload.host_types[self.view.hosts[h].ty].ram_mb
     }
 
     fn add(&mut self, h: usize, v: usize) {
@@ -133,7 +146,11 @@ impl<'a> Planner<'a> {
                 if data.len() < 12 {
                     return thr(0.7);
                 }
-                let spread = if matches!(self.detector, Detector::Iqr(_)) { iqr(data) } else { mad(&data) };
+                let spread = if matches!(self.detector, Detector::Iqr(_)) {
+                    iqr(data)
+                } else {
+                    mad(&data)
+                };
                 thr(1.0 - s * spread)
             }
             Detector::Lr(s) => {
@@ -193,7 +210,9 @@ fn iqr(mut data: Vec<f64>) -> f64 {
     data.sort_by(f64::total_cmp);
     let n = data.len() as f64;
     let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
-    let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1).min(data.len() - 1);
+    let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
+        .saturating_sub(1)
+        .min(data.len() - 1);
     data[q3] - data[q1]
 }
 
@@ -280,7 +299,9 @@ impl Policy for CloudSimPolicy {
                     .copied()
                     .filter(|&v| !view.vms[v as usize].in_migration)
                     .fold(None::<u32>, |best, v| match best {
-                        Some(b) if view.workload.vms[b as usize].ram_mb <= view.workload.vms[v as usize].ram_mb => Some(b),
+                        Some(b) if view.workload.vms[b as usize].ram_mb <= view.workload.vms[v as usize].ram_mb => {
+                            Some(b)
+                        }
                         _ => Some(v),
                     });
                 let Some(vm) = vm else { break };
@@ -316,7 +337,11 @@ impl Policy for CloudSimPolicy {
             }
             excl_src[h] = true;
             excl_dst[h] = true;
-            let mut vms: Vec<u32> = p.vms[h].iter().copied().filter(|&v| !view.vms[v as usize].in_migration).collect();
+            let mut vms: Vec<u32> = p.vms[h]
+                .iter()
+                .copied()
+                .filter(|&v| !view.vms[v as usize].in_migration)
+                .collect();
             if vms.is_empty() {
                 continue;
             }
@@ -359,7 +384,9 @@ impl Policy for Dvfs {
         let mut p = Planner::new(view, Detector::Thr(1.0), true);
         (0..view.vms.len())
             .map(|v| {
-                let h = (0..view.hosts.len()).find(|&h| p.suitable(h, v)).ok_or(SimError::Unplaceable { vm: v })?;
+                let h = (0..view.hosts.len())
+                    .find(|&h| p.suitable(h, v))
+                    .ok_or(SimError::Unplaceable { vm: v })?;
                 p.add(h, v);
                 Ok(h as u32)
             })

@@ -230,7 +230,11 @@ impl<'w> Sim<'w> {
         let mut required = 0.0;
         for &v in &host.vms {
             let capped = self.demand[v as usize].min(pe);
-            required += if host.incoming.contains(&v) { capped * 0.1 } else { capped };
+            required += if host.incoming.contains(&v) {
+                capped * 0.1
+            } else {
+                capped
+            };
         }
         let over = required > total;
         let scale = if over { total / required } else { 1.0 };
@@ -265,12 +269,25 @@ impl<'w> Sim<'w> {
             if self.hosts[h].incoming.contains(&v) {
                 continue;
             }
-            let e = Entry { t, alloc: self.alloc[i], req: self.demand[v as usize], flag: self.vms[v as usize].in_migration };
+            let e = Entry {
+                t,
+                alloc: self.alloc[i],
+                req: self.demand[v as usize],
+                flag: self.vms[v as usize].in_migration,
+            };
             Self::record(&mut self.vm_last[v as usize], e, false, &mut self.acc);
         }
         // The model's invariant: the scheduler never hands out more than the host has.
-        debug_assert!(util_mips <= total * (1.0 + 1e-9), "host {h} allocates {util_mips} of {total} MIPS");
-        let e = Entry { t, alloc: util_mips, req: req_total, flag: util_mips > 0.0 };
+        debug_assert!(
+            util_mips <= total * (1.0 + 1e-9),
+            "host {h} allocates {util_mips} of {total} MIPS"
+        );
+        let e = Entry {
+            t,
+            alloc: util_mips,
+            req: req_total,
+            flag: util_mips > 0.0,
+        };
         Self::record(&mut self.host_last[h], e, true, &mut self.acc);
         let before = self.hosts[h].util;
         self.hosts[h].util = util_mips / total;
@@ -362,7 +379,14 @@ impl<'w> Sim<'w> {
     }
 
     fn view(&self, t: f64, step: usize) -> View<'_> {
-        View { workload: self.w, t, step, hosts: &self.hosts, vms: &self.vms, demand: &self.demand }
+        View {
+            workload: self.w,
+            t,
+            step,
+            hosts: &self.hosts,
+            vms: &self.vms,
+            demand: &self.demand,
+        }
     }
 }
 
@@ -392,7 +416,15 @@ pub fn simulate(w: &Workload, policy: &mut dyn Policy) -> Result<Report, SimErro
                 off_when_empty: false,
             })
             .collect(),
-        vms: (0..w.vms.len()).map(|_| VmState { host: 0, in_migration: false, history: Vec::with_capacity(HISTORY_LEN + 1), last_migrated: None, gone: false }).collect(),
+        vms: (0..w.vms.len())
+            .map(|_| VmState {
+                host: 0,
+                in_migration: false,
+                history: Vec::with_capacity(HISTORY_LEN + 1),
+                last_migrated: None,
+                gone: false,
+            })
+            .collect(),
         demand: w.vms.iter().map(|v| v.mips).collect(),
         host_last: vec![None; n_hosts],
         vm_last: vec![None; w.vms.len()],
@@ -409,11 +441,18 @@ pub fn simulate(w: &Workload, policy: &mut dyn Policy) -> Result<Report, SimErro
         alloc: Vec::new(),
     };
     let name = policy.name();
-    let bad = |what: String| SimError::BadPlan { policy: name.clone(), what };
+    let bad = |what: String| SimError::BadPlan {
+        policy: name.clone(),
+        what,
+    };
 
     let placement = policy.initial_placement(&sim.view(0.0, 0))?;
     if placement.len() != w.vms.len() {
-        return Err(bad(format!("initial placement names {} VMs, not {}", placement.len(), w.vms.len())));
+        return Err(bad(format!(
+            "initial placement names {} VMs, not {}",
+            placement.len(),
+            w.vms.len()
+        )));
     }
     for (v, &h) in placement.iter().enumerate() {
         if h as usize >= n_hosts {
@@ -526,9 +565,21 @@ pub fn simulate(w: &Workload, policy: &mut dyn Policy) -> Result<Report, SimErro
         }
     }
 
-    let slatah = if sim.acc.active_s > 0.0 { sim.acc.violated_s / sim.acc.active_s } else { 0.0 };
-    let pdm = if sim.acc.vm_req > 0.0 { sim.acc.vm_under_migration / sim.acc.vm_req } else { 0.0 };
-    let overall = if sim.acc.vm_req > 0.0 { (sim.acc.vm_req - sim.acc.vm_alloc) / sim.acc.vm_req } else { 0.0 };
+    let slatah = if sim.acc.active_s > 0.0 {
+        sim.acc.violated_s / sim.acc.active_s
+    } else {
+        0.0
+    };
+    let pdm = if sim.acc.vm_req > 0.0 {
+        sim.acc.vm_under_migration / sim.acc.vm_req
+    } else {
+        0.0
+    };
+    let overall = if sim.acc.vm_req > 0.0 {
+        (sim.acc.vm_req - sim.acc.vm_alloc) / sim.acc.vm_req
+    } else {
+        0.0
+    };
     let energy_kwh = (sim.energy_j + sim.boot_energy_j) / 3.6e6;
     let slav = slatah * pdm;
     let hosts_powered_off_max = series.iter().map(|s| n_hosts - s.powered_on).max().unwrap_or(0);
@@ -580,7 +631,11 @@ fn sample(sim: &Sim, t: f64, step: usize, migrations: u64) -> StepSample {
         active_hosts: active,
         powered_on: on,
         power_w: power,
-        sla_violation: if active > 0 { violated as f64 / active as f64 } else { 0.0 },
+        sla_violation: if active > 0 {
+            violated as f64 / active as f64
+        } else {
+            0.0
+        },
         migrations,
     }
 }

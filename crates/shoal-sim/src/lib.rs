@@ -22,7 +22,10 @@ pub use report::{Report, Targets};
 pub fn policy(spec: &str) -> Result<Box<dyn Policy>, SimError> {
     use baseline::{CloudSimPolicy, Detector, Dvfs};
     let (name, param) = match spec.split_once(':') {
-        Some((n, p)) => (n, Some(p.parse::<f64>().map_err(|_| SimError::UnknownPolicy(spec.to_owned()))?)),
+        Some((n, p)) => (
+            n,
+            Some(p.parse::<f64>().map_err(|_| SimError::UnknownPolicy(spec.to_owned()))?),
+        ),
         None => (spec, None),
     };
     let p = |d: f64| param.unwrap_or(d);

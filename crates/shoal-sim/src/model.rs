@@ -47,7 +47,9 @@ pub fn planetlab_host_types() -> Vec<HostType> {
             cores: 2,
             mips_per_core: 2660.0,
             ram_mb: 4096,
-            power_w: [93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0],
+            power_w: [
+                93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0,
+            ],
         },
     ]
 }
@@ -127,7 +129,13 @@ impl Workload {
 
     /// Keeps only the VMs whose index satisfies `keep` (for hold-out checks), in order.
     pub fn subset(mut self, keep: impl Fn(usize) -> bool) -> Self {
-        self.vms = self.vms.into_iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, v)| v).collect();
+        self.vms = self
+            .vms
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, v)| v)
+            .collect();
         self
     }
 }
@@ -139,7 +147,11 @@ pub enum TraceError {
     #[error("{path} line {line}: {text:?} is not a CPU percentage")]
     Sample { path: PathBuf, line: usize, text: String },
     #[error("{path}: {found} samples, expected {expected} like the other traces")]
-    Length { path: PathBuf, found: usize, expected: usize },
+    Length {
+        path: PathBuf,
+        found: usize,
+        expected: usize,
+    },
     #[error("{path} line {line}: bad VM order row {text:?}")]
     Order { path: PathBuf, line: usize, text: String },
     #[error("{0}: no trace files")]
@@ -147,7 +159,10 @@ pub enum TraceError {
 }
 
 fn read(path: &Path) -> Result<String, TraceError> {
-    std::fs::read_to_string(path).map_err(|source| TraceError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn parse_samples(path: &Path) -> Result<Vec<f64>, TraceError> {
@@ -158,9 +173,17 @@ fn parse_samples(path: &Path) -> Result<Vec<f64>, TraceError> {
         if l.is_empty() {
             continue;
         }
-        let v: f64 = l.parse().map_err(|_| TraceError::Sample { path: path.to_owned(), line: i + 1, text: l.to_owned() })?;
+        let v: f64 = l.parse().map_err(|_| TraceError::Sample {
+            path: path.to_owned(),
+            line: i + 1,
+            text: l.to_owned(),
+        })?;
         if !(0.0..=100.0).contains(&v) {
-            return Err(TraceError::Sample { path: path.to_owned(), line: i + 1, text: l.to_owned() });
+            return Err(TraceError::Sample {
+                path: path.to_owned(),
+                line: i + 1,
+                text: l.to_owned(),
+            });
         }
         out.push(v / 100.0);
     }
@@ -184,7 +207,11 @@ pub fn load_planetlab(dir: &Path, hosts: usize) -> Result<Workload, TraceError> 
                 continue;
             }
             let f: Vec<&str> = l.split(',').collect();
-            let bad = || TraceError::Order { path: order_path.clone(), line: i + 1, text: l.to_owned() };
+            let bad = || TraceError::Order {
+                path: order_path.clone(),
+                line: i + 1,
+                text: l.to_owned(),
+            };
             if f.len() < 5 {
                 return Err(bad());
             }
@@ -195,7 +222,10 @@ pub fn load_planetlab(dir: &Path, hosts: usize) -> Result<Workload, TraceError> 
             rows.push((f[4].to_owned(), Some(ty)));
         }
     } else {
-        let entries = std::fs::read_dir(dir).map_err(|source| TraceError::Io { path: dir.to_owned(), source })?;
+        let entries = std::fs::read_dir(dir).map_err(|source| TraceError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
@@ -215,17 +245,38 @@ pub fn load_planetlab(dir: &Path, hosts: usize) -> Result<Workload, TraceError> 
         let mut samples = parse_samples(&path)?;
         let n = *expected.get_or_insert(samples.len());
         if samples.len() != n || n < 2 {
-            return Err(TraceError::Length { path, found: samples.len(), expected: n.max(2) });
+            return Err(TraceError::Length {
+                path,
+                found: samples.len(),
+                expected: n.max(2),
+            });
         }
         samples.push(samples[n - 1]);
         let vm_type = ty.unwrap_or((i / per_type) as u32);
         let (mips, ram_mb) = PLANETLAB_VM_TYPES[vm_type as usize];
-        vms.push(VmSpec { name: file, vm_type, mips, ram_mb, samples });
+        vms.push(VmSpec {
+            name: file,
+            vm_type,
+            mips,
+            ram_mb,
+            samples,
+        });
     }
     let steps = expected.unwrap_or(2);
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Workload { name, vms, host_types: planetlab_host_types(), host_type_of: Vec::new(), interval_s: 300.0, steps, reference_quirks: true }
-        .with_hosts(hosts))
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Workload {
+        name,
+        vms,
+        host_types: planetlab_host_types(),
+        host_type_of: Vec::new(),
+        interval_s: 300.0,
+        steps,
+        reference_quirks: true,
+    }
+    .with_hosts(hosts))
 }
 
 #[cfg(test)]
@@ -243,7 +294,13 @@ mod tests {
 
     #[test]
     fn demand_interpolates_inside_an_interval() {
-        let vm = VmSpec { name: "a".into(), vm_type: 0, mips: 2500.0, ram_mb: 870, samples: vec![0.1, 0.3, 0.3] };
+        let vm = VmSpec {
+            name: "a".into(),
+            vm_type: 0,
+            mips: 2500.0,
+            ram_mb: 870,
+            samples: vec![0.1, 0.3, 0.3],
+        };
         assert_eq!(vm.demand_fraction(0.0, 300.0), 0.1);
         assert!((vm.demand_fraction(150.0, 300.0) - 0.2).abs() < 1e-12);
         assert_eq!(vm.demand_fraction(600.0, 300.0), 0.3);

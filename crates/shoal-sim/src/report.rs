@@ -58,11 +58,51 @@ pub struct Reference {
 }
 
 pub const REFERENCE_20110303: [Reference; 5] = [
-    Reference { policy: "dvfs", energy_kwh: 764.96, slatah: 0.0, pdm: 0.0, slav: 0.0, esv: 0.0, migrations: 0 },
-    Reference { policy: "thr-mmt:0.8", energy_kwh: 198.08, slatah: 0.0500, pdm: 0.000714, slav: 3.567e-5, esv: 7.066e-3, migrations: 27_728 },
-    Reference { policy: "iqr-mmt:1.5", energy_kwh: 193.63, slatah: 0.0502, pdm: 0.000681, slav: 3.418e-5, esv: 6.619e-3, migrations: 27_592 },
-    Reference { policy: "mad-mmt:2.5", energy_kwh: 189.79, slatah: 0.0509, pdm: 0.000702, slav: 3.574e-5, esv: 6.783e-3, migrations: 27_781 },
-    Reference { policy: "lr-mmt:1.2", energy_kwh: 167.83, slatah: 0.0572, pdm: 0.000755, slav: 4.318e-5, esv: 7.248e-3, migrations: 27_649 },
+    Reference {
+        policy: "dvfs",
+        energy_kwh: 764.96,
+        slatah: 0.0,
+        pdm: 0.0,
+        slav: 0.0,
+        esv: 0.0,
+        migrations: 0,
+    },
+    Reference {
+        policy: "thr-mmt:0.8",
+        energy_kwh: 198.08,
+        slatah: 0.0500,
+        pdm: 0.000714,
+        slav: 3.567e-5,
+        esv: 7.066e-3,
+        migrations: 27_728,
+    },
+    Reference {
+        policy: "iqr-mmt:1.5",
+        energy_kwh: 193.63,
+        slatah: 0.0502,
+        pdm: 0.000681,
+        slav: 3.418e-5,
+        esv: 6.619e-3,
+        migrations: 27_592,
+    },
+    Reference {
+        policy: "mad-mmt:2.5",
+        energy_kwh: 189.79,
+        slatah: 0.0509,
+        pdm: 0.000702,
+        slav: 3.574e-5,
+        esv: 6.783e-3,
+        migrations: 27_781,
+    },
+    Reference {
+        policy: "lr-mmt:1.2",
+        energy_kwh: 167.83,
+        slatah: 0.0572,
+        pdm: 0.000755,
+        slav: 4.318e-5,
+        esv: 7.248e-3,
+        migrations: 27_649,
+    },
 ];
 
 pub fn reference(policy: &str) -> Option<&'static Reference> {
@@ -118,10 +158,16 @@ pub fn table(reports: &[Report]) -> String {
             format!("{:.3}", r.sim_seconds),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

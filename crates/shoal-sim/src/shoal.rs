@@ -54,11 +54,7 @@ impl Policy for ShoalPolicy {
         let pack = self.consolidator.pack;
         let n = view.hosts.len();
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| {
-            efficiency(view, a)
-                .total_cmp(&efficiency(view, b))
-                .then(a.cmp(&b))
-        });
+        order.sort_by(|&a, &b| efficiency(view, a).total_cmp(&efficiency(view, b)).then(a.cmp(&b)));
         let mut load = vec![0.0; n];
         let mut vms: Vec<usize> = (0..view.vms.len()).collect();
         vms.sort_by(|&a, &b| {
@@ -72,17 +68,13 @@ impl Policy for ShoalPolicy {
         for v in vms {
             let size = view.workload.vms[v].mips / self.overcommit;
             let mips = view.workload.vms[v].mips;
-            let fits = |h: usize, load: &[f64]| {
-                load[h] + size <= pack * view.capacity(h) && mips <= view.core_mips(h)
-            };
+            let fits = |h: usize, load: &[f64]| load[h] + size <= pack * view.capacity(h) && mips <= view.core_mips(h);
             let h = match order[..opened]
                 .iter()
                 .copied()
                 .filter(|&h| fits(h, &load))
-                .min_by(|&a, &b| {
-                    (pack * view.capacity(a) - load[a])
-                        .total_cmp(&(pack * view.capacity(b) - load[b]))
-                }) {
+                .min_by(|&a, &b| (pack * view.capacity(a) - load[a]).total_cmp(&(pack * view.capacity(b) - load[b])))
+            {
                 Some(h) => h,
                 None => {
                     let i = order[opened..]

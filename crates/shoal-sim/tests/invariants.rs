@@ -17,11 +17,23 @@ fn synthetic(vms: usize, hosts: usize, seed: u64) -> Workload {
             let ty = i * 4 / vms;
             let mean = next() * 0.4;
             let mut samples: Vec<f64> = (0..steps)
-                .map(|_| if next() < 0.1 { 0.0 } else { (mean + (next() - 0.5) * 0.5).clamp(0.0, 0.99) })
+                .map(|_| {
+                    if next() < 0.1 {
+                        0.0
+                    } else {
+                        (mean + (next() - 0.5) * 0.5).clamp(0.0, 0.99)
+                    }
+                })
                 .collect();
             samples.push(samples[steps - 1]);
             let (mips, ram_mb) = PLANETLAB_VM_TYPES[ty];
-            VmSpec { name: format!("vm{i}"), vm_type: ty as u32, mips, ram_mb, samples }
+            VmSpec {
+                name: format!("vm{i}"),
+                vm_type: ty as u32,
+                mips,
+                ram_mb,
+                samples,
+            }
         })
         .collect();
     Workload {
@@ -43,12 +55,27 @@ fn every_policy_keeps_the_model_invariants() {
         for name in BASELINES.iter().copied().chain(["shoal"]) {
             // The engine asserts (debug builds) that no host ever allocates more than it has.
             let r = simulate(&w, policy(name).unwrap().as_mut()).unwrap();
-            assert!(r.energy_kwh.is_finite() && r.energy_kwh > 0.0, "{name}/{seed}: energy {}", r.energy_kwh);
+            assert!(
+                r.energy_kwh.is_finite() && r.energy_kwh > 0.0,
+                "{name}/{seed}: energy {}",
+                r.energy_kwh
+            );
             assert!((0.0..=1.0).contains(&r.slatah), "{name}/{seed}: SLATAH {}", r.slatah);
             assert!((0.0..=1.0).contains(&r.pdm), "{name}/{seed}: PDM {}", r.pdm);
-            assert_eq!(r.series.len(), w.decisions(), "{name}/{seed}: one sample per decision step");
-            assert!(r.series.iter().all(|s| s.powered_on <= w.hosts() && s.active_hosts <= s.powered_on.max(s.active_hosts)));
-            assert_eq!(r.series.iter().map(|s| s.migrations).sum::<u64>(), r.migrations, "{name}/{seed}");
+            assert_eq!(
+                r.series.len(),
+                w.decisions(),
+                "{name}/{seed}: one sample per decision step"
+            );
+            assert!(r
+                .series
+                .iter()
+                .all(|s| s.powered_on <= w.hosts() && s.active_hosts <= s.powered_on.max(s.active_hosts)));
+            assert_eq!(
+                r.series.iter().map(|s| s.migrations).sum::<u64>(),
+                r.migrations,
+                "{name}/{seed}"
+            );
             if name == "dvfs" {
                 assert_eq!(r.migrations, 0);
             }
@@ -77,7 +104,13 @@ impl Policy for OneMove {
 #[test]
 fn a_migration_costs_what_the_model_says() {
     let (mips, ram_mb) = PLANETLAB_VM_TYPES[2];
-    let vm = VmSpec { name: "a".into(), vm_type: 2, mips, ram_mb, samples: vec![0.5; 5] };
+    let vm = VmSpec {
+        name: "a".into(),
+        vm_type: 2,
+        mips,
+        ram_mb,
+        samples: vec![0.5; 5],
+    };
     let w = Workload {
         name: "one".into(),
         vms: vec![vm],
@@ -114,7 +147,10 @@ fn bad_plans_are_refused() {
             Ok(vec![0; view.vms.len()])
         }
         fn decide(&mut self, _view: &View) -> Plan {
-            Plan { migrations: vec![(0, 0)], ..Plan::default() }
+            Plan {
+                migrations: vec![(0, 0)],
+                ..Plan::default()
+            }
         }
     }
     let w = synthetic(4, 4, 1);

@@ -26,14 +26,33 @@ fn baselines_match_the_reference_figures() {
         } else {
             (r.migrations as f64 - want.migrations as f64).abs() / want.migrations as f64
         };
-        eprintln!("{name}: {:.2} kWh ({:+.1} %), {} migrations ({:+.1} %)", r.energy_kwh, e * 100.0, r.migrations, m * 100.0);
+        eprintln!(
+            "{name}: {:.2} kWh ({:+.1} %), {} migrations ({:+.1} %)",
+            r.energy_kwh,
+            e * 100.0,
+            r.migrations,
+            m * 100.0
+        );
         if e > 0.05 || m > 0.05 {
-            failures.push(format!("{name}: {:.2} kWh vs {}, {} migrations vs {}", r.energy_kwh, want.energy_kwh, r.migrations, want.migrations));
+            failures.push(format!(
+                "{name}: {:.2} kWh vs {}, {} migrations vs {}",
+                r.energy_kwh, want.energy_kwh, r.migrations, want.migrations
+            ));
         }
         if want.slatah > 0.0 {
             // SLA metrics are not part of the 5 % contract but must be of the same kind.
-            assert!((r.slatah / want.slatah - 1.0).abs() < 0.25, "{name}: SLATAH {} vs {}", r.slatah, want.slatah);
-            assert!((r.pdm / want.pdm - 1.0).abs() < 0.25, "{name}: PDM {} vs {}", r.pdm, want.pdm);
+            assert!(
+                (r.slatah / want.slatah - 1.0).abs() < 0.25,
+                "{name}: SLATAH {} vs {}",
+                r.slatah,
+                want.slatah
+            );
+            assert!(
+                (r.pdm / want.pdm - 1.0).abs() < 0.25,
+                "{name}: PDM {} vs {}",
+                r.pdm,
+                want.pdm
+            );
         }
     }
     assert!(failures.is_empty(), "outside 5 % of the reference: {failures:#?}");
@@ -47,7 +66,10 @@ fn assert_targets(w: &Workload, what: &str) {
         "{what}: shoal {:.2} kWh, ESV {:.3e}, {} migrations vs lr-mmt {:.2} kWh, ESV {:.3e}, {} migrations",
         shoal.energy_kwh, shoal.esv, shoal.migrations, lr.energy_kwh, lr.esv, lr.migrations
     );
-    assert!(t.energy_ok && t.esv_ok && t.migrations_ok, "{what}: targets missed: {t:?}");
+    assert!(
+        t.energy_ok && t.esv_ok && t.migrations_ok,
+        "{what}: targets missed: {t:?}"
+    );
 }
 
 #[test]
@@ -144,10 +166,26 @@ fn initial_placement_spreads_like_the_reference() {
             off_when_empty: false,
         })
         .collect();
-    let vms: Vec<VmState> =
-        w.vms.iter().map(|_| VmState { host: 0, in_migration: false, history: Vec::new(), last_migrated: None, gone: false }).collect();
+    let vms: Vec<VmState> = w
+        .vms
+        .iter()
+        .map(|_| VmState {
+            host: 0,
+            in_migration: false,
+            history: Vec::new(),
+            last_migrated: None,
+            gone: false,
+        })
+        .collect();
     let demand: Vec<f64> = w.vms.iter().map(|v| v.mips).collect();
-    let view = View { workload: &w, t: 0.0, step: 0, hosts: &hosts, vms: &vms, demand: &demand };
+    let view = View {
+        workload: &w,
+        t: 0.0,
+        step: 0,
+        hosts: &hosts,
+        vms: &vms,
+        demand: &demand,
+    };
     let placement = policy("lr-mmt:1.2").unwrap().initial_placement(&view).unwrap();
     let mut per_host = vec![0; 800];
     for h in placement {

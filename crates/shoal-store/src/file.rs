@@ -23,8 +23,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::{
-    Compare, EventKind, KeyValue, Op, RangeResponse, Store, StoreError, Txn, TxnResponse,
-    WatchEvent, Watcher,
+    Compare, EventKind, KeyValue, Op, RangeResponse, Store, StoreError, Txn, TxnResponse, WatchEvent, Watcher,
 };
 
 const LOCK_FILE: &str = "lock";
@@ -141,10 +140,7 @@ impl State {
         }
     }
 
-    fn under_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> impl Iterator<Item = (&'a String, &'a Stored)> {
+    fn under_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a Stored)> {
         self.entries
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
@@ -152,9 +148,7 @@ impl State {
 
     fn holds(&self, compare: &Compare) -> bool {
         match compare {
-            Compare::ModRevision(key, want) => {
-                self.entries.get(key).map_or(0, |e| e.mod_revision) == *want
-            }
+            Compare::ModRevision(key, want) => self.entries.get(key).map_or(0, |e| e.mod_revision) == *want,
             Compare::Version(key, want) => self.entries.get(key).map_or(0, |e| e.version) == *want,
             Compare::Value(key, want) => self.entries.get(key).is_some_and(|e| e.value == *want),
         }
@@ -206,12 +200,7 @@ impl State {
 
     /// Applies `changes` as `revision`. Fails only if a delete names a missing key, which a
     /// planned transaction never does, so for replay it means the log disagrees with the state.
-    fn apply(
-        &mut self,
-        revision: u64,
-        changes: Vec<Change>,
-        want_events: bool,
-    ) -> Result<Vec<WatchEvent>, String> {
+    fn apply(&mut self, revision: u64, changes: Vec<Change>, want_events: bool) -> Result<Vec<WatchEvent>, String> {
         let mut events = Vec::with_capacity(if want_events { changes.len() } else { 0 });
         for change in changes {
             match change {
@@ -326,16 +315,12 @@ impl Disk {
         if let Some(reason) = &self.broken {
             return Err(io_error(
                 &self.wal_path,
-                io::Error::other(format!(
-                    "refusing writes after an earlier failure: {reason}"
-                )),
+                io::Error::other(format!("refusing writes after an earlier failure: {reason}")),
             ));
         }
         if let Err(e) = self.wal.write_all(frame) {
             if let Err(cut) = self.wal.set_len(self.wal_len) {
-                self.broken = Some(format!(
-                    "append failed ({e}) and cutting it off failed ({cut})"
-                ));
+                self.broken = Some(format!("append failed ({e}) and cutting it off failed ({cut})"));
             }
             return Err(io_error(&self.wal_path, e));
         }
@@ -365,9 +350,7 @@ fn corrupt(path: &Path, reason: String) -> StoreError {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))
 }
 
 impl FileStore {
@@ -485,10 +468,7 @@ impl Inner {
             (succeeded, state.plan(ops), state.revision)
         };
         if changes.is_empty() {
-            return Ok(TxnResponse {
-                succeeded,
-                revision,
-            });
+            return Ok(TxnResponse { succeeded, revision });
         }
         let next = revision + 1;
         if let Some(disk) = writer.as_mut() {
@@ -538,15 +518,11 @@ impl Inner {
         fs::rename(&tmp_path, &path).map_err(|e| io_error(&path, e))?;
         // Until the rename is durable the WAL is the only copy of its records.
         sync_dir(&disk.dir)?;
-        disk.wal
-            .set_len(0)
-            .map_err(|e| io_error(&disk.wal_path, e))?;
+        disk.wal.set_len(0).map_err(|e| io_error(&disk.wal_path, e))?;
         disk.wal_len = 0;
         // Records that survive an unsynced truncation are skipped on replay, as the snapshot
         // covers them, so a failure here costs nothing but space.
-        disk.wal
-            .sync_all()
-            .map_err(|e| io_error(&disk.wal_path, e))?;
+        disk.wal.sync_all().map_err(|e| io_error(&disk.wal_path, e))?;
         tracing::debug!(revision, bytes = snapshot.len(), "state store compacted");
         Ok(())
     }
@@ -562,10 +538,7 @@ impl Store for FileStore {
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError> {
         let state = self.inner.read()?;
         Ok(RangeResponse {
-            kvs: state
-                .under_prefix(prefix)
-                .map(|(k, e)| e.to_kv(k))
-                .collect(),
+            kvs: state.under_prefix(prefix).map(|(k, e)| e.to_kv(k)).collect(),
             revision: state.revision,
         })
     }
@@ -608,10 +581,7 @@ fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "a key or value of {} bytes exceeds the 4 GiB limit",
-                bytes.len()
-            ),
+            format!("a key or value of {} bytes exceeds the 4 GiB limit", bytes.len()),
         )
     })?;
     put_u32(buf, len);
@@ -632,12 +602,8 @@ fn encode_frame(revision: u64, changes: &[Change]) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(FRAME_HEADER_LEN + 12 + size);
     buf.extend_from_slice(&[0; FRAME_HEADER_LEN]);
     put_u64(&mut buf, revision);
-    let count = u32::try_from(changes.len()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "too many operations in one transaction",
-        )
-    })?;
+    let count = u32::try_from(changes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many operations in one transaction"))?;
     put_u32(&mut buf, count);
     for change in changes {
         match change {
@@ -669,11 +635,7 @@ fn encode_frame(revision: u64, changes: &[Change]) -> io::Result<Vec<u8>> {
 /// `[u64 revision][u64 key count]`, then per key in order
 /// `[u32 key len][key][u32 value len][value][u64 create_revision][u64 mod_revision][u64 version]`.
 fn encode_snapshot(state: &State) -> Vec<u8> {
-    let size: usize = state
-        .entries
-        .iter()
-        .map(|(k, e)| 32 + k.len() + e.value.len())
-        .sum();
+    let size: usize = state.entries.iter().map(|(k, e)| 32 + k.len() + e.value.len()).sum();
     let mut buf = Vec::with_capacity(SNAPSHOT_HEADER_LEN + 16 + size);
     buf.extend_from_slice(SNAPSHOT_MAGIC);
     put_u32(&mut buf, SNAPSHOT_FORMAT);
@@ -801,10 +763,7 @@ fn load_snapshot(path: &Path, state: &mut State) -> Result<u64, StoreError> {
     let crc = r.u32().ok_or_else(|| bad("truncated header"))?;
     let body = &buf[SNAPSHOT_HEADER_LEN.min(buf.len())..];
     if body.len() as u64 != body_len {
-        return Err(bad(&format!(
-            "body is {} bytes, header says {body_len}",
-            body.len()
-        )));
+        return Err(bad(&format!("body is {} bytes, header says {body_len}", body.len())));
     }
     if crc32fast::hash(body) != crc {
         return Err(bad("checksum mismatch"));
@@ -834,11 +793,7 @@ fn load_snapshot(path: &Path, state: &mut State) -> Result<u64, StoreError> {
 
 /// Replays the WAL at `path` into `state`, cuts off a torn tail, and returns the file opened for
 /// appending with its length.
-fn recover_wal(
-    path: &Path,
-    state: &mut State,
-    snapshot_revision: u64,
-) -> Result<(File, u64), StoreError> {
+fn recover_wal(path: &Path, state: &mut State, snapshot_revision: u64) -> Result<(File, u64), StoreError> {
     let mut wal = OpenOptions::new()
         .read(true)
         .append(true)

@@ -139,9 +139,6 @@ pub trait Store: Send + Sync + 'static {
             .revision)
     }
     async fn delete(&self, key: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .txn(Txn::new().then(Op::Delete(key.to_string())))
-            .await?
-            .revision)
+        Ok(self.txn(Txn::new().then(Op::Delete(key.to_string()))).await?.revision)
     }
 }

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_store::{
-    Compare, EventKind, FileStore, Op, Options, Store, StoreError, Txn, WatchEvent, Watcher,
-};
+use shoal_store::{Compare, EventKind, FileStore, Op, Options, Store, StoreError, Txn, WatchEvent, Watcher};
 
 /// Generous bound on waiting for an event that must already be queued; only reached on failure.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,10 +99,7 @@ mod behaviours {
         assert!(r.succeeded);
         let r = s.txn(create("second")).await.unwrap();
         assert!(!r.succeeded);
-        assert_eq!(
-            r.revision, 2,
-            "the failure branch wrote, so the revision moved"
-        );
+        assert_eq!(r.revision, 2, "the failure branch wrote, so the revision moved");
         assert_eq!(s.get("lease").await.unwrap().unwrap().value, b"first");
         assert_eq!(s.get("lost").await.unwrap().unwrap().value, b"second");
 
@@ -114,10 +109,7 @@ mod behaviours {
             .then(put("lease", "stale"));
         let r = s.txn(stale).await.unwrap();
         assert!(!r.succeeded);
-        assert_eq!(
-            r.revision, 2,
-            "an empty failure branch must not move the revision"
-        );
+        assert_eq!(r.revision, 2, "an empty failure branch must not move the revision");
         let fresh = Txn::new()
             .when(Compare::ModRevision("lease".into(), held))
             .then(put("lease", "renewed"));
@@ -134,18 +126,11 @@ mod behaviours {
     }
 
     pub async fn version_compare(s: Arc<dyn Store>) {
-        let absent = Txn::new()
-            .when(Compare::Version("v".into(), 0))
-            .then(put("v", "a"));
+        let absent = Txn::new().when(Compare::Version("v".into(), 0)).then(put("v", "a"));
         assert!(s.txn(absent.clone()).await.unwrap().succeeded);
-        assert!(
-            !s.txn(absent).await.unwrap().succeeded,
-            "version 0 means absent"
-        );
+        assert!(!s.txn(absent).await.unwrap().succeeded, "version 0 means absent");
         s.put("v", b"b".to_vec()).await.unwrap();
-        let at2 = Txn::new()
-            .when(Compare::Version("v".into(), 2))
-            .then(put("v", "c"));
+        let at2 = Txn::new().when(Compare::Version("v".into(), 2)).then(put("v", "c"));
         assert!(s.txn(at2.clone()).await.unwrap().succeeded);
         assert_eq!(s.get("v").await.unwrap().unwrap().version, 3);
         assert!(!s.txn(at2).await.unwrap().succeeded);
@@ -177,22 +162,9 @@ mod behaviours {
         for k in ["vm/a", "vm/b", "vm/c/d", "vmx", "vm", "w/vm/a"] {
             s.put(k, k.as_bytes().to_vec()).await.unwrap();
         }
-        let r = s
-            .txn(Txn::new().then(Op::DeletePrefix("vm/".into())))
-            .await
-            .unwrap();
-        assert_eq!(
-            r.revision, 7,
-            "a prefix delete of many keys is one revision"
-        );
-        let keys: Vec<String> = s
-            .range("")
-            .await
-            .unwrap()
-            .kvs
-            .into_iter()
-            .map(|kv| kv.key)
-            .collect();
+        let r = s.txn(Txn::new().then(Op::DeletePrefix("vm/".into()))).await.unwrap();
+        assert_eq!(r.revision, 7, "a prefix delete of many keys is one revision");
+        let keys: Vec<String> = s.range("").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
         assert_eq!(keys, ["vm", "vmx", "w/vm/a"]);
 
         // Keys written earlier in the same txn are deleted too, and only effective deletes count.
@@ -207,14 +179,7 @@ mod behaviours {
             .await
             .unwrap();
         assert_eq!(r.revision, 8);
-        let keys: Vec<String> = s
-            .range("n/")
-            .await
-            .unwrap()
-            .kvs
-            .into_iter()
-            .map(|kv| kv.key)
-            .collect();
+        let keys: Vec<String> = s.range("n/").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
         assert_eq!(keys, ["n/3"]);
     }
 
@@ -229,14 +194,7 @@ mod behaviours {
         for kv in &r.kvs {
             assert_eq!(kv.value, kv.key.as_bytes());
         }
-        let all: Vec<String> = s
-            .range("")
-            .await
-            .unwrap()
-            .kvs
-            .into_iter()
-            .map(|kv| kv.key)
-            .collect();
+        let all: Vec<String> = s.range("").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
         assert_eq!(all, ["a", "a/", "a/1", "a/10", "a/2", "a0", "ab", "b/1"]);
         assert!(s.range("c").await.unwrap().kvs.is_empty());
         assert_eq!(s.range("b/1").await.unwrap().kvs.len(), 1);
@@ -257,10 +215,7 @@ mod behaviours {
         s.put("k/1", b"again".to_vec()).await.unwrap();
         s.delete("k/2").await.unwrap();
         let ev = next_event(&mut rx).await;
-        assert_eq!(
-            (ev.kind, ev.kv.mod_revision, ev.kv.version),
-            (EventKind::Put, 6, 2)
-        );
+        assert_eq!((ev.kind, ev.kv.mod_revision, ev.kv.version), (EventKind::Put, 6, 2));
         assert_eq!(ev.kv.value, b"again");
         let ev = next_event(&mut rx).await;
         assert_eq!(
@@ -292,9 +247,7 @@ mod behaviours {
             let s = s.clone();
             tokio::spawn(async move {
                 for i in 0..WRITES {
-                    s.put(&format!("r/{}", i % 7), i.to_le_bytes().to_vec())
-                        .await
-                        .unwrap();
+                    s.put(&format!("r/{}", i % 7), i.to_le_bytes().to_vec()).await.unwrap();
                 }
             })
         };
@@ -366,10 +319,7 @@ mod behaviours {
             }
             other => panic!("expected Compacted, got {:?}", other.map(|_| ())),
         }
-        assert!(matches!(
-            s.watch("", 5).await,
-            Err(StoreError::Compacted { .. })
-        ));
+        assert!(matches!(s.watch("", 5).await, Err(StoreError::Compacted { .. })));
         let mut rx = s.watch("", 8).await.unwrap();
         assert_eq!(next_event(&mut rx).await.kv.mod_revision, 9);
         assert_eq!(next_event(&mut rx).await.kv.mod_revision, 10);
@@ -391,16 +341,11 @@ mod behaviours {
                     let (n, cmp) = match &current {
                         None => (0, Compare::ModRevision("counter".into(), 0)),
                         Some(kv) => (
-                            String::from_utf8(kv.value.clone())
-                                .unwrap()
-                                .parse::<u64>()
-                                .unwrap(),
+                            String::from_utf8(kv.value.clone()).unwrap().parse::<u64>().unwrap(),
                             Compare::ModRevision("counter".into(), kv.mod_revision),
                         ),
                     };
-                    let txn = Txn::new()
-                        .when(cmp)
-                        .then(put("counter", &(n + 1).to_string()));
+                    let txn = Txn::new().when(cmp).then(put("counter", &(n + 1).to_string()));
                     if s.txn(txn).await.unwrap().succeeded {
                         done += 1;
                     }

@@ -5,9 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use shoal_store::{
-    Compare, FileStore, KeyValue, Op, Options, RangeResponse, Store, StoreError, Txn,
-};
+use shoal_store::{Compare, FileStore, KeyValue, Op, Options, RangeResponse, Store, StoreError, Txn};
 
 fn small_wal(limit: u64) -> Options {
     Options {
@@ -110,10 +108,7 @@ async fn truncated_wal_tail_recovers_acknowledged_prefix() {
         let ends = frame_ends(&bytes);
         let last_start = ends[ends.len() - 2];
         let keep = keep.min(bytes.len() - last_start - 1);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(wal(dir.path()))
-            .unwrap();
+        let f = OpenOptions::new().write(true).open(wal(dir.path())).unwrap();
         f.set_len((last_start + keep) as u64).unwrap();
         drop(f);
 
@@ -163,10 +158,7 @@ async fn garbage_after_last_record_is_discarded() {
         s.put("after", b"x".to_vec()).await.unwrap();
         drop(s);
         let s = FileStore::open(dir.path()).unwrap();
-        assert_eq!(
-            s.revision().await.unwrap(),
-            states.last().unwrap().revision + 1
-        );
+        assert_eq!(s.revision().await.unwrap(), states.last().unwrap().revision + 1);
     }
 }
 
@@ -202,14 +194,8 @@ async fn flipped_byte_in_early_record_is_corruption() {
     })
     .await;
     let dir_str = dir.path().display().to_string();
-    assert!(
-        msg.contains(&dir_str),
-        "message should name the file: {msg}"
-    );
-    assert!(
-        msg.contains("offset"),
-        "message should give the offset: {msg}"
-    );
+    assert!(msg.contains(&dir_str), "message should name the file: {msg}");
+    assert!(msg.contains("offset"), "message should give the offset: {msg}");
 }
 
 #[tokio::test]
@@ -374,9 +360,7 @@ async fn thousand_put_txn_timing() {
     }
     let kvs = s.range("bench/").await.unwrap().kvs;
     assert_eq!(kvs.len(), 1000);
-    assert!(kvs
-        .iter()
-        .all(|kv| kv.version == 10 && kv.value == [9u8; 500]));
+    assert!(kvs.iter().all(|kv| kv.version == 10 && kv.value == [9u8; 500]));
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     eprintln!(

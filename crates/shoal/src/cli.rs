@@ -224,10 +224,15 @@ pub struct HostOpts {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))?;
-    let ok = |x: &str| !x.is_empty() && x.len() <= 63 && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))?;
+    let ok =
+        |x: &str| !x.is_empty() && x.len() <= 63 && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok(k) || !ok(v) {
-        return Err(format!("label {s:?}: key and value must be 1-63 letters, digits, '-', '_' or '.'"));
+        return Err(format!(
+            "label {s:?}: key and value must be 1-63 letters, digits, '-', '_' or '.'"
+        ));
     }
     Ok((k.to_string(), v.to_string()))
 }
@@ -472,13 +477,22 @@ pub enum TemplateCmd {
         force: bool,
     },
     /// Build the demo template (host kernel, a busybox root, a NoCloud-reading init) and upload it.
-    BuildDemo { name: String },
+    BuildDemo {
+        name: String,
+    },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Delete a template no profile or cluster uses.
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
     /// Make a VM's disk, as it is now, a new template that boots like the VM's own.
-    Publish { vm: String, name: String },
+    Publish {
+        vm: String,
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -501,7 +515,9 @@ pub enum NetworkCmd {
         dns: Vec<String>,
     },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Change a network's settings.
     Set {
         name: String,
@@ -514,7 +530,9 @@ pub enum NetworkCmd {
         dns: Option<Vec<String>>,
     },
     /// Delete a network no cluster is on.
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -553,8 +571,12 @@ pub enum ProfileCmd {
         user_data: Option<PathBuf>,
     },
     List,
-    Show { name: String },
-    Delete { name: String },
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -604,7 +626,9 @@ pub enum ClusterCmd {
         explain: bool,
     },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Grow or shrink a virtual cluster.
     Scale {
         name: String,
@@ -642,7 +666,9 @@ pub enum VmCmd {
         #[arg(long)]
         cluster: Option<String>,
     },
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Stop: ACPI power button, forced after the host's timeout.
     Stop {
         #[command(flatten)]
@@ -663,7 +689,9 @@ pub enum VmCmd {
         follow: bool,
     },
     /// Record the VM's disk, as it is now, in the image store (shares unchanged chunks with its template).
-    Snapshot { name: String },
+    Snapshot {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

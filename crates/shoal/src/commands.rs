@@ -27,7 +27,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Sim(_) => unreachable!("handled above"),
         Command::Host(HostCmd::List) => output::emit(out, &client.hosts().await?, output::hosts),
-        Command::Host(HostCmd::Rebalance { plan: _, apply, options }) => {
+        Command::Host(HostCmd::Rebalance {
+            plan: _,
+            apply,
+            options,
+        }) => {
             let p = client.rebalance(&options.options(), apply).await?;
             output::emit(out, &p, output::rebalance);
             if apply && !p.moves.is_empty() {
@@ -49,7 +53,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("host {name} is in maintenance: it keeps its VMs and takes no new ones");
             }
         }
-        Command::Host(HostCmd::Power { name, model, on_command, off_command }) => {
+        Command::Host(HostCmd::Power {
+            name,
+            model,
+            on_command,
+            off_command,
+        }) => {
             let mut p = client.host_power(&name).await?;
             if model.is_some() || on_command.is_some() || off_command.is_some() {
                 let mut c = p.config.clone();
@@ -86,7 +95,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let v = client.image_verify().await?;
                 output::emit(out, &v, output::image_verify);
                 if !v.corrupt.is_empty() || !v.damaged.is_empty() {
-                    anyhow::bail!("the image store is damaged: {} corrupt chunk(s), images {:?}", v.corrupt.len(), v.damaged);
+                    anyhow::bail!(
+                        "the image store is damaged: {} corrupt chunk(s), images {:?}",
+                        v.corrupt.len(),
+                        v.damaged
+                    );
                 }
             }
         },
@@ -110,7 +123,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let t = images::import_template(&client, &name, &files, format.map(Into::into)).await?;
                 output::emit(out, &t, output::template)
             }
-            TemplateCmd::Export { name, file, format, force } => {
+            TemplateCmd::Export {
+                name,
+                file,
+                format,
+                force,
+            } => {
                 images::export_template(&client, &name, &file, format.into(), force).await?;
             }
             TemplateCmd::BuildDemo { name } => {
@@ -236,19 +254,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ClusterCmd::Resume(a) => power(&client, out, &a, None, "resume", false).await?,
         },
         Command::Network(n) => networks::run(&client, out, n).await?,
-        Command::Vm(VmCmd::List { cluster }) => {
-            output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms)
-        }
+        Command::Vm(VmCmd::List { cluster }) => output::emit(out, &client.vms(cluster.as_deref()).await?, output::vms),
         Command::Vm(VmCmd::Show { name }) => output::emit(out, &client.vm(&name).await?, output::vm),
         Command::Vm(VmCmd::Stop { vm, force }) => power(&client, out, &vm, Some(()), "stop", force).await?,
         Command::Vm(VmCmd::Start(a)) => power(&client, out, &a, Some(()), "start", false).await?,
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
         Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
-        Command::Vm(VmCmd::Snapshot { name }) => output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot),
-        Command::Operation(OperationCmd::List) => {
-            output::emit(out, &client.operations().await?, output::operations)
+        Command::Vm(VmCmd::Snapshot { name }) => {
+            output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot)
         }
+        Command::Operation(OperationCmd::List) => output::emit(out, &client.operations().await?, output::operations),
         Command::Operation(OperationCmd::Show { id }) => {
             let id = id
                 .parse()
@@ -260,7 +276,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A power change of a VM (`vm` is `Some`) or of a whole cluster; waits unless `--no-wait`.
-async fn power(client: &Client, out: Output, a: &PowerArgs, vm: Option<()>, action: &str, force: bool) -> anyhow::Result<()> {
+async fn power(
+    client: &Client,
+    out: Output,
+    a: &PowerArgs,
+    vm: Option<()>,
+    action: &str,
+    force: bool,
+) -> anyhow::Result<()> {
     let op = match vm {
         Some(()) => client.vm_action(&a.name, action, force).await?,
         None => client.cluster_action(&a.name, action).await?,
@@ -361,10 +384,10 @@ impl RebalanceArgs {
 /// The snapshot in `file`, or the live one from the controller.
 async fn load_snapshot(client: &Client, file: Option<PathBuf>) -> anyhow::Result<Snapshot> {
     let snap: Snapshot = match file {
-        Some(f) => serde_json::from_slice(
-            &std::fs::read(&f).with_context(|| format!("reading snapshot {}", f.display()))?,
-        )
-        .with_context(|| format!("snapshot {} is not valid (format: docs/snapshot.md)", f.display()))?,
+        Some(f) => {
+            serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("reading snapshot {}", f.display()))?)
+                .with_context(|| format!("snapshot {} is not valid (format: docs/snapshot.md)", f.display()))?
+        }
         None => client.plan_snapshot().await?,
     };
     snap.validate()?;
@@ -378,7 +401,12 @@ async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> 
             let snap = client.plan_snapshot().await?;
             std::fs::write(&file, serde_json::to_vec_pretty(&snap)?)
                 .with_context(|| format!("writing {}", file.display()))?;
-            eprintln!("wrote {} hosts and {} VMs to {}", snap.hosts.len(), snap.vms.len(), file.display());
+            eprintln!(
+                "wrote {} hosts and {} VMs to {}",
+                snap.hosts.len(),
+                snap.vms.len(),
+                file.display()
+            );
         }
         PlanCmd::Place(a) => {
             let snap = load_snapshot(client, a.snapshot.clone()).await?;
@@ -396,9 +424,17 @@ async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> 
             let snap = load_snapshot(client, snapshot).await?;
             output::emit(out, &rebalance::plan(&snap, &options.options())?, output::rebalance);
         }
-        PlanCmd::Drain { host, snapshot, options } => {
+        PlanCmd::Drain {
+            host,
+            snapshot,
+            options,
+        } => {
             let snap = load_snapshot(client, snapshot).await?;
-            output::emit(out, &rebalance::drain(&snap, &host, &options.options())?, output::rebalance);
+            output::emit(
+                out,
+                &rebalance::drain(&snap, &host, &options.options())?,
+                output::rebalance,
+            );
         }
     }
     Ok(())
@@ -489,7 +525,10 @@ fn sim(a: SimArgs, out: Output) -> anyhow::Result<()> {
             let t = shoal_sim::Targets::check(shoal, lr);
             s.push_str(&format!(
                 "targets vs lr-mmt:1.2: energy {}, ESV <= 30 % {}, migrations <= 10 % {}, < 1 s {}\n",
-                ok(t.energy_ok), ok(t.esv_ok), ok(t.migrations_ok), ok(t.time_ok)
+                ok(t.energy_ok),
+                ok(t.esv_ok),
+                ok(t.migrations_ok),
+                ok(t.time_ok)
             ));
         }
         s

@@ -46,8 +46,7 @@ fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
 async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -71,7 +70,9 @@ pub async fn server(a: ServerArgs) -> anyhow::Result<()> {
 }
 
 fn machine_cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 fn machine_memory_mib() -> u64 {
@@ -108,8 +109,16 @@ async fn network(a: &AgentArgs) -> anyhow::Result<Option<Arc<shoal_net::NetManag
         bail!("--net {flag} needs --underlay-ip: the address other hosts reach this one's network traffic on");
     };
     let driver: Arc<dyn shoal_net::NetDriver> = match a.net {
-        NetDriverArg::Bridge => Arc::new(shoal_net::bridge::BridgeDriver::open(ip).await.with_context(|| format!("agent {}: network driver bridge", a.name))?),
-        _ => Arc::new(shoal_net::udp::UdpDriver::open(ip, shoal_net::udp::UDP_PORT).await.with_context(|| format!("agent {}: network driver udp", a.name))?),
+        NetDriverArg::Bridge => Arc::new(
+            shoal_net::bridge::BridgeDriver::open(ip)
+                .await
+                .with_context(|| format!("agent {}: network driver bridge", a.name))?,
+        ),
+        _ => Arc::new(
+            shoal_net::udp::UdpDriver::open(ip, shoal_net::udp::UDP_PORT)
+                .await
+                .with_context(|| format!("agent {}: network driver udp", a.name))?,
+        ),
     };
     Ok(Some(Arc::new(shoal_net::NetManager::new(driver))))
 }
@@ -127,11 +136,14 @@ async fn hypervisor_with_network(
     match h.driver {
         Driver::Sim => {
             let load = match &h.sim_trace {
-                Some(t) => SimLoad::from_trace_dir(t, seconds("--sim-trace-step", h.sim_trace_step)?).map_err(|e| anyhow::anyhow!("--sim-trace: {e}"))?,
+                Some(t) => SimLoad::from_trace_dir(t, seconds("--sim-trace-step", h.sim_trace_step)?)
+                    .map_err(|e| anyhow::anyhow!("--sim-trace: {e}"))?,
                 None if (0.0..=1.0).contains(&h.sim_load) => SimLoad::Constant(h.sim_load),
                 None => bail!("--sim-load {}: must be between 0 and 1", h.sim_load),
             };
-            Ok(Arc::new(SimDriver::open(&dir.join("sim"), Duration::from_millis(h.sim_boot_ms))?.with_load(load)))
+            Ok(Arc::new(
+                SimDriver::open(&dir.join("sim"), Duration::from_millis(h.sim_boot_ms))?.with_load(load),
+            ))
         }
         Driver::Qemu => {
             let mut q = QemuConfig::new(dir.join("qemu"));
@@ -157,7 +169,12 @@ async fn hypervisor_with_network(
     }
 }
 
-fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &HostOpts) -> anyhow::Result<AgentConfig> {
+fn agent_config(
+    name: String,
+    controller: String,
+    dir: std::path::PathBuf,
+    h: &HostOpts,
+) -> anyhow::Result<AgentConfig> {
     if h.heartbeat.is_nan() || h.heartbeat <= 0.0 {
         bail!("--heartbeat {}: must be positive", h.heartbeat);
     }
@@ -169,7 +186,9 @@ fn agent_config(name: String, controller: String, dir: std::path::PathBuf, h: &H
         reserved_cpus: h.reserve_cpus,
         reserved_memory_mib: h.reserve_memory,
     };
-    allocation.check(cpus, memory_mib).map_err(|e| anyhow::anyhow!("host {name}: {e}"))?;
+    allocation
+        .check(cpus, memory_mib)
+        .map_err(|e| anyhow::anyhow!("host {name}: {e}"))?;
     Ok(AgentConfig {
         allocation,
         name,
@@ -236,9 +255,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let agents: Vec<_> = futures::future::try_join_all(starts).await?;
     eprintln!(
         "shoal up: controller at {} with {} {:?} hosts; Ctrl-C to stop",
-        ctl.url,
-        a.hosts,
-        a.host.driver
+        ctl.url, a.hosts, a.host.driver
     );
     if ctl.controller.auth_required() {
         eprintln!(

@@ -16,18 +16,28 @@ use shoal_model::Template;
 
 /// Opens the CLI's local image cache.
 pub fn cache() -> anyhow::Result<Arc<ImageStore>> {
-    let dir = match (std::env::var_os("SHOAL_IMAGE_CACHE"), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+    let dir = match (
+        std::env::var_os("SHOAL_IMAGE_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    ) {
         (Some(d), _, _) => PathBuf::from(d),
         (None, Some(x), _) => PathBuf::from(x).join("shoal/images"),
         (None, None, Some(h)) => PathBuf::from(h).join(".cache/shoal/images"),
         _ => anyhow::bail!("no image cache: set SHOAL_IMAGE_CACHE or HOME"),
     };
-    Ok(Arc::new(ImageStore::open(&dir).with_context(|| format!("opening the image cache {}", dir.display()))?))
+    Ok(Arc::new(ImageStore::open(&dir).with_context(|| {
+        format!("opening the image cache {}", dir.display())
+    })?))
 }
 
 /// A bytes bar with throughput, drawn only on a terminal.
 fn bar(prefix: &str) -> ProgressBar {
-    let b = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    let b = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     b.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
             .expect("valid template")
@@ -42,7 +52,12 @@ fn mb(b: u64) -> f64 {
 }
 
 /// Chunks `file` into the cache, uploads what the controller lacks, and creates the template.
-pub async fn import_template(client: &Client, name: &str, files: &TemplateFiles, format: Option<ImageFormat>) -> anyhow::Result<Template> {
+pub async fn import_template(
+    client: &Client,
+    name: &str,
+    files: &TemplateFiles,
+    format: Option<ImageFormat>,
+) -> anyhow::Result<Template> {
     shoal_model::validate_name("template", name).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = cache()?;
     let chunking = bar("chunking");
@@ -54,7 +69,14 @@ pub async fn import_template(client: &Client, name: &str, files: &TemplateFiles,
                 b.set_length(total);
                 b.set_position(done);
             };
-            store.import_path(&file, &ImportOptions { format, progress: Some(&progress), ..Default::default() })
+            store.import_path(
+                &file,
+                &ImportOptions {
+                    format,
+                    progress: Some(&progress),
+                    ..Default::default()
+                },
+            )
         })
         .await?
         .with_context(|| format!("importing {}", files.disk.display()))?
@@ -100,16 +122,24 @@ pub async fn import_template(client: &Client, name: &str, files: &TemplateFiles,
 }
 
 /// Writes template `name`'s disk to `dest` as raw or qcow2, fetching the chunks the cache lacks.
-pub async fn export_template(client: &Client, name: &str, dest: &Path, format: ImageFormat, force: bool) -> anyhow::Result<()> {
+pub async fn export_template(
+    client: &Client,
+    name: &str,
+    dest: &Path,
+    format: ImageFormat,
+    force: bool,
+) -> anyhow::Result<()> {
     if dest.exists() && !force {
         anyhow::bail!("{} exists; pass --force to overwrite it", dest.display());
     }
     let t = client.templates().await?.into_iter().find(|t| t.name == name);
     let t = t.ok_or_else(|| anyhow::anyhow!("template {name:?} not found"))?;
-    let hex = t
-        .hash
-        .strip_prefix("manifest:")
-        .ok_or_else(|| anyhow::anyhow!("template {name:?} predates the image store (hash {}); re-import it", t.hash))?;
+    let hex = t.hash.strip_prefix("manifest:").ok_or_else(|| {
+        anyhow::anyhow!(
+            "template {name:?} predates the image store (hash {}); re-import it",
+            t.hash
+        )
+    })?;
     let id: ManifestId = hex.parse()?;
     let store = cache()?;
     let fetching = bar("fetching");

@@ -8,8 +8,22 @@ use crate::output::{emit, table};
 
 pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create { name, subnet, vni, nat, dns } => {
-            let n = client.create_network(&CreateNetwork { name, subnet, vni, nat, dns }).await?;
+        NetworkCmd::Create {
+            name,
+            subnet,
+            vni,
+            nat,
+            dns,
+        } => {
+            let n = client
+                .create_network(&CreateNetwork {
+                    name,
+                    subnet,
+                    vni,
+                    nat,
+                    dns,
+                })
+                .await?;
             emit(out, &n, show);
         }
         NetworkCmd::Set { name, nat, dns } => {
@@ -17,7 +31,11 @@ pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Resul
                 anyhow::bail!("network set {name}: nothing to change (give --nat true|false or --dns)");
             }
             let dns = dns.map(|d| if d == ["none"] { Vec::new() } else { d });
-            emit(out, &client.update_network(&name, &UpdateNetwork { nat, dns }).await?, show);
+            emit(
+                out,
+                &client.update_network(&name, &UpdateNetwork { nat, dns }).await?,
+                show,
+            );
         }
         NetworkCmd::List => emit(out, &client.networks().await?, list),
         NetworkCmd::Show { name } => emit(out, &client.network(&name).await?, show),
@@ -36,7 +54,9 @@ fn list(ns: &Vec<NetworkView>) -> String {
 
 fn rows(ns: &[NetworkView]) -> String {
     table(
-        &["name", "subnet", "vni", "owner", "nat", "dns", "clusters", "vms", "hosts"],
+        &[
+            "name", "subnet", "vni", "owner", "nat", "dns", "clusters", "vms", "hosts",
+        ],
         ns.iter()
             .map(|n| {
                 vec![
@@ -48,7 +68,12 @@ fn rows(ns: &[NetworkView]) -> String {
                     if n.network.dns.is_empty() {
                         "-".into()
                     } else {
-                        n.network.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                        n.network
+                            .dns
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
                     },
                     n.clusters.join(","),
                     n.vms.to_string(),

@@ -48,10 +48,7 @@ pub fn sheet(pairs: Vec<(&str, String)>) -> String {
 
 pub fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> String) {
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("API values serialise")
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("API values serialise")),
         Output::Table => print!("{}", human(value)),
     }
 }
@@ -124,7 +121,18 @@ fn json_name<T: Serialize>(v: &T) -> String {
 
 pub fn hosts(hosts: &Vec<Host>) -> String {
     table(
-        &["name", "state", "power", "driver", "cpus", "used cpus", "memory", "used memory", "vms", "address"],
+        &[
+            "name",
+            "state",
+            "power",
+            "driver",
+            "cpus",
+            "used cpus",
+            "memory",
+            "used memory",
+            "vms",
+            "address",
+        ],
         hosts
             .iter()
             .map(|h| {
@@ -151,8 +159,14 @@ pub fn host_power(p: &shoal_model::power::HostPower) -> String {
         ("host", p.host.clone()),
         ("state", p.state.as_str().to_string()),
         ("model", format!("{} W (idle to full load)", watts.join(", "))),
-        ("on command", p.config.power_on_command.clone().unwrap_or_else(|| "-".into())),
-        ("off command", p.config.power_off_command.clone().unwrap_or_else(|| "-".into())),
+        (
+            "on command",
+            p.config.power_on_command.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "off command",
+            p.config.power_off_command.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("last error", p.last_error.clone().unwrap_or_else(|| "-".into())),
     ])
 }
@@ -230,7 +244,10 @@ pub fn profiles(ps: &Vec<ProfileView>) -> String {
                     p.effective.template.clone(),
                     p.effective.cpus.to_string(),
                     format_mib(p.effective.memory_mib),
-                    p.effective.disk_mib.map(format_mib).unwrap_or_else(|| "template".into()),
+                    p.effective
+                        .disk_mib
+                        .map(format_mib)
+                        .unwrap_or_else(|| "template".into()),
                 ]
             })
             .collect(),
@@ -246,7 +263,10 @@ pub fn profile(p: &ProfileView) -> String {
         ("parent", opt(&o.parent)),
         ("template", format!("{}{}", e.template, inherited(o.template.is_some()))),
         ("cpus", format!("{}{}", e.cpus, inherited(o.cpus.is_some()))),
-        ("memory", format!("{}{}", format_mib(e.memory_mib), inherited(o.memory_mib.is_some()))),
+        (
+            "memory",
+            format!("{}{}", format_mib(e.memory_mib), inherited(o.memory_mib.is_some())),
+        ),
         (
             "disk",
             format!(
@@ -256,7 +276,13 @@ pub fn profile(p: &ProfileView) -> String {
             ),
         ),
         ("network", opt(&e.network)),
-        ("user data", e.user_data.as_ref().map(|u| format!("{} bytes", u.len())).unwrap_or_else(|| "-".into())),
+        (
+            "user data",
+            e.user_data
+                .as_ref()
+                .map(|u| format!("{} bytes", u.len()))
+                .unwrap_or_else(|| "-".into()),
+        ),
     ])
 }
 
@@ -272,7 +298,11 @@ pub fn clusters(cs: &Vec<ClusterView>) -> String {
                     c.vms_running.to_string(),
                     json_name(&c.cluster.state),
                     c.cluster.subnet.to_string(),
-                    format!("{}/{}", json_name(&c.cluster.placement), json_name(&c.cluster.anti_affinity)),
+                    format!(
+                        "{}/{}",
+                        json_name(&c.cluster.placement),
+                        json_name(&c.cluster.anti_affinity)
+                    ),
                 ]
             })
             .collect(),
@@ -291,7 +321,10 @@ pub fn cluster(c: &ClusterView) -> String {
         ("placement", json_name(&k.placement)),
         ("anti-affinity", json_name(&k.anti_affinity)),
         ("template", k.shape.template.clone()),
-        ("vm shape", format!("{} vCPU, {}", k.shape.cpus, format_mib(k.shape.memory_mib))),
+        (
+            "vm shape",
+            format!("{} vCPU, {}", k.shape.cpus, format_mib(k.shape.memory_mib)),
+        ),
     ])
 }
 
@@ -384,7 +417,11 @@ pub fn operation(o: &Operation) -> String {
 }
 
 pub fn image_stats(s: &shoal_model::api::ImageStats) -> String {
-    let ratio = if s.stored_bytes > 0 { s.logical_bytes as f64 / s.stored_bytes as f64 } else { 0.0 };
+    let ratio = if s.stored_bytes > 0 {
+        s.logical_bytes as f64 / s.stored_bytes as f64
+    } else {
+        0.0
+    };
     sheet(vec![
         ("logical", format!("{} bytes", s.logical_bytes)),
         ("stored", format!("{} bytes ({ratio:.1}x smaller)", s.stored_bytes)),
@@ -402,7 +439,11 @@ pub fn image_gc(g: &shoal_model::api::ImageGc) -> String {
 }
 
 pub fn image_verify(v: &shoal_model::api::ImageVerify) -> String {
-    let mut s = format!("checked {} chunks: {} corrupt (quarantined)\n", v.chunks_checked, v.corrupt.len());
+    let mut s = format!(
+        "checked {} chunks: {} corrupt (quarantined)\n",
+        v.chunks_checked,
+        v.corrupt.len()
+    );
     for d in &v.damaged {
         s.push_str(&format!("damaged: {d} (re-import it to repair)\n"));
     }
@@ -418,7 +459,11 @@ pub fn vm_snapshot(s: &shoal_model::api::VmSnapshot) -> String {
         ("size", format!("{} bytes ({} of data)", s.logical_bytes, s.data_bytes)),
         (
             "shared",
-            format!("{} bytes with its template ({:.1} %)", s.shared_with_template_bytes, pct(s.shared_with_template_bytes, s.data_bytes)),
+            format!(
+                "{} bytes with its template ({:.1} %)",
+                s.shared_with_template_bytes,
+                pct(s.shared_with_template_bytes, s.data_bytes)
+            ),
         ),
         ("sent", format!("{} new chunks, {} bytes", s.chunks_sent, s.bytes_sent)),
     ])
@@ -430,7 +475,13 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["name", "ip"], vec![vec!["web-0".into(), "10.200.0.2".into()], vec!["db-10".into(), "x".into()]]);
+        let t = table(
+            &["name", "ip"],
+            vec![
+                vec!["web-0".into(), "10.200.0.2".into()],
+                vec!["db-10".into(), "x".into()],
+            ],
+        );
         insta::assert_snapshot!(t, @r"
         NAME   IP
         web-0  10.200.0.2

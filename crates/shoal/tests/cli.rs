@@ -13,12 +13,27 @@ fn cli_contract_from_template_to_deleted_cluster() {
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data");
     let mut up = Daemon::spawn(
-        &["up", "--hosts", "3", "--driver", "sim", "--listen", &format!("127.0.0.1:{port}"),
-          "--data-dir", data.to_str().unwrap(), "--host-cpus", "4", "--host-memory", "8192"],
+        &[
+            "up",
+            "--hosts",
+            "3",
+            "--driver",
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--host-cpus",
+            "4",
+            "--host-memory",
+            "8192",
+        ],
         &dir.path().join("up.log"),
     );
     wait_ready(&url, &up);
-    eventually(Duration::from_secs(10), "3 hosts", || json(&url, &["host", "list"]).as_array().unwrap().len() == 3);
+    eventually(Duration::from_secs(10), "3 hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 3
+    });
 
     let hosts = json(&url, &["host", "list"]);
     for key in ["name", "state", "cpus", "memory_mib", "used_cpus", "used_memory_mib"] {
@@ -42,17 +57,47 @@ fn cli_contract_from_template_to_deleted_cluster() {
     let o = cli(&url, &[], &["template", "export", "deb", back.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     let o = cli(&url, &[], &["template", "import", "deb2", img.to_str().unwrap()]);
-    assert!(o.status.success() && stderr(&o).contains("uploaded 0 of"), "{}", stderr(&o));
+    assert!(
+        o.status.success() && stderr(&o).contains("uploaded 0 of"),
+        "{}",
+        stderr(&o)
+    );
     let stats = json(&url, &["image", "stats"]);
     for key in ["logical_bytes", "stored_bytes", "chunks"] {
         assert!(stats[key].as_u64().is_some(), "image stats lacks {key}: {stats}");
     }
-    assert_eq!(stats["logical_bytes"], 64 * 1024, "two templates of one disk are one image");
+    assert_eq!(
+        stats["logical_bytes"],
+        64 * 1024,
+        "two templates of one disk are one image"
+    );
     ok(&url, &["template", "delete", "deb2"]);
-    assert_eq!(json(&url, &["image", "gc"])["chunks_removed"], 0, "deb still holds the chunks");
+    assert_eq!(
+        json(&url, &["image", "gc"])["chunks_removed"],
+        0,
+        "deb still holds the chunks"
+    );
 
-    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "512MiB"]);
-    ok(&url, &["profile", "create", "big", "--parent", "small", "--cpus", "2", "--disk", "2GiB"]);
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "512MiB",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "profile", "create", "big", "--parent", "small", "--cpus", "2", "--disk", "2GiB",
+        ],
+    );
     let big = json(&url, &["profile", "show", "big"]);
     assert_eq!(big["effective"]["memory_mib"], 512);
     assert_eq!(big["effective"]["cpus"], 2);
@@ -63,27 +108,55 @@ fn cli_contract_from_template_to_deleted_cluster() {
     assert!(table.contains("big") && table.contains("small"));
 
     // --wait shows the four steps and the table of the finished operation.
-    let o = cli(&url, &[], &["cluster", "create", "lab", "--profile", "big", "--size", "5", "--wait"]);
+    let o = cli(
+        &url,
+        &[],
+        &["cluster", "create", "lab", "--profile", "big", "--size", "5", "--wait"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    for (i, step) in ["prepare_images", "configure_vms", "choose_hosts", "execute"].iter().enumerate() {
-        assert!(err.contains(&format!("[{}/4] {step}", i + 1)), "progress lacks {step}: {err}");
+    for (i, step) in ["prepare_images", "configure_vms", "choose_hosts", "execute"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            err.contains(&format!("[{}/4] {step}", i + 1)),
+            "progress lacks {step}: {err}"
+        );
     }
     assert!(stdout(&o).contains("succeeded"));
 
     let vms = json(&url, &["vm", "list", "--cluster", "lab"]);
     let vms = vms.as_array().unwrap();
     assert_eq!(vms.len(), 5);
-    for key in ["name", "uuid", "cluster", "host", "state", "ip", "mac", "cpus", "memory_mib"] {
+    for key in [
+        "name",
+        "uuid",
+        "cluster",
+        "host",
+        "state",
+        "ip",
+        "mac",
+        "cpus",
+        "memory_mib",
+    ] {
         assert!(vms[0].get(key).is_some(), "VM JSON lacks {key}");
     }
     assert!(vms.iter().all(|v| v["state"] == "running" && v["cpus"] == 2));
     // The simulated driver has no disks: a snapshot is refused, naming why, and stores nothing.
     let o = cli(&url, &[], &["vm", "snapshot", "lab-3"]);
-    assert!(!o.status.success() && stderr(&o).contains("keeps no disks"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("keeps no disks"),
+        "{}",
+        stderr(&o)
+    );
     let o = cli(&url, &[], &["template", "publish", "lab-3", "copy"]);
     assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(json(&url, &["template", "list"]).as_array().unwrap().iter().all(|t| t["name"] != "copy"));
+    assert!(json(&url, &["template", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["name"] != "copy"));
     let vm = json(&url, &["vm", "show", "lab-3"]);
     assert_eq!(vm["name"], "lab-3");
     assert_eq!(vm["cluster"], "lab");
@@ -91,14 +164,36 @@ fn cli_contract_from_template_to_deleted_cluster() {
     assert_eq!((c["size"].as_u64(), c["vms_running"].as_u64()), (Some(5), Some(5)));
     assert_eq!(c["state"], "ready");
     let vm_table = ok(&url, &["vm", "list"]);
-    assert!(vm_table.lines().next().unwrap().split_whitespace().eq(["NAME", "CLUSTER", "HOST", "STATE", "IP", "MAC", "CPUS", "MEMORY"]));
+    assert!(vm_table
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .eq(["NAME", "CLUSTER", "HOST", "STATE", "IP", "MAC", "CPUS", "MEMORY"]));
     assert_eq!(vm_table.lines().count(), 6);
 
     // Failures exit non-zero with the reason on stderr.
     let e = fails(&url, &["cluster", "create", "huge", "--profile", "big", "--size", "10"]);
-    assert!(e.contains("needs 18 vCPU more than free on 3 hosts (2 free, 20 needed)"), "{e}");
+    assert!(
+        e.contains("needs 18 vCPU more than free on 3 hosts (2 free, 20 needed)"),
+        "{e}"
+    );
     assert!(fails(&url, &["cluster", "show", "ghost"]).contains("cluster \"ghost\" not found"));
-    assert!(fails(&url, &["profile", "create", "x", "--template", "deb", "--cpus", "1", "--memory", "12XB"]).contains("invalid size \"12XB\""));
+    assert!(fails(
+        &url,
+        &[
+            "profile",
+            "create",
+            "x",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "12XB"
+        ]
+    )
+    .contains("invalid size \"12XB\""));
     assert!(fails(&url, &["cluster", "create", "lab", "--profile", "big", "--size", "1"]).contains("already exists"));
     assert!(fails(&url, &["template", "delete", "deb"]).contains("in use"));
     assert!(fails(&url, &["operation", "show", "nope"]).contains("invalid operation id"));
@@ -121,7 +216,9 @@ fn cli_contract_from_template_to_deleted_cluster() {
     ok(&url, &["template", "delete", "deb"]);
 
     // Ctrl-C stops `shoal up` cleanly.
-    let status = up.signal_and_wait("INT", Duration::from_secs(15)).expect("shoal up did not stop on SIGINT");
+    let status = up
+        .signal_and_wait("INT", Duration::from_secs(15))
+        .expect("shoal up did not stop on SIGINT");
     assert!(status.success(), "exit {status:?}: {}", up.log());
 }
 
@@ -131,15 +228,51 @@ fn state_survives_a_restart_of_shoal_up() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data");
-    let args = ["up", "--hosts", "2", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap(),
-                "--host-cpus", "4", "--host-memory", "4096"];
+    let args = [
+        "up",
+        "--hosts",
+        "2",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--host-cpus",
+        "4",
+        "--host-memory",
+        "4096",
+    ];
     let args: Vec<&str> = args.to_vec();
     let mut up = Daemon::spawn(&args, &dir.path().join("up1.log"));
     wait_ready(&url, &up);
     let img = image(dir.path());
     ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
-    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "256MiB"]);
-    ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "3", "--wait"]);
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "256MiB",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "cluster",
+            "create",
+            "lab",
+            "--profile",
+            "small",
+            "--size",
+            "3",
+            "--wait",
+        ],
+    );
     let before = json(&url, &["vm", "list"]);
     up.signal_and_wait("TERM", Duration::from_secs(15)).expect("stop");
 
@@ -150,7 +283,12 @@ fn state_survives_a_restart_of_shoal_up() {
     assert_eq!(json(&url, &["cluster", "show", "lab"])["state"], "ready");
     // It keeps working after the restart.
     ok(&url, &["cluster", "scale", "lab", "--size", "4", "--wait"]);
-    let ips: std::collections::HashSet<String> = json(&url, &["vm", "list"]).as_array().unwrap().iter().map(|v| v["ip"].as_str().unwrap().to_string()).collect();
+    let ips: std::collections::HashSet<String> = json(&url, &["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["ip"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ips.len(), 4);
 }
 
@@ -161,8 +299,10 @@ fn plans_offline_on_a_snapshot_and_live() {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap.json");
     let hosts: Vec<serde_json::Value> = (0..4)
-        .map(|i| serde_json::json!({"name": format!("h{i}"), "cpus": 8, "memory_mib": 16384,
-                                    "labels": {"zone": format!("z{}", i % 2)}}))
+        .map(|i| {
+            serde_json::json!({"name": format!("h{i}"), "cpus": 8, "memory_mib": 16384,
+                                    "labels": {"zone": format!("z{}", i % 2)}})
+        })
         .collect();
     let vms: Vec<serde_json::Value> = (0..6)
         .map(|i| serde_json::json!({"name": format!("v{i}"), "cluster": "c", "host": "h0", "cpus": 1, "memory_mib": 2048}))
@@ -171,41 +311,159 @@ fn plans_offline_on_a_snapshot_and_live() {
     let s = snap.to_str().unwrap();
     // Nothing listens on port 1: these never talk to a controller.
     let dead = "http://127.0.0.1:1";
-    let out = ok(dead, &["plan", "place", "--snapshot", s, "--size", "2", "--cpus", "1", "--memory", "1GiB",
-                         "--anti-affinity", "zone", "--explain"]);
+    let out = ok(
+        dead,
+        &[
+            "plan",
+            "place",
+            "--snapshot",
+            s,
+            "--size",
+            "2",
+            "--cpus",
+            "1",
+            "--memory",
+            "1GiB",
+            "--anti-affinity",
+            "zone",
+            "--explain",
+        ],
+    );
     assert!(out.contains("plan: 2 VMs") && out.contains("chosen"), "{out}");
-    let e = fails(dead, &["plan", "place", "--snapshot", s, "--size", "3", "--cpus", "1", "--memory", "1GiB",
-                          "--anti-affinity", "zone"]);
-    assert!(e.contains("anti-affinity by zone: needs 3 zones") && e.contains("only 2 have"), "{e}");
-    let out = ok(dead, &["plan", "place", "--snapshot", s, "--size", "2", "--cpus", "1", "--memory", "1GiB",
-                         "--require", "zone=z1", "--explain"]);
+    let e = fails(
+        dead,
+        &[
+            "plan",
+            "place",
+            "--snapshot",
+            s,
+            "--size",
+            "3",
+            "--cpus",
+            "1",
+            "--memory",
+            "1GiB",
+            "--anti-affinity",
+            "zone",
+        ],
+    );
+    assert!(
+        e.contains("anti-affinity by zone: needs 3 zones") && e.contains("only 2 have"),
+        "{e}"
+    );
+    let out = ok(
+        dead,
+        &[
+            "plan",
+            "place",
+            "--snapshot",
+            s,
+            "--size",
+            "2",
+            "--cpus",
+            "1",
+            "--memory",
+            "1GiB",
+            "--require",
+            "zone=z1",
+            "--explain",
+        ],
+    );
     assert!(out.contains("rejected by labels: zone=z0, needs zone=z1"), "{out}");
     let plan = json(dead, &["plan", "rebalance", "--snapshot", s]);
-    assert!(plan["after"]["total"].as_f64().unwrap() < plan["before"]["total"].as_f64().unwrap(), "{plan}");
+    assert!(
+        plan["after"]["total"].as_f64().unwrap() < plan["before"]["total"].as_f64().unwrap(),
+        "{plan}"
+    );
     assert!(!plan["moves"].as_array().unwrap().is_empty());
     let table = ok(dead, &["plan", "drain", "h0", "--snapshot", s]);
     assert!(table.starts_with("cluster score (Ganeti hbal's)"), "{table}");
     let rows: Vec<&str> = table.lines().skip(2).collect();
     assert_eq!(rows.len(), 6, "{table}");
-    assert!(rows.iter().all(|l| l.split_whitespace().nth(2) == Some("h0")), "{table}");
+    assert!(
+        rows.iter().all(|l| l.split_whitespace().nth(2) == Some("h0")),
+        "{table}"
+    );
 
     // Live: the same commands against a running controller.
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let up = Daemon::spawn(
-        &["up", "--hosts", "3", "--driver", "sim", "--listen", &format!("127.0.0.1:{port}"),
-          "--data-dir", dir.path().join("data").to_str().unwrap(), "--host-cpus", "4", "--host-memory", "8192"],
+        &[
+            "up",
+            "--hosts",
+            "3",
+            "--driver",
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--host-cpus",
+            "4",
+            "--host-memory",
+            "8192",
+        ],
         &dir.path().join("up.log"),
     );
     wait_ready(&url, &up);
-    eventually(Duration::from_secs(10), "3 hosts", || json(&url, &["host", "list"]).as_array().unwrap().len() == 3);
-    ok(&url, &["template", "import", "deb", image(dir.path()).to_str().unwrap()]);
-    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "512MiB"]);
-    let out = ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "4", "--placement", "pack",
-                         "--dry-run", "--explain"]);
+    eventually(Duration::from_secs(10), "3 hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 3
+    });
+    ok(
+        &url,
+        &["template", "import", "deb", image(dir.path()).to_str().unwrap()],
+    );
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "512MiB",
+        ],
+    );
+    let out = ok(
+        &url,
+        &[
+            "cluster",
+            "create",
+            "lab",
+            "--profile",
+            "small",
+            "--size",
+            "4",
+            "--placement",
+            "pack",
+            "--dry-run",
+            "--explain",
+        ],
+    );
     assert!(out.contains("plan: 4 VMs") && out.contains("chosen"), "{out}");
-    assert!(json(&url, &["cluster", "list"]).as_array().unwrap().is_empty(), "a dry run creates nothing");
-    ok(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "4", "--placement", "pack", "--wait"]);
+    assert!(
+        json(&url, &["cluster", "list"]).as_array().unwrap().is_empty(),
+        "a dry run creates nothing"
+    );
+    ok(
+        &url,
+        &[
+            "cluster",
+            "create",
+            "lab",
+            "--profile",
+            "small",
+            "--size",
+            "4",
+            "--placement",
+            "pack",
+            "--wait",
+        ],
+    );
     let live = dir.path().join("live.json");
     ok(&url, &["plan", "snapshot", live.to_str().unwrap()]);
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&live).unwrap()).unwrap();
@@ -215,6 +473,9 @@ fn plans_offline_on_a_snapshot_and_live() {
     let online = json(&url, &["host", "rebalance", "--plan"]);
     assert_eq!(offline["moves"], online["moves"], "the same plan offline and live");
     assert!(!online["moves"].as_array().unwrap().is_empty());
-    let drain = json(&url, &["host", "drain", "--plan", online["moves"][0]["from"].as_str().unwrap()]);
+    let drain = json(
+        &url,
+        &["host", "drain", "--plan", online["moves"][0]["from"].as_str().unwrap()],
+    );
     assert!(!drain["moves"].as_array().unwrap().is_empty());
 }

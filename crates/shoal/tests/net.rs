@@ -61,23 +61,98 @@ fn across_two_hosts(driver: &str) {
     let o = lab.octet;
     let outside = lab.outside();
     // Its guests are told a DNS server (the outside address) and print their resolver.
-    lab.ok(&["network", "create", "n1", "--subnet", &format!("10.77.{o}.0/24"), "--vni", "4242", "--nat", "--dns", &outside]);
-    lab.ok(&["network", "create", "n2", "--subnet", &format!("10.78.{o}.0/24"), "--vni", "4343"]);
+    lab.ok(&[
+        "network",
+        "create",
+        "n1",
+        "--subnet",
+        &format!("10.77.{o}.0/24"),
+        "--vni",
+        "4242",
+        "--nat",
+        "--dns",
+        &outside,
+    ]);
+    lab.ok(&[
+        "network",
+        "create",
+        "n2",
+        "--subnet",
+        &format!("10.78.{o}.0/24"),
+        "--vni",
+        "4343",
+    ]);
     let peers = vec![format!("10.77.{o}.2"), format!("10.77.{o}.3")];
     let ud1 = lab.dir.path().join("ud1.sh");
     let out_tries = if bridge { 60 } else { 8 };
-    std::fs::write(&ud1, pinger("cat /etc/resolv.conf", &[(&peers[0], 90), (&peers[1], 90), (&outside, out_tries)])).unwrap();
+    std::fs::write(
+        &ud1,
+        pinger(
+            "cat /etc/resolv.conf",
+            &[(&peers[0], 90), (&peers[1], 90), (&outside, out_tries)],
+        ),
+    )
+    .unwrap();
     // The intruder claims an address in n1's subnet on its own network: if the segments were
     // one, it would reach them. Its network has no NAT: it reaches nothing outside either.
     let ud2 = lab.dir.path().join("ud2.sh");
-    let intruder = pinger(&format!("ip addr add 10.77.{o}.200/24 dev eth0"), &[(&peers[0], 15), (&peers[1], 15), (&outside, 10)]);
+    let intruder = pinger(
+        &format!("ip addr add 10.77.{o}.200/24 dev eth0"),
+        &[(&peers[0], 15), (&peers[1], 15), (&outside, 10)],
+    );
     std::fs::write(&ud2, intruder).unwrap();
-    lab.ok(&["profile", "create", "p1", "--template", "demo", "--cpus", "1", "--memory", "128MiB", "--network", "n1",
-             "--user-data", ud1.to_str().unwrap()]);
-    lab.ok(&["profile", "create", "p2", "--template", "demo", "--cpus", "1", "--memory", "128MiB",
-             "--user-data", ud2.to_str().unwrap()]);
-    lab.ok(&["cluster", "create", "c1", "--profile", "p1", "--size", "2", "--anti-affinity", "host", "--wait"]);
-    lab.ok(&["cluster", "create", "c2", "--profile", "p2", "--size", "1", "--network", "n2", "--wait"]);
+    lab.ok(&[
+        "profile",
+        "create",
+        "p1",
+        "--template",
+        "demo",
+        "--cpus",
+        "1",
+        "--memory",
+        "128MiB",
+        "--network",
+        "n1",
+        "--user-data",
+        ud1.to_str().unwrap(),
+    ]);
+    lab.ok(&[
+        "profile",
+        "create",
+        "p2",
+        "--template",
+        "demo",
+        "--cpus",
+        "1",
+        "--memory",
+        "128MiB",
+        "--user-data",
+        ud2.to_str().unwrap(),
+    ]);
+    lab.ok(&[
+        "cluster",
+        "create",
+        "c1",
+        "--profile",
+        "p1",
+        "--size",
+        "2",
+        "--anti-affinity",
+        "host",
+        "--wait",
+    ]);
+    lab.ok(&[
+        "cluster",
+        "create",
+        "c2",
+        "--profile",
+        "p2",
+        "--size",
+        "1",
+        "--network",
+        "n2",
+        "--wait",
+    ]);
 
     let vms = lab.json(&["vm", "list", "--cluster", "c1"]);
     let vms = vms.as_array().unwrap();
@@ -88,11 +163,17 @@ fn across_two_hosts(driver: &str) {
     // flooded traffic to the other host's underlay address.
     for i in (0..2).filter(|_| bridge) {
         let links = lab.shoal_links(i);
-        assert!(links.contains(&"shbr4242".to_string()) && links.contains(&"shvx4242".to_string()), "host {i}: {links:?}");
+        assert!(
+            links.contains(&"shbr4242".to_string()) && links.contains(&"shvx4242".to_string()),
+            "host {i}: {links:?}"
+        );
         assert!(links.iter().any(|l| l.starts_with("sht")), "host {i}: {links:?}");
         let other = lab.underlay(1 - i);
         let fdb = lab.fdb(i, "shvx4242");
-        assert!(fdb.contains(&format!("00:00:00:00:00:00 dst {other}")), "host {i} FDB:\n{fdb}");
+        assert!(
+            fdb.contains(&format!("00:00:00:00:00:00 dst {other}")),
+            "host {i} FDB:\n{fdb}"
+        );
         let mtu = netlab::ip(&["-n", &lab.namespaces[i], "-o", "link", "show", "shvx4242"]);
         assert!(mtu.contains("mtu 1500"), "{mtu}");
     }
@@ -107,14 +188,32 @@ fn across_two_hosts(driver: &str) {
     let gw_host = n1["gateway_host"].as_str().map(str::to_string);
     assert_eq!(n1["gateway_ip"], format!("10.77.{o}.1"), "{n1}");
     let gw = if bridge {
-        let h = gw_host.clone().unwrap_or_else(|| panic!("a bridge host should be n1's gateway: {n1}"));
+        let h = gw_host
+            .clone()
+            .unwrap_or_else(|| panic!("a bridge host should be n1's gateway: {n1}"));
         let gw: usize = h.trim_start_matches('h').parse().unwrap();
-        eventually(Duration::from_secs(20), "the gateway's masquerade", || lab.nft_ruleset(gw).contains("masquerade"));
+        eventually(Duration::from_secs(20), "the gateway's masquerade", || {
+            lab.nft_ruleset(gw).contains("masquerade")
+        });
         let rules = lab.nft_ruleset(gw);
-        assert!(rules.contains("table ip shoal_gw_4242") && rules.contains(&format!("ip saddr 10.77.{o}.0/24")), "{rules}");
-        assert!(lab.addresses(gw, "shbr4242").contains(&format!("10.77.{o}.1/24")), "{}", lab.addresses(gw, "shbr4242"));
-        assert!(!lab.nft_ruleset(1 - gw).contains("shoal_gw"), "only the gateway masquerades");
-        assert!(lab.addresses(1 - gw, "shbr4242").is_empty(), "{}", lab.addresses(1 - gw, "shbr4242"));
+        assert!(
+            rules.contains("table ip shoal_gw_4242") && rules.contains(&format!("ip saddr 10.77.{o}.0/24")),
+            "{rules}"
+        );
+        assert!(
+            lab.addresses(gw, "shbr4242").contains(&format!("10.77.{o}.1/24")),
+            "{}",
+            lab.addresses(gw, "shbr4242")
+        );
+        assert!(
+            !lab.nft_ruleset(1 - gw).contains("shoal_gw"),
+            "only the gateway masquerades"
+        );
+        assert!(
+            lab.addresses(1 - gw, "shbr4242").is_empty(),
+            "{}",
+            lab.addresses(1 - gw, "shbr4242")
+        );
         assert!(lab.ok(&["network", "list"]).contains(&format!("via {h} (10.77.{o}.1)")));
         Some(gw)
     } else {
@@ -128,21 +227,36 @@ fn across_two_hosts(driver: &str) {
             console(&lab, vm).contains(&format!("reach {peer} "))
         });
         let text = console(&lab, vm);
-        assert!(text.contains(&format!("reach {peer} ok")), "{vm} could not reach {peer}:\n{text}\n{}", lab.logs());
+        assert!(
+            text.contains(&format!("reach {peer} ok")),
+            "{vm} could not reach {peer}:\n{text}\n{}",
+            lab.logs()
+        );
     }
     // Both guests reach the outside address through the gateway (the one on the other host
     // over VXLAN to it) with the bridge driver; with the UDP driver, neither does.
     let want = if bridge { "ok" } else { "fail" };
     for vm in ["c1-0", "c1-1"] {
-        eventually(Duration::from_secs(180), &format!("{vm} to report on {outside}"), || {
-            console(&lab, vm).contains(&format!("reach {outside} "))
-        });
+        eventually(
+            Duration::from_secs(180),
+            &format!("{vm} to report on {outside}"),
+            || console(&lab, vm).contains(&format!("reach {outside} ")),
+        );
         let text = console(&lab, vm);
-        assert!(text.contains(&format!("reach {outside} {want}")), "{vm} to {outside}: expected {want}:\n{text}\n{}", lab.logs());
-        assert!(text.contains(&format!("nameserver {outside}")), "{vm} was not told n1's DNS server:\n{text}");
+        assert!(
+            text.contains(&format!("reach {outside} {want}")),
+            "{vm} to {outside}: expected {want}:\n{text}\n{}",
+            lab.logs()
+        );
+        assert!(
+            text.contains(&format!("nameserver {outside}")),
+            "{vm} was not told n1's DNS server:\n{text}"
+        );
     }
     // The guest of the other network reaches neither them nor, without NAT, the outside.
-    eventually(Duration::from_secs(180), "c2-0 to report", || console(&lab, "c2-0").matches("reach ").count() >= 3);
+    eventually(Duration::from_secs(180), "c2-0 to report", || {
+        console(&lab, "c2-0").matches("reach ").count() >= 3
+    });
     let text = console(&lab, "c2-0");
     for p in peers.iter().chain([&outside]) {
         assert!(text.contains(&format!("reach {p} fail")), "c2-0 reached {p}:\n{text}");
@@ -150,21 +264,32 @@ fn across_two_hosts(driver: &str) {
 
     // Scaling c1 down to one VM: the host that loses its last VM of n1 drops the network's
     // devices, and the other host's VXLAN device forgets it as a peer.
-    let gone = vms.iter().find(|v| v["name"] == "c1-1").unwrap()["host"].as_str().unwrap().to_string();
+    let gone = vms.iter().find(|v| v["name"] == "c1-1").unwrap()["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (gone, kept): (usize, usize) = if gone == "h0" { (0, 1) } else { (1, 0) };
     lab.ok(&["cluster", "scale", "c1", "--size", "1", "--wait"]);
     if bridge {
         eventually(Duration::from_secs(20), "the emptied host to drop n1", || {
             !lab.shoal_links(gone).contains(&"shbr4242".to_string())
         });
-        assert!(lab.shoal_links(gone).iter().all(|l| !l.ends_with("4242")), "{:?}", lab.shoal_links(gone));
+        assert!(
+            lab.shoal_links(gone).iter().all(|l| !l.ends_with("4242")),
+            "{:?}",
+            lab.shoal_links(gone)
+        );
         let other = lab.underlay(gone);
         let end = std::time::Instant::now() + Duration::from_secs(20);
         while lab.fdb(kept, "shvx4242").contains(&format!("dst {other}")) && std::time::Instant::now() < end {
             std::thread::sleep(Duration::from_millis(100));
         }
         let fdb = lab.fdb(kept, "shvx4242");
-        assert!(!fdb.contains(&format!("dst {other}")), "the remaining host still sends to {other}:\n{fdb}\n{}", lab.logs());
+        assert!(
+            !fdb.contains(&format!("dst {other}")),
+            "the remaining host still sends to {other}:\n{fdb}\n{}",
+            lab.logs()
+        );
         assert!(lab.shoal_links(kept).contains(&"shvx4242".to_string()));
     }
     let n1 = lab.json(&["network", "show", "n1"]);
@@ -173,24 +298,40 @@ fn across_two_hosts(driver: &str) {
         // The gateway is now on the host that kept n1 (moved there if it was on the other),
         // and NAT switched off takes the masquerade and the address away.
         assert_eq!(n1["gateway_host"], format!("h{kept}"), "{n1}");
-        eventually(Duration::from_secs(20), "the kept host to be the gateway", || lab.nft_ruleset(kept).contains("shoal_gw_4242"));
+        eventually(Duration::from_secs(20), "the kept host to be the gateway", || {
+            lab.nft_ruleset(kept).contains("shoal_gw_4242")
+        });
         if gw != kept {
             assert!(!lab.nft_ruleset(gw).contains("shoal_gw"), "{}", lab.nft_ruleset(gw));
         }
         let off = lab.json(&["network", "set", "n1", "--nat", "false"]);
         assert_eq!(off["gateway_host"], serde_json::Value::Null, "{off}");
-        eventually(Duration::from_secs(20), "the masquerade to go", || !lab.nft_ruleset(kept).contains("shoal_gw"));
-        eventually(Duration::from_secs(20), "the gateway address to go", || lab.addresses(kept, "shbr4242").is_empty());
+        eventually(Duration::from_secs(20), "the masquerade to go", || {
+            !lab.nft_ruleset(kept).contains("shoal_gw")
+        });
+        eventually(Duration::from_secs(20), "the gateway address to go", || {
+            lab.addresses(kept, "shbr4242").is_empty()
+        });
         lab.ok(&["network", "set", "n1", "--nat", "true"]);
-        eventually(Duration::from_secs(20), "the masquerade to come back", || lab.nft_ruleset(kept).contains("shoal_gw_4242"));
+        eventually(Duration::from_secs(20), "the masquerade to come back", || {
+            lab.nft_ruleset(kept).contains("shoal_gw_4242")
+        });
     }
 
     // Deleting the clusters removes every bridge, VXLAN device, tap and FDB entry on both hosts.
     lab.ok(&["cluster", "delete", "c2", "--wait"]);
     lab.ok(&["cluster", "delete", "c1", "--wait"]);
     for i in 0..2 {
-        eventually(Duration::from_secs(20), &format!("host {i} to drop its network devices"), || lab.shoal_links(i).is_empty());
-        assert!(!lab.nft_ruleset(i).contains("shoal_gw"), "host {i}: {}", lab.nft_ruleset(i));
+        eventually(
+            Duration::from_secs(20),
+            &format!("host {i} to drop its network devices"),
+            || lab.shoal_links(i).is_empty(),
+        );
+        assert!(
+            !lab.nft_ruleset(i).contains("shoal_gw"),
+            "host {i}: {}",
+            lab.nft_ruleset(i)
+        );
     }
     lab.ok(&["network", "delete", "n1"]);
     lab.ok(&["network", "delete", "n2"]);
@@ -202,9 +343,26 @@ fn across_two_hosts(driver: &str) {
 fn an_agent_without_cap_net_admin_is_refused_the_bridge_driver() {
     let dir = tempfile::tempdir().unwrap();
     let o = std::process::Command::new("setpriv")
-        .args(["--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--", SHOAL, "agent", "--name", "x",
-               "--driver", "qemu", "--net", "bridge", "--underlay-ip", "127.0.0.1", "--controller", "http://127.0.0.1:9",
-               "--data-dir"])
+        .args([
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+            "--",
+            SHOAL,
+            "agent",
+            "--name",
+            "x",
+            "--driver",
+            "qemu",
+            "--net",
+            "bridge",
+            "--underlay-ip",
+            "127.0.0.1",
+            "--controller",
+            "http://127.0.0.1:9",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -221,19 +379,39 @@ fn an_agent_whose_underlay_address_is_not_its_own_is_refused_and_makes_nothing()
     let token = lab.ok(&["host", "join-token"]).trim().to_string();
     let before = lab.links(0);
     let bogus = format!("10.251.{}.99", lab.octet);
-    let args = lab.agent_args(0, &["--join-token", &token, "--driver", "qemu", "--net", "bridge", "--underlay-ip", &bogus]);
+    let args = lab.agent_args(
+        0,
+        &[
+            "--join-token",
+            &token,
+            "--driver",
+            "qemu",
+            "--net",
+            "bridge",
+            "--underlay-ip",
+            &bogus,
+        ],
+    );
     let mut a = netlab::spawn_ip(&args, &lab.dir.path().join("h0.log"));
-    let st = a.wait_exit(Duration::from_secs(30)).expect("the agent should refuse to start");
+    let st = a
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent should refuse to start");
     assert!(!st.success());
     let log = a.log();
-    assert!(log.contains(&bogus) && log.contains("not an address of any interface"), "{log}");
+    assert!(
+        log.contains(&bogus) && log.contains("not an address of any interface"),
+        "{log}"
+    );
     // Without --underlay-ip at all: refused too.
     let args = lab.agent_args(0, &["--join-token", &token, "--driver", "qemu", "--net", "bridge"]);
     let mut a = netlab::spawn_ip(&args, &lab.dir.path().join("h0b.log"));
     assert!(!a.wait_exit(Duration::from_secs(30)).expect("refused").success());
     assert!(a.log().contains("--underlay-ip"), "{}", a.log());
     assert_eq!(lab.links(0), before);
-    assert!(lab.json(&["host", "list"]).as_array().unwrap().is_empty(), "a refused agent must not join");
+    assert!(
+        lab.json(&["host", "list"]).as_array().unwrap().is_empty(),
+        "a refused agent must not join"
+    );
     drop(lab);
     netlab::assert_no_leftovers(&tag);
 }
@@ -257,34 +435,80 @@ fn an_agent_whose_underlay_address_no_other_host_reaches_is_refused_and_makes_no
     let before = lab.links(1);
     let token = lab.ok(&["host", "join-token"]).trim().to_string();
     let refused = |lab: &Lab, log: &str, underlay: &str| {
-        let args = lab.agent_args(1, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", "bridge",
-                                       "--underlay-ip", underlay]);
+        let args = lab.agent_args(
+            1,
+            &[
+                "--join-token",
+                &token,
+                "--driver",
+                "qemu",
+                "--accel",
+                "tcg",
+                "--net",
+                "bridge",
+                "--underlay-ip",
+                underlay,
+            ],
+        );
         let mut a = netlab::spawn_ip(&args, &lab.dir.path().join(log));
-        assert!(!a.wait_exit(Duration::from_secs(60)).expect("the agent should be refused").success());
+        assert!(!a
+            .wait_exit(Duration::from_secs(60))
+            .expect("the agent should be refused")
+            .success());
         a.log()
     };
     // The first host: nobody else to ask, so the controller tries.
     let log = refused(&lab, "h1a.log", &hidden);
-    assert!(log.contains(&hidden) && log.contains("unreachable") && log.contains("from the controller"), "{log}");
+    assert!(
+        log.contains(&hidden) && log.contains("unreachable") && log.contains("from the controller"),
+        "{log}"
+    );
     // With a host already there, that host tries (and the join token was not spent meanwhile).
     lab.start_agent(0, "bridge");
-    eventually(Duration::from_secs(60), "h0 to join", || lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(1));
+    eventually(Duration::from_secs(60), "h0 to join", || {
+        lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(1)
+    });
     let log = refused(&lab, "h1b.log", &hidden);
-    assert!(log.contains(&hidden) && log.contains("unreachable") && log.contains("from host h0"), "{log}");
+    assert!(
+        log.contains(&hidden) && log.contains("unreachable") && log.contains("from host h0"),
+        "{log}"
+    );
     // Another host's underlay address, even when this host holds it too: refused by name.
     let h0 = lab.underlay(0);
     netlab::ip(&["-n", &ns1, "addr", "add", &format!("{h0}/32"), "dev", "lo"]);
     let log = refused(&lab, "h1c.log", &h0);
-    assert!(log.contains(&format!("underlay address {h0} is host \"h0\"'s already")), "{log}");
+    assert!(
+        log.contains(&format!("underlay address {h0} is host \"h0\"'s already")),
+        "{log}"
+    );
     netlab::ip(&["-n", &ns1, "addr", "del", &format!("{h0}/32"), "dev", "lo"]);
     let hosts = lab.json(&["host", "list"]);
-    assert_eq!(hosts.as_array().unwrap().len(), 1, "the refused host must not join: {hosts}");
+    assert_eq!(
+        hosts.as_array().unwrap().len(),
+        1,
+        "the refused host must not join: {hosts}"
+    );
     assert_eq!(lab.links(1), before, "the refused agent made no device");
     // The same agent with its reachable address joins with the very same join token.
-    let args = lab.agent_args(1, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", "bridge",
-                                   "--underlay-ip", &lab.underlay(1)]);
+    let args = lab.agent_args(
+        1,
+        &[
+            "--join-token",
+            &token,
+            "--driver",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--net",
+            "bridge",
+            "--underlay-ip",
+            &lab.underlay(1),
+        ],
+    );
     lab.agents.push(netlab::spawn_ip(&args, &lab.dir.path().join("h1.log")));
-    eventually(Duration::from_secs(60), "h1 to join", || lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(2));
+    eventually(Duration::from_secs(60), "h1 to join", || {
+        lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(2)
+    });
     drop(lab);
     netlab::assert_no_leftovers(&tag);
 }

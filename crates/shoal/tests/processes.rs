@@ -15,11 +15,20 @@ fn a_non_loopback_controller_requires_tokens_and_agents_join_once() {
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("ctl");
     let server = Daemon::spawn(
-        &["server", "--listen", &format!("0.0.0.0:{port}"), "--data-dir", data.to_str().unwrap()],
+        &[
+            "server",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         &dir.path().join("server.log"),
     );
     wait_ready(&url, &server);
-    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
     assert_eq!(admin.len(), 64);
 
     // No token, a wrong token: 401 and nothing changes.
@@ -50,13 +59,32 @@ fn a_non_loopback_controller_requires_tokens_and_agents_join_once() {
 
     // An agent without a join token is refused; with one, it joins.
     let agent_args = |name: &str, d: &str| -> Vec<String> {
-        ["agent", "--name", name, "--controller", &url, "--data-dir", d, "--host-cpus", "2", "--host-memory", "2048"]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "agent",
+            "--name",
+            name,
+            "--controller",
+            &url,
+            "--data-dir",
+            d,
+            "--host-cpus",
+            "2",
+            "--host-memory",
+            "2048",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let a0dir = dir.path().join("a0");
     let a0 = agent_args("a0", a0dir.to_str().unwrap());
-    let mut refused = Daemon::spawn(&a0.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("a0.log"));
-    let st = refused.wait_exit(Duration::from_secs(20)).expect("agent without token should exit");
+    let mut refused = Daemon::spawn(
+        &a0.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("a0.log"),
+    );
+    let st = refused
+        .wait_exit(Duration::from_secs(20))
+        .expect("agent without token should exit");
     assert!(!st.success());
     assert!(refused.log().contains("join token"), "{}", refused.log());
 
@@ -66,15 +94,25 @@ fn a_non_loopback_controller_requires_tokens_and_agents_join_once() {
     let a1dir = dir.path().join("a1");
     let mut a1_args = agent_args("a1", a1dir.to_str().unwrap());
     a1_args.extend(["--join-token".to_string(), token.clone()]);
-    let mut a1 = Daemon::spawn(&a1_args.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("a1.log"));
-    eventually(Duration::from_secs(20), "a1 to join", || stdout(&with_env(&["host", "list"])).contains("a1"));
+    let mut a1 = Daemon::spawn(
+        &a1_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("a1.log"),
+    );
+    eventually(Duration::from_secs(20), "a1 to join", || {
+        stdout(&with_env(&["host", "list"])).contains("a1")
+    });
 
     // The same join token does not admit a second host.
     let a2dir = dir.path().join("a2");
     let mut a2_args = agent_args("a2", a2dir.to_str().unwrap());
     a2_args.extend(["--join-token".to_string(), token.clone()]);
-    let mut a2 = Daemon::spawn(&a2_args.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("a2.log"));
-    let st = a2.wait_exit(Duration::from_secs(20)).expect("second use of a join token should fail");
+    let mut a2 = Daemon::spawn(
+        &a2_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("a2.log"),
+    );
+    let st = a2
+        .wait_exit(Duration::from_secs(20))
+        .expect("second use of a join token should fail");
     assert!(!st.success());
     assert!(a2.log().contains("already used"), "{}", a2.log());
     assert!(!stdout(&with_env(&["host", "list"])).contains("a2"));
@@ -82,9 +120,13 @@ fn a_non_loopback_controller_requires_tokens_and_agents_join_once() {
     // a1 restarts with its own credential, no join token needed, and keeps heartbeating.
     a1.kill9();
     let a1_again = agent_args("a1", a1dir.to_str().unwrap());
-    let _a1 = Daemon::spawn(&a1_again.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("a1b.log"));
+    let _a1 = Daemon::spawn(
+        &a1_again.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("a1b.log"),
+    );
     eventually(Duration::from_secs(20), "a1 to heartbeat again", || {
-        let v: serde_json::Value = serde_json::from_str(&stdout(&with_env(&["--output", "json", "host", "list"]))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout(&with_env(&["--output", "json", "host", "list"]))).unwrap();
         v[0]["name"] == "a1" && v[0]["state"] == "up" && v[0]["last_heartbeat_unix_ms"].is_u64()
     });
 
@@ -107,26 +149,64 @@ fn a_controller_killed_mid_deployment_resumes_after_restart() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("ctl");
-    let server_args = ["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap()];
+    let server_args = [
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
     let mut server = Daemon::spawn(&server_args, &dir.path().join("server1.log"));
     wait_ready(&url, &server);
     let mut agents = Vec::new();
     for name in ["h1", "h2"] {
         let d = dir.path().join(name);
         agents.push(Daemon::spawn(
-            &["agent", "--name", name, "--controller", &url, "--data-dir", d.to_str().unwrap(),
-              "--host-cpus", "4", "--host-memory", "4096", "--sim-boot-ms", "2500"],
+            &[
+                "agent",
+                "--name",
+                name,
+                "--controller",
+                &url,
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--host-cpus",
+                "4",
+                "--host-memory",
+                "4096",
+                "--sim-boot-ms",
+                "2500",
+            ],
             &dir.path().join(format!("{name}.log")),
         ));
     }
-    eventually(Duration::from_secs(20), "two hosts", || json(&url, &["host", "list"]).as_array().unwrap().len() == 2);
+    eventually(Duration::from_secs(20), "two hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 2
+    });
     let img = image(dir.path());
     ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
-    ok(&url, &["profile", "create", "small", "--template", "deb", "--cpus", "1", "--memory", "256MiB"]);
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "256MiB",
+        ],
+    );
     let op = json(&url, &["cluster", "create", "lab", "--profile", "small", "--size", "6"]);
     let id = op["id"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(json(&url, &["operation", "show", &id])["state"], "running", "deployment finished too early to test");
+    assert_eq!(
+        json(&url, &["operation", "show", &id])["state"],
+        "running",
+        "deployment finished too early to test"
+    );
     server.kill9();
 
     let _server = Daemon::spawn(&server_args, &dir.path().join("server2.log"));

@@ -22,8 +22,23 @@ fn sim_runs_policies_and_writes_json_and_a_plot() {
     let day = trace(tmp.path());
     let svg = tmp.path().join("out.svg");
     let o = Command::new(SHOAL)
-        .args(["--output", "json", "sim", "--trace", day.to_str().unwrap(), "--hosts", "40"])
-        .args(["--policy", "shoal", "--policy", "lr-mmt:1.2", "--plot", svg.to_str().unwrap()])
+        .args([
+            "--output",
+            "json",
+            "sim",
+            "--trace",
+            day.to_str().unwrap(),
+            "--hosts",
+            "40",
+        ])
+        .args([
+            "--policy",
+            "shoal",
+            "--policy",
+            "lr-mmt:1.2",
+            "--plot",
+            svg.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -33,7 +48,15 @@ fn sim_runs_policies_and_writes_json_and_a_plot() {
     assert_eq!(reports[0]["policy"], "shoal");
     assert_eq!(reports[1]["policy"], "lr-mmt:1.2");
     for r in reports {
-        for key in ["energy_kwh", "slatah", "pdm", "slav", "esv", "migrations", "hosts_powered_off_max"] {
+        for key in [
+            "energy_kwh",
+            "slatah",
+            "pdm",
+            "slav",
+            "esv",
+            "migrations",
+            "hosts_powered_off_max",
+        ] {
             assert!(r[key].is_number(), "{key} missing in {r}");
         }
         // 24 samples: decisions at the 2nd to the 24th (the reference model's last instant).
@@ -41,9 +64,16 @@ fn sim_runs_policies_and_writes_json_and_a_plot() {
     }
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
-    assert_eq!(plot.matches("<polyline").count(), 6, "three panels, one line per policy");
+    assert_eq!(
+        plot.matches("<polyline").count(),
+        6,
+        "three panels, one line per policy"
+    );
 
-    let o = Command::new(SHOAL).args(["sim", "--trace", day.to_str().unwrap(), "--policy", "nope"]).output().unwrap();
+    let o = Command::new(SHOAL)
+        .args(["sim", "--trace", day.to_str().unwrap(), "--policy", "nope"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown policy"));
 }

@@ -22,8 +22,16 @@ struct Args {
 
 fn args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
-    let shoal = PathBuf::from(it.next().ok_or_else(|| anyhow::anyhow!("usage: bench-deploy PATH-TO-SHOAL [--hosts N] [--clusters N] [--size N]"))?);
-    let mut a = Args { shoal, hosts: 100, clusters: 10, size: 1000 };
+    let shoal =
+        PathBuf::from(it.next().ok_or_else(|| {
+            anyhow::anyhow!("usage: bench-deploy PATH-TO-SHOAL [--hosts N] [--clusters N] [--size N]")
+        })?);
+    let mut a = Args {
+        shoal,
+        hosts: 100,
+        clusters: 10,
+        size: 1000,
+    };
     while let Some(flag) = it.next() {
         let v = it.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -44,9 +52,16 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("controller");
-    let server = spawn(&a.shoal, &["server", "--listen", &listen, "--data-dir", data.to_str().unwrap()], &dir.path().join("server.log"))?;
+    let server = spawn(
+        &a.shoal,
+        &["server", "--listen", &listen, "--data-dir", data.to_str().unwrap()],
+        &dir.path().join("server.log"),
+    )?;
     let client = Client::new(&url, None);
-    until(Duration::from_secs(30), "the controller", || async { client.hosts().await.ok() }).await?;
+    until(Duration::from_secs(30), "the controller", || async {
+        client.hosts().await.ok()
+    })
+    .await?;
 
     let t = Instant::now();
     let mut agents: Vec<Proc> = Vec::new();
@@ -55,8 +70,21 @@ async fn main() -> anyhow::Result<()> {
         let d = dir.path().join(&name);
         agents.push(spawn(
             &a.shoal,
-            &["agent", "--name", &name, "--controller", &url, "--data-dir", d.to_str().unwrap(),
-              "--host-cpus", "128", "--host-memory", "524288", "--heartbeat", "2"],
+            &[
+                "agent",
+                "--name",
+                &name,
+                "--controller",
+                &url,
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--host-cpus",
+                "128",
+                "--host-memory",
+                "524288",
+                "--heartbeat",
+                "2",
+            ],
             &dir.path().join(format!("{name}.log")),
         )?);
     }
@@ -72,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
     let mut disk = vec![1u8; 1 << 20];
     disk[510..512].copy_from_slice(&[0x55, 0xAA]);
     std::fs::write(&img, disk)?;
-    client.import_template("base", &shoal_client::TemplateFiles::disk(&img)).await?;
+    client
+        .import_template("base", &shoal_client::TemplateFiles::disk(&img))
+        .await?;
     client
         .create_profile(&CreateProfile {
             name: "small".into(),
@@ -100,11 +130,19 @@ async fn main() -> anyhow::Result<()> {
         let op = client.create_cluster(&req).await?;
         let planned = t.elapsed().as_secs_f64();
         let op = until(Duration::from_secs(300), "the deployment", || async {
-            client.operation(op.id).await.ok().filter(|o| o.state != OperationState::Running)
+            client
+                .operation(op.id)
+                .await
+                .ok()
+                .filter(|o| o.state != OperationState::Running)
         })
         .await?;
         let total = t.elapsed().as_secs_f64();
-        anyhow::ensure!(op.state == OperationState::Succeeded, "deployment failed: {:?}", op.error);
+        anyhow::ensure!(
+            op.state == OperationState::Succeeded,
+            "deployment failed: {:?}",
+            op.error
+        );
         let running = client.cluster(&req.name).await?.vms_running;
         anyhow::ensure!(running == a.size, "only {running} of {} VMs running", a.size);
         first.get_or_insert(total);
@@ -123,17 +161,45 @@ async fn main() -> anyhow::Result<()> {
     let (rss, peak) = rss_mib(server.0.id());
     let deploy = first.unwrap_or(f64::NAN);
 
-    println!("Deploying {}-VM virtual clusters onto {} simulated hosts (separate agent processes), through the API", a.size, a.hosts);
-    print_table(&["cluster", "vms in total", "plan (steps 1-3) s", "execute (step 4) s", "request to all running s"], &rows);
+    println!(
+        "Deploying {}-VM virtual clusters onto {} simulated hosts (separate agent processes), through the API",
+        a.size, a.hosts
+    );
+    print_table(
+        &[
+            "cluster",
+            "vms in total",
+            "plan (steps 1-3) s",
+            "execute (step 4) s",
+            "request to all running s",
+        ],
+        &rows,
+    );
     println!();
     print_table(
         &["measure", "shoal", "target"],
         &[
-            vec![format!("deploy {} VMs on {} hosts (s)", a.size, a.hosts), format!("{deploy:.3}"), "< 2".into()],
-            vec![format!("deploy at {} VMs already (s)", vms - a.size as usize), format!("{last:.3}"), "-".into()],
-            vec![format!("controller RSS with {vms} VMs (MiB)"), format!("{rss:.1}"), "< 200".into()],
+            vec![
+                format!("deploy {} VMs on {} hosts (s)", a.size, a.hosts),
+                format!("{deploy:.3}"),
+                "< 2".into(),
+            ],
+            vec![
+                format!("deploy at {} VMs already (s)", vms - a.size as usize),
+                format!("{last:.3}"),
+                "-".into(),
+            ],
+            vec![
+                format!("controller RSS with {vms} VMs (MiB)"),
+                format!("{rss:.1}"),
+                "< 200".into(),
+            ],
             vec!["controller peak RSS (MiB)".into(), format!("{peak:.1}"), "-".into()],
-            vec![format!("{} agents joined (s)", a.hosts), format!("{join_s:.2}"), "-".into()],
+            vec![
+                format!("{} agents joined (s)", a.hosts),
+                format!("{join_s:.2}"),
+                "-".into(),
+            ],
         ],
     );
     println!(

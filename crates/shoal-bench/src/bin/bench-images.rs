@@ -56,7 +56,13 @@ fn usage() -> &'static str {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let list = |v: &str| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>();
+    let list = |v: &str| {
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
     let mut a = Args {
         corpus: std::env::var_os("SHOAL_CORPUS").map_or_else(|| PathBuf::from(DEFAULT_CORPUS), PathBuf::from),
         images: IMAGES.iter().map(|s| s.to_string()).collect(),
@@ -70,7 +76,9 @@ fn args() -> anyhow::Result<Args> {
             println!("{}", usage());
             std::process::exit(0);
         }
-        let v = it.next().with_context(|| format!("{flag} needs a value\n{}", usage()))?;
+        let v = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{}", usage()))?;
         match flag.as_str() {
             "--corpus" => a.corpus = PathBuf::from(v),
             "--images" => a.images = list(&v),
@@ -81,7 +89,11 @@ fn args() -> anyhow::Result<Args> {
         }
     }
     for t in &a.tools {
-        anyhow::ensure!(TOOLS.contains(&t.as_str()), "--only: unknown tool {t:?} (known: {})", TOOLS.join(", "));
+        anyhow::ensure!(
+            TOOLS.contains(&t.as_str()),
+            "--only: unknown tool {t:?} (known: {})",
+            TOOLS.join(", ")
+        );
     }
     anyhow::ensure!(!a.images.is_empty(), "--images: no image given");
     anyhow::ensure!(
@@ -124,7 +136,9 @@ fn corpus(dir: &Path, names: &[String]) -> anyhow::Result<Vec<Image>> {
         eprintln!("  missing: {}", missing.join(", "));
         eprintln!("Build it once (root, about 11 minutes, about 15 GB under /var/tmp/shoal-corpus):");
         eprintln!("    sudo ../shared/bench/make-corpus.sh");
-        eprintln!("(`make bench-images` builds it when absent), or point --corpus DIR / SHOAL_CORPUS at a built corpus.");
+        eprintln!(
+            "(`make bench-images` builds it when absent), or point --corpus DIR / SHOAL_CORPUS at a built corpus."
+        );
         eprintln!("{bar}");
         anyhow::bail!("no corpus at {}", dir.display());
     }
@@ -143,7 +157,12 @@ fn corpus(dir: &Path, names: &[String]) -> anyhow::Result<Vec<Image>> {
         .map(|n| {
             let path = std::fs::canonicalize(dir.join("raw").join(format!("{n}.raw")))?;
             let md = std::fs::metadata(&path)?;
-            Ok(Image { name: n.clone(), path, logical: md.len(), allocated: md.blocks() * 512 })
+            Ok(Image {
+                name: n.clone(),
+                path,
+                logical: md.len(),
+                allocated: md.blocks() * 512,
+            })
         })
         .collect()
 }
@@ -181,7 +200,9 @@ fn data_extents(f: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
             Err(Errno::ENXIO) => break,
             Err(_) => return vec![(0, size)],
         };
-        let hole = lseek(fd, data as i64, Whence::SeekHole).map_or(size, |h| h as u64).min(size);
+        let hole = lseek(fd, data as i64, Whence::SeekHole)
+            .map_or(size, |h| h as u64)
+            .min(size);
         out.push((data, hole));
         at = hole;
     }
@@ -190,7 +211,10 @@ fn data_extents(f: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
 
 /// The 1-minute load average: the machine is shared, and other work skews single runs.
 fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn cores() -> usize {
@@ -223,8 +247,14 @@ fn run_shoal(images: &[Image], restore: &Image, work: &Path) -> anyhow::Result<S
         // The corpus is raw by construction: no format sniffing, as the other tools do none.
         // Ref names have no '+': base+python is named base-python.
         let ref_name = img.name.replace('+', "-");
-        let opts = ImportOptions { format: Some(ImageFormat::Raw), ref_name: Some(&ref_name), ..Default::default() };
-        let rep = store.import_path(&img.path, &opts).with_context(|| format!("importing {}", img.path.display()))?;
+        let opts = ImportOptions {
+            format: Some(ImageFormat::Raw),
+            ref_name: Some(&ref_name),
+            ..Default::default()
+        };
+        let rep = store
+            .import_path(&img.path, &opts)
+            .with_context(|| format!("importing {}", img.path.display()))?;
         let s = ti.elapsed().as_secs_f64();
         imports.push(vec![
             img.name.clone(),
@@ -297,7 +327,13 @@ fn transfers(
     for img in images.iter().filter(|i| i.name == "python" || i.name == "base+python") {
         let host_dir = dir.join(format!("host-{}", img.name));
         let host = ImageStore::open(&host_dir)?;
-        host.import_path(&base.path, &ImportOptions { format: Some(ImageFormat::Raw), ..Default::default() })?;
+        host.import_path(
+            &base.path,
+            &ImportOptions {
+                format: Some(ImageFormat::Raw),
+                ..Default::default()
+            },
+        )?;
         let t = Instant::now();
         let tr = ImageStore::transfer(src, &host, &manifests[&img.name])?;
         let secs = t.elapsed().as_secs_f64();
@@ -383,7 +419,12 @@ fn main() -> anyhow::Result<()> {
     let mut results: Vec<(String, Result<ToolResult, String>)> = Vec::new();
     let mut shoal = None;
     for tool in TOOLS.iter().filter(|t| runs(t)) {
-        eprintln!("{tool}: ingesting {} images ({:.2} GB logical) and restoring {}", images.len(), logical as f64 / 1e9, restore.name);
+        eprintln!(
+            "{tool}: ingesting {} images ({:.2} GB logical) and restoring {}",
+            images.len(),
+            logical as f64 / 1e9,
+            restore.name
+        );
         let r = match *tool {
             "shoal" => run_shoal(&images, restore, &a.work).map(|s| {
                 let r = s.result.clone();
@@ -421,7 +462,10 @@ fn main() -> anyhow::Result<()> {
         "Same files, same run, one tool after the other; images read from the page cache (their data all read once first, {warm_s:.1} s). \
          Stored = allocated bytes of the repository (caches outside it). Restore = to a file, fsync included. MB = 10^6 bytes."
     );
-    println!("Single runs; load average {load_before} before, {load_after} after ({} cores).", cores());
+    println!(
+        "Single runs; load average {load_before} before, {load_after} after ({} cores).",
+        cores()
+    );
     println!();
     let rows: Vec<Vec<String>> = results
         .iter()
@@ -432,15 +476,29 @@ fn main() -> anyhow::Result<()> {
                 format!("{:.0}", mb(r.stored_bytes as f64)),
                 format!("{:.0}", r.ingest_mb_s),
                 format!("{:.2}", r.restore_s),
-                if r.restored_identical { "yes".into() } else { "NO".into() },
+                if r.restored_identical {
+                    "yes".into()
+                } else {
+                    "NO".into()
+                },
             ],
             Err(e) => {
                 let first: String = e.lines().next().unwrap_or_default().chars().take(100).collect();
-                vec![t.clone(), format!("FAILED: {first}"), "-".into(), "-".into(), "-".into(), "-".into()]
+                vec![
+                    t.clone(),
+                    format!("FAILED: {first}"),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]
             }
         })
         .collect();
-    print_table(&["tool", "settings", "stored MB", "ingest MB/s", "restore s", "identical"], &rows);
+    print_table(
+        &["tool", "settings", "stored MB", "ingest MB/s", "restore s", "identical"],
+        &rows,
+    );
 
     let ok = |t: &str| results.iter().find(|(n, _)| n == t).and_then(|(_, r)| r.as_ref().ok());
     let mut out = serde_json::Map::new();
@@ -468,7 +526,18 @@ fn main() -> anyhow::Result<()> {
         );
         println!();
         println!("Shoal import, image by image");
-        print_table(&["image", "logical MB", "read MB", "new chunks", "new stored MB", "s", "MB/s"], &s.imports);
+        print_table(
+            &[
+                "image",
+                "logical MB",
+                "read MB",
+                "new chunks",
+                "new stored MB",
+                "s",
+                "MB/s",
+            ],
+            &s.imports,
+        );
         if let Some(o) = out.get_mut("shoal").and_then(Value::as_object_mut) {
             o.insert("store_stored_bytes".into(), json!(s.store_stored_bytes));
             o.insert("store_stats".into(), s.store_stats.clone());
@@ -477,7 +546,17 @@ fn main() -> anyhow::Result<()> {
             println!();
             println!("Transfer to a host whose store holds only base (compressed bytes that would cross the wire)");
             print_table(
-                &["image", "chunks sent", "sent MB", "image MB", "sent / image", "allocated MB", "sent / allocated", "s", "identical"],
+                &[
+                    "image",
+                    "chunks sent",
+                    "sent MB",
+                    "image MB",
+                    "sent / image",
+                    "allocated MB",
+                    "sent / allocated",
+                    "s",
+                    "identical",
+                ],
                 rows,
             );
             out.insert("transfer".into(), v.clone());
@@ -486,9 +565,13 @@ fn main() -> anyhow::Result<()> {
         // Targets: against this run's figures when the tool ran (same machine, same moment), else
         // the README's.
         let pick = |t: &str, f: fn(&ToolResult) -> f64, reference: f64, show: &dyn Fn(f64) -> String| {
-            ok(t).map_or((reference, "README figure".to_string()), |r| (f(r), format!("this run; README {}", show(reference))))
+            ok(t).map_or((reference, "README figure".to_string()), |r| {
+                (f(r), format!("this run; README {}", show(reference)))
+            })
         };
-        let (casync_stored, cs) = pick("casync", |r| r.stored_bytes as f64, REF_CASYNC_STORED, &|v| format!("{:.0}", mb(v)));
+        let (casync_stored, cs) = pick("casync", |r| r.stored_bytes as f64, REF_CASYNC_STORED, &|v| {
+            format!("{:.0}", mb(v))
+        });
         let (borg_ingest, bi) = pick("borg", |r| r.ingest_mb_s, REF_BORG_INGEST_MB_S, &|v| format!("{v:.0}"));
         let (borg_restore, br) = pick("borg", |r| r.restore_s, REF_BORG_RESTORE_S, &|v| format!("{v:.1}"));
         let yes = |b: bool| if b { "yes" } else { "NO" }.to_string();
@@ -512,7 +595,11 @@ fn main() -> anyhow::Result<()> {
                 yes(r.restore_s < borg_restore),
             ],
         ];
-        if let Some(p) = s.transfer.as_ref().and_then(|(_, v)| v["python"]["sent_pct_of_image"].as_f64()) {
+        if let Some(p) = s
+            .transfer
+            .as_ref()
+            .and_then(|(_, v)| v["python"]["sent_pct_of_image"].as_f64())
+        {
             targets.push(vec![
                 "python to a host with base, sent / image".into(),
                 format!("{p:.2} %"),

@@ -18,13 +18,21 @@ use shoal_bench::{free_port, print_table};
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
     let o = Command::new("ip").args(args).output()?;
-    anyhow::ensure!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    anyhow::ensure!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Inside a namespace: create and destroy a network `runs` times through the bridge driver.
@@ -35,7 +43,8 @@ fn inner(underlay: &str, runs: usize) -> anyhow::Result<()> {
         let d = shoal_net::bridge::BridgeDriver::open(underlay.parse()?).await?;
         let peer: std::net::Ipv4Addr = "10.250.0.99".parse()?;
         let subnet: shoal_model::Ipv4Subnet = "10.249.0.0/24".parse()?;
-        let (mut up, mut down, mut gw_up, mut gw_down, mut cli) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut up, mut down, mut gw_up, mut gw_down, mut cli) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             let vni = 5000 + i as u32;
             let t = Instant::now();
@@ -86,7 +95,11 @@ fn nft_cli(vni: u32, subnet: shoal_model::Ipv4Subnet) -> anyhow::Result<Option<f
            iifname \"{br}\" drop; }}\n}}\n"
     );
     let t = Instant::now();
-    let mut child = match Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn() {
+    let mut child = match Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bench-net: no nft command ({e}): the nft column stays empty");
@@ -135,10 +148,20 @@ impl Lab {
             ip(&["netns", "add", &ns])?;
             lab.namespaces.push(ns.clone());
             let veth = format!("sbv{tag}{i}");
-            ip(&["link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
             ip(&["link", "set", &veth, "master", &br, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", lab.underlay(i)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", lab.underlay(i)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1600", "up"])?;
         }
         Ok(lab)
@@ -169,7 +192,11 @@ impl Lab {
             .env("SHOAL_CONFIG", "/nonexistent")
             .env("SHOAL_IMAGE_CACHE", self.dir.path().join("cache"))
             .output()?;
-        anyhow::ensure!(o.status.success(), "shoal {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        anyhow::ensure!(
+            o.status.success(),
+            "shoal {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
@@ -178,20 +205,59 @@ impl Lab {
         let data = self.dir.path().join("data");
         self.url = format!("http://10.251.{}.1:{port}", self.octet);
         let shoal = self.shoal.display().to_string();
-        self.spawn(&shoal, &["server".into(), "--listen".into(), format!("10.251.{}.1:{port}", self.octet),
-            "--data-dir".into(), data.join("ctl").display().to_string()], "ctl.log")?;
+        self.spawn(
+            &shoal,
+            &[
+                "server".into(),
+                "--listen".into(),
+                format!("10.251.{}.1:{port}", self.octet),
+                "--data-dir".into(),
+                data.join("ctl").display().to_string(),
+            ],
+            "ctl.log",
+        )?;
         until(Duration::from_secs(30), || data.join("ctl/admin.token").exists())?;
         std::thread::sleep(Duration::from_millis(200));
-        self.admin = std::fs::read_to_string(data.join("ctl/admin.token"))?.trim().to_string();
+        self.admin = std::fs::read_to_string(data.join("ctl/admin.token"))?
+            .trim()
+            .to_string();
         until(Duration::from_secs(30), || self.cli(&["host", "list"]).is_ok())?;
         for i in 0..self.namespaces.len() {
             let token = self.cli(&["host", "join-token"])?.trim().to_string();
-            let args: Vec<String> = ["netns", "exec", &self.namespaces[i], &shoal, "agent", "--name", &format!("h{i}"),
-                "--controller", &self.url, "--listen", &format!("{}:0", self.underlay(i)),
-                "--data-dir", &data.join(format!("h{i}")).display().to_string(), "--join-token", &token,
-                "--driver", "qemu", "--accel", "tcg", "--net", "bridge", "--underlay-ip", &self.underlay(i),
-                "--host-cpus", "2", "--host-memory", "2048", "--ready-timeout", "300"]
-                .iter().map(|s| s.to_string()).collect();
+            let args: Vec<String> = [
+                "netns",
+                "exec",
+                &self.namespaces[i],
+                &shoal,
+                "agent",
+                "--name",
+                &format!("h{i}"),
+                "--controller",
+                &self.url,
+                "--listen",
+                &format!("{}:0", self.underlay(i)),
+                "--data-dir",
+                &data.join(format!("h{i}")).display().to_string(),
+                "--join-token",
+                &token,
+                "--driver",
+                "qemu",
+                "--accel",
+                "tcg",
+                "--net",
+                "bridge",
+                "--underlay-ip",
+                &self.underlay(i),
+                "--host-cpus",
+                "2",
+                "--host-memory",
+                "2048",
+                "--ready-timeout",
+                "300",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             self.spawn("ip", &args, &format!("h{i}.log"))?;
         }
         let n = self.namespaces.len();
@@ -213,7 +279,9 @@ impl Drop for Lab {
         }
         let needle = self.dir.path().display().to_string();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             if pid != std::process::id() && String::from_utf8_lossy(&cmd).contains(&needle) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -279,8 +347,21 @@ fn measure(lab: &Lab, name: &str, net: &str, placement: &[&str], mib: u32) -> an
     let server = format!("10.{}.{o}.2", if name == "cross" { 81 } else { 82 });
     let ud = lab.dir.path().join(format!("{name}.sh"));
     std::fs::write(&ud, guest_script(&server, mib))?;
-    lab.cli(&["profile", "create", name, "--template", "demo", "--cpus", "1", "--memory", "128MiB", "--network", net,
-              "--user-data", ud.to_str().unwrap_or_default()])?;
+    lab.cli(&[
+        "profile",
+        "create",
+        name,
+        "--template",
+        "demo",
+        "--cpus",
+        "1",
+        "--memory",
+        "128MiB",
+        "--network",
+        net,
+        "--user-data",
+        ud.to_str().unwrap_or_default(),
+    ])?;
     let mut args = vec!["cluster", "create", name, "--profile", name, "--size", "2", "--wait"];
     args.extend_from_slice(placement);
     lab.cli(&args)?;
@@ -291,7 +372,10 @@ fn measure(lab: &Lab, name: &str, net: &str, placement: &[&str], mib: u32) -> an
         text.contains("bench http")
     })?;
     // The guest prefixes what its user-data script prints with `user-data: `.
-    let line = |what: &str| text.lines().find_map(|l| Some(l.split_once(what)?.1.trim().to_string()));
+    let line = |what: &str| {
+        text.lines()
+            .find_map(|l| Some(l.split_once(what)?.1.trim().to_string()))
+    };
     let rtt = line("bench rtt")
         .and_then(|l| l.split('=').nth(1).map(str::to_string))
         .and_then(|s| s.trim().split('/').nth(1).map(str::to_string))
@@ -303,9 +387,16 @@ fn measure(lab: &Lab, name: &str, net: &str, placement: &[&str], mib: u32) -> an
     if rtt.is_nan() || http.len() != 3 {
         eprintln!("{vm} printed:\n{text}");
     }
-    let mbit = if http.len() == 3 && http[2] > http[1] { http[0] * 8.0 / 1e6 / (http[2] - http[1]) } else { f64::NAN };
+    let mbit = if http.len() == 3 && http[2] > http[1] {
+        http[0] * 8.0 / 1e6 / (http[2] - http[1])
+    } else {
+        f64::NAN
+    };
     lab.cli(&["cluster", "delete", name, "--wait"])?;
-    Ok(Guests { rtt_ms: rtt, mbit_s: mbit })
+    Ok(Guests {
+        rtt_ms: rtt,
+        mbit_s: mbit,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -313,9 +404,15 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("--inner") {
         return inner(&args[2], args[3].parse()?);
     }
-    let shoal = PathBuf::from(args.get(1).ok_or_else(|| anyhow::anyhow!("usage: bench-net PATH-TO-SHOAL [--runs N] [--mib M]"))?);
+    let shoal = PathBuf::from(
+        args.get(1)
+            .ok_or_else(|| anyhow::anyhow!("usage: bench-net PATH-TO-SHOAL [--runs N] [--mib M]"))?,
+    );
     let flag = |name: &str, default: u32| -> u32 {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(default)
     };
     let (runs, mib) = (flag("--runs", 20) as usize, flag("--mib", 32));
     let me = std::env::current_exe()?;
@@ -327,7 +424,11 @@ fn main() -> anyhow::Result<()> {
         .arg(&me)
         .args(["--inner", &lab.underlay(0), &runs.to_string()])
         .output()?;
-    anyhow::ensure!(o.status.success(), "set-up bench: {}", String::from_utf8_lossy(&o.stderr));
+    anyhow::ensure!(
+        o.status.success(),
+        "set-up bench: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     let num = |k: &str| st[k].as_f64().unwrap_or(f64::NAN);
     let (setup, teardown) = (num("setup_ms"), num("teardown_ms"));
@@ -346,15 +447,42 @@ fn main() -> anyhow::Result<()> {
     print_table(
         &["measure", "value"],
         &[
-            vec![format!("network set-up on a host (bridge+VXLAN+1 FDB entry, median of {runs})"), format!("{setup:.2} ms")],
-            vec![format!("network tear-down on a host (median of {runs})"), format!("{teardown:.2} ms")],
-            vec![format!("NAT gateway on (address+forwarding+nf_tables over netlink, median of {runs})"), format!("{gateway:.2} ms")],
-            vec![format!("NAT gateway off (median of {runs})"), format!("{gateway_off:.2} ms")],
-            vec![format!("the same nf_tables table via `nft -f` (as Incus/LXD do, median of {runs})"), format!("{nft_cli:.2} ms")],
-            vec!["guest RTT across hosts over VXLAN (ping, avg of 20)".into(), format!("{:.3} ms", cross.rtt_ms)],
-            vec!["guest RTT on one host's bridge (ping, avg of 20)".into(), format!("{:.3} ms", local.rtt_ms)],
-            vec![format!("guest TCP (HTTP GET {mib} MiB) across hosts over VXLAN"), format!("{:.1} Mbit/s", cross.mbit_s)],
-            vec![format!("guest TCP (HTTP GET {mib} MiB) on one host's bridge"), format!("{:.1} Mbit/s", local.mbit_s)],
+            vec![
+                format!("network set-up on a host (bridge+VXLAN+1 FDB entry, median of {runs})"),
+                format!("{setup:.2} ms"),
+            ],
+            vec![
+                format!("network tear-down on a host (median of {runs})"),
+                format!("{teardown:.2} ms"),
+            ],
+            vec![
+                format!("NAT gateway on (address+forwarding+nf_tables over netlink, median of {runs})"),
+                format!("{gateway:.2} ms"),
+            ],
+            vec![
+                format!("NAT gateway off (median of {runs})"),
+                format!("{gateway_off:.2} ms"),
+            ],
+            vec![
+                format!("the same nf_tables table via `nft -f` (as Incus/LXD do, median of {runs})"),
+                format!("{nft_cli:.2} ms"),
+            ],
+            vec![
+                "guest RTT across hosts over VXLAN (ping, avg of 20)".into(),
+                format!("{:.3} ms", cross.rtt_ms),
+            ],
+            vec![
+                "guest RTT on one host's bridge (ping, avg of 20)".into(),
+                format!("{:.3} ms", local.rtt_ms),
+            ],
+            vec![
+                format!("guest TCP (HTTP GET {mib} MiB) across hosts over VXLAN"),
+                format!("{:.1} Mbit/s", cross.mbit_s),
+            ],
+            vec![
+                format!("guest TCP (HTTP GET {mib} MiB) on one host's bridge"),
+                format!("{:.1} Mbit/s", local.mbit_s),
+            ],
         ],
     );
     println!(

@@ -76,7 +76,8 @@ fn hosts(n: usize, rng: &mut Rng) -> Snapshot {
         h.cpu_overcommit = 4.0;
         h.reserved_cpus = 1;
         h.reserved_memory_mib = if mem <= 128 { 2048 } else { 4096 };
-        h.labels.insert("zone".into(), format!("zone-{}", (b'a' + (i % 3) as u8) as char));
+        h.labels
+            .insert("zone".into(), format!("zone-{}", (b'a' + (i % 3) as u8) as char));
         h.labels.insert("rack".into(), format!("r{:03}", i / 40));
         s.hosts.push(h);
     }
@@ -233,16 +234,36 @@ fn main() -> anyhow::Result<()> {
         if mode == Placement::Pack {
             pack_run = Some(r);
         } else {
-            result.insert("spread_placements_per_sec".into(), (r.placed as f64 / r.secs).round().into());
+            result.insert(
+                "spread_placements_per_sec".into(),
+                (r.placed as f64 / r.secs).round().into(),
+            );
         }
     }
-    println!("placement: {} VMs in virtual clusters of 1-64 onto {} heterogeneous hosts, one core", a.vms, a.hosts);
+    println!(
+        "placement: {} VMs in virtual clusters of 1-64 onto {} heterogeneous hosts, one core",
+        a.vms, a.hosts
+    );
     print_table(
-        &["mode", "hosts", "clusters", "placed", "failed gangs", "seconds", "placements/s", "hosts used", "lower bound", "over bound"],
+        &[
+            "mode",
+            "hosts",
+            "clusters",
+            "placed",
+            "failed gangs",
+            "seconds",
+            "placements/s",
+            "hosts used",
+            "lower bound",
+            "over bound",
+        ],
         &rows,
     );
     let pack = pack_run.expect("pack ran");
-    result.insert("placements_per_sec".into(), (pack.placed as f64 / pack.secs).round().into());
+    result.insert(
+        "placements_per_sec".into(),
+        (pack.placed as f64 / pack.secs).round().into(),
+    );
     result.insert("vms_placed".into(), pack.placed.into());
     result.insert("hosts_used".into(), pack.hosts_used.into());
     result.insert("lower_bound".into(), pack.lower_bound.into());
@@ -280,20 +301,47 @@ fn main() -> anyhow::Result<()> {
                 worst_aa = worst_aa.max(over);
             } else {
                 worst = worst.max(over);
-                row.extend([format!("{seed}"), format!("{n}"), format!("{}", r.placed), format!("{}", r.lower_bound)]);
+                row.extend([
+                    format!("{seed}"),
+                    format!("{n}"),
+                    format!("{}", r.placed),
+                    format!("{}", r.lower_bound),
+                ]);
             }
-            row.extend([format!("{}", r.hosts_used), format!("{:+.2}%", 100.0 * over), format!("{}", r.failed)]);
+            row.extend([
+                format!("{}", r.hosts_used),
+                format!("{:+.2}%", 100.0 * over),
+                format!("{}", r.failed),
+            ]);
         }
         rows.push(row);
     }
-    println!("\npack quality on random mixes (lower bound: fewest hosts, largest first, holding each resource's demand)");
+    println!(
+        "\npack quality on random mixes (lower bound: fewest hosts, largest first, holding each resource's demand)"
+    );
     print_table(
-        &["seed", "hosts", "vms", "lower bound", "hosts used", "over bound", "failed gangs",
-          "with anti-affinity: hosts used", "over bound", "failed gangs"],
+        &[
+            "seed",
+            "hosts",
+            "vms",
+            "lower bound",
+            "hosts used",
+            "over bound",
+            "failed gangs",
+            "with anti-affinity: hosts used",
+            "over bound",
+            "failed gangs",
+        ],
         &rows,
     );
-    result.insert("pack_worst_over_bound_pct".into(), ((worst * 1e4).round() / 100.0).into());
-    result.insert("pack_worst_over_bound_pct_with_anti_affinity".into(), ((worst_aa * 1e4).round() / 100.0).into());
+    result.insert(
+        "pack_worst_over_bound_pct".into(),
+        ((worst * 1e4).round() / 100.0).into(),
+    );
+    result.insert(
+        "pack_worst_over_bound_pct_with_anti_affinity".into(),
+        ((worst_aa * 1e4).round() / 100.0).into(),
+    );
 
     // 3: rebalancing against hbal.
     let reb = rebalancing(a.hbal, a.hbal_max_hosts, &a.rebalance)?;
@@ -314,7 +362,10 @@ fn from_gen(v: &serde_json::Value) -> anyhow::Result<Snapshot> {
     let num = |x: &serde_json::Value, k: &str| -> anyhow::Result<u64> {
         x[k].as_u64().ok_or_else(|| anyhow::anyhow!("{k} missing in {x}"))
     };
-    let mut s = Snapshot { shared_storage: true, ..Default::default() };
+    let mut s = Snapshot {
+        shared_storage: true,
+        ..Default::default()
+    };
     let ratio = v["vcpu_ratio"].as_f64().unwrap_or(4.0);
     for h in v["hosts"].as_array().into_iter().flatten() {
         let mut host = Host::new(
@@ -371,19 +422,35 @@ fn score_py(dir: &Path, state: &Path, ignore_dynu: bool) -> anyhow::Result<f64> 
         c.arg("--ignore-dynu");
     }
     let out = c.output()?;
-    anyhow::ensure!(out.status.success(), "score.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "score.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
 /// Installs Ganeti's htools when missing (idempotent); returns whether `hbal` is available.
 fn ensure_hbal() -> bool {
-    let have = || Command::new("hbal").arg("--version").output().is_ok_and(|o| o.status.success());
+    let have = || {
+        Command::new("hbal")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if have() {
         return true;
     }
     eprintln!("installing ganeti-htools for hbal …");
     let _ = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", "ganeti-htools"])
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "ganeti-htools",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status();
     have()
@@ -408,7 +475,11 @@ fn run_hbal(
     let t = Instant::now();
     let out = c.output()?;
     let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(out.status.success(), "hbal failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "hbal failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     // hbal ends with "Solution length=N".
     let moves = stdout
@@ -420,7 +491,11 @@ fn run_hbal(
         .arg(format!("{}.balanced", saved.display()))
         .arg(tmp.join(format!("cluster-{n}.json")))
         .output()?;
-    anyhow::ensure!(st.status.success(), "ganeti2json.py failed: {}", String::from_utf8_lossy(&st.stderr));
+    anyhow::ensure!(
+        st.status.success(),
+        "ganeti2json.py failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     // Score hbal's final placement with the original hosts (hbal's saved free memory is stale).
     let placed: serde_json::Value = serde_json::from_slice(&st.stdout)?;
     let mut merged = orig.clone();
@@ -443,7 +518,11 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
         .args(["--all", "--out"])
         .arg(tmp.path())
         .output()?;
-    anyhow::ensure!(st.status.success(), "gen.py failed: {}", String::from_utf8_lossy(&st.stderr));
+    anyhow::ensure!(
+        st.status.success(),
+        "gen.py failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let hbal_ok = with_hbal && ensure_hbal();
     let mut rows = Vec::new();
     let mut out = serde_json::Map::new();
@@ -462,14 +541,25 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
                 _ => None,
             };
             // hbal's objective (any gain) for the side-by-side, and the cost model as configured.
-            let hbal_like = RebalanceOptions { ignore_dynu, cost_per_second: 0.0, min_gain: 1e-9, ..base.clone() };
-            let costed = RebalanceOptions { ignore_dynu, ..base.clone() };
+            let hbal_like = RebalanceOptions {
+                ignore_dynu,
+                cost_per_second: 0.0,
+                min_gain: 1e-9,
+                ..base.clone()
+            };
+            let costed = RebalanceOptions {
+                ignore_dynu,
+                ..base.clone()
+            };
             let t = Instant::now();
             let plan = rebalance::plan(&snap, &hbal_like)?;
             let secs = t.elapsed().as_secs_f64();
             let scored = |moves: &[rebalance::Move], tag: &str| -> anyhow::Result<f64> {
                 let path = tmp.path().join(format!("shoal-{n}-{ignore_dynu}-{tag}.json"));
-                std::fs::write(&path, serde_json::to_vec(&to_gen(&orig, &rebalance::apply(&snap, moves)))?)?;
+                std::fs::write(
+                    &path,
+                    serde_json::to_vec(&to_gen(&orig, &rebalance::apply(&snap, moves)))?,
+                )?;
                 score_py(&dir, &path, ignore_dynu)
             };
             let after_py = scored(&plan.moves, "final")?;
@@ -485,9 +575,13 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
             // algorithm, which our plan follows move for move without it).
             let greedy = rebalance::plan_greedy(&snap, &hbal_like)?;
             let reach = |moves: &[rebalance::Move], tag: &str| -> anyhow::Result<Option<(usize, f64)>> {
-                let Some((target, _, _)) = hbal_res else { return Ok(None) };
+                let Some((target, _, _)) = hbal_res else {
+                    return Ok(None);
+                };
                 // Our score matches score.py to ~1e-12; confirm the prefix with score.py.
-                let Some(k) = moves.iter().position(|m| m.score_after <= target + 1e-7) else { return Ok(None) };
+                let Some(k) = moves.iter().position(|m| m.score_after <= target + 1e-7) else {
+                    return Ok(None);
+                };
                 let py = scored(&moves[..=k], tag)?;
                 Ok(Some((k + 1, py)))
             };
@@ -496,16 +590,27 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
             let key = format!("{n}{}", if ignore_dynu { "_ignore_dynu" } else { "" });
             rows.push(vec![
                 format!("{n}"),
-                if ignore_dynu { "ignore-dynu".into() } else { "default".into() },
+                if ignore_dynu {
+                    "ignore-dynu".into()
+                } else {
+                    "default".into()
+                },
                 format!("{before_py:.4}"),
                 format!("{:+.0e}", before - before_py),
                 hbal_res.map_or("-".into(), |h| format!("{:.4} / {} / {:.1}s", h.0, h.1, h.2)),
                 format!("{k}: {at_k_py:.4}"),
                 format!("{after_py:.4} / {} / {:.3}s", plan.moves.len(), secs),
-                format!("{cafter_py:.4} / {} / {:.3}s / {}", cplan.moves.len(), csecs, cplan.waves),
+                format!(
+                    "{cafter_py:.4} / {} / {:.3}s / {}",
+                    cplan.moves.len(),
+                    csecs,
+                    cplan.waves
+                ),
                 match (hbal_res, reach_plan, reach_greedy) {
                     (Some(h), b, g) => {
-                        let f = |r: Option<(usize, f64)>| r.map_or("never".to_string(), |r| format!("{} ({:.4})", r.0, r.1));
+                        let f = |r: Option<(usize, f64)>| {
+                            r.map_or("never".to_string(), |r| format!("{} ({:.4})", r.0, r.1))
+                        };
                         format!("{} / {} / {}", h.1, f(g), f(b))
                     }
                     _ => "-".into(),
@@ -541,12 +646,24 @@ fn rebalancing(with_hbal: bool, hbal_max_hosts: usize, base: &RebalanceOptions) 
     println!(
         "\nrebalancing vs hbal ({}), every score by score.py ({})",
         dir.display(),
-        if hbal_ok { "20 hosts to the end, 200 hosts -l 1, 2,000 hosts not run" } else { "hbal not run" }
+        if hbal_ok {
+            "20 hosts to the end, 200 hosts -l 1, 2,000 hosts not run"
+        } else {
+            "hbal not run"
+        }
     );
     print_table(
-        &["hosts", "score", "initial", "ours - score.py", "hbal: final / moves / time", "shoal after K moves",
-          "shoal, any gain: final / moves / time", "shoal, cost model: final / moves / time / waves",
-          "moves to hbal's final: hbal / shoal greedy / shoal"],
+        &[
+            "hosts",
+            "score",
+            "initial",
+            "ours - score.py",
+            "hbal: final / moves / time",
+            "shoal after K moves",
+            "shoal, any gain: final / moves / time",
+            "shoal, cost model: final / moves / time / waves",
+            "moves to hbal's final: hbal / shoal greedy / shoal",
+        ],
         &rows,
     );
     Ok(serde_json::Value::Object(out))

@@ -77,7 +77,11 @@ fn clone_costs(base: &Path, dir: &Path, runs: usize) -> anyhow::Result<[(f64, f6
         ov_b = allocated(&o) as f64;
         let c = dir.join(format!("copy{i}.raw"));
         let t = Instant::now();
-        let st = std::process::Command::new("cp").arg("--sparse=never").arg(base).arg(&c).status()?;
+        let st = std::process::Command::new("cp")
+            .arg("--sparse=never")
+            .arg(base)
+            .arg(&c)
+            .status()?;
         anyhow::ensure!(st.success(), "cp failed");
         // A copy is only done once it is on disk, as an overlay's metadata is.
         std::fs::File::open(&c)?.sync_all()?;
@@ -133,7 +137,10 @@ async fn wait_state(d: &QemuDriver, uuid: uuid::Uuid, want: VmState) -> anyhow::
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let shoal = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!("usage: bench-vm PATH-TO-SHOAL [--vms N]"))?);
+    let shoal = PathBuf::from(
+        args.next()
+            .ok_or_else(|| anyhow::anyhow!("usage: bench-vm PATH-TO-SHOAL [--vms N]"))?,
+    );
     let vms: usize = match (args.next().as_deref(), args.next()) {
         (Some("--vms"), Some(n)) => n.parse()?,
         _ => 3,
@@ -148,7 +155,9 @@ async fn main() -> anyhow::Result<()> {
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&big)?;
-        let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let block: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for _ in 0..1024 {
             f.write_all(&block)?;
         }
@@ -180,7 +189,15 @@ async fn main() -> anyhow::Result<()> {
         wait_state(&driver, s.uuid, VmState::Running).await?;
         let t = driver.timings(s.uuid).unwrap_or_default();
         let g = |k: &str| t.get(k).copied().unwrap_or(f64::NAN);
-        for k in ["clone_ms", "seed_ms", "qemu_start_ms", "ready_ms", "suspend_ms", "resume_ms", "state_bytes"] {
+        for k in [
+            "clone_ms",
+            "seed_ms",
+            "qemu_start_ms",
+            "ready_ms",
+            "suspend_ms",
+            "resume_ms",
+            "state_bytes",
+        ] {
             per.entry(k).or_default().push(g(k));
         }
         rows.push(vec![
@@ -203,12 +220,28 @@ async fn main() -> anyhow::Result<()> {
     let data = dir.path().join("up");
     let up = spawn(
         &shoal,
-        &["up", "--hosts", "3", "--driver", "qemu", "--listen", &format!("127.0.0.1:{port}"),
-          "--data-dir", data.to_str().unwrap(), "--host-cpus", "2", "--host-memory", "2048"],
+        &[
+            "up",
+            "--hosts",
+            "3",
+            "--driver",
+            "qemu",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--host-cpus",
+            "2",
+            "--host-memory",
+            "2048",
+        ],
         &dir.path().join("up.log"),
     )?;
     let client = Client::new(&url, None);
-    until(Duration::from_secs(60), "3 hosts", || async { client.hosts().await.ok().filter(|h| h.len() == 3) }).await?;
+    until(Duration::from_secs(60), "3 hosts", || async {
+        client.hosts().await.ok().filter(|h| h.len() == 3)
+    })
+    .await?;
     client
         .import_template(
             "demo",
@@ -262,21 +295,57 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("Cloning a VM disk (median of runs)");
     print_table(
-        &["template", "overlay ms", "overlay MiB on disk", "full copy ms", "full copy MiB on disk", "copy / overlay time"],
         &[
-            vec!["demo (64 MiB ext4)".into(), format!("{demo_ov:.1}"), format!("{:.2}", mib(demo_ov_b)), format!("{demo_cp:.1}"), format!("{:.1}", mib(demo_cp_b)), format!("{:.0}x", demo_cp / demo_ov)],
-            vec!["1 GiB of data".into(), format!("{big_ov:.1}"), format!("{:.2}", mib(big_ov_b)), format!("{big_cp:.1}"), format!("{:.1}", mib(big_cp_b)), format!("{:.0}x", big_cp / big_ov)],
+            "template",
+            "overlay ms",
+            "overlay MiB on disk",
+            "full copy ms",
+            "full copy MiB on disk",
+            "copy / overlay time",
+        ],
+        &[
+            vec![
+                "demo (64 MiB ext4)".into(),
+                format!("{demo_ov:.1}"),
+                format!("{:.2}", mib(demo_ov_b)),
+                format!("{demo_cp:.1}"),
+                format!("{:.1}", mib(demo_cp_b)),
+                format!("{:.0}x", demo_cp / demo_ov),
+            ],
+            vec![
+                "1 GiB of data".into(),
+                format!("{big_ov:.1}"),
+                format!("{:.2}", mib(big_ov_b)),
+                format!("{big_cp:.1}"),
+                format!("{:.1}", mib(big_cp_b)),
+                format!("{:.0}x", big_cp / big_ov),
+            ],
         ],
     );
     println!();
     println!("Per VM through the QEMU driver (128 MiB, 1 vCPU, one VM at a time)");
-    print_table(&["vm", "clone ms", "seed ms", "qemu start ms", "ready ms", "suspend ms", "state MiB", "resume ms"], &rows);
+    print_table(
+        &[
+            "vm",
+            "clone ms",
+            "seed ms",
+            "qemu start ms",
+            "ready ms",
+            "suspend ms",
+            "state MiB",
+            "resume ms",
+        ],
+        &rows,
+    );
     println!();
     println!("3-VM virtual cluster through the API (one VM per host)");
     print_table(
         &["measure", "seconds"],
         &[
-            vec!["steps 1-3 (prepare, configure, choose; the API call)".into(), format!("{plan_s:.3}")],
+            vec![
+                "steps 1-3 (prepare, configure, choose; the API call)".into(),
+                format!("{plan_s:.3}"),
+            ],
             vec!["request to all 3 guests ready".into(), format!("{deploy_s:.2}")],
             vec!["cluster suspend".into(), format!("{csus_s:.2}")],
             vec!["cluster resume".into(), format!("{cres_s:.2}")],

@@ -143,7 +143,11 @@ pub async fn template_file(
         "disk" => Some(rec.file),
         "kernel" => rec.kernel_file,
         "initrd" => rec.initrd_file,
-        _ => return Err(ApiError::Invalid(format!("unknown template file {file:?}: expected disk, kernel or initrd"))),
+        _ => {
+            return Err(ApiError::Invalid(format!(
+                "unknown template file {file:?}: expected disk, kernel or initrd"
+            )))
+        }
     }
     .ok_or_else(|| ApiError::not_found("template file", format!("{template}/{file}")))?;
     let f = tokio::fs::File::open(&path)

@@ -71,7 +71,10 @@ pub async fn scale_cluster(
     Path(name): Path<String>,
     Json(req): Json<ScaleCluster>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    Ok((StatusCode::ACCEPTED, Json(deploy::scale_cluster(&ctl, &name, req.size).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(deploy::scale_cluster(&ctl, &name, req.size).await?),
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/clusters/{name}", tag = "clusters",
@@ -95,5 +98,8 @@ pub async fn cluster_action(
     axum::extract::Query(q): axum::extract::Query<crate::api::vms::ActionQuery>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let a = crate::api::vms::action(&verb, q.force)?;
-    Ok((StatusCode::ACCEPTED, Json(crate::lifecycle::cluster_action(&ctl, &name, a).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::lifecycle::cluster_action(&ctl, &name, a).await?),
+    ))
 }

@@ -22,7 +22,10 @@ impl From<shoal_image::Error> for ApiError {
         match e {
             E::Invalid(m) => ApiError::Invalid(m),
             E::Conflict(m) => ApiError::Conflict(m),
-            E::NotFound(what) => ApiError::NotFound { kind: "image", name: what },
+            E::NotFound(what) => ApiError::NotFound {
+                kind: "image",
+                name: what,
+            },
             E::Missing(ids) => ApiError::Invalid(format!(
                 "{} chunk(s) missing from the store, first {}: upload them first",
                 ids.len(),
@@ -47,9 +50,16 @@ pub async fn blocking<T: Send + 'static>(
 
 fn parse_ids(list: &ChunkList) -> ApiResult<Vec<ChunkId>> {
     if list.chunks.len() > MAX_BATCH * 64 {
-        return Err(ApiError::Invalid(format!("{} chunk ids in one request; at most {}", list.chunks.len(), MAX_BATCH * 64)));
+        return Err(ApiError::Invalid(format!(
+            "{} chunk ids in one request; at most {}",
+            list.chunks.len(),
+            MAX_BATCH * 64
+        )));
     }
-    list.chunks.iter().map(|c| c.parse::<ChunkId>().map_err(ApiError::from)).collect()
+    list.chunks
+        .iter()
+        .map(|c| c.parse::<ChunkId>().map_err(ApiError::from))
+        .collect()
 }
 
 fn parse_manifest_id(id: &str) -> ApiResult<ManifestId> {
@@ -62,7 +72,11 @@ fn parse_manifest_id(id: &str) -> ApiResult<ManifestId> {
 pub async fn missing(State(ctl): State<Controller>, Json(list): Json<ChunkList>) -> ApiResult<Json<ChunkList>> {
     let ids = parse_ids(&list)?;
     let missing = blocking(&ctl, move |s| {
-        Ok(ids.into_iter().filter(|id| !s.backend().contains(id)).map(|id| id.to_hex()).collect())
+        Ok(ids
+            .into_iter()
+            .filter(|id| !s.backend().contains(id))
+            .map(|id| id.to_hex())
+            .collect())
     })
     .await?;
     Ok(Json(ChunkList { chunks: missing }))
@@ -79,7 +93,10 @@ pub async fn upload_chunks(State(ctl): State<Controller>, body: Bytes) -> ApiRes
 async fn store_chunks(ctl: &Controller, body: Bytes) -> ApiResult<Json<ChunkUpload>> {
     let blobs = wire::decode_batch(&body)?;
     if blobs.len() > MAX_BATCH {
-        return Err(ApiError::Invalid(format!("{} chunks in one batch; at most {MAX_BATCH}", blobs.len())));
+        return Err(ApiError::Invalid(format!(
+            "{} chunks in one batch; at most {MAX_BATCH}",
+            blobs.len()
+        )));
     }
     let received = blobs.len() as u64;
     let new = blocking(ctl, move |s| {
@@ -97,7 +114,11 @@ async fn store_chunks(ctl: &Controller, body: Bytes) -> ApiResult<Json<ChunkUplo
     params(("id" = String, Path, description = "Manifest id (BLAKE3 of its bytes, hex)")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = ManifestRef), (status = 400, body = shoal_model::api::ErrorBody)))]
-pub async fn put_manifest(State(ctl): State<Controller>, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<ManifestRef>> {
+pub async fn put_manifest(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ManifestRef>> {
     store_manifest(&ctl, &id, body).await
 }
 
@@ -129,12 +150,17 @@ pub async fn fetch_chunks(State(ctl): State<Controller>, Json(list): Json<ChunkL
 async fn send_chunks(ctl: &Controller, list: ChunkList) -> ApiResult<Vec<u8>> {
     let ids = parse_ids(&list)?;
     if ids.len() > MAX_BATCH {
-        return Err(ApiError::Invalid(format!("{} chunks asked for at once; at most {MAX_BATCH}", ids.len())));
+        return Err(ApiError::Invalid(format!(
+            "{} chunks asked for at once; at most {MAX_BATCH}",
+            ids.len()
+        )));
     }
     blocking(ctl, move |s| {
         let mut blobs = Vec::with_capacity(ids.len());
         for id in ids {
-            let b = s.get_blob(&id)?.ok_or_else(|| shoal_image::Error::NotFound(format!("chunk {id}")))?;
+            let b = s
+                .get_blob(&id)?
+                .ok_or_else(|| shoal_image::Error::NotFound(format!("chunk {id}")))?;
             blobs.push((id, b));
         }
         Ok(wire::encode_batch(&blobs))
@@ -159,7 +185,11 @@ pub async fn stats(State(ctl): State<Controller>) -> ApiResult<Json<ImageStats>>
 #[utoipa::path(post, path = "/v1/images/gc", tag = "images", responses((status = 200, body = ImageGc)))]
 pub async fn gc(State(ctl): State<Controller>) -> ApiResult<Json<ImageGc>> {
     let g = blocking(&ctl, |s| s.gc()).await?;
-    Ok(Json(ImageGc { manifests_removed: g.manifests_removed, chunks_removed: g.chunks_removed, bytes_freed: g.bytes_freed }))
+    Ok(Json(ImageGc {
+        manifests_removed: g.manifests_removed,
+        chunks_removed: g.chunks_removed,
+        bytes_freed: g.bytes_freed,
+    }))
 }
 
 /// Re-hashes every chunk; corrupt ones go to quarantine and the images they damage are named.

@@ -61,9 +61,7 @@ impl utoipa::Modify for BearerAuth {
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `docs/openapi.json`.
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("OpenAPI document serialises")
+    ApiDoc::openapi().to_pretty_json().expect("OpenAPI document serialises")
 }
 
 pub fn router(ctl: Controller) -> Router {
@@ -72,13 +70,19 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/hosts/join-tokens", post(hosts::create_join_token))
         .route("/v1/hosts/{name}/drain", post(plan::drain))
         .route("/v1/hosts/{name}/undrain", post(plan::undrain))
-        .route("/v1/hosts/{name}/maintenance", post(plan::enter_maintenance).delete(plan::leave_maintenance))
+        .route(
+            "/v1/hosts/{name}/maintenance",
+            post(plan::enter_maintenance).delete(plan::leave_maintenance),
+        )
         .route("/v1/plan/snapshot", get(plan::snapshot))
         .route("/v1/plan/place", post(plan::place))
         .route("/v1/plan/rebalance", post(plan::rebalance))
         .route("/v1/plan/consolidate", post(power::consolidate_plan))
         .route("/v1/energy", get(power::energy_report))
-        .route("/v1/hosts/{name}/power", get(power::show_power).put(power::configure_power))
+        .route(
+            "/v1/hosts/{name}/power",
+            get(power::show_power).put(power::configure_power),
+        )
         .route("/v1/hosts/{name}/power/{state}", post(power::switch_power))
         .route(
             "/v1/templates",
@@ -115,14 +119,25 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
         .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
-        .route("/v1/networks", get(networks::list_networks).post(networks::create_network))
-        .route("/v1/networks/{name}", get(networks::show_network).patch(networks::update_network).delete(networks::delete_network))
+        .route(
+            "/v1/networks",
+            get(networks::list_networks).post(networks::create_network),
+        )
+        .route(
+            "/v1/networks/{name}",
+            get(networks::show_network)
+                .patch(networks::update_network)
+                .delete(networks::delete_network),
+        )
         .route("/v1/operations", get(operations::list_operations))
         .route("/v1/operations/{id}", get(operations::show_operation))
         .route("/v1/images/missing", post(images::missing))
         .route("/v1/images/chunks", post(images::upload_chunks))
         .route("/v1/images/chunks/fetch", post(images::fetch_chunks))
-        .route("/v1/images/manifests/{id}", get(images::get_manifest).put(images::put_manifest))
+        .route(
+            "/v1/images/manifests/{id}",
+            get(images::get_manifest).put(images::put_manifest),
+        )
         .route("/v1/images/stats", get(images::stats))
         .route("/v1/images/gc", post(images::gc))
         .route("/v1/images/verify", post(images::verify))
@@ -135,8 +150,14 @@ pub fn router(ctl: Controller) -> Router {
             "/v1/agents/{name}/templates/{template}/{file}",
             get(agents::template_file),
         )
-        .route("/v1/agents/{name}/images/manifests/{id}", get(images::agent_get_manifest).put(images::agent_put_manifest))
-        .route("/v1/agents/{name}/images/chunks/fetch", post(images::agent_fetch_chunks))
+        .route(
+            "/v1/agents/{name}/images/manifests/{id}",
+            get(images::agent_get_manifest).put(images::agent_put_manifest),
+        )
+        .route(
+            "/v1/agents/{name}/images/chunks/fetch",
+            post(images::agent_fetch_chunks),
+        )
         .route("/v1/agents/{name}/images/chunks", post(images::agent_upload_chunks))
         .route("/v1/agents/{name}/images/missing", post(images::agent_missing))
         .layer(DefaultBodyLimit::max(images::MAX_BATCH * (64 << 10) + (16 << 20)));

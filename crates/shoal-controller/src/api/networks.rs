@@ -7,9 +7,9 @@ use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 use shoal_model::Network;
 use shoal_store::{Compare, Op, Txn};
 
+use crate::db::Versioned;
 use crate::error::{ApiError, ApiResult};
 use crate::network::{self, network_key, vni_key};
-use crate::db::Versioned;
 use crate::{db, Controller};
 
 /// Creates a network; its subnet and VNI are allocated when not given.
@@ -80,7 +80,9 @@ pub async fn update_network(
         .when(Compare::ModRevision(key.clone(), v.mod_revision))
         .then(db::put(key, &net));
     if !ctl.db.store.txn(txn).await?.succeeded {
-        return Err(ApiError::Conflict(format!("network {name:?} changed meanwhile; nothing was changed")));
+        return Err(ApiError::Conflict(format!(
+            "network {name:?} changed meanwhile; nothing was changed"
+        )));
     }
     ctl.wake.notify_one();
     let (clusters, vms, topo) = network::topology_now(&ctl).await?;
@@ -102,12 +104,17 @@ pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<Stri
         .then(Op::Delete(db::subnet_key(&v.value.subnet)))
         .then(Op::Delete(vni_key(v.value.vni)));
     if !ctl.db.store.txn(txn).await?.succeeded {
-        return Err(ApiError::Conflict(format!("network {name:?} changed meanwhile; nothing was changed")));
+        return Err(ApiError::Conflict(format!(
+            "network {name:?} changed meanwhile; nothing was changed"
+        )));
     }
     Ok(Json(()))
 }
 
 /// Network `name` as stored, or not found.
 async fn stored(ctl: &Controller, name: &str) -> ApiResult<Versioned<Network>> {
-    ctl.db.get::<Network>(&network_key(name)).await?.ok_or_else(|| ApiError::not_found("network", name))
+    ctl.db
+        .get::<Network>(&network_key(name))
+        .await?
+        .ok_or_else(|| ApiError::not_found("network", name))
 }

@@ -74,7 +74,10 @@ pub async fn drain(
 #[utoipa::path(post, path = "/v1/hosts/{name}/maintenance", tag = "hosts",
     params(("name" = String, Path, description = "Host name")),
     responses((status = 204), (status = 404, body = shoal_model::api::ErrorBody)))]
-pub async fn enter_maintenance(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<axum::http::StatusCode> {
+pub async fn enter_maintenance(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::http::StatusCode> {
     plan::set_maintenance(&ctl, &name, true).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
@@ -83,7 +86,10 @@ pub async fn enter_maintenance(State(ctl): State<Controller>, Path(name): Path<S
 #[utoipa::path(delete, path = "/v1/hosts/{name}/maintenance", tag = "hosts",
     params(("name" = String, Path, description = "Host name")),
     responses((status = 204), (status = 404, body = shoal_model::api::ErrorBody)))]
-pub async fn leave_maintenance(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<axum::http::StatusCode> {
+pub async fn leave_maintenance(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::http::StatusCode> {
     plan::set_maintenance(&ctl, &name, false).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

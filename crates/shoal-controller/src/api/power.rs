@@ -42,7 +42,10 @@ pub async fn configure_power(
     params(("name" = String, Path, description = "Host name"), ("state" = String, Path, description = "`on` or `off`")),
     responses((status = 200, body = HostPower), (status = 400, body = shoal_model::api::ErrorBody),
               (status = 409, body = shoal_model::api::ErrorBody), (status = 503, body = shoal_model::api::ErrorBody)))]
-pub async fn switch_power(State(ctl): State<Controller>, Path((name, state)): Path<(String, String)>) -> ApiResult<Json<HostPower>> {
+pub async fn switch_power(
+    State(ctl): State<Controller>,
+    Path((name, state)): Path<(String, String)>,
+) -> ApiResult<Json<HostPower>> {
     let on = match state.as_str() {
         "on" => true,
         "off" => false,
@@ -62,7 +65,10 @@ pub struct ConsolidateRequest {
 /// live migrations, hosts to switch off; with `apply`, does it.
 #[utoipa::path(post, path = "/v1/plan/consolidate", tag = "plan", request_body = ConsolidateRequest,
     responses((status = 200, body = ConsolidationPlan), (status = 409, body = shoal_model::api::ErrorBody)))]
-pub async fn consolidate_plan(State(ctl): State<Controller>, Json(req): Json<ConsolidateRequest>) -> ApiResult<Json<ConsolidationPlan>> {
+pub async fn consolidate_plan(
+    State(ctl): State<Controller>,
+    Json(req): Json<ConsolidateRequest>,
+) -> ApiResult<Json<ConsolidationPlan>> {
     let p = consolidate::plan(&ctl, req.apply).await?;
     if req.apply {
         consolidate::apply(&ctl, &p).await?;

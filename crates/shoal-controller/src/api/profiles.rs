@@ -23,7 +23,9 @@ pub async fn create_profile(
     validate_name("profile", &req.name)?;
     if let Some(c) = req.cpus {
         if c == 0 || c > MAX_CPUS {
-            return Err(ApiError::Invalid(format!("invalid cpus {c}: must be between 1 and {MAX_CPUS}")));
+            return Err(ApiError::Invalid(format!(
+                "invalid cpus {c}: must be between 1 and {MAX_CPUS}"
+            )));
         }
     }
     let profile = Profile {
@@ -58,7 +60,11 @@ pub async fn create_profile(
     let r = ctl
         .db
         .store
-        .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &profile)))
+        .txn(
+            Txn::new()
+                .when(Compare::Version(key.clone(), 0))
+                .then(put(key, &profile)),
+        )
         .await?;
     if !r.succeeded {
         return Err(ApiError::exists("profile", &req.name));
@@ -136,10 +142,16 @@ pub async fn delete_profile(State(ctl): State<Controller>, Path(name): Path<Stri
     let r = ctl
         .db
         .store
-        .txn(Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::Delete(key)))
+        .txn(
+            Txn::new()
+                .when(Compare::ModRevision(key.clone(), rev))
+                .then(Op::Delete(key)),
+        )
         .await?;
     if !r.succeeded {
-        return Err(ApiError::Conflict(format!("profile {name:?} changed while being deleted; try again")));
+        return Err(ApiError::Conflict(format!(
+            "profile {name:?} changed while being deleted; try again"
+        )));
     }
     Ok(Json(()))
 }

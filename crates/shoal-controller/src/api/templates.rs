@@ -133,7 +133,13 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
         (Some(d), _) => {
             let (path, r) = (d.path.clone(), image_ref.clone());
             let rep = crate::api::images::blocking(ctl, move |s| {
-                s.import_path(&path, &shoal_image::ImportOptions { ref_name: Some(&r), ..Default::default() })
+                s.import_path(
+                    &path,
+                    &shoal_image::ImportOptions {
+                        ref_name: Some(&r),
+                        ..Default::default()
+                    },
+                )
             })
             .await
             .map_err(|e| match e {
@@ -142,7 +148,11 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
                 e => e,
             })?;
             let _ = tokio::fs::remove_file(&d.path).await;
-            (rep.manifest, format!("{:?}", rep.format).to_lowercase(), rep.logical_bytes)
+            (
+                rep.manifest,
+                format!("{:?}", rep.format).to_lowercase(),
+                rep.logical_bytes,
+            )
         }
         (None, Some(m)) => {
             let id: shoal_image::ManifestId = m.parse().map_err(ApiError::from)?;
@@ -181,7 +191,10 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
         kernel_file: kernel.as_ref().map(|_| final_path("kernel")),
         initrd_file: initrd.as_ref().map(|_| final_path("initrd")),
     };
-    let moves = [(kernel.as_ref(), rec.kernel_file.as_ref()), (initrd.as_ref(), rec.initrd_file.as_ref())];
+    let moves = [
+        (kernel.as_ref(), rec.kernel_file.as_ref()),
+        (initrd.as_ref(), rec.initrd_file.as_ref()),
+    ];
     for (r, f) in moves {
         if let (Some(r), Some(f)) = (r, f) {
             if let Err(e) = tokio::fs::rename(&r.path, f).await {
@@ -234,7 +247,9 @@ async fn receive(mut field: axum::extract::multipart::Field<'_>, path: &Path) ->
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = [Template])))]
 pub async fn list_templates(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Template>>> {
-    Ok(Json(ctl.db.templates().await?.into_iter().map(|t| t.template).collect()))
+    Ok(Json(
+        ctl.db.templates().await?.into_iter().map(|t| t.template).collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",
@@ -286,10 +301,16 @@ pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPa
     let r = ctl
         .db
         .store
-        .txn(Txn::new().when(Compare::ModRevision(key.clone(), rec.mod_revision)).then(Op::Delete(key)))
+        .txn(
+            Txn::new()
+                .when(Compare::ModRevision(key.clone(), rec.mod_revision))
+                .then(Op::Delete(key)),
+        )
         .await?;
     if !r.succeeded {
-        return Err(ApiError::Conflict(format!("template {name:?} changed while being deleted; try again")));
+        return Err(ApiError::Conflict(format!(
+            "template {name:?} changed while being deleted; try again"
+        )));
     }
     if let Err(e) = ctl.images.delete_ref(&format!("template/{name}")) {
         tracing::warn!("template {name}: removing its image ref: {e}");
@@ -369,9 +390,18 @@ pub async fn publish_template(
         ready_pattern: source.template.ready_pattern.clone(),
         created_unix_ms: now_ms(),
     };
-    let rec = TemplateRecord { template: template.clone(), file: String::new(), kernel_file, initrd_file };
+    let rec = TemplateRecord {
+        template: template.clone(),
+        file: String::new(),
+        kernel_file,
+        initrd_file,
+    };
     let key = template_key(&name);
-    let r = ctl.db.store.txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec))).await;
+    let r = ctl
+        .db
+        .store
+        .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
+        .await;
     match r {
         Ok(r) if r.succeeded => Ok((StatusCode::CREATED, Json(template))),
         Ok(_) => {

@@ -23,7 +23,9 @@ pub async fn list_vms(State(ctl): State<Controller>, Query(f): Query<VmFilter>) 
             if ctl.db.store.get(&crate::db::cluster_key(&c)).await?.is_none() {
                 return Err(ApiError::not_found("cluster", c));
             }
-            Ok(Json(ctl.db.cluster_vms(&c).await?.into_iter().map(|v| v.value).collect()))
+            Ok(Json(
+                ctl.db.cluster_vms(&c).await?.into_iter().map(|v| v.value).collect(),
+            ))
         }
         None => Ok(Json(ctl.db.vms().await?)),
     }
@@ -40,7 +42,9 @@ pub async fn show_vm(State(ctl): State<Controller>, Path(name): Path<String>) ->
         },
         None => None,
     };
-    found.map(|v| Json(v.value)).ok_or_else(|| ApiError::not_found("VM", name))
+    found
+        .map(|v| Json(v.value))
+        .ok_or_else(|| ApiError::not_found("VM", name))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -125,7 +129,10 @@ pub async fn console(
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, body = shoal_model::api::VmSnapshot), (status = 404, body = shoal_model::api::ErrorBody),
               (status = 409, body = shoal_model::api::ErrorBody), (status = 503, body = shoal_model::api::ErrorBody)))]
-pub async fn snapshot_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<shoal_model::api::VmSnapshot>> {
+pub async fn snapshot_vm(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<shoal_model::api::VmSnapshot>> {
     let (_, snap) = take_snapshot(&ctl, &name).await?;
     Ok(Json(snap))
 }
@@ -134,22 +141,38 @@ pub async fn snapshot_vm(State(ctl): State<Controller>, Path(name): Path<String>
 /// the image `vm/NAME/UNIX_MS` so that gc keeps it.
 pub async fn take_snapshot(ctl: &Controller, name: &str) -> ApiResult<(shoal_model::Vm, shoal_model::api::VmSnapshot)> {
     let Json(vm) = show_vm(State(ctl.clone()), Path(name.to_string())).await?;
-    if matches!(vm.state, VmState::Pending | VmState::Creating | VmState::Deleting | VmState::Failed) {
-        return Err(ApiError::Conflict(format!("VM {name} is {}; snapshot it once it runs or is stopped", vm.state.as_str())));
+    if matches!(
+        vm.state,
+        VmState::Pending | VmState::Creating | VmState::Deleting | VmState::Failed
+    ) {
+        return Err(ApiError::Conflict(format!(
+            "VM {name} is {}; snapshot it once it runs or is stopped",
+            vm.state.as_str()
+        )));
     }
     let host = vm_host(ctl, &vm).await?;
-    let disk = ctl.agent(&host.address).snapshot(vm.uuid).await.map_err(|e| match e.status() {
-        Some(404) => ApiError::not_found("VM on its host", name),
-        Some(409) => ApiError::Conflict(e.to_string()),
-        _ => ApiError::Unavailable(format!("host {} could not snapshot {name}: {e}", vm.host)),
-    })?;
+    let disk = ctl
+        .agent(&host.address)
+        .snapshot(vm.uuid)
+        .await
+        .map_err(|e| match e.status() {
+            Some(404) => ApiError::not_found("VM on its host", name),
+            Some(409) => ApiError::Conflict(e.to_string()),
+            _ => ApiError::Unavailable(format!("host {} could not snapshot {name}: {e}", vm.host)),
+        })?;
     let id: shoal_image::ManifestId = disk.manifest.parse().map_err(ApiError::from)?;
     let image = format!("vm/{name}/{}", shoal_model::now_ms());
     let template = ctl
         .db
         .get::<crate::db::TemplateRecord>(&crate::db::template_key(&vm.template))
         .await?
-        .and_then(|t| t.value.template.hash.strip_prefix("manifest:").and_then(|h| h.parse::<shoal_image::ManifestId>().ok()));
+        .and_then(|t| {
+            t.value
+                .template
+                .hash
+                .strip_prefix("manifest:")
+                .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+        });
     let img = image.clone();
     let (data, shared) = crate::api::images::blocking(ctl, move |s| {
         s.set_ref(&img, &id)?;

@@ -119,7 +119,10 @@ impl Harness {
         let mut disk = vec![7u8; 4096];
         disk[510..512].copy_from_slice(&[0x55, 0xAA]); // an MBR boot signature: a disk image
         std::fs::write(&f, disk).unwrap();
-        self.client.import_template(name, &shoal_client::TemplateFiles::disk(&f)).await.unwrap();
+        self.client
+            .import_template(name, &shoal_client::TemplateFiles::disk(&f))
+            .await
+            .unwrap();
     }
 
     pub async fn profile(&self, name: &str, template: &str, cpus: u32, memory: &str) {

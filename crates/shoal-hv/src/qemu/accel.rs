@@ -44,7 +44,16 @@ pub async fn kvm_works(qemu: &Path, dir: &Path, timeout: Duration) -> bool {
     }
     let _ = tokio::fs::remove_file(&out).await;
     let child = Command::new(qemu)
-        .args(["-machine", "pc,accel=kvm", "-m", "16", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-machine",
+            "pc,accel=kvm",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=ide", img.display()))
         .arg("-serial")

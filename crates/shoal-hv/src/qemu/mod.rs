@@ -119,7 +119,9 @@ impl Vm {
             state: r.state,
             reason: r.reason.clone(),
             seq: r.seq,
-            cpu_seconds: pid.filter(|_| r.state == VmState::Running).and_then(process_cpu_seconds),
+            cpu_seconds: pid
+                .filter(|_| r.state == VmState::Running)
+                .and_then(process_cpu_seconds),
         }
     }
 
@@ -220,7 +222,10 @@ impl QemuDriver {
             }
         };
         if !qemu_found {
-            tracing::warn!("QEMU binary {} not found: VMs will fail until it is installed", cfg.qemu.display());
+            tracing::warn!(
+                "QEMU binary {} not found: VMs will fail until it is installed",
+                cfg.qemu.display()
+            );
         }
         tracing::info!(accel = accel.as_str(), "QEMU driver ready");
         let driver = Arc::new_cyclic(|me| QemuDriver {
@@ -300,7 +305,10 @@ impl QemuDriver {
                 }
                 (VmState::Running | VmState::Creating, None) => vm.set(
                     VmState::Failed,
-                    Some(format!("QEMU exited while the agent was down{}", log_tail(&dir.join("qemu.log")))),
+                    Some(format!(
+                        "QEMU exited while the agent was down{}",
+                        log_tail(&dir.join("qemu.log"))
+                    )),
                 ),
                 // A start or resume the previous agent did not see through: the VM runs.
                 (_, Some(pid)) if meant_to_run => {
@@ -339,7 +347,11 @@ impl QemuDriver {
 
     /// Files of the template on this host, fetched and verified once.
     async fn template(&self, spec: &VmSpec) -> Result<Base, String> {
-        let hex = spec.template_hash.trim_start_matches("blake3:").trim_start_matches("manifest:").to_string();
+        let hex = spec
+            .template_hash
+            .trim_start_matches("blake3:")
+            .trim_start_matches("manifest:")
+            .to_string();
         let lock = self
             .template_locks
             .lock()
@@ -353,11 +365,13 @@ impl QemuDriver {
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let disk = dir.join(format!("disk.{}", spec.template_format));
-        self.materialise(spec, TemplateFile::Disk, &disk, &spec.template_hash).await?;
+        self.materialise(spec, TemplateFile::Disk, &disk, &spec.template_hash)
+            .await?;
         let (mut kernel, mut initrd) = (None, None);
         if let Some(kb) = &spec.kernel_boot {
             let k = dir.join("kernel");
-            self.materialise(spec, TemplateFile::Kernel, &k, &kb.kernel_hash).await?;
+            self.materialise(spec, TemplateFile::Kernel, &k, &kb.kernel_hash)
+                .await?;
             kernel = Some(k);
             if let Some(h) = &kb.initrd_hash {
                 let i = dir.join("initrd");
@@ -387,7 +401,9 @@ impl QemuDriver {
             .fetch(&spec.template, file, &tmp)
             .await
             .map_err(|e| format!("fetching the {} of template {}: {e}", file.as_str(), spec.template))?;
-        let got = hash_file(&tmp).await.map_err(|e| format!("hashing {}: {e}", tmp.display()))?;
+        let got = hash_file(&tmp)
+            .await
+            .map_err(|e| format!("hashing {}: {e}", tmp.display()))?;
         if got != hash {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(format!(
@@ -415,7 +431,10 @@ impl QemuDriver {
             .arg(&base.disk)
             .arg(vm.path("disk.qcow2"));
         if let Some(mib) = spec.disk_mib {
-            let base_mib = tokio::fs::metadata(&base.disk).await.map(|m| m.len() / (1 << 20)).unwrap_or(0);
+            let base_mib = tokio::fs::metadata(&base.disk)
+                .await
+                .map(|m| m.len() / (1 << 20))
+                .unwrap_or(0);
             if spec.template_format == "raw" && mib < base_mib {
                 return Err(format!(
                     "disk of {mib} MiB is smaller than template {}'s {base_mib} MiB",
@@ -450,18 +469,25 @@ impl QemuDriver {
 
     /// Timings of the VM's last create, boot, suspend and resume (see `vm.json`).
     pub fn timings(&self, uuid: Uuid) -> Option<std::collections::BTreeMap<String, f64>> {
-        self.vm(uuid).map(|v| v.record.lock().expect("vm record").timings.clone())
+        self.vm(uuid)
+            .map(|v| v.record.lock().expect("vm record").timings.clone())
     }
 
     /// Starts QEMU for `vm`; `incoming` resumes from `memory.state`.
     async fn launch(self: &Arc<Self>, vm: &Arc<Vm>, spec: &VmSpec, base: &Base, incoming: bool) -> Result<(), String> {
         let sock = vm.path("qmp.sock");
         if sock.as_os_str().len() > 100 {
-            return Err(format!("QMP socket path {} is too long for a unix socket; use a shorter data dir", sock.display()));
+            return Err(format!(
+                "QMP socket path {} is too long for a unix socket; use a shorter data dir",
+                sock.display()
+            ));
         }
         for p in [vm.path("console.log"), vm.path("disk.qcow2")] {
             if p.to_string_lossy().contains(',') {
-                return Err(format!("path {} contains a comma, which QEMU options cannot carry", p.display()));
+                return Err(format!(
+                    "path {} contains a comma, which QEMU options cannot carry",
+                    p.display()
+                ));
             }
         }
         let _ = tokio::fs::remove_file(&sock).await;
@@ -488,16 +514,25 @@ impl QemuDriver {
             .arg(spec.cpus.to_string())
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-chardev")
-            .arg(format!("file,id=con0,path={},append=on", vm.path("console.log").display()))
+            .arg(format!(
+                "file,id=con0,path={},append=on",
+                vm.path("console.log").display()
+            ))
             .args(["-serial", "chardev:con0"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .arg("-pidfile")
             .arg(vm.path("qemu.pid"))
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", vm.path("disk.qcow2").display()))
+            .arg(format!(
+                "file={},if=virtio,format=qcow2",
+                vm.path("disk.qcow2").display()
+            ))
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw,readonly=on", vm.path("seed.img").display()))
+            .arg(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                vm.path("seed.img").display()
+            ))
             .arg("-netdev")
             .arg(netdev.as_deref().unwrap_or("user,id=net0"))
             .arg("-device")
@@ -581,7 +616,11 @@ impl QemuDriver {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("QMP socket {} did not appear within {:?}", sock.display(), self.cfg.qmp_timeout));
+                return Err(format!(
+                    "QMP socket {} did not appear within {:?}",
+                    sock.display(),
+                    self.cfg.qmp_timeout
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -610,7 +649,10 @@ impl QemuDriver {
         loop {
             let text = read_from(&vm.path("console.log"), offset).await;
             // The serial port writes byte by byte: only a whole line counts.
-            if text.split_inclusive('\n').any(|l| l.ends_with('\n') && l.contains(pattern)) {
+            if text
+                .split_inclusive('\n')
+                .any(|l| l.ends_with('\n') && l.contains(pattern))
+            {
                 return Ok(());
             }
             if let Some(how) = exited.as_ref().and_then(|e| e.borrow().clone()) {
@@ -678,16 +720,22 @@ impl QemuDriver {
         let tmp = vm.path("memory.state.partial");
         q.execute("stop", None).await.map_err(qmp_err)?;
         let saved = async {
-            q.execute("migrate", Some(json!({ "uri": format!("exec:cat > {}", tmp.display()) })))
-                .await
-                .map_err(qmp_err)?;
+            q.execute(
+                "migrate",
+                Some(json!({ "uri": format!("exec:cat > {}", tmp.display()) })),
+            )
+            .await
+            .map_err(qmp_err)?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
             loop {
                 let m = q.execute("query-migrate", None).await.map_err(qmp_err)?;
                 match m["status"].as_str() {
                     Some("completed") => break,
                     Some("failed") | Some("cancelled") => {
-                        return Err(format!("saving memory failed: {}", m["error-desc"].as_str().unwrap_or("?")))
+                        return Err(format!(
+                            "saving memory failed: {}",
+                            m["error-desc"].as_str().unwrap_or("?")
+                        ))
                     }
                     _ if tokio::time::Instant::now() > deadline => return Err("saving memory took over 300 s".into()),
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -843,23 +891,41 @@ fn qmp_err(e: qmp::QmpError) -> String {
 
 fn kill9(pid: u32) {
     if pid > 1 {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
 /// The pid in `qemu.pid` if that process is alive and is this VM's QEMU (not a reused pid).
 fn alive_pid(dir: &Path, uuid: Uuid) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie is dead for our purposes.
-    let zombie = stat.rsplit(')').next().map(|s| s.trim_start().starts_with('Z')).unwrap_or(false);
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .map(|s| s.trim_start().starts_with('Z'))
+        .unwrap_or(false);
     (!zombie && String::from_utf8_lossy(&cmdline).contains(&uuid.to_string())).then_some(pid)
 }
 
 /// Removes what a VM had on the host, but for its console and QEMU logs.
 async fn cleanup_dir(dir: &Path) {
-    for f in ["disk.qcow2", "seed.img", "qmp.sock", "qemu.pid", "memory.state", "memory.state.partial"] {
+    for f in [
+        "disk.qcow2",
+        "seed.img",
+        "qmp.sock",
+        "qemu.pid",
+        "memory.state",
+        "memory.state.partial",
+    ] {
         let _ = tokio::fs::remove_file(dir.join(f)).await;
     }
 }
@@ -869,7 +935,10 @@ fn ms(since: std::time::Instant) -> f64 {
 }
 
 async fn console_len(vm: &Vm) -> u64 {
-    tokio::fs::metadata(vm.path("console.log")).await.map(|m| m.len()).unwrap_or(0)
+    tokio::fs::metadata(vm.path("console.log"))
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 async fn read_from(path: &Path, offset: u64) -> String {
@@ -917,7 +986,10 @@ async fn hash_file(path: &Path) -> std::io::Result<String> {
 async fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     let out = cmd.output().await.map_err(|e| format!("cannot run {what}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -986,7 +1058,13 @@ impl Hypervisor for QemuDriver {
         }
         tokio::fs::remove_dir_all(&vm.dir)
             .await
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|source| HvError::Io {
                 path: vm.dir.display().to_string(),
                 source,
@@ -1007,15 +1085,23 @@ impl Hypervisor for QemuDriver {
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
         let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
         let name = vm.status().name;
-        let err = |reason: String| HvError::Vm { name: name.clone(), reason };
+        let err = |reason: String| HvError::Vm {
+            name: name.clone(),
+            reason,
+        };
         let _busy = vm.busy.lock().await;
         let raw = vm.path("snapshot.raw.partial");
         // Pause a running guest so the disk does not change while it is read.
         let running = vm.state() == VmState::Running;
         let mut paused = false;
         if running {
-            let mut q = self.qmp(&vm).await.map_err(|e| err(format!("pausing for the snapshot: {e}")))?;
-            q.execute("stop", None).await.map_err(|e| err(format!("pausing for the snapshot: {}", qmp_err(e))))?;
+            let mut q = self
+                .qmp(&vm)
+                .await
+                .map_err(|e| err(format!("pausing for the snapshot: {e}")))?;
+            q.execute("stop", None)
+                .await
+                .map_err(|e| err(format!("pausing for the snapshot: {}", qmp_err(e))))?;
             paused = true;
         }
         let out = Command::new(&self.cfg.qemu_img)
@@ -1037,7 +1123,10 @@ impl Hypervisor for QemuDriver {
         }
         let result = match out {
             Ok(o) if o.status.success() => self.source.store_image(&raw).await.map_err(err),
-            Ok(o) => Err(err(format!("reading the disk: {}", String::from_utf8_lossy(&o.stderr).trim()))),
+            Ok(o) => Err(err(format!(
+                "reading the disk: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))),
             Err(e) => Err(err(format!("cannot run {}: {e}", self.cfg.qemu_img.display()))),
         };
         let _ = tokio::fs::remove_file(&raw).await;

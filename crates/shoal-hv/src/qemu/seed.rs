@@ -49,7 +49,14 @@ pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), String> {
     let _ = tokio::fs::remove_file(path).await;
     // 1 MiB is enough for any user data we accept and is the smallest FAT12 mkfs takes happily.
     let kib = (1024 + spec.user_data.as_ref().map_or(0, |u| u.len() / 1024 * 2)).to_string();
-    run(Command::new("mkfs.vfat").args(["-C", "-n", "CIDATA"]).arg(path).arg(&kib), "mkfs.vfat (dosfstools)").await?;
+    run(
+        Command::new("mkfs.vfat")
+            .args(["-C", "-n", "CIDATA"])
+            .arg(path)
+            .arg(&kib),
+        "mkfs.vfat (dosfstools)",
+    )
+    .await?;
     for (name, _) in &files {
         run(
             Command::new("mcopy")
@@ -125,7 +132,9 @@ mod tests {
         // After the interface's own addresses: the demo guest takes the first `addresses:` as
         // its own and the list under `nameservers:` as its resolvers.
         let own = c.find("- 10.60.0.2/24").unwrap();
-        let ns = c.find("    nameservers:\n      addresses: [10.1.1.1, 9.9.9.9]\n").expect(&c);
+        let ns = c
+            .find("    nameservers:\n      addresses: [10.1.1.1, 9.9.9.9]\n")
+            .expect(&c);
         assert!(own < ns, "{c}");
     }
 }

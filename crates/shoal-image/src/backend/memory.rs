@@ -20,7 +20,10 @@ impl MemoryBackend {
 
 impl ChunkBackend for MemoryBackend {
     fn writer(&self) -> Result<Box<dyn ChunkWriter + '_>, Error> {
-        Ok(Box::new(MemoryWriter { backend: self, pending: HashMap::new() }))
+        Ok(Box::new(MemoryWriter {
+            backend: self,
+            pending: HashMap::new(),
+        }))
     }
     fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.chunks.lock().expect("lock").get(id).cloned())
@@ -47,7 +50,11 @@ impl ChunkBackend for MemoryBackend {
     fn usage(&self) -> Usage {
         let c = self.chunks.lock().expect("lock");
         let blob_bytes = c.values().map(|b| b.len() as u64).sum();
-        Usage { chunks: c.len() as u64, blob_bytes, stored_bytes: blob_bytes }
+        Usage {
+            chunks: c.len() as u64,
+            blob_bytes,
+            stored_bytes: blob_bytes,
+        }
     }
 }
 

@@ -58,11 +58,18 @@ impl PackBackend {
     /// Opens (creating if needed) a pack directory, deleting packs of aborted sessions.
     pub fn open(dir: &Path) -> Result<PackBackend, Error> {
         fs::create_dir_all(dir).map_err(io(dir, "creating"))?;
-        let mut inner = Inner { next_pack: 1, ..Default::default() };
+        let mut inner = Inner {
+            next_pack: 1,
+            ..Default::default()
+        };
         let mut packs = vec![];
         for entry in fs::read_dir(dir).map_err(io(dir, "listing"))? {
             let path = entry.map_err(io(dir, "listing"))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             if name.ends_with(".tmp") {
                 fs::remove_file(&path).map_err(io(&path, "removing"))?;
             } else if let Some(seq) = name.strip_suffix(".pack").and_then(|s| s.parse::<u32>().ok()) {
@@ -92,7 +99,10 @@ impl PackBackend {
             }
             inner.packs.insert(seq, (pack_len, live));
         }
-        Ok(PackBackend { dir: dir.to_path_buf(), inner: Mutex::new(inner) })
+        Ok(PackBackend {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(inner),
+        })
     }
 
     fn file(&self, inner: &mut Inner, pack: u32) -> Result<Arc<File>, Error> {
@@ -174,13 +184,21 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 impl ChunkBackend for PackBackend {
     fn writer(&self) -> Result<Box<dyn ChunkWriter + '_>, Error> {
-        Ok(Box::new(PackWriter { backend: self, out: None, records: vec![], seen: HashSet::new(), len: 0 }))
+        Ok(Box::new(PackWriter {
+            backend: self,
+            out: None,
+            records: vec![],
+            seen: HashSet::new(),
+            len: 0,
+        }))
     }
 
     fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
         let (loc, file) = {
             let mut inner = self.inner.lock().expect("lock");
-            let Some(loc) = inner.index.get(id).copied() else { return Ok(None) };
+            let Some(loc) = inner.index.get(id).copied() else {
+                return Ok(None);
+            };
             (loc, self.file(&mut inner, loc.pack)?)
         };
         let mut buf = vec![0u8; loc.len as usize];
@@ -238,12 +256,17 @@ impl ChunkBackend for PackBackend {
         {
             let mut out = BufWriter::new(File::create(&new_path).map_err(io(&new_path, "creating"))?);
             let mut at = 0u64;
-            let live: Vec<(ChunkId, Loc)> =
-                inner.index.iter().filter(|(_, l)| victims.contains(&l.pack)).map(|(i, l)| (*i, *l)).collect();
+            let live: Vec<(ChunkId, Loc)> = inner
+                .index
+                .iter()
+                .filter(|(_, l)| victims.contains(&l.pack))
+                .map(|(i, l)| (*i, *l))
+                .collect();
             for (id, loc) in live {
                 let f = self.file(&mut inner, loc.pack)?;
                 let mut buf = vec![0u8; loc.len as usize];
-                f.read_exact_at(&mut buf, loc.offset).map_err(io(&pack_path(&self.dir, loc.pack), "reading"))?;
+                f.read_exact_at(&mut buf, loc.offset)
+                    .map_err(io(&pack_path(&self.dir, loc.pack), "reading"))?;
                 out.write_all(&buf).map_err(io(&new_path, "writing"))?;
                 moved.push((id, at, loc.len));
                 at += loc.len as u64;
@@ -258,7 +281,14 @@ impl ChunkBackend for PackBackend {
             let len: u64 = moved.iter().map(|m| m.2 as u64).sum();
             inner.packs.insert(seq, (len, len));
             for (id, offset, len) in &moved {
-                inner.index.insert(*id, Loc { pack: seq, offset: *offset, len: *len });
+                inner.index.insert(
+                    *id,
+                    Loc {
+                        pack: seq,
+                        offset: *offset,
+                        len: *len,
+                    },
+                );
             }
         }
         for v in victims {
@@ -278,7 +308,11 @@ impl ChunkBackend for PackBackend {
         let blob_bytes = inner.index.values().map(|l| l.len as u64).sum();
         let files: u64 = inner.packs.values().map(|p| p.0).sum();
         let idx = inner.index.len() as u64 * RECORD as u64 + inner.packs.len() as u64 * 8;
-        Usage { chunks: inner.index.len() as u64, blob_bytes, stored_bytes: files + idx }
+        Usage {
+            chunks: inner.index.len() as u64,
+            blob_bytes,
+            stored_bytes: files + idx,
+        }
     }
 }
 
@@ -302,11 +336,16 @@ impl ChunkWriter for PackWriter<'_> {
                 inner.next_pack - 1
             };
             let path = pack_path(&self.backend.dir, seq);
-            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path, "creating"))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io(&path, "creating"))?;
             self.out = Some((seq, BufWriter::with_capacity(1 << 20, f)));
         }
         let (seq, out) = self.out.as_mut().expect("opened");
-        out.write_all(blob).map_err(io(&pack_path(&self.backend.dir, *seq), "writing"))?;
+        out.write_all(blob)
+            .map_err(io(&pack_path(&self.backend.dir, *seq), "writing"))?;
         self.records.push((*id, self.len, blob.len() as u32));
         self.seen.insert(*id);
         self.len += blob.len() as u64;
@@ -318,7 +357,9 @@ impl ChunkWriter for PackWriter<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), Error> {
-        let Some((seq, out)) = self.out.take() else { return Ok(()) };
+        let Some((seq, out)) = self.out.take() else {
+            return Ok(());
+        };
         let dir = &self.backend.dir;
         let path = pack_path(dir, seq);
         let result = (|| {

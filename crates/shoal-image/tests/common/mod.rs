@@ -27,7 +27,12 @@ pub fn pseudo(n: usize, seed: u64) -> Vec<u8> {
 
 /// A sparse raw image of `size` bytes: MBR signature, then `(offset, len, seed)` data regions.
 pub fn raw_image(path: &Path, size: u64, regions: &[(u64, usize, u64)]) {
-    let f = OpenOptions::new().create(true).write(true).truncate(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
     f.set_len(size).unwrap();
     let mut mbr = vec![0u8; 512];
     mbr[446] = 0x80;
@@ -42,8 +47,15 @@ pub fn raw_image(path: &Path, size: u64, regions: &[(u64, usize, u64)]) {
 }
 
 pub fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) must be installed: make deps");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (qemu-utils) must be installed: make deps");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn allocated(path: &Path) -> u64 {
@@ -61,7 +73,10 @@ pub fn tree(dir: &Path) -> Vec<(String, u64)> {
             if p.is_dir() {
                 walk(&p, base, out);
             } else {
-                out.push((p.strip_prefix(base).unwrap().display().to_string(), e.metadata().unwrap().len()));
+                out.push((
+                    p.strip_prefix(base).unwrap().display().to_string(),
+                    e.metadata().unwrap().len(),
+                ));
             }
         }
     }

@@ -35,12 +35,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     _ => plot = Some(v.into()),
                 }
             }
-            _ => return Err(format!("unknown flag {flag}; usage: bench-sim [--trace DIR] [--hosts N] [--full-day] [--plot FILE]").into()),
+            _ => {
+                return Err(format!(
+                    "unknown flag {flag}; usage: bench-sim [--trace DIR] [--hosts N] [--full-day] [--plot FILE]"
+                )
+                .into())
+            }
         }
     }
     let mut w = load_planetlab(&trace, hosts)?;
     w.reference_quirks = !full_day;
-    println!("bench-sim: {} ({} VMs, {} hosts, {} steps){}", trace.display(), w.vms.len(), w.hosts(), w.steps, if full_day { ", every VM all day" } else { "" });
+    println!(
+        "bench-sim: {} ({} VMs, {} hosts, {} steps){}",
+        trace.display(),
+        w.vms.len(),
+        w.hosts(),
+        w.steps,
+        if full_day { ", every VM all day" } else { "" }
+    );
 
     let mut reports = Vec::new();
     for name in BASELINES.iter().copied().chain(["shoal"]) {
@@ -51,12 +63,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Reference comparison (only meaningful for the reference day and model).
     let comparable = !full_day && w.name == "20110303" && hosts == 800;
     println!();
-    println!("{:<12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}  {:>9}  reproduced", "policy", "energy", "reference", "Δ energy", "migrations", "reference", "Δ migr.");
+    println!(
+        "{:<12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}  {:>9}  reproduced",
+        "policy", "energy", "reference", "Δ energy", "migrations", "reference", "Δ migr."
+    );
     let mut rows = Vec::new();
     for r in &reports {
         let Some(want) = reference(&r.policy) else { continue };
         let de = r.energy_kwh / want.energy_kwh - 1.0;
-        let dm = if want.migrations == 0 { r.migrations as f64 } else { r.migrations as f64 / want.migrations as f64 - 1.0 };
+        let dm = if want.migrations == 0 {
+            r.migrations as f64
+        } else {
+            r.migrations as f64 / want.migrations as f64 - 1.0
+        };
         let ok = de.abs() <= 0.05 && dm.abs() <= 0.05;
         println!(
             "{:<12}  {:>10.2}  {:>10.2}  {:>8.1}%  {:>10}  {:>10}  {:>8.1}%  {}",
@@ -67,7 +86,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             r.migrations,
             want.migrations,
             dm * 100.0,
-            if !comparable { "n/a" } else if ok { "yes" } else { "NO" }
+            if !comparable {
+                "n/a"
+            } else if ok {
+                "yes"
+            } else {
+                "NO"
+            }
         );
         rows.push(json!({
             "policy": r.policy, "energy_kwh": r.energy_kwh, "reference_energy_kwh": want.energy_kwh,
@@ -78,16 +103,40 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }));
     }
 
-    let lr = reports.iter().find(|r| r.policy == "lr-mmt:1.2").ok_or("no lr-mmt run")?;
+    let lr = reports
+        .iter()
+        .find(|r| r.policy == "lr-mmt:1.2")
+        .ok_or("no lr-mmt run")?;
     let shoal = reports.iter().find(|r| r.policy == "shoal").ok_or("no shoal run")?;
     let t = Targets::check(shoal, lr);
     let mark = |b: bool| if b { "met" } else { "MISSED" };
     println!();
     println!("shoal vs lr-mmt:1.2 (same run):");
-    println!("  energy      {:>9.2} kWh  vs {:>9.2}   no more            {}", shoal.energy_kwh, lr.energy_kwh, mark(t.energy_ok));
-    println!("  ESV         {:>9.3e}      vs {:>9.3e}   at most 30 %       {} ({:.1} %)", shoal.esv, lr.esv, mark(t.esv_ok), shoal.esv / lr.esv * 100.0);
-    println!("  migrations  {:>9}      vs {:>9}   at most a tenth    {} ({:.1} %)", shoal.migrations, lr.migrations, mark(t.migrations_ok), shoal.migrations as f64 / lr.migrations as f64 * 100.0);
-    println!("  sim time    {:>9.3} s    (reference toolkit: ~63 s idle)   under 1 s          {}", shoal.sim_seconds, mark(t.time_ok));
+    println!(
+        "  energy      {:>9.2} kWh  vs {:>9.2}   no more            {}",
+        shoal.energy_kwh,
+        lr.energy_kwh,
+        mark(t.energy_ok)
+    );
+    println!(
+        "  ESV         {:>9.3e}      vs {:>9.3e}   at most 30 %       {} ({:.1} %)",
+        shoal.esv,
+        lr.esv,
+        mark(t.esv_ok),
+        shoal.esv / lr.esv * 100.0
+    );
+    println!(
+        "  migrations  {:>9}      vs {:>9}   at most a tenth    {} ({:.1} %)",
+        shoal.migrations,
+        lr.migrations,
+        mark(t.migrations_ok),
+        shoal.migrations as f64 / lr.migrations as f64 * 100.0
+    );
+    println!(
+        "  sim time    {:>9.3} s    (reference toolkit: ~63 s idle)   under 1 s          {}",
+        shoal.sim_seconds,
+        mark(t.time_ok)
+    );
 
     if let Some(p) = &plot {
         std::fs::write(p, shoal_sim::svg::plot(&reports))?;

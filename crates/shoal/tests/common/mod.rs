@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A background `shoal` process; killed (SIGKILL) when dropped.
@@ -83,10 +87,18 @@ impl Drop for Daemon {
 pub fn cli(url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut c = Command::new(SHOAL);
     c.arg("--url").arg(url).args(args);
-    c.env_remove("SHOAL_TOKEN").env_remove("SHOAL_URL").env("SHOAL_CONFIG", "/nonexistent");
+    c.env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_URL")
+        .env("SHOAL_CONFIG", "/nonexistent");
     // One local image cache per controller under test, not the user's.
-    let cache: String = url.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    c.env("SHOAL_IMAGE_CACHE", std::env::temp_dir().join(format!("shoal-test-image-cache-{cache}")));
+    let cache: String = url
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    c.env(
+        "SHOAL_IMAGE_CACHE",
+        std::env::temp_dir().join(format!("shoal-test-image-cache-{cache}")),
+    );
     for (k, v) in env {
         c.env(k, v);
     }

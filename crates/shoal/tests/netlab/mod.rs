@@ -17,12 +17,20 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 
 pub fn ip(args: &[&str]) -> String {
     let o = Command::new("ip").args(args).output().unwrap();
-    assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn ip_quiet(args: &[&str]) {
-    let _ = Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 pub struct Lab {
@@ -70,10 +78,20 @@ impl Lab {
             let veth = format!("slv{tag}{i}");
             ip(&["netns", "add", &ns]);
             lab.namespaces.push(ns.clone());
-            ip(&["link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&[
+                "link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
             ip(&["link", "set", &veth, "master", &lab.bridge, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", lab.underlay(i)), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", lab.underlay(i)),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1600", "up"]);
         }
         lab
@@ -86,7 +104,9 @@ impl Lab {
         let addr = format!("10.251.{}.200", self.octet);
         ip(&["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
-        ip(&["link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        ip(&[
+            "link", "add", &veth, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
         ip(&["link", "set", &veth, "master", &self.bridge, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
@@ -96,8 +116,15 @@ impl Lab {
 
     /// `nft list ruleset` in namespace `i` (what NAT gateways Shoal installed there).
     pub fn nft_ruleset(&self, i: usize) -> String {
-        let o = Command::new("ip").args(["netns", "exec", &self.namespaces[i], "nft", "list", "ruleset"]).output().unwrap();
-        assert!(o.status.success(), "nft list ruleset: {}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.namespaces[i], "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nft list ruleset: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -119,15 +146,29 @@ impl Lab {
         let port = free_port();
         self.url = format!("http://10.251.{}.1:{port}", self.octet);
         let d = Daemon::spawn(
-            &["server", "--listen", &format!("10.251.{}.1:{port}", self.octet), "--data-dir",
-              self.data().join("ctl").to_str().unwrap(), "--host-timeout", "20"],
+            &[
+                "server",
+                "--listen",
+                &format!("10.251.{}.1:{port}", self.octet),
+                "--data-dir",
+                self.data().join("ctl").to_str().unwrap(),
+                "--host-timeout",
+                "20",
+            ],
             &self.dir.path().join("ctl.log"),
         );
-        eventually(Duration::from_secs(30), "the admin token", || self.data().join("ctl/admin.token").exists());
+        eventually(Duration::from_secs(30), "the admin token", || {
+            self.data().join("ctl/admin.token").exists()
+        });
         std::thread::sleep(Duration::from_millis(100));
-        self.admin = std::fs::read_to_string(self.data().join("ctl/admin.token")).unwrap().trim().to_string();
+        self.admin = std::fs::read_to_string(self.data().join("ctl/admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
         self.ctl = Some(d);
-        eventually(Duration::from_secs(30), "the controller to answer", || self.cli(&["host", "list"]).status.success());
+        eventually(Duration::from_secs(30), "the controller to answer", || {
+            self.cli(&["host", "list"]).status.success()
+        });
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
@@ -136,7 +177,12 @@ impl Lab {
 
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.cli(args);
-        assert!(o.status.success(), "shoal {args:?} failed: {}\n{}", stderr(&o), self.logs());
+        assert!(
+            o.status.success(),
+            "shoal {args:?} failed: {}\n{}",
+            stderr(&o),
+            self.logs()
+        );
         stdout(&o)
     }
 
@@ -148,12 +194,24 @@ impl Lab {
 
     /// The `shoal agent` command line for host `i`, run inside its namespace.
     pub fn agent_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
-        let mut a: Vec<String> = ["netns", "exec", &self.namespaces[i], SHOAL, "agent", "--name", &format!("h{i}"),
-            "--controller", &self.url, "--listen", &format!("{}:0", self.underlay(i)),
-            "--data-dir", self.data().join(format!("h{i}")).to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = [
+            "netns",
+            "exec",
+            &self.namespaces[i],
+            SHOAL,
+            "agent",
+            "--name",
+            &format!("h{i}"),
+            "--controller",
+            &self.url,
+            "--listen",
+            &format!("{}:0", self.underlay(i)),
+            "--data-dir",
+            self.data().join(format!("h{i}")).to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }
@@ -163,12 +221,42 @@ impl Lab {
     pub fn start_agent(&mut self, i: usize, net: &str) {
         let token = self.ok(&["host", "join-token"]).trim().to_string();
         let under = self.underlay(i);
-        let mut args = self.agent_args(i, &["--join-token", &token, "--driver", "qemu", "--accel", "tcg", "--net", net,
-            "--underlay-ip", &under, "--host-cpus", "2", "--host-memory", "2048", "--ready-timeout", "240",
-            "--stop-timeout", "10"]);
+        let mut args = self.agent_args(
+            i,
+            &[
+                "--join-token",
+                &token,
+                "--driver",
+                "qemu",
+                "--accel",
+                "tcg",
+                "--net",
+                net,
+                "--underlay-ip",
+                &under,
+                "--host-cpus",
+                "2",
+                "--host-memory",
+                "2048",
+                "--ready-timeout",
+                "240",
+                "--stop-timeout",
+                "10",
+            ],
+        );
         if net == "udp" {
             let at = args.iter().position(|a| a == SHOAL).unwrap();
-            for (k, a) in ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"].iter().enumerate() {
+            for (k, a) in [
+                "setpriv",
+                "--bounding-set",
+                "-net_admin",
+                "--inh-caps",
+                "-net_admin",
+                "--",
+            ]
+            .iter()
+            .enumerate()
+            {
                 args.insert(at + k, a.to_string());
             }
         }
@@ -190,7 +278,10 @@ impl Lab {
     }
 
     pub fn fdb(&self, i: usize, dev: &str) -> String {
-        let o = Command::new("bridge").args(["-n", &self.namespaces[i], "fdb", "show", "dev", dev]).output().unwrap();
+        let o = Command::new("bridge")
+            .args(["-n", &self.namespaces[i], "fdb", "show", "dev", dev])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -199,7 +290,10 @@ impl Lab {
         for f in ["ctl.log", "h0.log", "h1.log", "h2.log"] {
             if let Ok(t) = std::fs::read_to_string(self.dir.path().join(f)) {
                 let tail: Vec<&str> = t.lines().rev().take(40).collect();
-                out.push_str(&format!("--- {f}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+                out.push_str(&format!(
+                    "--- {f}\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
             }
         }
         out
@@ -217,13 +311,20 @@ pub fn spawn_ip(args: &[String], log: &Path) -> Daemon {
         .stderr(f)
         .spawn()
         .unwrap();
-    Daemon { child, log: log.to_path_buf() }
+    Daemon {
+        child,
+        log: log.to_path_buf(),
+    }
 }
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
