@@ -10,9 +10,8 @@ use axum::response::{IntoResponse, Response};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use shoal_model::now_ms;
-use shoal_store::{Compare, Op, Txn};
 
-use crate::db::{enc, token_key, Db};
+use crate::datastore::{Datastore, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -70,28 +69,19 @@ pub fn load_or_create_secret(path: &Path) -> std::io::Result<String> {
 }
 
 /// Makes sure the store knows the hash of the admin token.
-pub async fn register_token(db: &Db, token: &str, kind: TokenKind, host: Option<String>) -> ApiResult<()> {
+pub async fn register_token(db: &Datastore, token: &str, kind: TokenKind, host: Option<String>) -> ApiResult<()> {
     let rec = TokenRecord {
         kind,
         host,
         created_unix_ms: now_ms(),
     };
-    let key = token_key(&hash(token));
-    db.store
-        .txn(
-            Txn::new()
-                .when(Compare::Version(key.clone(), 0))
-                .then(Op::Put(key, enc(&rec))),
-        )
-        .await?;
+    // Already known (the same admin token after a restart): nothing to write.
+    let _known = db.try_commit(Tx::new().create_token(&hash(token), &rec)).await?;
     Ok(())
 }
 
-pub async fn lookup(db: &Db, token: &str) -> ApiResult<Option<(TokenRecord, u64)>> {
-    Ok(db
-        .get::<TokenRecord>(&token_key(&hash(token)))
-        .await?
-        .map(|v| (v.value, v.mod_revision)))
+pub async fn lookup(db: &Datastore, token: &str) -> ApiResult<Option<(TokenRecord, u64)>> {
+    Ok(db.token(&hash(token)).await?.map(|v| (v.value, v.mod_revision)))
 }
 
 pub fn bearer(req: &axum::http::HeaderMap) -> Option<&str> {

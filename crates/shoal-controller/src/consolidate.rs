@@ -19,7 +19,10 @@ use shoal_model::{AntiAffinity, Cluster, VmState};
 use shoal_policy::consolidate::{self, Consolidator};
 use shoal_policy::rebalance::Move;
 
-use crate::db::{self, Claim, HostRecord};
+use shoal_model::now_ms;
+
+use crate::capacity::HostSnapshot;
+use crate::datastore::HostRecord;
 use crate::energy;
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
@@ -30,6 +33,10 @@ pub const MIGRATION_MIB_S: f64 = 59.6;
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a power command may run.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// A host switched on is not emptied and switched off again for this many samples, and never
+/// sooner than [`POWER_ON_HOLD_MIN`]: an operator who switched it on meant it.
+pub const POWER_ON_HOLD_SAMPLES: u32 = 3;
+pub const POWER_ON_HOLD_MIN: Duration = Duration::from_secs(60);
 /// Moves per wave, and moves per host within a wave.
 const WAVE: usize = 4;
 const PER_HOST: usize = 2;
@@ -37,25 +44,28 @@ const PER_HOST: usize = 2;
 /// Plans one consolidation step from the samples so far. `commit` advances the consolidator's
 /// memory (as the loop does); a preview decides on a copy.
 pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan> {
-    let mut hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
-    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let snap = HostSnapshot::read(ctl).await?;
+    let hosts: &[HostRecord] = &snap.records;
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-    let powers = energy::power_records(ctl, &hosts).await?;
-    let claims: HashMap<String, Claim> = ctl.db.by_name("/claims/").await?;
+    let powers = energy::power_records(ctl, hosts).await?;
     let clusters: HashMap<String, Cluster> = ctl
         .db
-        .values::<Cluster>("/clusters/")
+        .clusters()
         .await?
         .into_iter()
         .map(|c| (c.name.clone(), c))
         .collect();
-    let marks = crate::plan::host_marks(ctl).await?;
     // Up to placement: not down, draining, in maintenance or powered off.
-    let in_service: Vec<bool> = hosts
+    let in_service: Vec<bool> = snap
+        .snapshot
+        .hosts
         .iter()
-        .map(|h| crate::plan::policy_host(ctl, h, &marks).state == shoal_policy::HostState::Up)
+        .map(|h| h.state == shoal_policy::HostState::Up)
         .collect();
+    let hold_ms = (ctl.config.sample_interval * POWER_ON_HOLD_SAMPLES)
+        .max(POWER_ON_HOLD_MIN)
+        .as_millis() as u64;
     let vms: Vec<shoal_model::Vm> = ctl
         .db
         .vms()
@@ -99,15 +109,15 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             group,
         });
     }
+    let placer = snap.placer();
     let chosts: Vec<consolidate::Host> = hosts
         .iter()
         .enumerate()
         .map(|(i, h)| {
             let p = &powers[&h.name];
-            let claim = claims.get(&h.name).copied().unwrap_or_default();
-            let a = &h.allocation;
-            let cpus_cap = (h.cpus as f64 * a.cpu_overcommit).floor() - a.reserved_cpus as f64;
-            let mem_cap = (h.memory_mib as f64 * a.memory_overcommit).floor() - a.reserved_memory_mib as f64;
+            let free = placer.free(i);
+            // Switched on lately (by hand, by placement or by this loop): not emptied again yet.
+            let held = p.state == PowerState::On && now_ms().saturating_sub(p.since_unix_ms) < hold_ms;
             consolidate::Host {
                 capacity: h.cpus as f64,
                 core: h.cpus as f64,
@@ -120,9 +130,9 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
                 },
                 vms: &on_host[i],
                 requested: on_host[i].iter().map(|&v| cvms[v as usize].demand).sum(),
-                memory_free: mem_cap - claim.memory_mib as f64,
-                cpus_free: cpus_cap - claim.cpus as f64,
-                switchable: p.config.power_on_command.is_some() && p.config.power_off_command.is_some(),
+                memory_free: free[1] as f64,
+                cpus_free: free[0] as f64,
+                switchable: p.config.power_on_command.is_some() && p.config.power_off_command.is_some() && !held,
             }
         })
         .collect();
@@ -192,7 +202,7 @@ pub async fn apply(ctl: &Controller, p: &ConsolidationPlan) -> ApiResult<()> {
                 wave: w as u32,
             });
         }
-        let guard = ctl.write_lock.lock().await;
+        let guard = ctl.db.lock().await;
         crate::plan::execute(ctl, &moves, guard).await?;
         let vms = ctl.db.vms().await?;
         let mut meter = ctl.energy.lock().await;
@@ -244,12 +254,7 @@ pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPow
         )));
     };
     if !on {
-        let claim: Claim = ctl
-            .db
-            .get(&db::claim_key(host))
-            .await?
-            .map(|v| v.value)
-            .unwrap_or_default();
+        let claim = ctl.db.claims().await?.get(host);
         if claim.vms > 0 {
             return Err(ApiError::Conflict(format!(
                 "host {host} still has {} VMs; drain it first (`shoal host drain {host}`)",

@@ -7,18 +7,17 @@
 //! and a controller restart finds nothing half-written. The fourth step, telling every host what
 //! to run, is the reconciler's ([`crate::reconcile`]), which resumes it after any restart.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use shoal_model::api::CreateCluster;
 use shoal_model::{
-    format_mib, now_ms, validate_name, Cluster, ClusterState, MacAddr, Operation, OperationKind, OperationState,
+    format_mib, now_ms, plural, validate_name, Cluster, ClusterState, Operation, OperationKind, OperationState,
     OperationStep, Profile, StepState, Vm, VmShape, VmState, DEPLOY_STEPS,
 };
-use shoal_policy::{GangRequest, Placer};
-use shoal_store::{Compare, Op, Txn};
 use uuid::Uuid;
 
-use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
+use crate::capacity::{gang_request, Claim, ClaimChanges, HostSnapshot};
+use crate::datastore::{TemplateRecord, Tx, Versioned};
 use crate::error::{ApiError, ApiResult};
 use crate::{ipam, Controller};
 
@@ -106,50 +105,28 @@ fn step_done(op: &mut Operation, name: &str, n: u64, message: String) {
     }
 }
 
-/// The hosts as placement sees them, with the claim revisions to compare against at commit.
-pub(crate) struct HostSnapshot {
-    /// Hosts, and the VMs of the cluster being placed (for its affinity rules).
-    pub snapshot: shoal_policy::Snapshot,
-    /// Per host (same order), what its claim holds: `[vCPU, memory MiB, disk MiB]`.
-    pub usage: Vec<[u64; 3]>,
-    pub claims: Vec<(Claim, u64)>,
+/// What steps 1–3 decided for new VMs: the transaction that records them, and the
+/// switched-off hosts that must be switched on for them.
+pub(crate) struct NewVms {
+    pub tx: Tx,
+    pub power_on: Vec<String>,
 }
 
-impl HostSnapshot {
-    pub fn name(&self, h: usize) -> &str {
-        &self.snapshot.hosts[h].name
-    }
-
-    /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
-    pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
-        Placer::with_usage(&self.snapshot, &self.usage).place(req)
-    }
-}
-
-/// The placement request for `count` VMs of a cluster.
-pub(crate) fn gang_request(cluster: &Cluster, count: u32) -> GangRequest {
-    let mut req = GangRequest::new(&cluster.name, count, cluster.shape.cpus, cluster.shape.memory_mib);
-    req.placement = cluster.placement;
-    req.template = Some(cluster.shape.template.clone());
-    req.rules.anti_affinity = cluster.anti_affinity.domain().map(str::to_string);
-    req
-}
-
-/// Plans VMs `indices` of `cluster` through steps 1–3 and returns the transaction that records
-/// them, with the operation's steps filled in.
+/// Plans VMs `indices` of `cluster` through steps 1–3 and returns what records them, with the
+/// operation's steps filled in.
 async fn plan_new_vms(
     ctl: &Controller,
     cluster: &Cluster,
     indices: &[u32],
     existing: &[Vm],
     op: &mut Operation,
-) -> ApiResult<(Vec<Vm>, Txn)> {
+) -> ApiResult<NewVms> {
     let n = indices.len();
     // Step 1: prepare images. The template must be present; each VM disk is a copy-on-write
     // clone of it, which costs nothing until the host materialises it.
     let template: TemplateRecord = ctl
         .db
-        .get(&db::template_key(&cluster.shape.template))
+        .template(&cluster.shape.template)
         .await?
         .map(|v| v.value)
         .ok_or_else(|| {
@@ -163,28 +140,21 @@ async fn plan_new_vms(
         "prepare_images",
         n as u64,
         format!(
-            "template {} ({} bytes, {}): {n} copy-on-write disk clones",
+            "template {} ({} bytes, {}): {}",
             template.template.name,
             template.template.size_bytes,
-            &template.template.hash[..template.template.hash.len().min(19)]
+            &template.template.hash[..template.template.hash.len().min(19)],
+            plural(n, "copy-on-write disk clone", "copy-on-write disk clones")
         ),
     );
 
     // Step 2: configure VMs: fresh identity for each.
-    let taken_macs: HashSet<MacAddr> = ctl
-        .db
-        .keys("/ipam/macs/")
-        .await?
-        .iter()
-        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
-        .collect();
-    let macs = ipam::allocate_macs(n, &taken_macs);
+    let macs = ipam::allocate_macs(n, &ctl.db.taken_macs().await?);
     let taken_ips: HashSet<std::net::Ipv4Addr> = ctl
         .db
-        .keys("/ipam/ips/")
+        .taken_ips()
         .await?
-        .iter()
-        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+        .into_iter()
         .filter(|ip| cluster.subnet.contains(*ip))
         .collect();
     let ips = ipam::allocate_ips(&cluster.subnet, indices, &taken_ips).ok_or_else(|| {
@@ -227,110 +197,104 @@ async fn plan_new_vms(
         n as u64,
         match (vms.first(), vms.last()) {
             (Some(a), Some(b)) => format!(
-                "{n} VMs {}..{} with addresses {}..{} on {}",
-                a.name, b.name, a.ip, b.ip, cluster.subnet
+                "{} {}..{} with addresses {}..{} on {}",
+                plural(n, "VM", "VMs"),
+                a.name,
+                b.name,
+                a.ip,
+                b.ip,
+                cluster.subnet
             ),
             _ => "no VMs".into(),
         },
     );
 
-    // Step 3: choose hosts, all VMs or none.
-    let mut snap = host_snapshot(ctl, existing).await?;
+    // Step 3: choose hosts, all VMs or none. With the consolidator on, hosts it switched off
+    // count too, when they can be switched on again.
+    let mut snap = HostSnapshot::read(ctl)
+        .await?
+        .with_vms(existing.iter().map(|v| (v, None)));
     crate::plan::add_locality(ctl, &mut snap.snapshot, &cluster.shape.template).await?;
-    let req = gang_request(cluster, n as u32);
+    let mut req = gang_request(cluster, n as u32);
+    req.allow_power_on = ctl.config.consolidate;
     let plan = snap.place(&req).map_err(|e| {
         ApiError::Capacity(format!(
-            "cannot place {n} VMs of {} vCPU and {} for cluster {:?}: {e}",
+            "cannot place {} of {} vCPU and {} for cluster {:?}: {e}",
+            plural(n, "VM", "VMs"),
             req.cpus,
             format_mib(req.memory_mib),
             cluster.name
         ))
     })?;
-    let mut new_claims: BTreeMap<usize, Claim> = BTreeMap::new();
+    let mut claims = ClaimChanges::default();
+    let mut hosts: BTreeSet<usize> = BTreeSet::new();
     for (vm, &h) in vms.iter_mut().zip(&plan) {
         vm.host = snap.name(h).to_string();
-        let c = new_claims.entry(h).or_insert(snap.claims[h].0);
-        c.cpus += vm.cpus;
-        c.memory_mib += vm.memory_mib;
-        c.vms += 1;
+        claims.take(&vm.host, Claim::of(vm));
+        hosts.insert(h);
     }
+    let power_on: Vec<String> = hosts
+        .iter()
+        .filter(|&&h| snap.is_off(h))
+        .map(|&h| snap.name(h).to_string())
+        .collect();
     step_done(
         op,
         "choose_hosts",
         n as u64,
         format!(
-            "{n} VMs on {} hosts ({} placement)",
-            new_claims.len(),
+            "{} on {} ({} placement){}",
+            plural(n, "VM", "VMs"),
+            plural(hosts.len(), "host", "hosts"),
             match cluster.placement {
                 shoal_model::Placement::Spread => "spread",
                 shoal_model::Placement::Pack => "pack",
+            },
+            if power_on.is_empty() {
+                String::new()
+            } else {
+                format!("; switching on {}", power_on.join(", "))
             }
         ),
     );
     if let Some(s) = op.step_mut("execute") {
         s.state = StepState::Running;
         s.total = n as u64;
-        s.message = format!("starting {n} VMs on {} hosts", new_claims.len());
+        s.message = format!(
+            "starting {} on {}",
+            plural(n, "VM", "VMs"),
+            plural(hosts.len(), "host", "hosts")
+        );
     }
     op.vms = vms.iter().map(|v| v.name.clone()).collect();
 
-    let mut txn = Txn::new();
-    for (h, claim) in new_claims {
-        let key = db::claim_key(snap.name(h));
-        txn = txn
-            .when(Compare::ModRevision(key.clone(), snap.claims[h].1))
-            .then(put(key, &claim));
-    }
+    let mut tx = claims.write(&snap.claims, Tx::new());
     for vm in &vms {
-        let (vk, ik, mk) = (
-            db::vm_key(&vm.cluster, vm.index),
-            db::ip_key(&vm.ip),
-            db::mac_key(&vm.mac),
-        );
-        txn = txn
-            .when(Compare::Version(vk.clone(), 0))
-            .when(Compare::Version(ik.clone(), 0))
-            .when(Compare::Version(mk.clone(), 0))
-            .then(put(vk, vm))
-            .then(Op::Put(ik, vm.name.clone().into_bytes()))
-            .then(Op::Put(mk, vm.name.clone().into_bytes()));
+        tx = tx.create_vm(vm);
     }
-    Ok((vms, txn))
+    Ok(NewVms { tx, power_on })
 }
 
-/// Reads hosts and their claims, keyed by host name, with the claims' revisions.
-pub(crate) async fn host_snapshot(ctl: &Controller, cluster_vms: &[Vm]) -> ApiResult<HostSnapshot> {
-    let kvs = ctl.db.store.range("/claims/").await?.kvs;
-    let mut claims: HashMap<String, (Claim, u64)> = HashMap::new();
-    for kv in kvs {
-        let host = kv.key.trim_start_matches("/claims/").to_string();
-        let c: Claim =
-            serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(format!("claim {}: {e}", kv.key)))?;
-        claims.insert(host, (c, kv.mod_revision));
+/// Switches on, in the background, the hosts a committed placement counted on.
+fn power_on_for_placement(ctl: &Controller, hosts: Vec<String>) {
+    for host in hosts {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::consolidate::switch(&ctl, &host, true).await {
+                tracing::warn!(%host, "switching on a host for new VMs failed: {e}");
+            }
+        });
     }
-    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
-    let marks = crate::plan::host_marks(ctl).await?;
-    let mut snapshot = shoal_policy::Snapshot::default();
-    let mut usage = Vec::with_capacity(hosts.len());
-    let mut revs = Vec::with_capacity(hosts.len());
-    for h in hosts {
-        let (claim, rev) = claims.get(&h.name).copied().unwrap_or_default();
-        let host = crate::plan::policy_host(ctl, &h, &marks);
-        snapshot.hosts.push(host);
-        usage.push([claim.cpus as u64, claim.memory_mib, 0]);
-        revs.push((claim, rev));
+}
+
+/// One rule for the size of a cluster, for create and scale alike.
+pub fn validate_size(size: u32) -> ApiResult<()> {
+    if size == 0 || size > MAX_CLUSTER_SIZE {
+        return Err(ApiError::Invalid(format!(
+            "invalid cluster size {size}: a cluster has 1 to {MAX_CLUSTER_SIZE} VMs (delete it to have none)"
+        )));
     }
-    snapshot.vms = cluster_vms
-        .iter()
-        // The cluster's own rule comes with the request, not from its VMs.
-        .map(|v| crate::plan::policy_vm(v, None))
-        .filter(|v| snapshot.hosts.iter().any(|h| h.name == v.host))
-        .collect();
-    Ok(HostSnapshot {
-        snapshot,
-        usage,
-        claims: revs,
-    })
+    Ok(())
 }
 
 pub(crate) fn busy(ops: &[Operation], cluster: &str) -> Option<Operation> {
@@ -349,21 +313,14 @@ pub(crate) fn busy_error(cluster: &str, op: &Operation) -> ApiError {
 /// `cluster create`: steps 1–3 now, step 4 by the reconciler.
 pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<Operation> {
     validate_name("cluster", &req.name)?;
-    if req.size == 0 || req.size > MAX_CLUSTER_SIZE {
-        return Err(ApiError::Invalid(format!(
-            "invalid cluster size {}: must be between 1 and {MAX_CLUSTER_SIZE}",
-            req.size
-        )));
-    }
-    let _guard = ctl.write_lock.lock().await;
-    let key = db::cluster_key(&req.name);
-    if ctl.db.store.get(&key).await?.is_some() {
+    validate_size(req.size)?;
+    let _guard = ctl.db.lock().await;
+    if ctl.db.cluster(&req.name).await?.is_some() {
         return Err(ApiError::exists("cluster", &req.name));
     }
     let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
     let wanted = req.network.as_deref().or(shape.network.as_deref());
-    let (net, net_txn) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
-    let subnet = net.subnet;
+    let (net, net_tx) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
     let cluster = Cluster {
         name: req.name.clone(),
         profile: req.profile.clone(),
@@ -371,29 +328,26 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
         size: req.size,
         placement: req.placement,
         anti_affinity: req.anti_affinity,
-        subnet,
+        subnet: net.subnet,
         network: Some(net.name.clone()),
         state: ClusterState::Converging,
         created_unix_ms: now_ms(),
     };
     let mut op = new_operation(OperationKind::ClusterCreate, &req.name, &DEPLOY_STEPS, 0);
     let indices: Vec<u32> = (0..req.size).collect();
-    let (_vms, mut txn) = plan_new_vms(ctl, &cluster, &indices, &[], &mut op).await?;
-    if let Some(n) = net_txn {
-        txn.compare.extend(n.compare);
-        txn.success.extend(n.success);
+    let new = plan_new_vms(ctl, &cluster, &indices, &[], &mut op).await?;
+    let mut tx = new.tx.create_cluster(&cluster).put_operation(&op);
+    if let Some(n) = net_tx {
+        tx = tx.merge(n);
     }
-    let txn = txn
-        .when(Compare::Version(key.clone(), 0))
-        .then(put(key, &cluster))
-        .then(put(db::operation_key(&op.id), &op));
-    commit(ctl, txn, &req.name).await?;
+    commit(ctl, tx, &req.name).await?;
+    power_on_for_placement(ctl, new.power_on);
     ctl.wake.notify_one();
     Ok(op)
 }
 
-pub(crate) async fn commit(ctl: &Controller, txn: Txn, cluster: &str) -> ApiResult<()> {
-    if !ctl.db.store.txn(txn).await?.succeeded {
+pub(crate) async fn commit(ctl: &Controller, tx: Tx, cluster: &str) -> ApiResult<()> {
+    if !ctl.db.try_commit(tx).await? {
         // Only another writer (another controller, or a race this process's lock did not
         // cover) can get here; nothing was written.
         return Err(ApiError::Conflict(format!(
@@ -406,19 +360,14 @@ pub(crate) async fn commit(ctl: &Controller, txn: Txn, cluster: &str) -> ApiResu
 /// `cluster scale`: grows through steps 1–3 like a create, or shrinks by removing the VMs with
 /// the highest indices.
 pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult<Operation> {
-    if size > MAX_CLUSTER_SIZE {
-        return Err(ApiError::Invalid(format!(
-            "invalid cluster size {size}: must be at most {MAX_CLUSTER_SIZE}"
-        )));
-    }
-    let _guard = ctl.write_lock.lock().await;
-    let ck = db::cluster_key(name);
+    validate_size(size)?;
+    let _guard = ctl.db.lock().await;
     let Versioned {
         value: mut cluster,
         mod_revision: crev,
     } = ctl
         .db
-        .get::<Cluster>(&ck)
+        .cluster(name)
         .await?
         .ok_or_else(|| ApiError::not_found("cluster", name))?;
     if cluster.state == ClusterState::Deleting {
@@ -433,8 +382,8 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
     let previous = cluster.size;
     cluster.size = size;
     cluster.state = ClusterState::Converging;
-    let mut txn = Txn::new().when(Compare::ModRevision(ck.clone(), crev));
-    let op = if size > current {
+    let mut power_on = Vec::new();
+    let (op, mut tx) = if size > current {
         let used: HashSet<u32> = vms.iter().map(|v| v.value.index).collect();
         let indices: Vec<u32> = (0..)
             .filter(|i| !used.contains(i))
@@ -442,33 +391,31 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
             .collect();
         let existing: Vec<Vm> = live.iter().map(|v| v.value.clone()).collect();
         let mut op = new_operation(OperationKind::ClusterScale, name, &DEPLOY_STEPS, previous);
-        let (_new, plan) = plan_new_vms(ctl, &cluster, &indices, &existing, &mut op).await?;
-        txn.compare.extend(plan.compare);
-        txn.success.extend(plan.success);
-        op
+        let new = plan_new_vms(ctl, &cluster, &indices, &existing, &mut op).await?;
+        power_on = new.power_on;
+        (op, new.tx)
     } else {
         let mut op = new_operation(OperationKind::ClusterScale, name, &["execute"], previous);
         let mut doomed: Vec<&Versioned<Vm>> = live.clone();
         doomed.sort_by_key(|v| std::cmp::Reverse(v.value.index));
         doomed.truncate((current - size) as usize);
+        let mut tx = Tx::new();
         for v in &doomed {
             let mut vm = v.value.clone();
             vm.state = VmState::Deleting;
-            let k = db::vm_key(&vm.cluster, vm.index);
-            txn = txn
-                .when(Compare::ModRevision(k.clone(), v.mod_revision))
-                .then(put(k, &vm));
+            tx = tx.update_vm(v.mod_revision, &vm);
             op.vms.push(vm.name);
         }
         if let Some(s) = op.step_mut("execute") {
             s.state = StepState::Running;
             s.total = doomed.len() as u64;
-            s.message = format!("removing {} VMs", doomed.len());
+            s.message = format!("removing {}", plural(doomed.len(), "VM", "VMs"));
         }
-        op
+        (op, tx)
     };
-    let txn = txn.then(put(ck, &cluster)).then(put(db::operation_key(&op.id), &op));
-    commit(ctl, txn, name).await?;
+    tx = tx.update_cluster(crev, &cluster).put_operation(&op);
+    commit(ctl, tx, name).await?;
+    power_on_for_placement(ctl, power_on);
     ctl.wake.notify_one();
     Ok(op)
 }
@@ -476,14 +423,13 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
 /// `cluster delete`: every VM is removed from its host, then the cluster and its subnet go.
 /// A deployment still under way is superseded (its operation fails, naming this one).
 pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation> {
-    let _guard = ctl.write_lock.lock().await;
-    let ck = db::cluster_key(name);
+    let _guard = ctl.db.lock().await;
     let Versioned {
         value: mut cluster,
         mod_revision: crev,
     } = ctl
         .db
-        .get::<Cluster>(&ck)
+        .cluster(name)
         .await?
         .ok_or_else(|| ApiError::not_found("cluster", name))?;
     let ops = ctl.db.operations().await?;
@@ -497,9 +443,7 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
     let mut op = new_operation(OperationKind::ClusterDelete, name, &["execute"], cluster.size);
     cluster.size = 0;
     cluster.state = ClusterState::Deleting;
-    let mut txn = Txn::new()
-        .when(Compare::ModRevision(ck.clone(), crev))
-        .then(put(ck, &cluster));
+    let mut tx = Tx::new().update_cluster(crev, &cluster);
     for mut superseded in ops
         .into_iter()
         .filter(|o| o.target == name && o.state == OperationState::Running)
@@ -507,26 +451,22 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
         superseded.state = OperationState::Failed;
         superseded.error = Some(format!("superseded by delete operation {}", op.id));
         superseded.finished_unix_ms = Some(now_ms());
-        txn = txn.then(put(db::operation_key(&superseded.id), &superseded));
+        tx = tx.put_operation(&superseded);
     }
     for v in &vms {
         op.vms.push(v.value.name.clone());
         if v.value.state != VmState::Deleting {
             let mut vm = v.value.clone();
             vm.state = VmState::Deleting;
-            let k = db::vm_key(&vm.cluster, vm.index);
-            txn = txn
-                .when(Compare::ModRevision(k.clone(), v.mod_revision))
-                .then(put(k, &vm));
+            tx = tx.update_vm(v.mod_revision, &vm);
         }
     }
     if let Some(s) = op.step_mut("execute") {
         s.state = StepState::Running;
         s.total = vms.len() as u64;
-        s.message = format!("removing {} VMs", vms.len());
+        s.message = format!("removing {}", plural(vms.len(), "VM", "VMs"));
     }
-    let txn = txn.then(put(db::operation_key(&op.id), &op));
-    commit(ctl, txn, name).await?;
+    commit(ctl, tx.put_operation(&op), name).await?;
     ctl.wake.notify_one();
     Ok(op)
 }

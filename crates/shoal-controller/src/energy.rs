@@ -8,39 +8,22 @@
 //! the controller switched it off; one it switched on is `booting` until its agent is heard
 //! from again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use shoal_model::power::{EnergyReport, HostEnergy, HostPower, HostPowerConfig, PowerState};
 use shoal_model::{now_ms, HostState};
-use shoal_store::Txn;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::db::{self, put, HostRecord};
+use crate::datastore::{EnergyAccount as Account, HostRecord, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
 /// Demand samples kept per VM for the consolidator.
 pub const HISTORY_LEN: usize = 30;
-
-pub fn power_key(host: &str) -> String {
-    format!("/power/{host}")
-}
-
-fn energy_key(host: &str) -> String {
-    format!("/energy/{host}")
-}
-
-/// A host's energy account as stored.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Account {
-    joules: f64,
-    since_unix_ms: u64,
-}
 
 /// What the sampler knows of one VM.
 #[derive(Clone, Debug, Default)]
@@ -79,7 +62,7 @@ pub struct Meter {
 pub async fn power_records(ctl: &Controller, hosts: &[HostRecord]) -> ApiResult<HashMap<String, HostPower>> {
     let mut stored: HashMap<String, HostPower> = ctl
         .db
-        .values::<HostPower>("/power/")
+        .powers()
         .await?
         .into_iter()
         .map(|p| (p.host.clone(), p))
@@ -97,30 +80,11 @@ pub async fn power_records(ctl: &Controller, hosts: &[HostRecord]) -> ApiResult<
 }
 
 pub async fn power_record(ctl: &Controller, host: &str) -> ApiResult<HostPower> {
-    if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
-        return Err(ApiError::not_found("host", host));
-    }
-    Ok(ctl
-        .db
-        .get::<HostPower>(&power_key(host))
-        .await?
-        .map(|v| v.value)
-        .unwrap_or_else(|| HostPower {
-            host: host.to_string(),
-            ..Default::default()
-        }))
-}
-
-/// Hosts that are not on (switched off, or switched on and not back yet): placement skips them.
-pub async fn powered_off(ctl: &Controller) -> ApiResult<HashSet<String>> {
-    Ok(ctl
-        .db
-        .values::<HostPower>("/power/")
-        .await?
-        .into_iter()
-        .filter(|p| p.state != PowerState::On)
-        .map(|p| p.host)
-        .collect())
+    ctl.db.known_host(host).await?;
+    Ok(ctl.db.power(host).await?.unwrap_or_else(|| HostPower {
+        host: host.to_string(),
+        ..Default::default()
+    }))
 }
 
 /// Sets a host's power model and commands; its state stays as it is.
@@ -136,7 +100,7 @@ pub async fn configure(ctl: &Controller, host: &str, config: HostPowerConfig) ->
     }
     let mut p = power_record(ctl, host).await?;
     p.config = config;
-    ctl.db.store.txn(Txn::new().then(put(power_key(host), &p))).await?;
+    ctl.db.commit(Tx::new().put_power(&p)).await?;
     Ok(p)
 }
 
@@ -151,7 +115,7 @@ pub(crate) async fn set_state(
     }
     p.state = state;
     p.last_error = error;
-    ctl.db.store.txn(Txn::new().then(put(power_key(&p.host), &p))).await?;
+    ctl.db.commit(Tx::new().put_power(&p)).await?;
     Ok(p)
 }
 
@@ -169,9 +133,9 @@ pub(crate) async fn settle_boot(ctl: &Controller, p: HostPower) -> ApiResult<Hos
 
 /// Each host's power and energy now.
 pub async fn report(ctl: &Controller) -> ApiResult<EnergyReport> {
-    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let hosts: Vec<HostRecord> = ctl.db.hosts().await?;
     let powers = power_records(ctl, &hosts).await?;
-    let accounts: HashMap<String, Account> = ctl.db.by_name("/energy/").await?;
+    let accounts: HashMap<String, Account> = ctl.db.energy_accounts().await?;
     let meter = ctl.energy.lock().await;
     let mut hosts: Vec<HostEnergy> = powers
         .values()
@@ -236,7 +200,7 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
 /// One sample: VM demand, host utilisation and power, energy, record.
 pub async fn sample(ctl: &Controller) -> ApiResult<()> {
     let live = ctl.liveness();
-    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
+    let hosts: Vec<HostRecord> = ctl.db.hosts().await?;
     let vms: HashMap<Uuid, shoal_model::Vm> = ctl.db.vms().await?.into_iter().map(|v| (v.uuid, v)).collect();
     let mut powers = power_records(ctl, &hosts).await?;
     for p in powers.values_mut() {
@@ -245,7 +209,7 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
     let mut m = ctl.energy.lock().await;
     // Stored accounts are read once, when a host is first sampled by this process.
     let mut stored: HashMap<String, Account> = if hosts.iter().any(|h| !m.hosts.contains_key(&h.name)) {
-        ctl.db.by_name("/energy/").await?
+        ctl.db.energy_accounts().await?
     } else {
         HashMap::new()
     };
@@ -280,7 +244,7 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
     }
     m.vms.retain(|u, _| vms.contains_key(u));
 
-    let mut txn = Txn::new();
+    let mut tx = Tx::new();
     for h in &hosts {
         let p = powers.remove(&h.name).unwrap_or_else(|| HostPower {
             host: h.name.clone(),
@@ -306,9 +270,9 @@ pub async fn sample(ctl: &Controller) -> ApiResult<()> {
         hm.account.joules += power_w * dt;
         hm.util = util;
         hm.power_w = power_w;
-        txn = txn.then(put(energy_key(&h.name), &hm.account));
+        tx = tx.put_energy(&h.name, &hm.account);
     }
-    ctl.db.store.txn(txn).await?;
+    ctl.db.commit(tx).await?;
 
     if let Some(dir) = &ctl.config.record {
         let shares: BTreeMap<String, f64> = m

@@ -21,19 +21,22 @@ use uuid::Uuid;
 
 pub mod api;
 pub mod auth;
+pub mod capacity;
 pub mod consolidate;
-pub mod db;
+pub mod datastore;
 mod deploy;
 pub mod energy;
 pub mod error;
+pub mod hosts;
 mod ipam;
 pub mod lifecycle;
 pub mod locality;
 pub mod network;
 pub mod plan;
 mod reconcile;
+pub mod vms;
 
-pub use db::Db;
+pub use datastore::Datastore;
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -88,15 +91,12 @@ pub struct Liveness {
 }
 
 pub struct Inner {
-    pub db: Db,
+    pub db: Datastore,
     pub config: ControllerConfig,
     auth_required: bool,
     controller_token: String,
     started: Instant,
     live: Mutex<HashMap<String, Liveness>>,
-    /// Serialises plan-and-commit of cluster and VM changes in this process; the store's
-    /// compare-and-swap keeps them safe against any other writer.
-    pub write_lock: tokio::sync::Mutex<()>,
     /// Wakes the reconciler early.
     pub wake: Notify,
     /// VMs with a command on its way to their host, not to be sent again meanwhile.
@@ -104,6 +104,8 @@ pub struct Inner {
     /// When "ensure" was last sent for a VM, and with which wanted power state: a VM still on
     /// its way is asked again only now and then.
     ensure_sent: Mutex<HashMap<Uuid, (Instant, shoal_model::Power)>>,
+    /// When each orphan was last asked to go: its host lists it until its next heartbeat.
+    orphans_sent: Mutex<HashMap<Uuid, Instant>>,
     /// The remote VTEPs last sent to each host, so that only changes are sent.
     pub(crate) peers_sent: Mutex<HashMap<String, shoal_model::network::NetworkPeers>>,
     /// One HTTP client per agent address, so connections are reused.
@@ -199,6 +201,20 @@ impl Controller {
         }
     }
 
+    /// Whether to ask a host again to remove an orphan VM: at once the first time, then every
+    /// few seconds while its heartbeats still list it.
+    fn orphan_due(&self, uuid: Uuid) -> bool {
+        let mut sent = self.orphans_sent.lock().expect("orphans_sent lock");
+        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        match sent.get(&uuid) {
+            Some(at) if at.elapsed() < Duration::from_secs(5) => false,
+            _ => {
+                sent.insert(uuid, Instant::now());
+                true
+            }
+        }
+    }
+
     pub(crate) fn agent(&self, address: &str) -> AgentClient {
         self.agents
             .lock()
@@ -254,7 +270,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         .await
         .with_context(|| format!("controller: cannot listen on {}", config.listen))?;
     let local = listener.local_addr()?;
-    let db = Db { store };
+    let db = Datastore::new(store);
     auth::register_token(&db, &admin_token, auth::TokenKind::Admin, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -271,11 +287,11 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         controller_token,
         started: Instant::now(),
         live: Mutex::new(HashMap::new()),
-        write_lock: tokio::sync::Mutex::new(()),
         wake: Notify::new(),
         inflight: Mutex::new(HashSet::new()),
         agents: Mutex::new(HashMap::new()),
         ensure_sent: Mutex::new(HashMap::new()),
+        orphans_sent: Mutex::new(HashMap::new()),
         peers_sent: Mutex::new(HashMap::new()),
         energy: tokio::sync::Mutex::new(energy::Meter::default()),
         config,

@@ -6,14 +6,15 @@
 //! A suspended VM gives its vCPUs and memory back to its host (the reconciler releases the claim
 //! when the host reports the VM suspended); resuming claims them again, here, atomically.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use shoal_model::{
-    format_mib, Cluster, ClusterState, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
+    format_mib, plural, Cluster, ClusterState, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
 };
-use shoal_store::{Compare, Txn};
+use shoal_policy::GangRequest;
 
-use crate::db::{self, put, Claim, HostRecord, Versioned};
+use crate::capacity::{gang_request, Claim, ClaimChanges, HostSnapshot};
+use crate::datastore::{Tx, Versioned};
 use crate::deploy::{busy, busy_error, commit, new_operation};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
@@ -74,19 +75,12 @@ impl Action {
 
 /// Applies `action` to one VM.
 pub async fn vm_action(ctl: &Controller, name: &str, action: Action) -> ApiResult<Operation> {
-    let _guard = ctl.write_lock.lock().await;
-    let (cluster, index) = name
-        .rsplit_once('-')
-        .and_then(|(c, i)| Some((c, i.parse::<u32>().ok().filter(|n| n.to_string() == i)?)))
-        .ok_or_else(|| ApiError::not_found("VM", name))?;
-    let vm = ctl
-        .db
-        .get::<Vm>(&db::vm_key(cluster, index))
-        .await?
-        .ok_or_else(|| ApiError::not_found("VM", name))?;
+    let _guard = ctl.db.lock().await;
+    let vm = ctl.db.vm(name).await?.ok_or_else(|| ApiError::not_found("VM", name))?;
+    let cluster = vm.value.cluster.clone();
     let ops = ctl.db.operations().await?;
-    if let Some(op) = busy(&ops, cluster).or_else(|| busy(&ops, name)) {
-        return Err(busy_error(cluster, &op));
+    if let Some(op) = busy(&ops, &cluster).or_else(|| busy(&ops, name)) {
+        return Err(busy_error(&cluster, &op));
     }
     let kind = match action {
         Action::Stop { .. } => OperationKind::VmStop,
@@ -99,10 +93,10 @@ pub async fn vm_action(ctl: &Controller, name: &str, action: Action) -> ApiResul
 
 /// Applies `action` to every VM of a virtual cluster, as one operation.
 pub async fn cluster_action(ctl: &Controller, name: &str, action: Action) -> ApiResult<Operation> {
-    let _guard = ctl.write_lock.lock().await;
+    let _guard = ctl.db.lock().await;
     let c = ctl
         .db
-        .get::<Cluster>(&db::cluster_key(name))
+        .cluster(name)
         .await?
         .ok_or_else(|| ApiError::not_found("cluster", name))?;
     if c.value.state == ClusterState::Deleting {
@@ -134,53 +128,18 @@ async fn apply(
     action: Action,
 ) -> ApiResult<Operation> {
     let mut op = new_operation(kind, target, &["execute"], cluster.as_ref().map_or(0, |c| c.value.size));
-    let mut txn = Txn::new();
+    let mut tx = Tx::new();
     let mut changing = Vec::new();
     for v in &vms {
         if action.applies(&v.value)? {
             changing.push(v);
         }
     }
-    // Resuming takes the VMs' resources back on their hosts, all or none.
+    // Resuming takes the VMs' resources back on their hosts, all or none, through the same
+    // filters as placement (state, overcommit, reservations, anti-affinity): a suspended VM's
+    // memory is on its host, so each host is asked to take back exactly its own VMs.
     if action == Action::Resume {
-        let mut need: HashMap<&str, Claim> = HashMap::new();
-        for v in changing.iter().filter(|v| !v.value.claimed) {
-            let c = need.entry(v.value.host.as_str()).or_default();
-            c.cpus += v.value.cpus;
-            c.memory_mib += v.value.memory_mib;
-            c.vms += 1;
-        }
-        for (host, add) in need {
-            let h = ctl
-                .db
-                .get::<HostRecord>(&db::host_key(host))
-                .await?
-                .ok_or_else(|| ApiError::Conflict(format!("host {host} is gone")))?
-                .value;
-            let key = db::claim_key(host);
-            let (mut cur, rev) = ctl
-                .db
-                .get::<Claim>(&key)
-                .await?
-                .map(|v| (v.value, v.mod_revision))
-                .unwrap_or_default();
-            if cur.cpus + add.cpus > h.cpus || cur.memory_mib + add.memory_mib > h.memory_mib {
-                return Err(ApiError::Capacity(format!(
-                    "host {host} has no room to resume {} VMs ({} vCPU, {}): {} of {} vCPU and {} of {} free",
-                    add.vms,
-                    add.cpus,
-                    format_mib(add.memory_mib),
-                    h.cpus.saturating_sub(cur.cpus),
-                    h.cpus,
-                    format_mib(h.memory_mib.saturating_sub(cur.memory_mib)),
-                    format_mib(h.memory_mib)
-                )));
-            }
-            cur.cpus += add.cpus;
-            cur.memory_mib += add.memory_mib;
-            cur.vms += add.vms;
-            txn = txn.when(Compare::ModRevision(key.clone(), rev)).then(put(key, &cur));
-        }
+        tx = resume_claims(ctl, &changing, tx).await?;
     }
     for v in &changing {
         let mut vm = v.value.clone();
@@ -194,17 +153,14 @@ async fn apply(
         if vm.state == VmState::Failed {
             vm.state = VmState::Pending;
         }
-        let k = db::vm_key(&vm.cluster, vm.index);
-        txn = txn
-            .when(Compare::ModRevision(k.clone(), v.mod_revision))
-            .then(put(k, &vm));
+        tx = tx.update_vm(v.mod_revision, &vm);
     }
     op.vms = changing.iter().map(|v| v.value.name.clone()).collect();
     let n = op.vms.len();
     if let Some(s) = op.step_mut("execute") {
         s.total = n as u64;
         s.state = StepState::Running;
-        s.message = format!("{} {n} VMs", action.verb());
+        s.message = format!("{} {}", action.verb(), plural(n, "VM", "VMs"));
     }
     if op.vms.is_empty() {
         op.state = OperationState::Succeeded;
@@ -217,13 +173,66 @@ async fn apply(
     if let Some(c) = &cluster {
         let mut cl = c.value.clone();
         cl.state = ClusterState::Converging;
-        let ck = db::cluster_key(&cl.name);
-        txn = txn
-            .when(Compare::ModRevision(ck.clone(), c.mod_revision))
-            .then(put(ck, &cl));
+        tx = tx.update_cluster(c.mod_revision, &cl);
     }
-    txn = txn.then(put(db::operation_key(&op.id), &op));
-    commit(ctl, txn, target).await?;
+    commit(ctl, tx.put_operation(&op), target).await?;
     ctl.wake.notify_one();
     Ok(op)
+}
+
+/// Adds to `tx` the claims that resuming `vms` takes back, after placement's filters agreed that
+/// each VM's host can take it again; refuses naming the host and the binding constraint.
+async fn resume_claims(ctl: &Controller, vms: &[&Versioned<Vm>], tx: Tx) -> ApiResult<Tx> {
+    let unclaimed: Vec<&Vm> = vms.iter().map(|v| &v.value).filter(|v| !v.claimed).collect();
+    if unclaimed.is_empty() {
+        return Ok(tx);
+    }
+    let clusters: HashMap<String, Cluster> = ctl
+        .db
+        .clusters()
+        .await?
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    let others = ctl.db.vms().await?;
+    let snap = HostSnapshot::read(ctl).await?.with_vms(
+        others
+            .iter()
+            .filter(|v| v.claimed && v.state != VmState::Deleting)
+            .map(|v| (v, clusters.get(&v.cluster))),
+    );
+    let mut placer = snap.placer();
+    let mut groups: BTreeMap<(&str, &str, u32, u64), u32> = BTreeMap::new();
+    for v in &unclaimed {
+        *groups
+            .entry((v.host.as_str(), v.cluster.as_str(), v.cpus, v.memory_mib))
+            .or_default() += 1;
+    }
+    let mut changes = ClaimChanges::default();
+    for ((host, cluster, cpus, memory_mib), count) in groups {
+        if snap.index(host).is_none() {
+            return Err(ApiError::Conflict(format!(
+                "host {host} is gone; its suspended VMs cannot be resumed"
+            )));
+        }
+        let mut req = match clusters.get(cluster) {
+            Some(c) => gang_request(c, count),
+            None => GangRequest::new(cluster, count, cpus, memory_mib),
+        };
+        req.cpus = cpus;
+        req.memory_mib = memory_mib;
+        req.rules.only_hosts = vec![host.to_string()];
+        placer.place(&req).map_err(|e| {
+            ApiError::Capacity(format!(
+                "host {host} cannot take back {} of cluster {cluster} ({} vCPU, {} each) to resume them: {e}",
+                plural(count as usize, "VM", "VMs"),
+                cpus,
+                format_mib(memory_mib)
+            ))
+        })?;
+        for v in unclaimed.iter().filter(|v| v.host == host && v.cluster == cluster) {
+            changes.take(host, Claim::of(v));
+        }
+    }
+    Ok(changes.write(&snap.claims, tx))
 }

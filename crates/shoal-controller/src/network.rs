@@ -10,41 +10,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use shoal_model::network::{
-    parse_dns, validate_vni, CreateNetwork, NetworkPeers, NetworkView, GUEST_MTU, VNI_AUTO_START, VNI_MAX,
+    parse_dns, validate_vni, CreateNetwork, NetworkPeers, NetworkView, UpdateNetwork, GUEST_MTU, VNI_AUTO_START,
+    VNI_MAX,
 };
 use shoal_model::{now_ms, validate_name, Cluster, Ipv4Subnet, Network, Vm, VmNetwork, VmState};
-use shoal_store::{Compare, Op, Txn};
 
-use crate::db::{self, put, HostRecord};
+use crate::datastore::{HostRecord, Tx, Versioned};
 use crate::error::{ApiError, ApiResult};
 use crate::{ipam, Controller};
 
-pub fn network_key(name: &str) -> String {
-    format!("/networks/{name}")
-}
-pub fn vni_key(vni: u32) -> String {
-    format!("/ipam/vnis/{vni}")
-}
-
 pub async fn networks(ctl: &Controller) -> ApiResult<Vec<Network>> {
-    ctl.db.values("/networks/").await
-}
-
-/// An IPAM index under `prefix` (`/ipam/subnets/`, `/ipam/vnis/`): each key's suffix parsed,
-/// with the name of the network that holds it.
-async fn taken<K: std::str::FromStr, C: FromIterator<(K, String)>>(ctl: &Controller, prefix: &str) -> ApiResult<C> {
-    Ok(ctl
-        .db
-        .store
-        .range(prefix)
-        .await?
-        .kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let k = kv.key.strip_prefix(prefix)?.parse().ok()?;
-            Some((k, String::from_utf8_lossy(&kv.value).into_owned()))
-        })
-        .collect())
+    ctl.db.networks().await
 }
 
 /// The lowest free VNI from [`VNI_AUTO_START`].
@@ -61,10 +37,9 @@ pub async fn plan_network(
     req: &CreateNetwork,
     owner: Option<&str>,
     guests: u32,
-) -> ApiResult<(Network, Txn)> {
+) -> ApiResult<(Network, Tx)> {
     validate_name("network", &req.name)?;
-    let key = network_key(&req.name);
-    if ctl.db.store.get(&key).await?.is_some() {
+    if ctl.db.network(&req.name).await?.is_some() {
         return Err(match owner {
             Some(c) => ApiError::Conflict(format!(
                 "a network named {:?} exists already; join it with --network {} or give cluster {c:?} another name",
@@ -73,7 +48,7 @@ pub async fn plan_network(
             None => ApiError::exists("network", &req.name),
         });
     }
-    let subnets: Vec<(Ipv4Subnet, String)> = taken(ctl, "/ipam/subnets/").await?;
+    let subnets: Vec<(Ipv4Subnet, String)> = ctl.db.taken_subnets().await?;
     let subnet = match &req.subnet {
         Some(s) => {
             let s: Ipv4Subnet = s.parse().map_err(|e| ApiError::Invalid(format!("{e}")))?;
@@ -94,7 +69,7 @@ pub async fn plan_network(
             ipam::allocate_subnet(&ctl.config, guests.max(1), &taken)?
         }
     };
-    let vnis: BTreeMap<u32, String> = taken(ctl, "/ipam/vnis/").await?;
+    let vnis: BTreeMap<u32, String> = ctl.db.taken_vnis().await?;
     let vni = match req.vni {
         Some(v) => {
             validate_vni(v).map_err(ApiError::Invalid)?;
@@ -114,15 +89,8 @@ pub async fn plan_network(
         dns: parse_dns(&req.dns).map_err(ApiError::Invalid)?,
         created_unix_ms: now_ms(),
     };
-    let (sk, vk) = (db::subnet_key(&subnet), vni_key(vni));
-    let txn = Txn::new()
-        .when(Compare::Version(key.clone(), 0))
-        .when(Compare::Version(sk.clone(), 0))
-        .when(Compare::Version(vk.clone(), 0))
-        .then(put(key, &net))
-        .then(Op::Put(sk, net.name.clone().into_bytes()))
-        .then(Op::Put(vk, net.name.clone().into_bytes()));
-    Ok((net, txn))
+    let tx = Tx::new().create_network(&net);
+    Ok((net, tx))
 }
 
 /// What a new cluster is on: the named network (which must exist), or a new one of its own.
@@ -133,10 +101,10 @@ pub async fn network_for_cluster(
     wanted: Option<&str>,
     size: u32,
     nat: bool,
-) -> ApiResult<(Network, Option<Txn>)> {
+) -> ApiResult<(Network, Option<Tx>)> {
     match wanted {
         Some(name) => {
-            let v = ctl.db.get::<Network>(&network_key(name)).await?.ok_or_else(|| {
+            let v = ctl.db.network(name).await?.ok_or_else(|| {
                 ApiError::Invalid(format!("network {name:?} does not exist (shoal network create {name})"))
             })?;
             if nat && !v.value.nat {
@@ -161,20 +129,101 @@ pub async fn network_for_cluster(
     }
 }
 
-/// The ops that free what a deleted cluster held: its own network with its subnet and VNI, or,
-/// for a cluster from before networks, its subnet. A shared network stays.
-pub async fn release_ops(ctl: &Controller, cluster: &Cluster) -> ApiResult<Vec<Op>> {
+/// Adds to `tx` what frees what a deleted cluster held: its own network with its subnet and
+/// VNI, or, for a cluster from before networks, its subnet. A shared network stays.
+pub async fn release(ctl: &Controller, cluster: &Cluster, tx: Tx) -> ApiResult<Tx> {
     let Some(name) = &cluster.network else {
-        return Ok(vec![Op::Delete(db::subnet_key(&cluster.subnet))]);
+        return Ok(tx.free_subnet(&cluster.subnet));
     };
-    match ctl.db.get::<Network>(&network_key(name)).await? {
-        Some(n) if n.value.owner.as_deref() == Some(cluster.name.as_str()) => Ok(vec![
-            Op::Delete(network_key(name)),
-            Op::Delete(db::subnet_key(&n.value.subnet)),
-            Op::Delete(vni_key(n.value.vni)),
-        ]),
-        _ => Ok(Vec::new()),
+    Ok(match ctl.db.network(name).await? {
+        Some(n) if n.value.owner.as_deref() == Some(cluster.name.as_str()) => {
+            tx.delete_network(&n.value, n.mod_revision)
+        }
+        _ => tx,
+    })
+}
+
+/// `network create`: a network of its own subnet and VNI, allocated when not given.
+pub async fn create(ctl: &Controller, req: &CreateNetwork) -> ApiResult<NetworkView> {
+    let _guard = ctl.db.lock().await;
+    let (net, tx) = plan_network(ctl, req, None, 1).await?;
+    if !ctl.db.try_commit(tx).await? {
+        return Err(ApiError::Conflict(format!(
+            "network {:?}, its subnet {} or its VNI {} was taken meanwhile; nothing was changed",
+            net.name, net.subnet, net.vni
+        )));
     }
+    // A new network has no VMs yet, so no hosts and no gateway.
+    let none = Topology::new(|_| None, &[], &Default::default());
+    Ok(view(net, &[], &[], &none))
+}
+
+/// Network `name` as stored, or not found.
+async fn stored(ctl: &Controller, name: &str) -> ApiResult<Versioned<Network>> {
+    ctl.db
+        .network(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("network", name))
+}
+
+/// `network show`.
+pub async fn show(ctl: &Controller, name: &str) -> ApiResult<NetworkView> {
+    let net = stored(ctl, name).await?.value;
+    let (clusters, vms, topo) = topology_now(ctl).await?;
+    Ok(view(net, &clusters, &vms, &topo))
+}
+
+/// `network list`.
+pub async fn list(ctl: &Controller) -> ApiResult<Vec<NetworkView>> {
+    let (clusters, vms, topo) = topology_now(ctl).await?;
+    Ok(networks(ctl)
+        .await?
+        .into_iter()
+        .map(|n| view(n, &clusters, &vms, &topo))
+        .collect())
+}
+
+/// `network set`: `nat` switches outbound access on or off (the reconciler then sets up or
+/// removes the gateway); `dns` replaces the guests' DNS servers for VMs created from then on.
+pub async fn update(ctl: &Controller, name: &str, req: &UpdateNetwork) -> ApiResult<NetworkView> {
+    let _guard = ctl.db.lock().await;
+    let v = stored(ctl, name).await?;
+    let mut net = v.value;
+    if let Some(nat) = req.nat {
+        net.nat = nat;
+    }
+    if let Some(dns) = &req.dns {
+        net.dns = parse_dns(dns).map_err(ApiError::Invalid)?;
+    }
+    if !ctl
+        .db
+        .try_commit(Tx::new().update_network(v.mod_revision, &net))
+        .await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "network {name:?} changed meanwhile; nothing was changed"
+        )));
+    }
+    ctl.wake.notify_one();
+    let (clusters, vms, topo) = topology_now(ctl).await?;
+    Ok(view(net, &clusters, &vms, &topo))
+}
+
+/// `network delete`: only a network no cluster is on.
+pub async fn delete(ctl: &Controller, name: &str) -> ApiResult<()> {
+    let _guard = ctl.db.lock().await;
+    let v = stored(ctl, name).await?;
+    check_deletable(&v.value, &ctl.db.clusters().await?)?;
+    if !ctl
+        .db
+        .try_commit(Tx::new().delete_network(&v.value, v.mod_revision))
+        .await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "network {name:?} changed meanwhile; nothing was changed"
+        )));
+    }
+    Ok(())
 }
 
 /// A network with who uses it, from the topology of the same moment.
@@ -197,13 +246,7 @@ pub fn view(net: Network, clusters: &[Cluster], vms: &[Vm], topo: &Topology) -> 
 /// The clusters, VMs and network topology as the store has them now.
 pub async fn topology_now(ctl: &Controller) -> ApiResult<(Vec<Cluster>, Vec<Vm>, Topology)> {
     let (clusters, vms) = (ctl.db.clusters().await?, ctl.db.vms().await?);
-    let hosts: HashMap<String, HostRecord> = ctl
-        .db
-        .values::<HostRecord>("/hosts/")
-        .await?
-        .into_iter()
-        .map(|h| (h.name.clone(), h))
-        .collect();
+    let hosts: HashMap<String, HostRecord> = ctl.db.hosts().await?.into_iter().map(|h| (h.name.clone(), h)).collect();
     let network_of: HashMap<&str, &str> = clusters
         .iter()
         .filter_map(|c| Some((c.name.as_str(), c.network.as_deref()?)))
@@ -244,7 +287,7 @@ pub async fn check_underlay(ctl: &Controller, name: &str, ip: Ipv4Addr, port: u1
     use shoal_model::agent::UnderlayProbe;
     use shoal_model::HostState;
     const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-    let hosts: Vec<HostRecord> = ctl.db.values::<HostRecord>("/hosts/").await?;
+    let hosts: Vec<HostRecord> = ctl.db.hosts().await?;
     if let Some(other) = hosts.iter().find(|h| h.name != name && h.underlay_ip == Some(ip)) {
         return Err(ApiError::Conflict(format!(
             "host {name:?}: underlay address {ip} is host {:?}'s already; every host needs its own",

@@ -10,65 +10,27 @@
 use std::collections::HashMap;
 
 use shoal_model::api::CreateCluster;
-use shoal_model::{Cluster, HostState, Vm, VmState};
+use shoal_model::{Cluster, Vm, VmState};
 use shoal_policy::rebalance::{self, Move, RebalanceOptions, RebalancePlan};
-use shoal_policy::{Explanation, GangRequest, Placer, Snapshot};
-use shoal_store::{Compare, Txn};
+use shoal_policy::{Explanation, GangRequest, Snapshot};
 
-use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
-use crate::deploy::{host_snapshot, profile_map, resolve_profile};
+use crate::capacity::{Claim, ClaimChanges, HostSnapshot};
+use crate::datastore::{HostMark, Tx, WriteGuard};
+use crate::deploy::{profile_map, resolve_profile};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
-/// Key marking a host as draining: nothing new is placed on it.
-pub fn draining_key(host: &str) -> String {
-    format!("/draining/{host}")
-}
-
-/// The hosts marked draining.
-pub async fn draining(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
-    marked(ctl, "/draining/").await
-}
-
-/// The hosts with a marker key under `prefix`.
-async fn marked(ctl: &Controller, prefix: &str) -> ApiResult<std::collections::HashSet<String>> {
-    Ok(ctl
-        .db
-        .keys(prefix)
-        .await?
-        .into_iter()
-        .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
-        .collect())
-}
-
-/// Key marking a host as in maintenance: it keeps its VMs but takes nothing new.
-pub fn maintenance_key(host: &str) -> String {
-    format!("/maintenance/{host}")
-}
-
-/// The hosts in maintenance.
-pub async fn in_maintenance(ctl: &Controller) -> ApiResult<std::collections::HashSet<String>> {
-    marked(ctl, "/maintenance/").await
-}
-
 /// Puts a host into maintenance or takes it out.
 pub async fn set_maintenance(ctl: &Controller, host: &str, on: bool) -> ApiResult<()> {
-    if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
-        return Err(ApiError::not_found("host", host));
-    }
-    let op = if on {
-        shoal_store::Op::Put(maintenance_key(host), b"maintenance".to_vec())
-    } else {
-        shoal_store::Op::Delete(maintenance_key(host))
-    };
-    ctl.db.store.txn(Txn::new().then(op)).await?;
-    Ok(())
+    let _guard = ctl.db.lock().await;
+    ctl.db.known_host(host).await?;
+    ctl.db.commit(Tx::new().mark(HostMark::Maintenance, host, on)).await
 }
 
 /// Fills in, for `template`, the share of its image each host's chunk cache already holds, as
 /// the image store reports it (nothing for templates whose disk is a plain file).
 pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template: &str) -> ApiResult<()> {
-    let Some(t) = ctl.db.get::<TemplateRecord>(&db::template_key(template)).await? else {
+    let Some(t) = ctl.db.template(template).await? else {
         return Ok(());
     };
     let Some(id) = t
@@ -87,85 +49,25 @@ pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template
     Ok(())
 }
 
-/// What the store says of hosts besides their records: the marks that keep placement off them.
-pub(crate) struct HostMarks {
-    draining: std::collections::HashSet<String>,
-    maintenance: std::collections::HashSet<String>,
-    powered_off: std::collections::HashSet<String>,
-}
-
-pub(crate) async fn host_marks(ctl: &Controller) -> ApiResult<HostMarks> {
-    Ok(HostMarks {
-        draining: draining(ctl).await?,
-        maintenance: in_maintenance(ctl).await?,
-        powered_off: crate::energy::powered_off(ctl).await?,
-    })
-}
-
-/// A host as the policy core sees it: capacity, allocation rules, labels and state.
-pub(crate) fn policy_host(ctl: &Controller, h: &HostRecord, marks: &HostMarks) -> shoal_policy::Host {
-    let mut host = shoal_policy::Host::new(&h.name, h.cpus, h.memory_mib, 0);
-    host.labels = h.labels.clone();
-    host.cpu_overcommit = h.allocation.cpu_overcommit;
-    host.memory_overcommit = h.allocation.memory_overcommit;
-    host.reserved_cpus = h.allocation.reserved_cpus;
-    host.reserved_memory_mib = h.allocation.reserved_memory_mib;
-    host.state = if marks.powered_off.contains(&h.name) {
-        shoal_policy::HostState::PoweredOff
-    } else if ctl.host_state(&h.name).0 != HostState::Up {
-        shoal_policy::HostState::Down
-    } else if marks.draining.contains(&h.name) {
-        shoal_policy::HostState::Draining
-    } else if marks.maintenance.contains(&h.name) {
-        shoal_policy::HostState::Maintenance
-    } else {
-        shoal_policy::HostState::Up
-    };
-    host
-}
-
 /// The live hosts and the VMs holding resources on them, as the policy core sees them.
 pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
-    let hosts: Vec<HostRecord> = ctl.db.values("/hosts/").await?;
     let clusters: HashMap<String, Cluster> = ctl
         .db
-        .values::<Cluster>("/clusters/")
+        .clusters()
         .await?
         .into_iter()
         .map(|c| (c.name.clone(), c))
         .collect();
-    let marks = host_marks(ctl).await?;
-    let mut snap = Snapshot::default();
-    for h in &hosts {
-        snap.hosts.push(policy_host(ctl, h, &marks));
+    let vms = ctl.db.vms().await?;
+    let mut snap = HostSnapshot::read(ctl).await?.with_vms(
+        vms.iter()
+            .filter(|v| v.claimed && v.state != VmState::Deleting)
+            .map(|v| (v, clusters.get(&v.cluster))),
+    );
+    for t in ctl.db.templates().await? {
+        add_locality(ctl, &mut snap.snapshot, &t.template.name).await?;
     }
-    let known: std::collections::HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-    snap.vms = ctl
-        .db
-        .vms()
-        .await?
-        .iter()
-        .filter(|v| v.claimed && v.state != VmState::Deleting && known.contains(v.host.as_str()))
-        .map(|v| policy_vm(v, clusters.get(&v.cluster)))
-        .collect();
-    for t in ctl.db.values::<TemplateRecord>("/templates/").await? {
-        add_locality(ctl, &mut snap, &t.template.name).await?;
-    }
-    Ok(snap)
-}
-
-pub(crate) fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
-    shoal_policy::Vm {
-        name: v.name.clone(),
-        cluster: v.cluster.clone(),
-        host: v.host.clone(),
-        cpus: v.cpus,
-        memory_mib: v.memory_mib,
-        disk_mib: 0,
-        template: Some(v.template.clone()),
-        dirty_mib_s: None,
-        anti_affinity: cluster.and_then(|c| c.anti_affinity.domain()).map(str::to_string),
-    }
+    Ok(snap.snapshot)
 }
 
 /// What `cluster create` would do: every host's verdict and the plan, committing nothing.
@@ -174,18 +76,21 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
     let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
     let existing: Vec<Vm> = ctl
         .db
-        .vms()
+        .cluster_vms(&req.name)
         .await?
         .into_iter()
-        .filter(|v| v.cluster == req.name)
+        .map(|v| v.value)
         .collect();
-    let mut snap = host_snapshot(ctl, &existing).await?;
+    let mut snap = HostSnapshot::read(ctl)
+        .await?
+        .with_vms(existing.iter().map(|v| (v, None)));
     add_locality(ctl, &mut snap.snapshot, &shape.template).await?;
     let mut g = GangRequest::new(&req.name, req.size, shape.cpus, shape.memory_mib);
     g.placement = req.placement;
     g.template = Some(shape.template.clone());
     g.rules.anti_affinity = req.anti_affinity.domain().map(str::to_string);
-    let mut placer = Placer::with_usage(&snap.snapshot, &snap.usage);
+    g.allow_power_on = ctl.config.consolidate;
+    let mut placer = snap.placer();
     let mut e = placer.explain(&g);
     if !explain {
         e.hosts.clear();
@@ -195,7 +100,7 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
 
 /// Plans a rebalance of the live state and, with `apply`, executes it.
 pub async fn rebalance(ctl: &Controller, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
-    let guard = ctl.write_lock.lock().await;
+    let guard = ctl.db.lock().await;
     let snap = snapshot(ctl).await?;
     let plan = rebalance::plan(&snap, opts).map_err(|e| ApiError::Invalid(e.to_string()))?;
     if apply {
@@ -204,19 +109,17 @@ pub async fn rebalance(ctl: &Controller, opts: &RebalanceOptions, apply: bool) -
     Ok(plan)
 }
 
-/// Marks the host draining (nothing new lands on it) and moves every VM off it.
+/// Marks the host draining (nothing new lands on it) and moves every VM off it. A drain that is
+/// refused (no room elsewhere, VMs that cannot move) changes nothing: the host is marked only
+/// once the plan is known to be executable.
 pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply: bool) -> ApiResult<RebalancePlan> {
-    let guard = ctl.write_lock.lock().await;
-    if ctl.db.store.get(&db::host_key(host)).await?.is_none() {
-        return Err(ApiError::not_found("host", host));
-    }
+    let guard = ctl.db.lock().await;
+    ctl.db.known_host(host).await?;
     let snap = snapshot(ctl).await?;
     let plan = rebalance::drain(&snap, host, opts).map_err(|e| ApiError::Capacity(e.to_string()))?;
     if apply {
-        ctl.db
-            .store
-            .txn(Txn::new().then(shoal_store::Op::Put(draining_key(host), b"draining".to_vec())))
-            .await?;
+        check_movable(ctl, &plan.moves).await?;
+        ctl.db.commit(Tx::new().mark(HostMark::Draining, host, true)).await?;
         execute(ctl, &plan.moves, guard).await?;
     }
     Ok(plan)
@@ -224,10 +127,26 @@ pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply:
 
 /// Puts a host back in service after a drain.
 pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
-    ctl.db
-        .store
-        .txn(Txn::new().then(shoal_store::Op::Delete(draining_key(host))))
-        .await?;
+    let _guard = ctl.db.lock().await;
+    ctl.db.known_host(host).await?;
+    ctl.db.commit(Tx::new().mark(HostMark::Draining, host, false)).await
+}
+
+/// Refuses moves off QEMU hosts: a move restarts the VM on its new host (there is no live
+/// migration yet), which is harmless for the simulated driver but would leave a QEMU VM's disk
+/// behind.
+async fn check_movable(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
+    let hosts = ctl.db.hosts().await?;
+    if let Some(m) = moves
+        .iter()
+        .find(|m| hosts.iter().any(|h| h.name == m.from && h.runs_qemu()))
+    {
+        return Err(ApiError::Conflict(format!(
+            "VM {} runs on QEMU host {}: moving it would restart it elsewhere without its disk (live \
+             migration is not built yet); nothing was moved",
+            m.vm, m.from
+        )));
+    }
     Ok(())
 }
 
@@ -240,18 +159,8 @@ pub async fn undrain(ctl: &Controller, host: &str) -> ApiResult<()> {
 /// A move restarts the VM on its new host (there is no live migration yet). That is harmless for
 /// the simulated driver but would leave a QEMU VM's disk behind, so moves off QEMU hosts are
 /// refused before anything moves.
-pub(crate) async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync::MutexGuard<'_, ()>) -> ApiResult<()> {
-    let hosts: Vec<db::HostRecord> = ctl.db.values("/hosts/").await?;
-    if let Some(m) = moves
-        .iter()
-        .find(|m| hosts.iter().any(|h| h.name == m.from && h.driver.starts_with("qemu")))
-    {
-        return Err(ApiError::Conflict(format!(
-            "VM {} runs on QEMU host {}: moving it would restart it elsewhere without its disk (live \
-             migration is not built yet); nothing was moved",
-            m.vm, m.from
-        )));
-    }
+pub(crate) async fn execute(ctl: &Controller, moves: &[Move], guard: WriteGuard) -> ApiResult<()> {
+    check_movable(ctl, moves).await?;
     let mut waves: Vec<Vec<Move>> = vec![];
     for m in moves {
         let w = m.wave as usize;
@@ -265,7 +174,7 @@ pub(crate) async fn execute(ctl: &Controller, moves: &[Move], guard: tokio::sync
     for wave in waves {
         let _held = match guard.take() {
             Some(g) => g,
-            None => ctl.write_lock.lock().await,
+            None => ctl.db.lock().await,
         };
         move_wave(ctl, &wave).await?;
         drop(_held);
@@ -301,13 +210,14 @@ async fn wait_moved(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
     }
 }
 
-/// Commits the moves of one wave.
+/// Commits the moves of one wave: each one transaction that moves the VM record to its new
+/// host as `pending` and its claim from one host to the other, compared on all three revisions.
 async fn move_wave(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
     for m in moves {
-        let vms: Vec<Versioned<Vm>> = ctl.db.list("/vms/").await?;
-        let v = vms
-            .into_iter()
-            .find(|v| v.value.name == m.vm)
+        let v = ctl
+            .db
+            .vm(&m.vm)
+            .await?
             .ok_or_else(|| ApiError::not_found("VM", &m.vm))?;
         if v.value.host != m.from {
             return Err(ApiError::Conflict(format!(
@@ -315,30 +225,16 @@ async fn move_wave(ctl: &Controller, moves: &[Move]) -> ApiResult<()> {
                 m.vm, v.value.host, m.from
             )));
         }
-        let (fk, tk) = (db::claim_key(&m.from), db::claim_key(&m.to));
-        let from: Option<Versioned<Claim>> = ctl.db.get(&fk).await?;
-        let to: Option<Versioned<Claim>> = ctl.db.get(&tk).await?;
-        let (mut fc, frev) = from.map(|c| (c.value, c.mod_revision)).unwrap_or_default();
-        let (mut tc, trev) = to.map(|c| (c.value, c.mod_revision)).unwrap_or_default();
-        fc.cpus = fc.cpus.saturating_sub(v.value.cpus);
-        fc.memory_mib = fc.memory_mib.saturating_sub(v.value.memory_mib);
-        fc.vms = fc.vms.saturating_sub(1);
-        tc.cpus += v.value.cpus;
-        tc.memory_mib += v.value.memory_mib;
-        tc.vms += 1;
+        let claims = ctl.db.claims().await?;
+        let mut changes = ClaimChanges::default();
+        changes.give_back(&m.from, Claim::of(&v.value));
+        changes.take(&m.to, Claim::of(&v.value));
         let mut vm = v.value.clone();
         vm.host = m.to.clone();
         vm.state = VmState::Pending;
         vm.observed_seq = 0;
-        let key = db::vm_key(&vm.cluster, vm.index);
-        let txn = Txn::new()
-            .when(Compare::ModRevision(key.clone(), v.mod_revision))
-            .when(Compare::ModRevision(fk.clone(), frev))
-            .when(Compare::ModRevision(tk.clone(), trev))
-            .then(put(key, &vm))
-            .then(put(fk, &fc))
-            .then(put(tk, &tc));
-        if !ctl.db.store.txn(txn).await?.succeeded {
+        let tx = changes.write(&claims, Tx::new().update_vm(v.mod_revision, &vm));
+        if !ctl.db.try_commit(tx).await? {
             return Err(ApiError::Conflict(format!(
                 "moving VM {} from {} to {}: the state changed meanwhile; plan again",
                 m.vm, m.from, m.to

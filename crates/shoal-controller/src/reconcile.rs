@@ -11,12 +11,11 @@ use shoal_model::{
     format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind, OperationState, StepState, Vm,
     VmState,
 };
-use shoal_store::{Compare, Op, Txn};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::db::{self, put, Claim, HostRecord, TemplateRecord, Versioned};
-use crate::deploy::{gang_request, host_snapshot};
+use crate::capacity::{gang_request, Claim, ClaimChanges, HostSnapshot};
+use crate::datastore::{HostRecord, TemplateRecord, Tx, Versioned};
 use crate::error::ApiResult;
 use crate::Controller;
 
@@ -33,14 +32,21 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Commands one pass decided to send: per host, its address and the VMs with their store keys
-/// (an orphan, unknown to the store, has no key).
+/// Commands one pass decided to send: per host, its address and the VMs with their records
+/// (an orphan, unknown to the store, has none: only its uuid and the name its host gave).
 #[derive(Default)]
 struct Commands {
-    ensure: BTreeMap<String, HostBatch<(String, VmSpec)>>,
+    ensure: BTreeMap<String, HostBatch<(Vm, VmSpec)>>,
     /// Remote VTEPs for the hosts whose networks' membership changed.
     peers: BTreeMap<String, (String, shoal_model::network::NetworkPeers)>,
-    remove: BTreeMap<String, HostBatch<(Option<String>, Uuid)>>,
+    remove: BTreeMap<String, HostBatch<Removal>>,
+}
+
+/// A VM to remove from a host: one the store is deleting, or an orphan.
+struct Removal {
+    vm: Option<Vm>,
+    uuid: Uuid,
+    name: String,
 }
 
 /// A host's address and what to send it.
@@ -48,7 +54,7 @@ type HostBatch<T> = (String, Vec<T>);
 
 async fn pass(ctl: &Controller, stop: &watch::Receiver<bool>) -> ApiResult<()> {
     let commands = {
-        let _guard = ctl.write_lock.lock().await;
+        let _guard = ctl.db.lock().await;
         settle(ctl).await?
     };
     dispatch(ctl, commands, stop);
@@ -79,21 +85,15 @@ struct Snapshot {
 
 async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
     Ok(Snapshot {
-        hosts: ctl
-            .db
-            .values::<HostRecord>("/hosts/")
-            .await?
-            .into_iter()
-            .map(|h| (h.name.clone(), h))
-            .collect(),
+        hosts: ctl.db.hosts().await?.into_iter().map(|h| (h.name.clone(), h)).collect(),
         clusters: ctl
             .db
-            .list::<Cluster>("/clusters/")
+            .clusters_versioned()
             .await?
             .into_iter()
             .map(|c| (c.value.name.clone(), c))
             .collect(),
-        vms: ctl.db.list("/vms/").await?,
+        vms: ctl.db.vms_versioned().await?,
         templates: ctl
             .db
             .templates()
@@ -213,14 +213,18 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     .entry(host.name.clone())
                     .or_insert_with(|| (host.address.clone(), Vec::new()))
                     .1
-                    .push((db::vm_key(&vm.cluster, vm.index), spec));
+                    .push((vm.clone(), spec));
             }
             VmState::Deleting => cmds
                 .remove
                 .entry(host.name.clone())
                 .or_insert_with(|| (host.address.clone(), Vec::new()))
                 .1
-                .push((Some(db::vm_key(&vm.cluster, vm.index)), vm.uuid)),
+                .push(Removal {
+                    vm: Some(vm.clone()),
+                    uuid: vm.uuid,
+                    name: vm.name.clone(),
+                }),
             _ => {}
         }
     }
@@ -229,13 +233,17 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     for (host, l) in &live {
         let Some(rec) = s.hosts.get(host) else { continue };
         for r in &l.vms {
-            if !known.contains(&(r.uuid, host.as_str())) {
-                tracing::info!(vm = %r.name, %host, "removing orphan VM");
+            // A removal just sent shows in heartbeats until the host's next one: not again yet.
+            if !known.contains(&(r.uuid, host.as_str())) && ctl.orphan_due(r.uuid) {
                 cmds.remove
                     .entry(host.clone())
                     .or_insert_with(|| (rec.address.clone(), Vec::new()))
                     .1
-                    .push((None, r.uuid));
+                    .push(Removal {
+                        vm: None,
+                        uuid: r.uuid,
+                        name: r.name.clone(),
+                    });
             }
         }
     }
@@ -299,13 +307,12 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
         if uuids.is_empty() {
             continue;
         }
-        let (keys, specs): (Vec<String>, Vec<VmSpec>) =
-            batch.into_iter().filter(|(_, s)| uuids.contains(&s.uuid)).unzip();
+        let (vms, specs): (Vec<Vm>, Vec<VmSpec>) = batch.into_iter().filter(|(_, s)| uuids.contains(&s.uuid)).unzip();
         let ctl = ctl.clone();
         spawn_until_stopped(stop, async move {
             match ctl.agent(&address).ensure(&EnsureVms { vms: specs }).await {
                 Ok(r) => {
-                    if let Err(e) = record_started(&ctl, &host, &keys, &r.vms).await {
+                    if let Err(e) = record_started(&ctl, &host, &vms, &r.vms).await {
                         tracing::warn!(%host, "recording started VMs: {e}");
                     }
                 }
@@ -316,15 +323,15 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
         });
     }
     for (host, (address, batch)) in cmds.remove {
-        let uuids = ctl.claim_inflight(&host, batch.iter().map(|(_, u)| *u));
+        let uuids = ctl.claim_inflight(&host, batch.iter().map(|r| r.uuid));
         if uuids.is_empty() {
             continue;
         }
-        let keys: Vec<String> = batch
-            .into_iter()
-            .filter(|(_, u)| uuids.contains(u))
-            .filter_map(|(k, _)| k)
-            .collect();
+        let batch: Vec<Removal> = batch.into_iter().filter(|r| uuids.contains(&r.uuid)).collect();
+        for r in batch.iter().filter(|r| r.vm.is_none()) {
+            tracing::info!(vm = %r.name, %host, "removing orphan VM");
+        }
+        let vms: Vec<Vm> = batch.into_iter().filter_map(|r| r.vm).collect();
         let ctl = ctl.clone();
         spawn_until_stopped(stop, async move {
             let result = ctl.agent(&address).remove(&RemoveVms { uuids: uuids.clone() }).await;
@@ -334,7 +341,7 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
                     for f in &r.vms {
                         tracing::warn!(%host, vm = %f.uuid, "remove failed: {:?}", f.reason);
                     }
-                    if let Err(e) = record_removed(&ctl, &host, &keys, &failed).await {
+                    if let Err(e) = record_removed(&ctl, &host, &vms, &failed).await {
                         tracing::warn!(%host, "recording removed VMs: {e}");
                     }
                 }
@@ -346,11 +353,11 @@ fn dispatch(ctl: &Controller, cmds: Commands, stop: &watch::Receiver<bool>) {
     }
 }
 
-/// Reads the VMs at `keys` that are still on `host`.
-async fn batch_vms(ctl: &Controller, host: &str, keys: &[String]) -> ApiResult<Vec<Versioned<Vm>>> {
-    let mut out = Vec::with_capacity(keys.len());
-    for k in keys {
-        if let Some(v) = ctl.db.get::<Vm>(k).await? {
+/// The records, as they are now, of those of `vms` still on `host`.
+async fn batch_vms(ctl: &Controller, host: &str, vms: &[Vm]) -> ApiResult<Vec<Versioned<Vm>>> {
+    let mut out = Vec::with_capacity(vms.len());
+    for vm in vms {
+        if let Some(v) = ctl.db.reread_vm(vm).await? {
             if v.value.host == host {
                 out.push(v);
             }
@@ -360,10 +367,10 @@ async fn batch_vms(ctl: &Controller, host: &str, keys: &[String]) -> ApiResult<V
 }
 
 /// Writes what a host answered to "ensure".
-async fn record_started(ctl: &Controller, host: &str, keys: &[String], reports: &[VmStatus]) -> ApiResult<()> {
-    let _guard = ctl.write_lock.lock().await;
+async fn record_started(ctl: &Controller, host: &str, sent: &[Vm], reports: &[VmStatus]) -> ApiResult<()> {
+    let _guard = ctl.db.lock().await;
     let by_uuid: HashMap<Uuid, &VmStatus> = reports.iter().map(|r| (r.uuid, r)).collect();
-    let vms = batch_vms(ctl, host, keys).await?;
+    let vms = batch_vms(ctl, host, sent).await?;
     let updates: Vec<(&Versioned<Vm>, Vm)> = vms
         .iter()
         .filter_map(|v| Some((v, applied(&v.value, by_uuid.get(&v.value.uuid)?)?)))
@@ -387,49 +394,40 @@ fn applied(vm: &Vm, r: &VmStatus) -> Option<Vm> {
 }
 
 /// Writes VM updates in one transaction. A VM that became suspended gives its claim back.
+/// Compared on every record read: when another writer got there first, nothing is written and
+/// the next pass reads again.
 async fn write_updates(ctl: &Controller, updates: &[(&Versioned<Vm>, Vm)]) -> ApiResult<()> {
     if updates.is_empty() {
         return Ok(());
     }
-    let mut txn = Txn::new();
-    let mut freed: BTreeMap<&str, Claim> = BTreeMap::new();
+    let mut tx = Tx::new();
+    let mut freed = ClaimChanges::default();
     for (old, new) in updates {
         let mut new = new.clone();
         if new.state == VmState::Suspended && new.claimed {
             new.claimed = false;
-            let c = freed.entry(old.value.host.as_str()).or_default();
-            c.cpus += new.cpus;
-            c.memory_mib += new.memory_mib;
-            c.vms += 1;
+            freed.give_back(&old.value.host, Claim::of(&new));
         }
-        let k = db::vm_key(&new.cluster, new.index);
-        txn = txn
-            .when(Compare::ModRevision(k.clone(), old.mod_revision))
-            .then(put(k, &new));
+        tx = tx.update_vm(old.mod_revision, &new);
     }
-    txn = release_claims(ctl, txn, &freed).await?;
-    ctl.db.store.txn(txn).await?;
+    let tx = freed.write(&ctl.db.claims().await?, tx);
+    commit_or_retry(ctl, tx, "recording VM states").await
+}
+
+/// Commits a reconciler write. A compare that failed means the state moved on since it was
+/// read: nothing was written, and the next pass decides again on fresh state.
+async fn commit_or_retry(ctl: &Controller, tx: Tx, what: &str) -> ApiResult<()> {
+    if !ctl.db.try_commit(tx).await? {
+        tracing::debug!("{what}: the state changed meanwhile; deciding again next pass");
+        ctl.wake.notify_one();
+    }
     Ok(())
 }
 
-/// Adds to `txn` the subtraction of `freed` from each host's claim, compared on its revision.
-async fn release_claims(ctl: &Controller, mut txn: Txn, freed: &BTreeMap<&str, Claim>) -> ApiResult<Txn> {
-    for (host, f) in freed {
-        let key = db::claim_key(host);
-        let cur = ctl.db.get::<Claim>(&key).await?;
-        let (mut c, rev) = cur.map(|v| (v.value, v.mod_revision)).unwrap_or_default();
-        c.cpus = c.cpus.saturating_sub(f.cpus);
-        c.memory_mib = c.memory_mib.saturating_sub(f.memory_mib);
-        c.vms = c.vms.saturating_sub(f.vms);
-        txn = txn.when(Compare::ModRevision(key.clone(), rev)).then(put(key, &c));
-    }
-    Ok(txn)
-}
-
 /// Deletes the records of VMs their host confirmed removed, freeing their addresses and claims.
-async fn record_removed(ctl: &Controller, host: &str, keys: &[String], failed: &HashSet<Uuid>) -> ApiResult<()> {
-    let _guard = ctl.write_lock.lock().await;
-    let vms: Vec<Vm> = batch_vms(ctl, host, keys)
+async fn record_removed(ctl: &Controller, host: &str, sent: &[Vm], failed: &HashSet<Uuid>) -> ApiResult<()> {
+    let _guard = ctl.db.lock().await;
+    let vms: Vec<Vm> = batch_vms(ctl, host, sent)
         .await?
         .into_iter()
         .map(|v| v.value)
@@ -443,39 +441,23 @@ async fn release_vms(ctl: &Controller, vms: &[Vm]) -> ApiResult<()> {
     if vms.is_empty() {
         return Ok(());
     }
-    let mut freed: BTreeMap<&str, Claim> = BTreeMap::new();
-    let mut txn = Txn::new();
+    let mut freed = ClaimChanges::default();
+    let mut tx = Tx::new();
     for vm in vms {
         if vm.claimed {
-            let c = freed.entry(vm.host.as_str()).or_default();
-            c.cpus += vm.cpus;
-            c.memory_mib += vm.memory_mib;
-            c.vms += 1;
+            freed.give_back(&vm.host, Claim::of(vm));
         }
-        txn = txn
-            .then(Op::Delete(db::vm_key(&vm.cluster, vm.index)))
-            .then(Op::Delete(db::ip_key(&vm.ip)))
-            .then(Op::Delete(db::mac_key(&vm.mac)));
+        tx = tx.delete_vm(vm);
     }
-    let txn = release_claims(ctl, txn, &freed).await?;
-    ctl.db.store.txn(txn).await?;
-    Ok(())
+    let tx = freed.write(&ctl.db.claims().await?, tx);
+    commit_or_retry(ctl, tx, "releasing deleted VMs").await
 }
 
 async fn set_state(ctl: &Controller, v: &Versioned<Vm>, state: VmState, reason: Option<String>) -> ApiResult<()> {
     let mut vm = v.value.clone();
     vm.state = state;
     vm.reason = reason;
-    let k = db::vm_key(&vm.cluster, vm.index);
-    ctl.db
-        .store
-        .txn(
-            Txn::new()
-                .when(Compare::ModRevision(k.clone(), v.mod_revision))
-                .then(put(k, &vm)),
-        )
-        .await?;
-    Ok(())
+    commit_or_retry(ctl, Tx::new().update_vm(v.mod_revision, &vm), "setting a VM's state").await
 }
 
 /// Moves a VM that never started off its down host, or fails it when no host can take it.
@@ -490,36 +472,25 @@ async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> A
         .filter(|o| o.value.cluster == v.value.cluster && o.value.uuid != v.value.uuid)
         .map(|o| o.value.clone())
         .collect();
-    let snap = host_snapshot(ctl, &siblings).await?;
+    let snap = HostSnapshot::read(ctl)
+        .await?
+        .with_vms(siblings.iter().map(|v| (v, None)));
     let mut req = gang_request(&cluster.value, 1);
     req.cpus = v.value.cpus;
     req.memory_mib = v.value.memory_mib;
-    let k = db::vm_key(&v.value.cluster, v.value.index);
     match snap.place(&req) {
         Ok(plan) => {
-            let h = plan[0];
-            let new_host = snap.name(h).to_string();
+            let new_host = snap.name(plan[0]).to_string();
             tracing::warn!(vm = %v.value.name, from = %old, to = %new_host, "host down before the VM started; placing it elsewhere");
             let mut vm = v.value.clone();
             vm.host = new_host.clone();
-            let mut txn = Txn::new()
-                .when(Compare::ModRevision(k.clone(), v.mod_revision))
-                .then(put(k, &vm));
-            let (mut add, add_rev) = snap.claims[h];
-            add.cpus += vm.cpus;
-            add.memory_mib += vm.memory_mib;
-            add.vms += 1;
-            let ak = db::claim_key(&new_host);
-            txn = txn.when(Compare::ModRevision(ak.clone(), add_rev)).then(put(ak, &add));
-            if let Some(oi) = snap.snapshot.hosts.iter().position(|x| x.name == old) {
-                let (mut sub, sub_rev) = snap.claims[oi];
-                sub.cpus = sub.cpus.saturating_sub(vm.cpus);
-                sub.memory_mib = sub.memory_mib.saturating_sub(vm.memory_mib);
-                sub.vms = sub.vms.saturating_sub(1);
-                let sk = db::claim_key(&old);
-                txn = txn.when(Compare::ModRevision(sk.clone(), sub_rev)).then(put(sk, &sub));
+            let mut changes = ClaimChanges::default();
+            changes.take(&new_host, Claim::of(&vm));
+            if snap.index(&old).is_some() {
+                changes.give_back(&old, Claim::of(&vm));
             }
-            ctl.db.store.txn(txn).await?;
+            let tx = changes.write(&snap.claims, Tx::new().update_vm(v.mod_revision, &vm));
+            commit_or_retry(ctl, tx, "re-placing a VM").await?;
         }
         Err(e) => {
             let reason = format!(
@@ -538,13 +509,11 @@ async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()
         if c.value.state != ClusterState::Deleting || s.vms.iter().any(|v| v.value.cluster == c.value.name) {
             continue;
         }
-        let ck = db::cluster_key(&c.value.name);
-        let mut txn = Txn::new()
-            .when(Compare::ModRevision(ck.clone(), c.mod_revision))
-            .then(Op::Delete(ck));
-        txn.success.extend(crate::network::release_ops(ctl, &c.value).await?);
-        ctl.db.store.txn(txn).await?;
-        tracing::info!(cluster = %c.value.name, "cluster deleted");
+        let tx = Tx::new().delete_cluster(&c.value.name, c.mod_revision);
+        let tx = crate::network::release(ctl, &c.value, tx).await?;
+        if ctl.db.try_commit(tx).await? {
+            tracing::info!(cluster = %c.value.name, "cluster deleted");
+        }
     }
     Ok(())
 }
@@ -657,7 +626,7 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
         }
         if &new != op {
             finished |= new.state != op.state;
-            ctl.db.store.put(&db::operation_key(&op.id), db::enc(&new)).await?;
+            ctl.db.commit(Tx::new().put_operation(&new)).await?;
         }
     }
     Ok(finished)
@@ -692,7 +661,6 @@ async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<
     let Some(c) = s.clusters.get(&op.target) else {
         return Ok(());
     };
-    let ck = db::cluster_key(&c.value.name);
     let mut cluster = c.value.clone();
     if op.kind == OperationKind::ClusterCreate {
         cluster.size = 0;
@@ -700,9 +668,7 @@ async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<
     } else {
         cluster.size = op.previous_size;
     }
-    let mut txn = Txn::new()
-        .when(Compare::ModRevision(ck.clone(), c.mod_revision))
-        .then(put(ck, &cluster));
+    let mut tx = Tx::new().update_cluster(c.mod_revision, &cluster);
     let names: HashSet<&str> = op.vms.iter().map(String::as_str).collect();
     for v in &s.vms {
         let doomed = v.value.cluster == op.target
@@ -710,74 +676,83 @@ async fn roll_back(ctl: &Controller, s: &Snapshot, op: &Operation) -> ApiResult<
         if doomed && v.value.state != VmState::Deleting {
             let mut vm = v.value.clone();
             vm.state = VmState::Deleting;
-            let k = db::vm_key(&vm.cluster, vm.index);
-            txn = txn
-                .when(Compare::ModRevision(k.clone(), v.mod_revision))
-                .then(put(k, &vm));
+            tx = tx.update_vm(v.mod_revision, &vm);
         }
     }
-    ctl.db.store.txn(txn).await?;
-    Ok(())
+    commit_or_retry(ctl, tx, "rolling back").await
+}
+
+/// What a cluster's VMs amount to, for [`cluster_state`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct VmCounts {
+    /// VMs (not being deleted) by state; VMs whose host is down count as `unknown`.
+    pub by_state: HashMap<VmState, u32>,
+    /// An operation runs on the cluster or one of its VMs.
+    pub busy: bool,
+}
+
+impl VmCounts {
+    fn get(&self, st: VmState) -> u32 {
+        self.by_state.get(&st).copied().unwrap_or(0)
+    }
+    fn total(&self) -> u32 {
+        self.by_state.values().sum()
+    }
+}
+
+/// A cluster's state from its VMs: degraded when one failed or its host is down (whatever else
+/// goes on), converging while an operation or a VM is under way, else what all its VMs are.
+pub(crate) fn cluster_state(size: u32, n: &VmCounts) -> ClusterState {
+    let total = n.total();
+    let all = |st: VmState| total == size && n.get(st) == total;
+    if n.get(VmState::Failed) > 0 || n.get(VmState::Unknown) > 0 {
+        ClusterState::Degraded
+    } else if n.busy || n.get(VmState::Pending) > 0 {
+        ClusterState::Converging
+    } else if all(VmState::Running) {
+        ClusterState::Ready
+    } else if all(VmState::Stopped) {
+        ClusterState::Stopped
+    } else if all(VmState::Suspended) {
+        ClusterState::Suspended
+    } else if total == size
+        && n.by_state
+            .keys()
+            .all(|st| matches!(st, VmState::Running | VmState::Stopped | VmState::Suspended))
+    {
+        // Some VMs stopped or suspended on their own request: not all is running.
+        ClusterState::Degraded
+    } else {
+        ClusterState::Converging
+    }
 }
 
 async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> {
     let busy: HashSet<&str> = s.ops.iter().map(|o| o.target.as_str()).collect();
-    let mut counts: HashMap<&str, HashMap<VmState, u32>> = HashMap::new();
+    let mut counts: HashMap<&str, VmCounts> = HashMap::new();
     for v in &s.vms {
-        *counts
-            .entry(v.value.cluster.as_str())
-            .or_default()
-            .entry(v.value.state)
-            .or_default() += 1;
+        let n = counts.entry(v.value.cluster.as_str()).or_default();
+        let state = match crate::vms::unknown_because(ctl, &v.value) {
+            Some(_) => VmState::Unknown,
+            None => v.value.state,
+        };
+        *n.by_state.entry(state).or_default() += 1;
         // A VM operation keeps its cluster converging too.
-        if busy.contains(v.value.name.as_str()) {
-            counts
-                .entry(v.value.cluster.as_str())
-                .or_default()
-                .insert(VmState::Pending, 1);
-        }
+        n.busy |= busy.contains(v.value.name.as_str());
     }
+    let mut tx = Tx::new();
     for c in s.clusters.values() {
         if c.value.state == ClusterState::Deleting {
             continue;
         }
-        let empty = HashMap::new();
-        let n = counts.get(c.value.name.as_str()).unwrap_or(&empty);
-        let total: u32 = n.values().sum();
-        let all = |st: VmState| total == c.value.size && n.get(&st).copied().unwrap_or(0) == total;
-        let state = if n.contains_key(&VmState::Failed) {
-            ClusterState::Degraded
-        } else if busy.contains(c.value.name.as_str()) || n.contains_key(&VmState::Pending) {
-            ClusterState::Converging
-        } else if all(VmState::Running) {
-            ClusterState::Ready
-        } else if all(VmState::Stopped) {
-            ClusterState::Stopped
-        } else if all(VmState::Suspended) {
-            ClusterState::Suspended
-        } else if n
-            .keys()
-            .all(|st| matches!(st, VmState::Running | VmState::Stopped | VmState::Suspended))
-            && total == c.value.size
-        {
-            // Some VMs stopped or suspended on their own request: not all is running.
-            ClusterState::Degraded
-        } else {
-            ClusterState::Converging
-        };
+        let mut n = counts.remove(c.value.name.as_str()).unwrap_or_default();
+        n.busy |= busy.contains(c.value.name.as_str());
+        let state = cluster_state(c.value.size, &n);
         if state != c.value.state {
             let mut cluster = c.value.clone();
             cluster.state = state;
-            let ck = db::cluster_key(&cluster.name);
-            ctl.db
-                .store
-                .txn(
-                    Txn::new()
-                        .when(Compare::ModRevision(ck.clone(), c.mod_revision))
-                        .then(put(ck, &cluster)),
-                )
-                .await?;
+            tx = tx.update_cluster(c.mod_revision, &cluster);
         }
     }
-    Ok(())
+    commit_or_retry(ctl, tx, "updating cluster states").await
 }

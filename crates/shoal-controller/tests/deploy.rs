@@ -213,7 +213,7 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
     let h = Harness::start(Opts::default()).await;
     h.template("t").await;
     h.profile("p", "t", 1, "256MiB").await;
-    let rev = h.controller().db.store.revision().await.unwrap();
+    let rev = h.controller().db.revision().await.unwrap();
     let c = &h.client;
 
     let e = c.create_cluster(&cluster("Bad_Name", "p", 1)).await.unwrap_err();
@@ -283,7 +283,7 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
     assert!(e.to_string().contains("empty"), "{e}");
 
     assert_eq!(
-        h.controller().db.store.revision().await.unwrap(),
+        h.controller().db.revision().await.unwrap(),
         rev,
         "a refused request wrote to the store"
     );
@@ -479,12 +479,12 @@ async fn zone_anti_affinity_puts_one_vm_per_zone_and_names_the_rule_when_zones_r
         .collect();
     assert_eq!(zones.len(), 2, "one VM per zone");
     // A third VM has no zone left: refused, naming the rule; nothing created.
-    let rev = h.controller().db.store.revision().await.unwrap();
+    let rev = h.controller().db.revision().await.unwrap();
     let mut req = cluster("ha3", "small", 3);
     req.anti_affinity = AntiAffinity::Zone;
     let e = h.client.create_cluster(&req).await.unwrap_err();
     assert!(e.to_string().contains("zone"), "{e}");
-    assert_eq!(h.controller().db.store.revision().await.unwrap(), rev);
+    assert_eq!(h.controller().db.revision().await.unwrap(), rev);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,4 +15,4 @@ pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
 pub use network::{Network, VmNetwork};
 pub use objects::*;
-pub use size::{format_mib, parse_size_mib, SizeError};
+pub use size::{format_mib, parse_size_mib, plural, SizeError};

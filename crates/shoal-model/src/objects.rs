@@ -25,6 +25,12 @@ pub enum HostState {
     Up,
     /// No heartbeat within the host timeout; nothing new is placed there.
     Down,
+    /// Heard from, but being emptied (`host drain`): nothing new is placed there.
+    Draining,
+    /// Heard from, keeps its VMs, takes nothing new (`host maintenance`).
+    Maintenance,
+    /// Switched off (or switched on and not heard from since) by its power command.
+    Off,
 }
 
 /// A physical host, as the controller knows it: what the agent registered plus what is claimed on it.
@@ -277,6 +283,9 @@ pub enum VmState {
     Failed,
     /// Being removed from its host.
     Deleting,
+    /// Its host is not heard from, so what the VM is doing is not known. Only ever shown, never
+    /// stored: the record keeps the last state the host reported.
+    Unknown,
 }
 
 impl VmState {
@@ -289,6 +298,7 @@ impl VmState {
             VmState::Suspended => "suspended",
             VmState::Failed => "failed",
             VmState::Deleting => "deleting",
+            VmState::Unknown => "unknown",
         }
     }
 }

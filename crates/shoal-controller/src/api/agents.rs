@@ -6,10 +6,9 @@ use axum::http::HeaderMap;
 use axum::Json;
 use shoal_model::agent::{Heartbeat, RegisterRequest, RegisterResponse};
 use shoal_model::{now_ms, validate_name};
-use shoal_store::{Compare, Op, Txn};
 
 use crate::auth::{self, TokenKind, TokenRecord};
-use crate::db::{enc, host_key, put, token_key, HostRecord};
+use crate::datastore::{HostRecord, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -31,22 +30,21 @@ pub async fn register(
     req.allocation
         .check(req.cpus, req.memory_mib)
         .map_err(|e| ApiError::Invalid(format!("host {:?}: {e}", req.name)))?;
-    let key = host_key(&req.name);
-    let existing = ctl.db.get::<HostRecord>(&key).await?;
+    let existing = ctl.db.host(&req.name).await?;
     let record = HostRecord {
         name: req.name.clone(),
         address: req.address.clone(),
         driver: req.driver.clone(),
         cpus: req.cpus,
         memory_mib: req.memory_mib,
-        joined_unix_ms: existing.as_ref().map(|e| e.value.joined_unix_ms).unwrap_or_else(now_ms),
+        joined_unix_ms: existing.as_ref().map(|e| e.joined_unix_ms).unwrap_or_else(now_ms),
         labels: req.labels.clone(),
         allocation: req.allocation.clone(),
         underlay_ip: req.underlay_ip,
         guest_mtu: req.guest_mtu,
         network_driver: req.network_driver.clone(),
     };
-    let mut txn = Txn::new().then(put(key, &record));
+    let mut tx = Tx::new().put_host(&record);
     let mut credential = None;
     if ctl.auth_required() {
         let presented = auth::bearer(&headers).map(str::to_string);
@@ -73,11 +71,9 @@ pub async fn register(
                 host: Some(req.name.clone()),
                 created_unix_ms: now_ms(),
             };
-            let jk = token_key(&auth::hash(join));
-            txn = txn
-                .when(Compare::ModRevision(jk.clone(), rev))
-                .then(Op::Delete(jk))
-                .then(Op::Put(token_key(&auth::hash(&cred)), enc(&agent_rec)));
+            tx = tx
+                .spend_token(&auth::hash(join), rev)
+                .create_token(&auth::hash(&cred), &agent_rec);
             credential = Some(cred);
         }
     }
@@ -85,7 +81,7 @@ pub async fn register(
         // Before anything is written: a refused host joins nothing and keeps its join token.
         crate::network::check_underlay(&ctl, &req.name, ip, port).await?;
     }
-    if !ctl.db.store.txn(txn).await?.succeeded {
+    if !ctl.db.try_commit(tx).await? {
         return Err(ApiError::Unauthorized("invalid or already used join token".into()));
     }
     ctl.record_heartbeat(&req.name, Vec::new(), Vec::new());
@@ -109,9 +105,7 @@ pub async fn heartbeat(
     Json(hb): Json<Heartbeat>,
 ) -> ApiResult<Json<()>> {
     auth::require_agent(&ctl, &headers, &name).await?;
-    if ctl.db.store.get(&host_key(&name)).await?.is_none() {
-        return Err(ApiError::not_found("host", name));
-    }
+    ctl.db.known_host(&name).await?;
     ctl.record_heartbeat(&name, hb.vms, hb.images);
     Ok(Json(()))
 }
@@ -129,7 +123,7 @@ pub async fn template_file(
     auth::require_agent(&ctl, &headers, &name).await?;
     let rec = ctl
         .db
-        .get::<crate::db::TemplateRecord>(&crate::db::template_key(&template))
+        .template(&template)
         .await?
         .ok_or_else(|| ApiError::not_found("template", &template))?
         .value;

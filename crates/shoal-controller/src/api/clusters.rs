@@ -25,6 +25,7 @@ pub async fn create_cluster(
 async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<ClusterView>> {
     let mut counts: HashMap<String, (u32, u32)> = HashMap::new();
     for vm in ctl.db.vms().await? {
+        let vm = crate::vms::observed(ctl, vm);
         let e = counts.entry(vm.cluster).or_default();
         e.1 += 1;
         if vm.state == VmState::Running {
@@ -56,7 +57,7 @@ pub async fn list_clusters(State(ctl): State<Controller>) -> ApiResult<Json<Vec<
 pub async fn show_cluster(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<ClusterView>> {
     let c = ctl
         .db
-        .get::<Cluster>(&crate::db::cluster_key(&name))
+        .cluster(&name)
         .await?
         .ok_or_else(|| ApiError::not_found("cluster", &name))?;
     let mut v = views(&ctl, vec![c.value]).await?;

@@ -22,8 +22,8 @@ pub async fn show_operation(State(ctl): State<Controller>, Path(id): Path<String
         .parse()
         .map_err(|_| ApiError::Invalid(format!("invalid operation id {id:?}: expected a UUID")))?;
     ctl.db
-        .get::<Operation>(&crate::db::operation_key(&uuid))
+        .operation(&uuid)
         .await?
-        .map(|v| Json(v.value))
+        .map(Json)
         .ok_or_else(|| ApiError::not_found("operation", id))
 }

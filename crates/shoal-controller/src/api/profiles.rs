@@ -3,9 +3,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use shoal_model::api::{CreateProfile, ProfileView};
 use shoal_model::{now_ms, parse_size_mib, validate_name, ClusterState, Profile};
-use shoal_store::{Compare, Op, Txn};
 
-use crate::db::{profile_key, put, template_key};
+use crate::datastore::Tx;
 use crate::deploy::{profile_map, resolve_profile};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
@@ -39,15 +38,18 @@ pub async fn create_profile(
         user_data: req.user_data.clone(),
         created_unix_ms: now_ms(),
     };
-    let _guard = ctl.write_lock.lock().await;
-    let key = profile_key(&req.name);
-    if ctl.db.store.get(&key).await?.is_some() {
+    let _guard = ctl.db.lock().await;
+    if ctl.db.profile(&req.name).await?.is_some() {
         return Err(ApiError::exists("profile", &req.name));
     }
+    let mut tx = Tx::new().create_profile(&profile);
     if let Some(t) = &profile.template {
-        if ctl.db.store.get(&template_key(t)).await?.is_none() {
-            return Err(ApiError::not_found("template", t.clone()));
-        }
+        let rec = ctl
+            .db
+            .template(t)
+            .await?
+            .ok_or_else(|| ApiError::not_found("template", t.clone()))?;
+        tx = tx.require_template(t, rec.mod_revision);
     }
     let mut profiles = profile_map(&ctl).await?;
     if let Some(p) = &profile.parent {
@@ -57,17 +59,11 @@ pub async fn create_profile(
     }
     profiles.insert(profile.name.clone(), profile.clone());
     let effective = resolve_profile(&profiles, &profile.name)?;
-    let r = ctl
-        .db
-        .store
-        .txn(
-            Txn::new()
-                .when(Compare::Version(key.clone(), 0))
-                .then(put(key, &profile)),
-        )
-        .await?;
-    if !r.succeeded {
-        return Err(ApiError::exists("profile", &req.name));
+    if !ctl.db.try_commit(tx).await? {
+        return Err(ApiError::Conflict(format!(
+            "profile {:?} or its template changed while it was created; nothing was changed, try again",
+            req.name
+        )));
     }
     Ok((StatusCode::CREATED, Json(ProfileView { profile, effective })))
 }
@@ -107,12 +103,10 @@ pub async fn show_profile(State(ctl): State<Controller>, Path(name): Path<String
     params(("name" = String, Path, description = "Profile name")),
     responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn delete_profile(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<()>> {
-    let _guard = ctl.write_lock.lock().await;
-    let key = profile_key(&name);
+    let _guard = ctl.db.lock().await;
     let rev = ctl
         .db
-        .store
-        .get(&key)
+        .profile(&name)
         .await?
         .ok_or_else(|| ApiError::not_found("profile", &name))?
         .mod_revision;
@@ -139,16 +133,7 @@ pub async fn delete_profile(State(ctl): State<Controller>, Path(name): Path<Stri
             children.join(", ")
         )));
     }
-    let r = ctl
-        .db
-        .store
-        .txn(
-            Txn::new()
-                .when(Compare::ModRevision(key.clone(), rev))
-                .then(Op::Delete(key)),
-        )
-        .await?;
-    if !r.succeeded {
+    if !ctl.db.try_commit(Tx::new().delete_profile(&name, rev)).await? {
         return Err(ApiError::Conflict(format!(
             "profile {name:?} changed while being deleted; try again"
         )));

@@ -4,10 +4,9 @@ use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
 use shoal_model::{now_ms, validate_name, KernelBoot, Template};
-use shoal_store::{Compare, Op, Txn};
 use tokio::io::AsyncWriteExt;
 
-use crate::db::{put, template_key, TemplateRecord};
+use crate::datastore::{TemplateRecord, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -77,7 +76,7 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
             "name" => {
                 let n = field.text().await.map_err(bad)?;
                 validate_name("template", &n)?;
-                if ctl.db.store.get(&template_key(&n)).await?.is_some() {
+                if ctl.db.template(&n).await?.is_some() {
                     return Err(ApiError::exists("template", &n));
                 }
                 name = Some(n);
@@ -204,13 +203,7 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
             files.push(PathBuf::from(f));
         }
     }
-    let key = template_key(&name);
-    let r = ctl
-        .db
-        .store
-        .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
-        .await?;
-    if !r.succeeded {
+    if !ctl.db.try_commit(Tx::new().create_template(&rec)).await? {
         let _ = ctl.images.delete_ref(&image_ref);
         return Err(ApiError::exists("template", &name));
     }
@@ -257,7 +250,7 @@ pub async fn list_templates(State(ctl): State<Controller>) -> ApiResult<Json<Vec
     responses((status = 200, body = Template), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<Template>> {
     ctl.db
-        .get::<TemplateRecord>(&template_key(&name))
+        .template(&name)
         .await?
         .map(|v| Json(v.value.template))
         .ok_or_else(|| ApiError::not_found("template", name))
@@ -268,11 +261,10 @@ pub async fn show_template(State(ctl): State<Controller>, UrlPath(name): UrlPath
     params(("name" = String, Path, description = "Template name")),
     responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<()>> {
-    let _guard = ctl.write_lock.lock().await;
-    let key = template_key(&name);
+    let _guard = ctl.db.lock().await;
     let rec = ctl
         .db
-        .get::<TemplateRecord>(&key)
+        .template(&name)
         .await?
         .ok_or_else(|| ApiError::not_found("template", &name))?;
     let profiles: Vec<String> = ctl
@@ -298,16 +290,11 @@ pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPa
             clusters.join(", ")
         )));
     }
-    let r = ctl
+    if !ctl
         .db
-        .store
-        .txn(
-            Txn::new()
-                .when(Compare::ModRevision(key.clone(), rec.mod_revision))
-                .then(Op::Delete(key)),
-        )
-        .await?;
-    if !r.succeeded {
+        .try_commit(Tx::new().delete_template(&name, rec.mod_revision))
+        .await?
+    {
         return Err(ApiError::Conflict(format!(
             "template {name:?} changed while being deleted; try again"
         )));
@@ -334,13 +321,13 @@ pub async fn publish_template(
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     let name = req.name;
     validate_name("template", &name)?;
-    if ctl.db.store.get(&template_key(&name)).await?.is_some() {
+    if ctl.db.template(&name).await?.is_some() {
         return Err(ApiError::exists("template", &name));
     }
     let (vm, snap) = crate::api::vms::take_snapshot(&ctl, &req.vm).await?;
     let source = ctl
         .db
-        .get::<TemplateRecord>(&template_key(&vm.template))
+        .template(&vm.template)
         .await?
         .ok_or_else(|| ApiError::not_found("template", &vm.template))?
         .value;
@@ -396,15 +383,9 @@ pub async fn publish_template(
         kernel_file,
         initrd_file,
     };
-    let key = template_key(&name);
-    let r = ctl
-        .db
-        .store
-        .txn(Txn::new().when(Compare::Version(key.clone(), 0)).then(put(key, &rec)))
-        .await;
-    match r {
-        Ok(r) if r.succeeded => Ok((StatusCode::CREATED, Json(template))),
-        Ok(_) => {
+    match ctl.db.try_commit(Tx::new().create_template(&rec)).await {
+        Ok(true) => Ok((StatusCode::CREATED, Json(template))),
+        Ok(false) => {
             undo(&made);
             Err(ApiError::exists("template", &name))
         }

@@ -18,33 +18,14 @@ pub struct VmFilter {
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmFilter),
     responses((status = 200, body = [Vm]), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn list_vms(State(ctl): State<Controller>, Query(f): Query<VmFilter>) -> ApiResult<Json<Vec<Vm>>> {
-    match f.cluster {
-        Some(c) => {
-            if ctl.db.store.get(&crate::db::cluster_key(&c)).await?.is_none() {
-                return Err(ApiError::not_found("cluster", c));
-            }
-            Ok(Json(
-                ctl.db.cluster_vms(&c).await?.into_iter().map(|v| v.value).collect(),
-            ))
-        }
-        None => Ok(Json(ctl.db.vms().await?)),
-    }
+    Ok(Json(crate::vms::list(&ctl, f.cluster.as_deref()).await?))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name, `<cluster>-<index>`")),
     responses((status = 200, body = Vm), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
-    let found = match name.rsplit_once('-') {
-        Some((cluster, index)) => match index.parse::<u32>() {
-            Ok(i) if i.to_string() == index => ctl.db.get::<Vm>(&crate::db::vm_key(cluster, i)).await?,
-            _ => None,
-        },
-        None => None,
-    };
-    found
-        .map(|v| Json(v.value))
-        .ok_or_else(|| ApiError::not_found("VM", name))
+    Ok(Json(crate::vms::show(&ctl, &name).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -93,13 +74,12 @@ pub struct ConsoleQuery {
 }
 
 /// The host record of the host a VM is on.
-async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::db::HostRecord> {
+async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::datastore::HostRecord> {
     Ok(ctl
         .db
-        .get::<crate::db::HostRecord>(&crate::db::host_key(&vm.host))
+        .host(&vm.host)
         .await?
-        .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))?
-        .value)
+        .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))?)
 }
 
 /// The VM's serial console from `offset`, read from its host.
@@ -162,17 +142,13 @@ pub async fn take_snapshot(ctl: &Controller, name: &str) -> ApiResult<(shoal_mod
         })?;
     let id: shoal_image::ManifestId = disk.manifest.parse().map_err(ApiError::from)?;
     let image = format!("vm/{name}/{}", shoal_model::now_ms());
-    let template = ctl
-        .db
-        .get::<crate::db::TemplateRecord>(&crate::db::template_key(&vm.template))
-        .await?
-        .and_then(|t| {
-            t.value
-                .template
-                .hash
-                .strip_prefix("manifest:")
-                .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
-        });
+    let template = ctl.db.template(&vm.template).await?.and_then(|t| {
+        t.value
+            .template
+            .hash
+            .strip_prefix("manifest:")
+            .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+    });
     let img = image.clone();
     let (data, shared) = crate::api::images::blocking(ctl, move |s| {
         s.set_ref(&img, &id)?;

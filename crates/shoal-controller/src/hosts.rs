@@ -1,0 +1,53 @@
+//! Hosts as operators see them: what the agent registered, what is claimed on it, and its real
+//! state (liveness, then the operator's marks and its power).
+
+use shoal_model::power::PowerState;
+use shoal_model::{Host, HostState};
+
+use crate::capacity::HostMarks;
+use crate::error::ApiResult;
+use crate::Controller;
+
+/// `host list`.
+pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
+    let hosts = ctl.db.hosts().await?;
+    let powers = crate::energy::power_records(ctl, &hosts).await?;
+    let claims = ctl.db.claims().await?;
+    let marks = HostMarks::read(ctl).await?;
+    Ok(hosts
+        .into_iter()
+        .map(|h| {
+            let power = powers.get(&h.name).map(|p| p.state).unwrap_or_default();
+            let claim = claims.get(&h.name);
+            let (live, seen) = ctl.host_state(&h.name);
+            let state = if power == PowerState::Off {
+                HostState::Off
+            } else if live != HostState::Up {
+                HostState::Down
+            } else if marks.draining.contains(&h.name) {
+                HostState::Draining
+            } else if marks.maintenance.contains(&h.name) {
+                HostState::Maintenance
+            } else {
+                HostState::Up
+            };
+            Host {
+                name: h.name,
+                state,
+                address: h.address,
+                driver: h.driver,
+                cpus: h.cpus,
+                memory_mib: h.memory_mib,
+                used_cpus: claim.cpus,
+                used_memory_mib: claim.memory_mib,
+                vms: claim.vms,
+                joined_unix_ms: h.joined_unix_ms,
+                last_heartbeat_unix_ms: seen,
+                labels: h.labels,
+                allocation: h.allocation,
+                underlay_ip: h.underlay_ip,
+                power,
+            }
+        })
+        .collect())
+}
