@@ -43,7 +43,7 @@ pub struct AgentConfig {
 }
 
 /// What the agent keeps between restarts to prove who it is and who may command it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Credentials {
     credential: Option<String>,
     controller_token_hash: Option<String>,
@@ -268,13 +268,17 @@ async fn register(
     loop {
         match client.register_agent(&req).await {
             Ok(resp) => {
+                let before = creds.clone();
                 if resp.credential.is_some() {
                     creds.credential = resp.credential;
                 }
                 if let Some(t) = resp.controller_token {
                     creds.controller_token_hash = Some(hash_token(&t));
                 }
-                creds.save(&config.data_dir)?;
+                // Written only when it changed: a restart on a full disk must not fail here.
+                if *creds != before {
+                    creds.save(&config.data_dir)?;
+                }
                 return Ok(());
             }
             Err(e @ ClientError::Transport { .. }) => {

@@ -26,6 +26,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The controller's disk is full: nothing was changed; reads still work.
+    #[error("{0}")]
+    StorageFull(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -55,9 +58,20 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            ApiError::Store(StoreError::Io { source, .. }) if is_disk_full(source) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             ApiError::Store(_) | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
+}
+
+/// Whether an I/O error says the disk (or the quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 impl From<shoal_model::NameError> for ApiError {
@@ -89,3 +103,29 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_and_other_io_errors_500() {
+        let full = std::io::Error::from_raw_os_error(28);
+        let e = ApiError::Store(StoreError::Io {
+            path: "/d/state/wal".into(),
+            source: full,
+        });
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+        );
+        let other = ApiError::Store(StoreError::Io {
+            path: "/d/state/wal".into(),
+            source: std::io::Error::from_raw_os_error(5),
+        });
+        assert_eq!(other.status_and_code().0, StatusCode::INTERNAL_SERVER_ERROR);
+        let image: ApiError = shoal_image::Error::Io("writing chunk".into(), std::io::ErrorKind::StorageFull).into();
+        assert_eq!(image.status_and_code().0, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(image.to_string().contains("disk is full"), "{image}");
+    }
+}

@@ -31,6 +31,9 @@ impl From<shoal_image::Error> for ApiError {
                 ids.len(),
                 ids.first().map(|c| c.to_hex()).unwrap_or_default()
             )),
+            E::Io(m, std::io::ErrorKind::StorageFull) => {
+                ApiError::StorageFull(format!("the controller's disk is full: {m}; nothing was stored"))
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
