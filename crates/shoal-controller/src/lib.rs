@@ -60,6 +60,10 @@ pub struct ControllerConfig {
     pub consolidate: bool,
     /// Write every VM's CPU use as a PlanetLab-format trace into this directory.
     pub record: Option<PathBuf>,
+    /// Finished operations are forgotten after this long...
+    pub operation_retention: Duration,
+    /// ...and beyond this many (the newest are kept).
+    pub operations_kept: usize,
 }
 
 impl ControllerConfig {
@@ -76,6 +80,8 @@ impl ControllerConfig {
             sample_interval: Duration::from_secs(300),
             consolidate: false,
             record: None,
+            operation_retention: Duration::from_secs(7 * 24 * 3600),
+            operations_kept: 1000,
         }
     }
 }

@@ -20,9 +20,16 @@ use crate::error::ApiResult;
 use crate::Controller;
 
 pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
+    let mut pruned: Option<std::time::Instant> = None;
     loop {
         if let Err(e) = pass(&ctl, &stop).await {
             tracing::warn!("reconcile pass failed: {e}");
+        }
+        if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            pruned = Some(std::time::Instant::now());
+            if let Err(e) = prune_operations(&ctl).await {
+                tracing::warn!("pruning operations failed: {e}");
+            }
         }
         tokio::select! {
             _ = ctl.wake.notified() => {}
@@ -30,6 +37,44 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// How often finished operations are pruned.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most operations deleted in one transaction.
+const PRUNE_BATCH: usize = 1000;
+
+/// The finished operations to forget: older than `retention`, or beyond the `kept` newest.
+/// Running operations are never pruned.
+pub(crate) fn operations_to_prune(ops: &[Operation], now_ms: u64, retention_ms: u64, kept: usize) -> Vec<Uuid> {
+    let mut finished: Vec<&Operation> = ops.iter().filter(|o| o.state != OperationState::Running).collect();
+    finished.sort_by_key(|o| std::cmp::Reverse((o.finished_unix_ms.unwrap_or(o.created_unix_ms), o.id)));
+    finished
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| {
+            *i >= kept || now_ms.saturating_sub(o.finished_unix_ms.unwrap_or(o.created_unix_ms)) > retention_ms
+        })
+        .map(|(_, o)| o.id)
+        .take(PRUNE_BATCH)
+        .collect()
+}
+
+async fn prune_operations(ctl: &Controller) -> ApiResult<()> {
+    let ops = ctl.db.operations().await?;
+    let doomed = operations_to_prune(
+        &ops,
+        now_ms(),
+        ctl.config.operation_retention.as_millis() as u64,
+        ctl.config.operations_kept,
+    );
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let tx = doomed.iter().fold(Tx::new(), |tx, id| tx.delete_operation(id));
+    ctl.db.commit(tx).await?;
+    tracing::info!(count = doomed.len(), "pruned finished operations");
+    Ok(())
 }
 
 /// Commands one pass decided to send: per host, its address and the VMs with their records
@@ -755,4 +800,74 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
         }
     }
     commit_or_retry(ctl, tx, "updating cluster states").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(id: u128, state: OperationState, finished: Option<u64>) -> Operation {
+        let mut o = crate::deploy::new_operation(OperationKind::ClusterCreate, "c", &["execute"], 0);
+        o.id = Uuid::from_u128(id);
+        o.state = state;
+        o.created_unix_ms = 0;
+        o.finished_unix_ms = finished;
+        o
+    }
+
+    #[test]
+    fn pruning_keeps_running_and_the_newest_finished_within_retention() {
+        let ops = vec![
+            op(1, OperationState::Succeeded, Some(100)),
+            op(2, OperationState::Failed, Some(900)),
+            op(3, OperationState::Running, None),
+            op(4, OperationState::Succeeded, Some(950)),
+            op(5, OperationState::Succeeded, Some(990)),
+        ];
+        // Retention 500 ms at t=1000: op 1 is too old. Keep 2: ops 5 and 4 stay, op 2 goes.
+        let mut gone = operations_to_prune(&ops, 1000, 500, 2);
+        gone.sort();
+        assert_eq!(gone, vec![Uuid::from_u128(1), Uuid::from_u128(2)]);
+        // A generous policy prunes nothing, and a running operation is never pruned.
+        assert!(operations_to_prune(&ops, 1000, 10_000, 10).is_empty());
+        assert!(!operations_to_prune(&ops, 1_000_000, 1, 0).contains(&Uuid::from_u128(3)));
+    }
+
+    fn counts(states: &[(VmState, u32)], busy: bool) -> VmCounts {
+        VmCounts {
+            by_state: states.iter().copied().collect(),
+            busy,
+        }
+    }
+
+    /// Every VM state mix that matters × busy or not → the cluster's state.
+    #[test]
+    fn cluster_state_table() {
+        use ClusterState::*;
+        use VmState as V;
+        let table: &[(u32, &[(VmState, u32)], bool, ClusterState)] = &[
+            (3, &[(V::Running, 3)], false, Ready),
+            (3, &[(V::Running, 3)], true, Converging),
+            (3, &[(V::Running, 2)], false, Converging),
+            (3, &[(V::Running, 2), (V::Pending, 1)], false, Converging),
+            (3, &[(V::Running, 2), (V::Creating, 1)], false, Converging),
+            (3, &[(V::Running, 2), (V::Failed, 1)], false, Degraded),
+            (3, &[(V::Running, 2), (V::Failed, 1)], true, Degraded),
+            (3, &[(V::Running, 2), (V::Unknown, 1)], false, Degraded),
+            (3, &[(V::Pending, 2), (V::Unknown, 1)], true, Degraded),
+            (3, &[(V::Stopped, 3)], false, Stopped),
+            (3, &[(V::Suspended, 3)], false, Suspended),
+            (3, &[(V::Running, 1), (V::Stopped, 2)], false, Degraded),
+            (3, &[(V::Running, 1), (V::Suspended, 2)], false, Degraded),
+            (2, &[(V::Running, 2), (V::Deleting, 1)], false, Converging),
+            (1, &[], false, Converging),
+        ];
+        for (size, states, busy, want) in table {
+            assert_eq!(
+                cluster_state(*size, &counts(states, *busy)),
+                *want,
+                "size {size}, {states:?}, busy {busy}"
+            );
+        }
+    }
 }

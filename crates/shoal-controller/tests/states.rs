@@ -211,3 +211,35 @@ async fn resume_obeys_the_same_capacity_rule_as_placement() {
         OperationState::Succeeded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_operations_are_pruned_and_lists_are_paged() {
+    let mut h = Harness::start(Opts::default()).await;
+    h.config.operations_kept = 2;
+    h.restart_controller().await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "256MiB").await;
+    for name in ["a", "b", "c", "d"] {
+        let op = h.client.create_cluster(&cluster(name, "p", 1)).await.unwrap();
+        h.client.wait(op.id, |_| {}).await.unwrap();
+    }
+    // Pruned within one pruning interval (10 s) of the controller's start.
+    let ops = wait_for("pruning down to 2 operations", Duration::from_secs(20), async || {
+        let ops = h.client.operations().await.unwrap();
+        (ops.len() <= 2).then_some(ops)
+    })
+    .await;
+    let targets: Vec<&str> = ops.iter().map(|o| o.target.as_str()).collect();
+    assert_eq!(targets, vec!["c", "d"], "the newest stay");
+
+    let http = reqwest::Client::new();
+    let url = |q: &str| format!("http://{}/v1/clusters{q}", h.config.listen);
+    let r = http.get(url("?offset=1&limit=2")).send().await.unwrap();
+    assert_eq!(r.headers()["x-total-count"], "4");
+    let page: Vec<serde_json::Value> = r.json().await.unwrap();
+    let names: Vec<&str> = page.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["b", "c"]);
+    let r = http.get(url("?limit=0")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("invalid limit 0"));
+}

@@ -140,6 +140,12 @@ pub struct ControllerOpts {
     /// PlanetLab-format trace that `shoal sim --trace DIR --format planetlab` replays.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Hours a finished operation is kept (`operation list`, `operation show`).
+    #[arg(long, default_value_t = 168.0)]
+    pub operation_retention: f64,
+    /// Most finished operations kept; the newest stay.
+    #[arg(long, default_value_t = 1000)]
+    pub operations_kept: usize,
 }
 
 #[derive(Args, Debug)]

@@ -41,6 +41,16 @@ fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow
     c.sample_interval = seconds("--sample-interval", o.sample_interval)?;
     c.consolidate = o.consolidate;
     c.record = o.record.clone();
+    c.operation_retention = seconds("--operation-retention", o.operation_retention * 3600.0).map_err(|_| {
+        anyhow::anyhow!(
+            "--operation-retention {}: must be a positive number of hours",
+            o.operation_retention
+        )
+    })?;
+    if o.operations_kept == 0 {
+        bail!("--operations-kept 0: keep at least one finished operation");
+    }
+    c.operations_kept = o.operations_kept;
     Ok(c)
 }
 

@@ -45,10 +45,13 @@ async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<Cluste
         .collect())
 }
 
-#[utoipa::path(get, path = "/v1/clusters", tag = "clusters", responses((status = 200, body = [ClusterView])))]
-pub async fn list_clusters(State(ctl): State<Controller>) -> ApiResult<Json<Vec<ClusterView>>> {
+#[utoipa::path(get, path = "/v1/clusters", tag = "clusters", params(crate::api::Page), responses((status = 200, body = [ClusterView])))]
+pub async fn list_clusters(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<ClusterView>> {
     let clusters = ctl.db.clusters().await?;
-    Ok(Json(views(&ctl, clusters).await?))
+    page.of(views(&ctl, clusters).await?)
 }
 
 #[utoipa::path(get, path = "/v1/clusters/{name}", tag = "clusters",

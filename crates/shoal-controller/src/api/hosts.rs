@@ -6,9 +6,12 @@ use crate::error::ApiResult;
 use crate::Controller;
 
 /// Every host, with its liveness and what is claimed on it.
-#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = [Host])))]
-pub async fn list_hosts(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Host>>> {
-    Ok(Json(crate::hosts::list(&ctl).await?))
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", params(crate::api::Page), responses((status = 200, body = [Host])))]
+pub async fn list_hosts(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<Host>> {
+    page.of(crate::hosts::list(&ctl).await?)
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

@@ -59,6 +59,47 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Which part of a list to return: every list endpoint takes `offset` and `limit`, and answers
+/// with the total in the `X-Total-Count` header.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct Page {
+    /// Items to skip (default 0).
+    pub offset: Option<usize>,
+    /// Most items to return (default: all).
+    pub limit: Option<usize>,
+}
+
+/// One page of a list, with the list's total length.
+pub struct Paged<T> {
+    pub items: Vec<T>,
+    pub total: usize,
+}
+
+impl Page {
+    pub fn of<T>(self, items: Vec<T>) -> crate::error::ApiResult<Paged<T>> {
+        if self.limit == Some(0) {
+            return Err(crate::error::ApiError::Invalid(
+                "invalid limit 0: ask for at least one item, or leave limit out for all".into(),
+            ));
+        }
+        let total = items.len();
+        let items = items
+            .into_iter()
+            .skip(self.offset.unwrap_or(0))
+            .take(self.limit.unwrap_or(usize::MAX))
+            .collect();
+        Ok(Paged { items, total })
+    }
+}
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Paged<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut r = Json(self.items).into_response();
+        r.headers_mut().insert("x-total-count", self.total.into());
+        r
+    }
+}
+
 /// The OpenAPI document, as served at `/openapi.json` and committed as `docs/openapi.json`.
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().expect("OpenAPI document serialises")

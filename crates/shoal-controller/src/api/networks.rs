@@ -19,9 +19,12 @@ pub async fn create_network(
     Ok((StatusCode::CREATED, Json(network::create(&ctl, &req).await?)))
 }
 
-#[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, body = [NetworkView])))]
-pub async fn list_networks(State(ctl): State<Controller>) -> ApiResult<Json<Vec<NetworkView>>> {
-    Ok(Json(network::list(&ctl).await?))
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::api::Page), responses((status = 200, body = [NetworkView])))]
+pub async fn list_networks(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<NetworkView>> {
+    page.of(network::list(&ctl).await?)
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks",

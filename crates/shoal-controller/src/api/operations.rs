@@ -6,12 +6,16 @@ use uuid::Uuid;
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
-/// Every operation, oldest first.
-#[utoipa::path(get, path = "/v1/operations", tag = "operations", responses((status = 200, body = [Operation])))]
-pub async fn list_operations(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Operation>>> {
+/// Operations, oldest first: those still running and finished ones within the retention
+/// (`--operation-retention`, at most `--operations-kept` of them).
+#[utoipa::path(get, path = "/v1/operations", tag = "operations", params(crate::api::Page), responses((status = 200, body = [Operation])))]
+pub async fn list_operations(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<Operation>> {
     let mut ops = ctl.db.operations().await?;
     ops.sort_by_key(|o| (o.created_unix_ms, o.id));
-    Ok(Json(ops))
+    page.of(ops)
 }
 
 #[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations",

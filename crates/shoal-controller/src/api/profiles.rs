@@ -68,8 +68,11 @@ pub async fn create_profile(
     Ok((StatusCode::CREATED, Json(ProfileView { profile, effective })))
 }
 
-#[utoipa::path(get, path = "/v1/profiles", tag = "profiles", responses((status = 200, body = [ProfileView])))]
-pub async fn list_profiles(State(ctl): State<Controller>) -> ApiResult<Json<Vec<ProfileView>>> {
+#[utoipa::path(get, path = "/v1/profiles", tag = "profiles", params(crate::api::Page), responses((status = 200, body = [ProfileView])))]
+pub async fn list_profiles(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<ProfileView>> {
     let profiles = profile_map(&ctl).await?;
     let mut out: Vec<ProfileView> = profiles
         .values()
@@ -81,7 +84,7 @@ pub async fn list_profiles(State(ctl): State<Controller>) -> ApiResult<Json<Vec<
         })
         .collect::<ApiResult<_>>()?;
     out.sort_by(|a, b| a.profile.name.cmp(&b.profile.name));
-    Ok(Json(out))
+    page.of(out)
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{name}", tag = "profiles",

@@ -238,11 +238,12 @@ async fn receive(mut field: axum::extract::multipart::Field<'_>, path: &Path) ->
     })
 }
 
-#[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = [Template])))]
-pub async fn list_templates(State(ctl): State<Controller>) -> ApiResult<Json<Vec<Template>>> {
-    Ok(Json(
-        ctl.db.templates().await?.into_iter().map(|t| t.template).collect(),
-    ))
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", params(crate::api::Page), responses((status = 200, body = [Template])))]
+pub async fn list_templates(
+    State(ctl): State<Controller>,
+    axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<Template>> {
+    page.of(ctl.db.templates().await?.into_iter().map(|t| t.template).collect())
 }
 
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",

@@ -15,10 +15,14 @@ pub struct VmFilter {
     pub cluster: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmFilter),
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmFilter, crate::api::Page),
     responses((status = 200, body = [Vm]), (status = 404, body = shoal_model::api::ErrorBody)))]
-pub async fn list_vms(State(ctl): State<Controller>, Query(f): Query<VmFilter>) -> ApiResult<Json<Vec<Vm>>> {
-    Ok(Json(crate::vms::list(&ctl, f.cluster.as_deref()).await?))
+pub async fn list_vms(
+    State(ctl): State<Controller>,
+    Query(f): Query<VmFilter>,
+    Query(page): Query<crate::api::Page>,
+) -> ApiResult<crate::api::Paged<Vm>> {
+    page.of(crate::vms::list(&ctl, f.cluster.as_deref()).await?)
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
