@@ -12,7 +12,7 @@ use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
 use crate::cli::*;
-use crate::{daemons, images, networks, output};
+use crate::{config, daemons, images, networks, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -365,8 +365,6 @@ pub async fn follow(client: &Client, op: &Operation) -> anyhow::Result<Operation
     Ok(result?)
 }
 
-/// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
-/// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
 impl RebalanceArgs {
     pub fn options(&self) -> RebalanceOptions {
         RebalanceOptions {
@@ -464,45 +462,24 @@ fn gang_request(a: &PlaceArgs) -> anyhow::Result<GangRequest> {
     Ok(r)
 }
 
+/// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
+/// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
 fn connect(url: Option<String>) -> anyhow::Result<Client> {
-    let config = read_config()?;
-    let url = url
-        .or_else(|| std::env::var("SHOAL_URL").ok().filter(|s| !s.is_empty()))
-        .or_else(|| config.get("url").cloned())
-        .unwrap_or_else(|| "http://127.0.0.1:7700".into());
+    let config = config::load()?;
+    let (url, from) = match (url, std::env::var("SHOAL_URL").ok().filter(|s| !s.is_empty())) {
+        (Some(u), _) => (u, Some("--url")),
+        (None, Some(u)) => (u, Some("$SHOAL_URL")),
+        // The config file's URL was checked when it was read.
+        (None, None) => (config.url.unwrap_or_else(|| "http://127.0.0.1:7700".into()), None),
+    };
+    if let Some(from) = from {
+        shoal_client::check_base_url(&url).context(from)?;
+    }
     let token = std::env::var("SHOAL_TOKEN")
         .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| config.get("token").cloned());
+        .or(config.token);
     Ok(Client::new(&url, token))
-}
-
-/// `$SHOAL_CONFIG`, else `~/.config/shoal/config.toml`: `key = "value"` lines (`url`, `token`).
-fn read_config() -> anyhow::Result<std::collections::HashMap<String, String>> {
-    let path = match std::env::var_os("SHOAL_CONFIG") {
-        Some(p) => PathBuf::from(p),
-        None => match std::env::var_os("HOME") {
-            Some(h) => PathBuf::from(h).join(".config/shoal/config.toml"),
-            None => return Ok(Default::default()),
-        },
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let mut out = std::collections::HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .with_context(|| format!("{}:{}: expected key = \"value\"", path.display(), n + 1))?;
-        out.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
-    }
-    Ok(out)
 }
 
 /// `shoal sim`: loads the trace once and runs every policy on it, in order.

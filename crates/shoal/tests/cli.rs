@@ -479,3 +479,36 @@ fn plans_offline_on_a_snapshot_and_live() {
     );
     assert!(!drain["moves"].as_array().unwrap().is_empty());
 }
+
+/// The config file refuses what it does not know, naming the key or value and the file.
+#[test]
+fn a_bad_config_file_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let path = config.to_str().unwrap();
+    let env = [("SHOAL_CONFIG", path)];
+    let run = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        let o = cli("http://127.0.0.1:1", &env, &["host", "list"]);
+        assert!(!o.status.success(), "{text:?} was accepted");
+        stderr(&o)
+    };
+    let e = run("url = \"http://127.0.0.1:1\"\nurll = \"http://127.0.0.1:2\"\n");
+    assert!(
+        e.contains(path) && e.contains("line 2") && e.contains("unknown key \"urll\""),
+        "{e}"
+    );
+    let e = run("url = 5\n");
+    assert!(
+        e.contains(path) && e.contains("the value of url must be a string"),
+        "{e}"
+    );
+    assert!(!e.contains("builder error"), "{e}");
+    let e = run("url = \"127.0.0.1:7700\"\n");
+    assert!(
+        e.contains(path) && e.contains("\"127.0.0.1:7700\" is not a valid URL"),
+        "{e}"
+    );
+    let e = fails("5", &["host", "list"]);
+    assert!(e.contains("--url") && e.contains("\"5\" is not a valid URL"), "{e}");
+}
