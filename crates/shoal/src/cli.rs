@@ -223,6 +223,16 @@ pub struct HostOpts {
     pub reserve_memory: u64,
 }
 
+/// A `--size` of a cluster. Negative numbers reach this parser (clap would otherwise take `-1`
+/// for a flag and suggest `-- -1`) so that the error names the value and the rule.
+fn cluster_size(s: &str) -> Result<u32, String> {
+    let n: i64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid cluster size {s:?}: expected a whole number of VMs"))?;
+    shoal_model::check_cluster_size(n).map_err(|e| e.to_string())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -402,7 +412,8 @@ pub struct PlaceArgs {
     /// Name of the virtual cluster (its VMs already in the snapshot count for affinity).
     #[arg(long, default_value = "new")]
     pub cluster: String,
-    #[arg(long)]
+    /// Number of VMs (a cluster has 1 to 65000).
+    #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
     pub size: u32,
     #[arg(long)]
     pub cpus: u32,
@@ -603,7 +614,8 @@ pub enum ClusterCmd {
         name: String,
         #[arg(long)]
         profile: String,
-        #[arg(long)]
+        /// Number of VMs (a cluster has 1 to 65000).
+        #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
         size: u32,
         #[arg(long, value_enum, default_value_t = PlacementArg::Spread)]
         placement: PlacementArg,
@@ -632,7 +644,8 @@ pub enum ClusterCmd {
     /// Grow or shrink a virtual cluster.
     Scale {
         name: String,
-        #[arg(long)]
+        /// The new number of VMs (a cluster has 1 to 65000; delete it to have none).
+        #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
         size: u32,
         #[arg(long)]
         wait: bool,

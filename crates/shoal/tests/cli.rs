@@ -480,6 +480,43 @@ fn plans_offline_on_a_snapshot_and_live() {
     assert!(!drain["moves"].as_array().unwrap().is_empty());
 }
 
+/// Errors say each cause once and name what is at fault; clap does not take a negative size for
+/// a flag.
+#[test]
+fn errors_name_the_culprit_once() {
+    let dead = "http://127.0.0.1:1";
+    let e = fails(dead, &["sim", "--trace", "/nonexistent"]);
+    assert!(e.contains("/nonexistent"), "{e}");
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+
+    let e = fails(dead, &["host", "list"]);
+    assert!(e.contains(dead), "{e}");
+    assert_eq!(e.matches("error sending request").count(), 1, "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    for args in [
+        &["cluster", "scale", "lab", "--size", "-1"][..],
+        &["cluster", "create", "lab", "--profile", "p", "--size", "-1"],
+        &["cluster", "scale", "lab", "--size", "0"],
+        &["cluster", "create", "lab", "--profile", "p", "--size", "65001"],
+    ] {
+        let e = fails(dead, args);
+        let size = args[args.len() - 1];
+        assert!(e.contains(&format!("invalid cluster size {size}")), "{args:?}: {e}");
+        assert!(e.contains("1 to 65000 VMs"), "{args:?}: {e}");
+        assert!(!e.contains("-- -1"), "{args:?}: {e}");
+    }
+    for cmd in ["create", "scale"] {
+        let help = ok(dead, &["cluster", cmd, "--help"]);
+        assert!(
+            help.contains("a cluster has 1 to 65000"),
+            "cluster {cmd} --help: {help}"
+        );
+    }
+    let help = ok(dead, &["cluster", "scale", "--help"]);
+    assert!(help.contains("delete it to have none"), "{help}");
+}
+
 /// The config file refuses what it does not know, naming the key or value and the file.
 #[test]
 fn a_bad_config_file_is_refused_naming_the_file() {
