@@ -132,8 +132,10 @@ pub struct ControllerOpts {
     /// the record and, with --consolidate, is one decision step of the consolidator.
     #[arg(long, default_value_t = 300.0)]
     pub sample_interval: f64,
-    /// Run the consolidator: live-migrate VMs off lightly loaded hosts and switch those off,
-    /// switch hosts on when load grows (`shoal host power` sets the commands).
+    /// Run the consolidator: at each sample, empty lightly loaded hosts and switch them off, and
+    /// switch hosts on when load grows (`shoal host power` sets the commands). There is no live
+    /// migration yet: a VM of the simulated driver is moved by restarting it on its new host,
+    /// and VMs on QEMU hosts are not moved.
     #[arg(long)]
     pub consolidate: bool,
     /// Record every VM's CPU use, one percentage per sample, into this directory as a
@@ -301,7 +303,9 @@ pub enum HostCmd {
     List,
     /// Create a one-time token with which a new agent joins.
     JoinToken,
-    /// Plan live migrations that even out the hosts' load (Ganeti hbal's score), and execute them.
+    /// Plan moves that even out the hosts' load (Ganeti hbal's score), and execute them. A move
+    /// restarts a simulated VM on its new host (no live migration yet); VMs on QEMU hosts are
+    /// not moved.
     Rebalance {
         /// Only print the plan (the default).
         #[arg(long, conflicts_with = "apply")]
@@ -312,7 +316,8 @@ pub enum HostCmd {
         #[command(flatten)]
         options: RebalanceArgs,
     },
-    /// Mark a host draining (nothing new lands on it) and move every VM off it.
+    /// Mark a host draining (nothing new lands on it) and move every VM off it (by restarting
+    /// it elsewhere: simulated VMs only, no live migration yet).
     Drain {
         name: String,
         /// Only print the plan; change nothing.
@@ -349,7 +354,8 @@ pub enum HostCmd {
     PowerOff { name: String },
     /// Each host's power draw and the energy it has used.
     Energy,
-    /// What the consolidator would do now (switch hosts on, live-migrate, switch hosts off).
+    /// What the consolidator would do now (switch hosts on, move VMs, switch hosts off); moves
+    /// restart simulated VMs on their new hosts, VMs on QEMU hosts are not moved.
     Consolidate {
         /// Do it.
         #[arg(long)]
@@ -386,7 +392,7 @@ pub enum PlanCmd {
     Snapshot { file: PathBuf },
     /// Where a new virtual cluster would go, and why.
     Place(PlaceArgs),
-    /// Live migrations that would even out the hosts' load.
+    /// Migrations that would even out the hosts' load (a plan only: nothing moves).
     Rebalance {
         /// Plan on this snapshot file instead of the live state.
         #[arg(long)]
@@ -394,7 +400,7 @@ pub enum PlanCmd {
         #[command(flatten)]
         options: RebalanceArgs,
     },
-    /// Live migrations that would empty a host.
+    /// Migrations that would empty a host (a plan only: nothing moves).
     Drain {
         host: String,
         #[arg(long)]

@@ -549,3 +549,26 @@ fn a_bad_config_file_is_refused_naming_the_file() {
     let e = fails("5", &["host", "list"]);
     assert!(e.contains("--url") && e.contains("\"5\" is not a valid URL"), "{e}");
 }
+
+/// Help says what the consolidator and the rebalancer really do: no live migration yet.
+#[test]
+fn help_does_not_promise_live_migration() {
+    let dead = "http://127.0.0.1:1";
+    for args in [
+        &["server", "--help"][..],
+        &["up", "--help"],
+        &["host", "rebalance", "--help"],
+        &["host", "drain", "--help"],
+        &["host", "consolidate", "--help"],
+    ] {
+        let help = ok(dead, args);
+        assert!(!help.to_lowercase().contains("live-migrate"), "{args:?}: {help}");
+        assert!(
+            help.contains("restart"),
+            "{args:?} should say VMs are moved by restarting: {help}"
+        );
+    }
+    for args in [&["server", "--help"][..], &["up", "--help"]] {
+        assert!(ok(dead, args).contains("VMs on QEMU hosts are not moved"), "{args:?}");
+    }
+}
