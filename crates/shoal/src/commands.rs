@@ -7,7 +7,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_model::api::{CreateCluster, CreateProfile};
-use shoal_model::{parse_size_mib, AntiAffinity, Operation, Placement, StepState};
+use shoal_model::{parse_size_mib, plural, AntiAffinity, Operation, Placement, StepState};
 use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
@@ -35,14 +35,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let p = client.rebalance(&options.options(), apply).await?;
             output::emit(out, &p, output::rebalance);
             if apply && !p.moves.is_empty() {
-                eprintln!("{} migrations started", p.moves.len());
+                eprintln!("{} started", plural(p.moves.len(), "migration"));
             }
         }
         Command::Host(HostCmd::Drain { name, plan, options }) => {
             let p = client.drain_host(&name, &options.options(), !plan).await?;
             output::emit(out, &p, output::rebalance);
             if !plan {
-                eprintln!("host {name} is draining; {} migrations started", p.moves.len());
+                eprintln!(
+                    "host {name} is draining; {} started",
+                    plural(p.moves.len(), "migration")
+                );
             }
         }
         Command::Host(HostCmd::Maintenance { name, off }) => {
@@ -96,8 +99,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::emit(out, &v, output::image_verify);
                 if !v.corrupt.is_empty() || !v.damaged.is_empty() {
                     anyhow::bail!(
-                        "the image store is damaged: {} corrupt chunk(s), images {:?}",
-                        v.corrupt.len(),
+                        "the image store is damaged: {}, images {:?}",
+                        plural(v.corrupt.len(), "corrupt chunk"),
                         v.damaged
                     );
                 }

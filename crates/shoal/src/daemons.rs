@@ -254,8 +254,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     });
     let agents: Vec<_> = futures::future::try_join_all(starts).await?;
     eprintln!(
-        "shoal up: controller at {} with {} {:?} hosts; Ctrl-C to stop",
-        ctl.url, a.hosts, a.host.driver
+        "shoal up: controller at {} with {}; Ctrl-C to stop",
+        ctl.url,
+        shoal_model::plural(a.hosts, &format!("{:?} host", a.host.driver))
     );
     if ctl.controller.auth_required() {
         eprintln!(

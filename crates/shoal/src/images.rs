@@ -12,7 +12,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_image::{ImageFormat, ImageStore, ImportOptions, ManifestId};
-use shoal_model::Template;
+use shoal_model::{plural, Template};
 
 /// Opens the CLI's local image cache.
 pub fn cache() -> anyhow::Result<Arc<ImageStore>> {
@@ -83,13 +83,13 @@ pub async fn import_template(
     };
     chunking.finish_and_clear();
     eprintln!(
-        "chunked {} ({:?}, {:.0} MB logical, {:.0} MB read) in {:.1} s: {} chunks, {} new here",
+        "chunked {} ({:?}, {:.0} MB logical, {:.0} MB read) in {:.1} s: {}, {} new here",
         files.disk.display(),
         rep.format,
         mb(rep.logical_bytes),
         mb(rep.read_bytes),
         started.elapsed().as_secs_f64(),
-        rep.chunks,
+        plural(rep.chunks, "chunk"),
         rep.new_chunks
     );
     let uploading = bar("uploading");
@@ -105,9 +105,9 @@ pub async fn import_template(
     };
     uploading.finish_and_clear();
     eprintln!(
-        "uploaded {} of {} chunks ({:.1} MB) in {:.1} s; the controller had the rest",
+        "uploaded {} of {} ({:.1} MB) in {:.1} s; the controller had the rest",
         t.chunks_sent,
-        t.chunks_total,
+        plural(t.chunks_total, "chunk"),
         mb(t.bytes_sent),
         started.elapsed().as_secs_f64()
     );
@@ -153,9 +153,9 @@ pub async fn export_template(
         .await?;
     fetching.finish_and_clear();
     eprintln!(
-        "fetched {} of {} chunks ({:.1} MB) in {:.1} s",
+        "fetched {} of {} ({:.1} MB) in {:.1} s",
         rep.chunks_sent,
-        rep.chunks_total,
+        plural(rep.chunks_total, "chunk"),
         mb(rep.bytes_sent),
         started.elapsed().as_secs_f64()
     );

@@ -572,3 +572,51 @@ fn help_does_not_promise_live_migration() {
         assert!(ok(dead, args).contains("VMs on QEMU hosts are not moved"), "{args:?}");
     }
 }
+
+/// Counts read as English: one VM, two VMs.
+#[test]
+fn counts_agree_with_their_nouns() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.json");
+    let hosts = serde_json::json!([
+        {"name": "h0", "cpus": 8, "memory_mib": 16384},
+        {"name": "h1", "cpus": 8, "memory_mib": 16384, "state": "maintenance"},
+        {"name": "h2", "cpus": 8, "memory_mib": 16384, "state": "powered_off"},
+    ]);
+    std::fs::write(&snap, serde_json::json!({"hosts": hosts, "vms": []}).to_string()).unwrap();
+    let s = snap.to_str().unwrap();
+    let dead = "http://127.0.0.1:1";
+    let place = |size: &str, explain: bool| {
+        let mut a = vec![
+            "plan",
+            "place",
+            "--snapshot",
+            s,
+            "--size",
+            size,
+            "--cpus",
+            "1",
+            "--memory",
+            "1GiB",
+        ];
+        if explain {
+            a.push("--explain");
+        }
+        ok(dead, &a)
+    };
+    assert!(
+        place("1", false).starts_with("plan: 1 VM on 1 host\n"),
+        "{}",
+        place("1", false)
+    );
+    assert!(
+        place("2", false).starts_with("plan: 2 VMs on 1 host\n"),
+        "{}",
+        place("2", false)
+    );
+    let out = place("1", true);
+    assert!(out.contains("rejected by state: host is in maintenance"), "{out}");
+    assert!(out.contains("rejected by state: host is powered off"), "{out}");
+    let out = ok(dead, &["plan", "rebalance", "--snapshot", s]);
+    assert!(out.contains("0 migrations in 0 waves"), "{out}");
+}
