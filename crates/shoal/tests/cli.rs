@@ -480,6 +480,46 @@ fn plans_offline_on_a_snapshot_and_live() {
     assert!(!drain["moves"].as_array().unwrap().is_empty());
 }
 
+/// Starts `shoal up` with two simulated hosts; returns it, its URL and its directory.
+fn up_two_hosts() -> (Daemon, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let up = Daemon::spawn(
+        &[
+            "up",
+            "--hosts",
+            "2",
+            "--driver",
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--host-cpus",
+            "4",
+            "--host-memory",
+            "4096",
+        ],
+        &dir.path().join("up.log"),
+    );
+    wait_ready(&url, &up);
+    eventually(Duration::from_secs(10), "2 hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 2
+    });
+    (up, url, dir)
+}
+
+/// A daemon's log that goes to a file (not a terminal) carries no colour codes.
+#[test]
+fn logs_to_a_file_are_plain_text() {
+    let (up, url, _dir) = up_two_hosts();
+    ok(&url, &["host", "list"]);
+    let log = up.log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log:?}");
+}
+
 /// Errors say each cause once and name what is at fault; clap does not take a negative size for
 /// a flag.
 #[test]
