@@ -50,11 +50,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Host(HostCmd::Maintenance { name, off }) => {
             client.host_maintenance(&name, !off).await?;
-            if off {
-                eprintln!("host {name} takes new VMs again");
-            } else {
-                eprintln!("host {name} is in maintenance: it keeps its VMs and takes no new ones");
-            }
+            host_marked(&client, out, &name, HostMark::Maintenance(!off)).await?
         }
         Command::Host(HostCmd::Power {
             name,
@@ -84,7 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Host(HostCmd::Undrain { name }) => {
             client.undrain_host(&name).await?;
-            eprintln!("host {name} takes new VMs again");
+            host_marked(&client, out, &name, HostMark::Draining(false)).await?
         }
         Command::Plan(p) => plan(&client, out, p).await?,
         Command::Host(HostCmd::JoinToken) => {
@@ -132,7 +128,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 format,
                 force,
             } => {
-                images::export_template(&client, &name, &file, format.into(), force).await?;
+                let e = images::export_template(&client, &name, &file, format.into(), force).await?;
+                // People have read what was written on stderr already.
+                output::emit(out, &e, |_| String::new())
             }
             TemplateCmd::BuildDemo { name } => {
                 let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -160,7 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             TemplateCmd::Delete { name } => {
                 client.delete_template(&name).await?;
-                eprintln!("template {name} deleted");
+                output::deleted(out, "template", &name)
             }
         },
         Command::Profile(p) => match p {
@@ -197,7 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ProfileCmd::Show { name } => output::emit(out, &client.profile(&name).await?, output::profile),
             ProfileCmd::Delete { name } => {
                 client.delete_profile(&name).await?;
-                eprintln!("profile {name} deleted");
+                output::deleted(out, "profile", &name)
             }
         },
         Command::Cluster(c) => match c {
@@ -263,7 +261,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCmd::Start(a)) => power(&client, out, &a, Some(()), "start", false).await?,
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
-        Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
+        Command::Vm(VmCmd::Console { name, follow }) => console(&client, out, &name, follow).await?,
         Command::Vm(VmCmd::Snapshot { name }) => {
             output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot)
         }
@@ -294,20 +292,96 @@ async fn power(
     finish(client, out, op, !a.no_wait).await
 }
 
-/// Prints a VM's console; with `follow`, keeps printing what comes until interrupted.
-async fn console(client: &Client, name: &str, follow: bool) -> anyhow::Result<()> {
+/// What `host maintenance` or `host undrain` changed.
+#[derive(Clone, Copy)]
+enum HostMark {
+    Maintenance(bool),
+    Draining(bool),
+}
+
+/// What `host maintenance|undrain` reports: the mark set and the state placement sees now (the
+/// host list does not show marks), e.g. `{"host": "h1", "maintenance": false, "state": "draining"}`.
+#[derive(serde::Serialize)]
+struct HostMarked<'a> {
+    host: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maintenance: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining: Option<bool>,
+    state: shoal_policy::HostState,
+}
+
+async fn host_marked(client: &Client, out: Output, name: &str, mark: HostMark) -> anyhow::Result<()> {
+    let snap = client.plan_snapshot().await?;
+    let state = snap
+        .hosts
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| h.state)
+        .ok_or_else(|| anyhow::anyhow!("host {name:?} not found"))?;
+    let sentence = match (mark, state) {
+        (HostMark::Maintenance(true), _) => {
+            format!("host {name} is in maintenance: it keeps its VMs and takes no new ones")
+        }
+        (HostMark::Draining(true), _) => format!("host {name} is draining"),
+        (_, shoal_policy::HostState::Up) => format!("host {name} takes new VMs again"),
+        (HostMark::Maintenance(false), s) => {
+            format!(
+                "host {name} is out of maintenance but takes no new VMs: it is {}",
+                s.as_phrase()
+            )
+        }
+        (HostMark::Draining(false), s) => {
+            format!(
+                "host {name} is no longer draining but takes no new VMs: it is {}",
+                s.as_phrase()
+            )
+        }
+    };
+    let (maintenance, draining) = match mark {
+        HostMark::Maintenance(on) => (Some(on), None),
+        HostMark::Draining(on) => (None, Some(on)),
+    };
+    let value = HostMarked {
+        host: name,
+        maintenance,
+        draining,
+        state,
+    };
+    output::done(out, &value, &sentence);
+    Ok(())
+}
+
+/// Prints a VM's console; with `follow`, keeps printing what comes until interrupted. In JSON:
+/// `{"vm", "data", "next"}` for what there is, or with `follow` one such line per piece.
+async fn console(client: &Client, out: Output, name: &str, follow: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut offset = 0;
+    let mut all = String::new();
     loop {
         let chunk = client.console(name, offset).await?;
         if !chunk.data.is_empty() {
             let mut so = std::io::stdout().lock();
-            so.write_all(chunk.data.as_bytes())?;
+            match out {
+                Output::Table => so.write_all(chunk.data.as_bytes())?,
+                Output::Json if follow => {
+                    let line = serde_json::json!({ "vm": name, "data": chunk.data, "next": chunk.next });
+                    writeln!(so, "{line}")?
+                }
+                Output::Json => all.push_str(&chunk.data),
+            }
             so.flush()?;
         }
         let advanced = chunk.next > offset;
         offset = chunk.next;
         if !follow && !advanced {
+            if out == Output::Json {
+                output::emit(
+                    out,
+                    &serde_json::json!({ "vm": name, "data": all, "next": offset }),
+                    |_| String::new(),
+                );
+            }
             return Ok(());
         }
         if !advanced {
@@ -402,11 +476,15 @@ async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> 
             let snap = client.plan_snapshot().await?;
             std::fs::write(&file, serde_json::to_vec_pretty(&snap)?)
                 .with_context(|| format!("writing {}", file.display()))?;
-            eprintln!(
-                "wrote {} hosts and {} VMs to {}",
-                snap.hosts.len(),
-                snap.vms.len(),
-                file.display()
+            output::done(
+                out,
+                &serde_json::json!({ "file": file, "hosts": snap.hosts.len(), "vms": snap.vms.len() }),
+                &format!(
+                    "wrote {} and {} to {}",
+                    plural(snap.hosts.len(), "host"),
+                    plural(snap.vms.len(), "VM"),
+                    file.display()
+                ),
             );
         }
         PlanCmd::Place(a) => {

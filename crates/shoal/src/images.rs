@@ -121,6 +121,20 @@ pub async fn import_template(
     Ok(template)
 }
 
+/// What `template export` did.
+#[derive(Debug, serde::Serialize)]
+pub struct Exported {
+    pub template: String,
+    pub file: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub logical_bytes: u64,
+    pub written_bytes: u64,
+    /// Chunks fetched from the controller; the local cache had the rest.
+    pub chunks_fetched: u64,
+    pub chunks_total: u64,
+}
+
 /// Writes template `name`'s disk to `dest` as raw or qcow2, fetching the chunks the cache lacks.
 pub async fn export_template(
     client: &Client,
@@ -128,7 +142,7 @@ pub async fn export_template(
     dest: &Path,
     format: ImageFormat,
     force: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exported> {
     if dest.exists() && !force {
         anyhow::bail!("{} exists; pass --force to overwrite it", dest.display());
     }
@@ -180,5 +194,13 @@ pub async fn export_template(
         mb(out.written_bytes),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(Exported {
+        template: name.to_string(),
+        file: dest.to_path_buf(),
+        format: format!("{format:?}").to_lowercase(),
+        logical_bytes: out.logical_bytes,
+        written_bytes: out.written_bytes,
+        chunks_fetched: rep.chunks_sent,
+        chunks_total: rep.chunks_total,
+    })
 }

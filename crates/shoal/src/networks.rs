@@ -4,7 +4,7 @@ use shoal_client::Client;
 use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 
 use crate::cli::{NetworkCmd, Output};
-use crate::output::{emit, table};
+use crate::output::{deleted, emit, table};
 
 pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
@@ -41,7 +41,7 @@ pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Resul
         NetworkCmd::Show { name } => emit(out, &client.network(&name).await?, show),
         NetworkCmd::Delete { name } => {
             client.delete_network(&name).await?;
-            eprintln!("network {name} deleted");
+            deleted(out, "network", &name);
         }
     }
     Ok(())

@@ -53,6 +53,32 @@ pub fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> S
     }
 }
 
+/// The outcome of a command that changes something and shows no record: `value` on stdout for
+/// scripts, or `sentence` on stderr for people (stdout stays empty, as for a deletion).
+pub fn done<T: Serialize>(output: Output, value: &T, sentence: &str) {
+    match output {
+        Output::Json => emit(output, value, |_| String::new()),
+        Output::Table => eprintln!("{sentence}"),
+    }
+}
+
+/// What `… delete` reports: `{"kind": "template", "name": "deb", "deleted": true}`.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    kind: &'a str,
+    name: &'a str,
+    deleted: bool,
+}
+
+pub fn deleted(output: Output, kind: &str, name: &str) {
+    let d = Deleted {
+        kind,
+        name,
+        deleted: true,
+    };
+    done(output, &d, &format!("{kind} {name} deleted"));
+}
+
 /// A placement plan: the per-host verdicts when explained, then where each VM goes.
 pub fn explanation(e: &shoal_policy::Explanation) -> String {
     if !e.hosts.is_empty() {

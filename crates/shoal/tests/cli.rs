@@ -520,6 +520,96 @@ fn logs_to_a_file_are_plain_text() {
     assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log:?}");
 }
 
+/// Every command that reports something prints JSON with `--output json`, including those
+/// that only change a mark or delete something.
+#[test]
+fn commands_that_change_things_report_json() {
+    let (_up, url, dir) = up_two_hosts();
+
+    let m = json(&url, &["host", "maintenance", "host1"]);
+    assert_eq!(
+        (&m["host"], &m["maintenance"], &m["state"]),
+        (&"host1".into(), &true.into(), &"maintenance".into()),
+        "{m}"
+    );
+    let m = json(&url, &["host", "maintenance", "host1", "--off"]);
+    assert_eq!((&m["maintenance"], &m["state"]), (&false.into(), &"up".into()), "{m}");
+    // Out of maintenance but still draining: the state says the host still takes nothing.
+    ok(&url, &["host", "drain", "host2"]);
+    ok(&url, &["host", "maintenance", "host2"]);
+    let m = json(&url, &["host", "maintenance", "host2", "--off"]);
+    assert_eq!(
+        (&m["maintenance"], &m["state"]),
+        (&false.into(), &"draining".into()),
+        "{m}"
+    );
+    let u = json(&url, &["host", "undrain", "host2"]);
+    assert_eq!(
+        (&u["host"], &u["draining"], &u["state"]),
+        (&"host2".into(), &false.into(), &"up".into()),
+        "{u}"
+    );
+    assert!(fails(&url, &["host", "undrain", "ghost"]).contains("host \"ghost\" not found"));
+
+    let img = image(dir.path());
+    ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
+    let back = dir.path().join("back.img");
+    let e = json(&url, &["template", "export", "deb", back.to_str().unwrap()]);
+    assert_eq!((&e["template"], &e["format"]), (&"deb".into(), &"raw".into()), "{e}");
+    assert_eq!(e["logical_bytes"], std::fs::metadata(&img).unwrap().len(), "{e}");
+    let snap = dir.path().join("snap.json");
+    let s = json(&url, &["plan", "snapshot", snap.to_str().unwrap()]);
+    assert_eq!(s["hosts"], 2, "{s}");
+    assert!(snap.exists());
+
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "256MiB",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "cluster",
+            "create",
+            "lab",
+            "--profile",
+            "small",
+            "--size",
+            "1",
+            "--wait",
+        ],
+    );
+    let c = json(&url, &["vm", "console", "lab-0"]);
+    assert_eq!(c["vm"], "lab-0", "{c}");
+    let text = ok(&url, &["vm", "console", "lab-0"]);
+    assert!(!text.is_empty());
+    assert_eq!(c["data"], text.as_str(), "the same console in JSON and as text");
+    ok(&url, &["cluster", "delete", "lab", "--wait"]);
+
+    ok(
+        &url,
+        &["network", "create", "n1", "--subnet", "10.9.0.0/24", "--dns", "1.1.1.1"],
+    );
+    for (kind, name) in [("profile", "small"), ("template", "deb"), ("network", "n1")] {
+        let d = json(&url, &[kind, "delete", name]);
+        assert_eq!(
+            (&d["kind"], &d["name"], &d["deleted"]),
+            (&kind.into(), &name.into(), &true.into()),
+            "{d}"
+        );
+    }
+}
+
 /// Errors say each cause once and name what is at fault; clap does not take a negative size for
 /// a flag.
 #[test]
