@@ -610,6 +610,48 @@ fn commands_that_change_things_report_json() {
     }
 }
 
+/// `network show` is a sheet of `key: value` lines; its JSON is the network's record.
+#[test]
+fn network_show_is_a_details_view() {
+    let (_up, url, _dir) = up_two_hosts();
+    ok(
+        &url,
+        &[
+            "network",
+            "create",
+            "n1",
+            "--subnet",
+            "10.9.0.0/24",
+            "--vni",
+            "4242",
+            "--dns",
+            "1.1.1.1,9.9.9.9",
+        ],
+    );
+    let text = ok(&url, &["network", "show", "n1"]);
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .map(|l| {
+            let (k, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("not key: value: {l:?} in {text}"));
+            (k, v.trim())
+        })
+        .collect();
+    let get = |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1);
+    assert_eq!(get("name"), Some("n1"), "{text}");
+    assert_eq!(get("subnet"), Some("10.9.0.0/24"), "{text}");
+    assert_eq!(get("vni"), Some("4242"), "{text}");
+    assert_eq!(get("dns"), Some("1.1.1.1, 9.9.9.9"), "{text}");
+    assert_eq!(get("nat"), Some("no"), "{text}");
+    let j = json(&url, &["network", "show", "n1"]);
+    assert_eq!(
+        (&j["name"], &j["vni"], &j["subnet"]),
+        (&"n1".into(), &4242.into(), &"10.9.0.0/24".into())
+    );
+    assert!(j["clusters"].as_array().unwrap().is_empty(), "{j}");
+}
+
 /// Errors say each cause once and name what is at fault; clap does not take a negative size for
 /// a flag.
 #[test]
