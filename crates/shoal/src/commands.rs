@@ -80,7 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Host(HostCmd::Undrain { name }) => {
             client.undrain_host(&name).await?;
-            host_marked(&client, out, &name, HostMark::Draining(false)).await?
+            host_marked(&client, out, &name, HostMark::Undrained).await?
         }
         Command::Plan(p) => plan(&client, out, p).await?,
         Command::Host(HostCmd::JoinToken) => {
@@ -295,8 +295,10 @@ async fn power(
 /// What `host maintenance` or `host undrain` changed.
 #[derive(Clone, Copy)]
 enum HostMark {
+    /// Maintenance switched on (`true`) or off.
     Maintenance(bool),
-    Draining(bool),
+    /// The draining mark removed.
+    Undrained,
 }
 
 /// What `host maintenance|undrain` reports: the mark set and the state placement sees now (the
@@ -323,7 +325,6 @@ async fn host_marked(client: &Client, out: Output, name: &str, mark: HostMark) -
         (HostMark::Maintenance(true), _) => {
             format!("host {name} is in maintenance: it keeps its VMs and takes no new ones")
         }
-        (HostMark::Draining(true), _) => format!("host {name} is draining"),
         (_, shoal_policy::HostState::Up) => format!("host {name} takes new VMs again"),
         (HostMark::Maintenance(false), s) => {
             format!(
@@ -331,7 +332,7 @@ async fn host_marked(client: &Client, out: Output, name: &str, mark: HostMark) -
                 s.as_phrase()
             )
         }
-        (HostMark::Draining(false), s) => {
+        (HostMark::Undrained, s) => {
             format!(
                 "host {name} is no longer draining but takes no new VMs: it is {}",
                 s.as_phrase()
@@ -340,7 +341,7 @@ async fn host_marked(client: &Client, out: Output, name: &str, mark: HostMark) -
     };
     let (maintenance, draining) = match mark {
         HostMark::Maintenance(on) => (Some(on), None),
-        HostMark::Draining(on) => (None, Some(on)),
+        HostMark::Undrained => (None, Some(false)),
     };
     let value = HostMarked {
         host: name,
