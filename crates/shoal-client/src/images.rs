@@ -242,8 +242,8 @@ impl Client {
                     let n = blobs.len() as u64;
                     if n != part.len() as u64 {
                         return Err(ClientError::Image(format!(
-                            "asked for {} chunks, received {n}",
-                            part.len()
+                            "asked for {}, received {n}",
+                            shoal_model::plural(part.len(), "chunk")
                         )));
                     }
                     bytes_got.fetch_add(blobs.iter().map(|b| b.1.len() as u64).sum(), Ordering::Relaxed);

@@ -57,6 +57,32 @@ impl ClientError {
     }
 }
 
+/// A string that cannot be the base URL of a [`Client`].
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{url:?} is not a valid URL ({reason}); expected one like http://127.0.0.1:7700")]
+pub struct BadUrl {
+    pub url: String,
+    pub reason: String,
+}
+
+/// Checks that `url` can be a [`Client`]'s base URL: absolute, `http` or `https`, with a host.
+/// [`Client::new`] takes any string; a bad one fails at the first request, with reqwest's
+/// less telling message.
+pub fn check_base_url(url: &str) -> Result<(), BadUrl> {
+    let bad = |reason: String| BadUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let u = reqwest::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(bad(format!("the scheme is {}, not http or https", u.scheme())));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host".into()));
+    }
+    Ok(())
+}
+
 /// Shared plumbing: base URL, optional bearer token, JSON in and out, errors decoded.
 #[derive(Clone)]
 struct Http {
@@ -652,5 +678,27 @@ pub async fn probe_underlay(address: std::net::Ipv4Addr, port: u16, timeout: Dur
                 timeout.as_secs()
             )),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_are_absolute_http_with_a_host() {
+        for good in ["http://127.0.0.1:7700", "https://shoal.example.org/", "http://[::1]:80"] {
+            assert_eq!(check_base_url(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("5", "relative URL without a base"),
+            ("127.0.0.1:7700", "relative URL without a base"),
+            ("localhost:7700", "the scheme is localhost, not http or https"),
+            ("ftp://example.org", "the scheme is ftp, not http or https"),
+        ] {
+            let e = check_base_url(bad).unwrap_err();
+            assert_eq!(e.reason, why, "{bad}");
+            assert!(e.to_string().starts_with(&format!("{bad:?} is not a valid URL")), "{e}");
+        }
     }
 }

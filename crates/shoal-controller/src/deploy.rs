@@ -21,9 +21,6 @@ use crate::datastore::{TemplateRecord, Tx, Versioned};
 use crate::error::{ApiError, ApiResult};
 use crate::{ipam, Controller};
 
-/// Largest cluster one request may ask for.
-pub const MAX_CLUSTER_SIZE: u32 = 65_000;
-
 /// Resolves a profile through its parents; the nearest definition of each field wins.
 pub fn resolve_profile(profiles: &HashMap<String, Profile>, name: &str) -> ApiResult<VmShape> {
     let mut chain = Vec::new();
@@ -144,7 +141,7 @@ async fn plan_new_vms(
             template.template.name,
             template.template.size_bytes,
             &template.template.hash[..template.template.hash.len().min(19)],
-            plural(n, "copy-on-write disk clone", "copy-on-write disk clones")
+            plural(n, "copy-on-write disk clone")
         ),
     );
 
@@ -198,7 +195,7 @@ async fn plan_new_vms(
         match (vms.first(), vms.last()) {
             (Some(a), Some(b)) => format!(
                 "{} {}..{} with addresses {}..{} on {}",
-                plural(n, "VM", "VMs"),
+                plural(n, "VM"),
                 a.name,
                 b.name,
                 a.ip,
@@ -220,7 +217,7 @@ async fn plan_new_vms(
     let plan = snap.place(&req).map_err(|e| {
         ApiError::Capacity(format!(
             "cannot place {} of {} vCPU and {} for cluster {:?}: {e}",
-            plural(n, "VM", "VMs"),
+            plural(n, "VM"),
             req.cpus,
             format_mib(req.memory_mib),
             cluster.name
@@ -244,8 +241,8 @@ async fn plan_new_vms(
         n as u64,
         format!(
             "{} on {} ({} placement){}",
-            plural(n, "VM", "VMs"),
-            plural(hosts.len(), "host", "hosts"),
+            plural(n, "VM"),
+            plural(hosts.len(), "host"),
             match cluster.placement {
                 shoal_model::Placement::Spread => "spread",
                 shoal_model::Placement::Pack => "pack",
@@ -260,11 +257,7 @@ async fn plan_new_vms(
     if let Some(s) = op.step_mut("execute") {
         s.state = StepState::Running;
         s.total = n as u64;
-        s.message = format!(
-            "starting {} on {}",
-            plural(n, "VM", "VMs"),
-            plural(hosts.len(), "host", "hosts")
-        );
+        s.message = format!("starting {} on {}", plural(n, "VM"), plural(hosts.len(), "host"));
     }
     op.vms = vms.iter().map(|v| v.name.clone()).collect();
 
@@ -287,13 +280,9 @@ fn power_on_for_placement(ctl: &Controller, hosts: Vec<String>) {
     }
 }
 
-/// One rule for the size of a cluster, for create and scale alike.
+/// One rule for the size of a cluster, for create and scale alike (the CLI checks the same).
 pub fn validate_size(size: u32) -> ApiResult<()> {
-    if size == 0 || size > MAX_CLUSTER_SIZE {
-        return Err(ApiError::Invalid(format!(
-            "invalid cluster size {size}: a cluster has 1 to {MAX_CLUSTER_SIZE} VMs (delete it to have none)"
-        )));
-    }
+    shoal_model::check_cluster_size(size.into()).map_err(|e| ApiError::Invalid(e.to_string()))?;
     Ok(())
 }
 
@@ -409,7 +398,7 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
         if let Some(s) = op.step_mut("execute") {
             s.state = StepState::Running;
             s.total = doomed.len() as u64;
-            s.message = format!("removing {}", plural(doomed.len(), "VM", "VMs"));
+            s.message = format!("removing {}", plural(doomed.len(), "VM"));
         }
         (op, tx)
     };
@@ -464,7 +453,7 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
     if let Some(s) = op.step_mut("execute") {
         s.state = StepState::Running;
         s.total = vms.len() as u64;
-        s.message = format!("removing {}", plural(vms.len(), "VM", "VMs"));
+        s.message = format!("removing {}", plural(vms.len(), "VM"));
     }
     commit(ctl, tx.put_operation(&op), name).await?;
     ctl.wake.notify_one();

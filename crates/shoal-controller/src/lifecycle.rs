@@ -160,7 +160,7 @@ async fn apply(
     if let Some(s) = op.step_mut("execute") {
         s.total = n as u64;
         s.state = StepState::Running;
-        s.message = format!("{} {}", action.verb(), plural(n, "VM", "VMs"));
+        s.message = format!("{} {}", action.verb(), plural(n, "VM"));
     }
     if op.vms.is_empty() {
         op.state = OperationState::Succeeded;
@@ -225,7 +225,7 @@ async fn resume_claims(ctl: &Controller, vms: &[&Versioned<Vm>], tx: Tx) -> ApiR
         placer.place(&req).map_err(|e| {
             ApiError::Capacity(format!(
                 "host {host} cannot take back {} of cluster {cluster} ({} vCPU, {} each) to resume them: {e}",
-                plural(count as usize, "VM", "VMs"),
+                plural(count as usize, "VM"),
                 cpus,
                 format_mib(memory_mib)
             ))

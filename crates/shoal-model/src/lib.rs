@@ -10,9 +10,11 @@ pub mod network;
 pub mod objects;
 pub mod power;
 pub mod size;
+pub mod text;
 
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
 pub use network::{Network, VmNetwork};
 pub use objects::*;
-pub use size::{format_mib, parse_size_mib, plural, SizeError};
+pub use size::{format_mib, parse_size_mib, SizeError};
+pub use text::plural;

@@ -248,6 +248,24 @@ pub struct Cluster {
     pub created_unix_ms: u64,
 }
 
+/// The most VMs a virtual cluster may have. The fewest is one: a cluster of none is deleted.
+pub const MAX_CLUSTER_SIZE: u32 = 65_000;
+
+/// A cluster size outside 1..=[`MAX_CLUSTER_SIZE`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid cluster size {size}: a cluster has 1 to {MAX_CLUSTER_SIZE} VMs (delete it to have none)")]
+pub struct ClusterSizeError {
+    pub size: i64,
+}
+
+/// `size` as a cluster's size, or why it cannot be one.
+pub fn check_cluster_size(size: i64) -> Result<u32, ClusterSizeError> {
+    match u32::try_from(size) {
+        Ok(n) if (1..=MAX_CLUSTER_SIZE).contains(&n) => Ok(n),
+        _ => Err(ClusterSizeError { size }),
+    }
+}
+
 /// What an operator wants a VM to be doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -410,5 +428,23 @@ pub struct Operation {
 impl Operation {
     pub fn step_mut(&mut self, name: &str) -> Option<&mut OperationStep> {
         self.steps.iter_mut().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_sizes_run_from_one_to_the_maximum() {
+        assert_eq!(check_cluster_size(1), Ok(1));
+        assert_eq!(check_cluster_size(MAX_CLUSTER_SIZE as i64), Ok(MAX_CLUSTER_SIZE));
+        for bad in [-1, 0, MAX_CLUSTER_SIZE as i64 + 1, i64::MAX] {
+            let e = check_cluster_size(bad).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("invalid cluster size {bad}: ")),
+                "{e}"
+            );
+        }
     }
 }

@@ -107,18 +107,3 @@ mod tests {
         assert_eq!(format_mib(1536), "1536MiB");
     }
 }
-
-/// `n` with the noun that fits it: `1 VM`, `2 VMs`, `0 hosts`.
-pub fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
-#[cfg(test)]
-mod plural_tests {
-    #[test]
-    fn one_is_singular_and_everything_else_plural() {
-        assert_eq!(super::plural(1, "VM", "VMs"), "1 VM");
-        assert_eq!(super::plural(0, "host", "hosts"), "0 hosts");
-        assert_eq!(super::plural(2, "VM", "VMs"), "2 VMs");
-    }
-}

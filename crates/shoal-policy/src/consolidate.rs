@@ -327,9 +327,9 @@ impl Consolidator {
         // 2. Empty hosts that have been lightly loaded for a while, if all their VMs fit elsewhere
         //    at their hour-long peaks.
         let mut cold: Vec<usize> = Vec::new();
-        for h in 0..n {
-            let on = hosts[h].power == Power::On && hosts[h].switchable && !hosts[h].vms.is_empty();
-            let low = on && !p.closed[h] && p.load[h] < self.underload * hosts[h].capacity;
+        for (h, host) in hosts.iter().enumerate() {
+            let on = host.power == Power::On && host.switchable && !host.vms.is_empty();
+            let low = on && !p.closed[h] && p.load[h] < self.underload * host.capacity;
             self.low_streak[h] = if low { self.low_streak[h] + 1 } else { 0 };
             let settled = self.last_received[h].is_none_or(|s| step >= s + self.underload_steps as usize);
             if low && self.low_streak[h] >= self.underload_steps && settled {
@@ -395,10 +395,10 @@ impl Consolidator {
         }
 
         // 3. Switch off on hosts left empty.
-        for h in 0..n {
-            if hosts[h].power == Power::On
-                && hosts[h].switchable
-                && hosts[h].vms.is_empty()
+        for (h, host) in hosts.iter().enumerate() {
+            if host.power == Power::On
+                && host.switchable
+                && host.vms.is_empty()
                 && !plan.migrations.iter().any(|&(_, t)| t as usize == h)
             {
                 plan.power_off.push(h as u32);

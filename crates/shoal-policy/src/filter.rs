@@ -157,7 +157,7 @@ impl Reject {
 impl fmt::Display for Reject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reject::State { state } => write!(f, "state: host is {}", state.as_str()),
+            Reject::State { state } => write!(f, "state: host is {}", state.as_phrase()),
             Reject::NotListed => write!(f, "host list: not among the requested hosts"),
             Reject::Avoided => write!(f, "avoided: the request excludes this host"),
             Reject::Label { key, want, have } => match have {
@@ -236,4 +236,21 @@ pub fn capacity_filter(free: [i64; 3], need: [u64; 3]) -> Option<Reject> {
         });
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_rejection_reads_as_english() {
+        for (state, text) in [
+            (HostState::Maintenance, "state: host is in maintenance"),
+            (HostState::PoweredOff, "state: host is powered off"),
+            (HostState::Draining, "state: host is draining"),
+            (HostState::Down, "state: host is down"),
+        ] {
+            assert_eq!(Reject::State { state }.to_string(), text);
+        }
+    }
 }

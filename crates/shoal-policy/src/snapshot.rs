@@ -36,6 +36,17 @@ impl HostState {
             HostState::Down => "down",
         }
     }
+
+    /// The state in words that follow "the host is": `in maintenance`, `powered off`, `draining`.
+    pub fn as_phrase(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Draining => "draining",
+            HostState::Maintenance => "in maintenance",
+            HostState::PoweredOff => "powered off",
+            HostState::Down => "down",
+        }
+    }
 }
 
 fn one() -> f64 {

@@ -132,8 +132,10 @@ pub struct ControllerOpts {
     /// the record and, with --consolidate, is one decision step of the consolidator.
     #[arg(long, default_value_t = 300.0)]
     pub sample_interval: f64,
-    /// Run the consolidator: live-migrate VMs off lightly loaded hosts and switch those off,
-    /// switch hosts on when load grows (`shoal host power` sets the commands).
+    /// Run the consolidator: at each sample, empty lightly loaded hosts and switch them off, and
+    /// switch hosts on when load grows (`shoal host power` sets the commands). There is no live
+    /// migration yet: a VM of the simulated driver is moved by restarting it on its new host,
+    /// and VMs on QEMU hosts are not moved.
     #[arg(long)]
     pub consolidate: bool,
     /// Record every VM's CPU use, one percentage per sample, into this directory as a
@@ -229,6 +231,16 @@ pub struct HostOpts {
     pub reserve_memory: u64,
 }
 
+/// A `--size` of a cluster. Negative numbers reach this parser (clap would otherwise take `-1`
+/// for a flag and suggest `-- -1`) so that the error names the value and the rule.
+fn cluster_size(s: &str) -> Result<u32, String> {
+    let n: i64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid cluster size {s:?}: expected a whole number of VMs"))?;
+    shoal_model::check_cluster_size(n).map_err(|e| e.to_string())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -297,7 +309,9 @@ pub enum HostCmd {
     List,
     /// Create a one-time token with which a new agent joins.
     JoinToken,
-    /// Plan live migrations that even out the hosts' load (Ganeti hbal's score), and execute them.
+    /// Plan moves that even out the hosts' load (Ganeti hbal's score), and execute them. A move
+    /// restarts a simulated VM on its new host (no live migration yet); VMs on QEMU hosts are
+    /// not moved.
     Rebalance {
         /// Only print the plan (the default).
         #[arg(long, conflicts_with = "apply")]
@@ -308,7 +322,8 @@ pub enum HostCmd {
         #[command(flatten)]
         options: RebalanceArgs,
     },
-    /// Mark a host draining (nothing new lands on it) and move every VM off it.
+    /// Mark a host draining (nothing new lands on it) and move every VM off it (by restarting
+    /// it elsewhere: simulated VMs only, no live migration yet).
     Drain {
         name: String,
         /// Only print the plan; change nothing.
@@ -345,7 +360,8 @@ pub enum HostCmd {
     PowerOff { name: String },
     /// Each host's power draw and the energy it has used.
     Energy,
-    /// What the consolidator would do now (switch hosts on, live-migrate, switch hosts off).
+    /// What the consolidator would do now (switch hosts on, move VMs, switch hosts off); moves
+    /// restart simulated VMs on their new hosts, VMs on QEMU hosts are not moved.
     Consolidate {
         /// Do it.
         #[arg(long)]
@@ -382,7 +398,7 @@ pub enum PlanCmd {
     Snapshot { file: PathBuf },
     /// Where a new virtual cluster would go, and why.
     Place(PlaceArgs),
-    /// Live migrations that would even out the hosts' load.
+    /// Migrations that would even out the hosts' load (a plan only: nothing moves).
     Rebalance {
         /// Plan on this snapshot file instead of the live state.
         #[arg(long)]
@@ -390,7 +406,7 @@ pub enum PlanCmd {
         #[command(flatten)]
         options: RebalanceArgs,
     },
-    /// Live migrations that would empty a host.
+    /// Migrations that would empty a host (a plan only: nothing moves).
     Drain {
         host: String,
         #[arg(long)]
@@ -408,7 +424,8 @@ pub struct PlaceArgs {
     /// Name of the virtual cluster (its VMs already in the snapshot count for affinity).
     #[arg(long, default_value = "new")]
     pub cluster: String,
-    #[arg(long)]
+    /// Number of VMs (a cluster has 1 to 65000).
+    #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
     pub size: u32,
     #[arg(long)]
     pub cpus: u32,
@@ -609,7 +626,8 @@ pub enum ClusterCmd {
         name: String,
         #[arg(long)]
         profile: String,
-        #[arg(long)]
+        /// Number of VMs (a cluster has 1 to 65000).
+        #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
         size: u32,
         #[arg(long, value_enum, default_value_t = PlacementArg::Spread)]
         placement: PlacementArg,
@@ -638,7 +656,8 @@ pub enum ClusterCmd {
     /// Grow or shrink a virtual cluster.
     Scale {
         name: String,
-        #[arg(long)]
+        /// The new number of VMs (a cluster has 1 to 65000; delete it to have none).
+        #[arg(long, allow_negative_numbers = true, value_parser = cluster_size)]
         size: u32,
         #[arg(long)]
         wait: bool,

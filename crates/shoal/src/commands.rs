@@ -7,12 +7,12 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_model::api::{CreateCluster, CreateProfile};
-use shoal_model::{parse_size_mib, AntiAffinity, Operation, Placement, StepState};
+use shoal_model::{parse_size_mib, plural, AntiAffinity, Operation, Placement, StepState};
 use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
 use crate::cli::*;
-use crate::{daemons, images, networks, output};
+use crate::{config, daemons, images, networks, output};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
@@ -35,23 +35,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let p = client.rebalance(&options.options(), apply).await?;
             output::emit(out, &p, output::rebalance);
             if apply && !p.moves.is_empty() {
-                eprintln!("{} migrations started", p.moves.len());
+                eprintln!("{} started", plural(p.moves.len(), "migration"));
             }
         }
         Command::Host(HostCmd::Drain { name, plan, options }) => {
             let p = client.drain_host(&name, &options.options(), !plan).await?;
             output::emit(out, &p, output::rebalance);
             if !plan {
-                eprintln!("host {name} is draining; {} migrations started", p.moves.len());
+                eprintln!(
+                    "host {name} is draining; {} started",
+                    plural(p.moves.len(), "migration")
+                );
             }
         }
         Command::Host(HostCmd::Maintenance { name, off }) => {
             client.host_maintenance(&name, !off).await?;
-            if off {
-                eprintln!("host {name} takes new VMs again");
-            } else {
-                eprintln!("host {name} is in maintenance: it keeps its VMs and takes no new ones");
-            }
+            host_marked(&client, out, &name, HostMark::Maintenance(!off)).await?
         }
         Command::Host(HostCmd::Power {
             name,
@@ -81,7 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Host(HostCmd::Undrain { name }) => {
             client.undrain_host(&name).await?;
-            eprintln!("host {name} takes new VMs again");
+            host_marked(&client, out, &name, HostMark::Undrained).await?
         }
         Command::Plan(p) => plan(&client, out, p).await?,
         Command::Host(HostCmd::JoinToken) => {
@@ -96,8 +95,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::emit(out, &v, output::image_verify);
                 if !v.corrupt.is_empty() || !v.damaged.is_empty() {
                     anyhow::bail!(
-                        "the image store is damaged: {} corrupt chunk(s), images {:?}",
-                        v.corrupt.len(),
+                        "the image store is damaged: {}, images {:?}",
+                        plural(v.corrupt.len(), "corrupt chunk"),
                         v.damaged
                     );
                 }
@@ -129,7 +128,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 format,
                 force,
             } => {
-                images::export_template(&client, &name, &file, format.into(), force).await?;
+                let e = images::export_template(&client, &name, &file, format.into(), force).await?;
+                // People have read what was written on stderr already.
+                output::emit(out, &e, |_| String::new())
             }
             TemplateCmd::BuildDemo { name } => {
                 let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -157,7 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             TemplateCmd::Delete { name } => {
                 client.delete_template(&name).await?;
-                eprintln!("template {name} deleted");
+                output::deleted(out, "template", &name)
             }
         },
         Command::Profile(p) => match p {
@@ -194,7 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ProfileCmd::Show { name } => output::emit(out, &client.profile(&name).await?, output::profile),
             ProfileCmd::Delete { name } => {
                 client.delete_profile(&name).await?;
-                eprintln!("profile {name} deleted");
+                output::deleted(out, "profile", &name)
             }
         },
         Command::Cluster(c) => match c {
@@ -260,7 +261,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCmd::Start(a)) => power(&client, out, &a, Some(()), "start", false).await?,
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
-        Command::Vm(VmCmd::Console { name, follow }) => console(&client, &name, follow).await?,
+        Command::Vm(VmCmd::Console { name, follow }) => console(&client, out, &name, follow).await?,
         Command::Vm(VmCmd::Snapshot { name }) => {
             output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot)
         }
@@ -291,20 +292,97 @@ async fn power(
     finish(client, out, op, !a.no_wait).await
 }
 
-/// Prints a VM's console; with `follow`, keeps printing what comes until interrupted.
-async fn console(client: &Client, name: &str, follow: bool) -> anyhow::Result<()> {
+/// What `host maintenance` or `host undrain` changed.
+#[derive(Clone, Copy)]
+enum HostMark {
+    /// Maintenance switched on (`true`) or off.
+    Maintenance(bool),
+    /// The draining mark removed.
+    Undrained,
+}
+
+/// What `host maintenance|undrain` reports: the mark set and the state placement sees now (the
+/// host list does not show marks), e.g. `{"host": "h1", "maintenance": false, "state": "draining"}`.
+#[derive(serde::Serialize)]
+struct HostMarked<'a> {
+    host: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maintenance: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining: Option<bool>,
+    state: shoal_policy::HostState,
+}
+
+async fn host_marked(client: &Client, out: Output, name: &str, mark: HostMark) -> anyhow::Result<()> {
+    let snap = client.plan_snapshot().await?;
+    let state = snap
+        .hosts
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| h.state)
+        .ok_or_else(|| anyhow::anyhow!("host {name:?} not found"))?;
+    let sentence = match (mark, state) {
+        (HostMark::Maintenance(true), _) => {
+            format!("host {name} is in maintenance: it keeps its VMs and takes no new ones")
+        }
+        (_, shoal_policy::HostState::Up) => format!("host {name} takes new VMs again"),
+        (HostMark::Maintenance(false), s) => {
+            format!(
+                "host {name} is out of maintenance but takes no new VMs: it is {}",
+                s.as_phrase()
+            )
+        }
+        (HostMark::Undrained, s) => {
+            format!(
+                "host {name} is no longer draining but takes no new VMs: it is {}",
+                s.as_phrase()
+            )
+        }
+    };
+    let (maintenance, draining) = match mark {
+        HostMark::Maintenance(on) => (Some(on), None),
+        HostMark::Undrained => (None, Some(false)),
+    };
+    let value = HostMarked {
+        host: name,
+        maintenance,
+        draining,
+        state,
+    };
+    output::done(out, &value, &sentence);
+    Ok(())
+}
+
+/// Prints a VM's console; with `follow`, keeps printing what comes until interrupted. In JSON:
+/// `{"vm", "data", "next"}` for what there is, or with `follow` one such line per piece.
+async fn console(client: &Client, out: Output, name: &str, follow: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut offset = 0;
+    let mut all = String::new();
     loop {
         let chunk = client.console(name, offset).await?;
         if !chunk.data.is_empty() {
             let mut so = std::io::stdout().lock();
-            so.write_all(chunk.data.as_bytes())?;
+            match out {
+                Output::Table => so.write_all(chunk.data.as_bytes())?,
+                Output::Json if follow => {
+                    let line = serde_json::json!({ "vm": name, "data": chunk.data, "next": chunk.next });
+                    writeln!(so, "{line}")?
+                }
+                Output::Json => all.push_str(&chunk.data),
+            }
             so.flush()?;
         }
         let advanced = chunk.next > offset;
         offset = chunk.next;
         if !follow && !advanced {
+            if out == Output::Json {
+                output::emit(
+                    out,
+                    &serde_json::json!({ "vm": name, "data": all, "next": offset }),
+                    |_| String::new(),
+                );
+            }
             return Ok(());
         }
         if !advanced {
@@ -365,8 +443,6 @@ pub async fn follow(client: &Client, op: &Operation) -> anyhow::Result<Operation
     Ok(result?)
 }
 
-/// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
-/// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
 impl RebalanceArgs {
     pub fn options(&self) -> RebalanceOptions {
         RebalanceOptions {
@@ -401,11 +477,15 @@ async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> 
             let snap = client.plan_snapshot().await?;
             std::fs::write(&file, serde_json::to_vec_pretty(&snap)?)
                 .with_context(|| format!("writing {}", file.display()))?;
-            eprintln!(
-                "wrote {} hosts and {} VMs to {}",
-                snap.hosts.len(),
-                snap.vms.len(),
-                file.display()
+            output::done(
+                out,
+                &serde_json::json!({ "file": file, "hosts": snap.hosts.len(), "vms": snap.vms.len() }),
+                &format!(
+                    "wrote {} and {} to {}",
+                    plural(snap.hosts.len(), "host"),
+                    plural(snap.vms.len(), "VM"),
+                    file.display()
+                ),
             );
         }
         PlanCmd::Place(a) => {
@@ -464,45 +544,24 @@ fn gang_request(a: &PlaceArgs) -> anyhow::Result<GangRequest> {
     Ok(r)
 }
 
+/// The controller to talk to, and the token to present: `--url`, then `$SHOAL_URL`, then the
+/// config file, then the default; the token from `$SHOAL_TOKEN`, then the config file.
 fn connect(url: Option<String>) -> anyhow::Result<Client> {
-    let config = read_config()?;
-    let url = url
-        .or_else(|| std::env::var("SHOAL_URL").ok().filter(|s| !s.is_empty()))
-        .or_else(|| config.get("url").cloned())
-        .unwrap_or_else(|| "http://127.0.0.1:7700".into());
+    let config = config::load()?;
+    let (url, from) = match (url, std::env::var("SHOAL_URL").ok().filter(|s| !s.is_empty())) {
+        (Some(u), _) => (u, Some("--url")),
+        (None, Some(u)) => (u, Some("$SHOAL_URL")),
+        // The config file's URL was checked when it was read.
+        (None, None) => (config.url.unwrap_or_else(|| "http://127.0.0.1:7700".into()), None),
+    };
+    if let Some(from) = from {
+        shoal_client::check_base_url(&url).context(from)?;
+    }
     let token = std::env::var("SHOAL_TOKEN")
         .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| config.get("token").cloned());
+        .or(config.token);
     Ok(Client::new(&url, token))
-}
-
-/// `$SHOAL_CONFIG`, else `~/.config/shoal/config.toml`: `key = "value"` lines (`url`, `token`).
-fn read_config() -> anyhow::Result<std::collections::HashMap<String, String>> {
-    let path = match std::env::var_os("SHOAL_CONFIG") {
-        Some(p) => PathBuf::from(p),
-        None => match std::env::var_os("HOME") {
-            Some(h) => PathBuf::from(h).join(".config/shoal/config.toml"),
-            None => return Ok(Default::default()),
-        },
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let mut out = std::collections::HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .with_context(|| format!("{}:{}: expected key = \"value\"", path.display(), n + 1))?;
-        out.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
-    }
-    Ok(out)
 }
 
 /// `shoal sim`: loads the trace once and runs every policy on it, in order.

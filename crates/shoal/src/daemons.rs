@@ -1,5 +1,6 @@
 //! The long-running commands: `server`, `agent`, and `up` (all-in-one).
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +12,15 @@ use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SimDriver, SimLoad};
 
 use crate::cli::{AccelArg, AgentArgs, ControllerOpts, Driver, HostOpts, NetDriverArg, ServerArgs, UpArgs};
 
+/// Logs go to stderr, coloured only on a terminal: a log file or journal would keep the escape
+/// codes as text.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -264,8 +268,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     });
     let agents: Vec<_> = futures::future::try_join_all(starts).await?;
     eprintln!(
-        "shoal up: controller at {} with {} {:?} hosts; Ctrl-C to stop",
-        ctl.url, a.hosts, a.host.driver
+        "shoal up: controller at {} with {}; Ctrl-C to stop",
+        ctl.url,
+        shoal_model::plural(a.hosts, &format!("{:?} host", a.host.driver))
     );
     if ctl.controller.auth_required() {
         eprintln!(

@@ -12,7 +12,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_image::{ImageFormat, ImageStore, ImportOptions, ManifestId};
-use shoal_model::Template;
+use shoal_model::{plural, Template};
 
 /// Opens the CLI's local image cache.
 pub fn cache() -> anyhow::Result<Arc<ImageStore>> {
@@ -83,13 +83,13 @@ pub async fn import_template(
     };
     chunking.finish_and_clear();
     eprintln!(
-        "chunked {} ({:?}, {:.0} MB logical, {:.0} MB read) in {:.1} s: {} chunks, {} new here",
+        "chunked {} ({:?}, {:.0} MB logical, {:.0} MB read) in {:.1} s: {}, {} new here",
         files.disk.display(),
         rep.format,
         mb(rep.logical_bytes),
         mb(rep.read_bytes),
         started.elapsed().as_secs_f64(),
-        rep.chunks,
+        plural(rep.chunks, "chunk"),
         rep.new_chunks
     );
     let uploading = bar("uploading");
@@ -105,9 +105,9 @@ pub async fn import_template(
     };
     uploading.finish_and_clear();
     eprintln!(
-        "uploaded {} of {} chunks ({:.1} MB) in {:.1} s; the controller had the rest",
+        "uploaded {} of {} ({:.1} MB) in {:.1} s; the controller had the rest",
         t.chunks_sent,
-        t.chunks_total,
+        plural(t.chunks_total, "chunk"),
         mb(t.bytes_sent),
         started.elapsed().as_secs_f64()
     );
@@ -121,6 +121,20 @@ pub async fn import_template(
     Ok(template)
 }
 
+/// What `template export` did.
+#[derive(Debug, serde::Serialize)]
+pub struct Exported {
+    pub template: String,
+    pub file: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub logical_bytes: u64,
+    pub written_bytes: u64,
+    /// Chunks fetched from the controller; the local cache had the rest.
+    pub chunks_fetched: u64,
+    pub chunks_total: u64,
+}
+
 /// Writes template `name`'s disk to `dest` as raw or qcow2, fetching the chunks the cache lacks.
 pub async fn export_template(
     client: &Client,
@@ -128,7 +142,7 @@ pub async fn export_template(
     dest: &Path,
     format: ImageFormat,
     force: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exported> {
     if dest.exists() && !force {
         anyhow::bail!("{} exists; pass --force to overwrite it", dest.display());
     }
@@ -153,9 +167,9 @@ pub async fn export_template(
         .await?;
     fetching.finish_and_clear();
     eprintln!(
-        "fetched {} of {} chunks ({:.1} MB) in {:.1} s",
+        "fetched {} of {} ({:.1} MB) in {:.1} s",
         rep.chunks_sent,
-        rep.chunks_total,
+        plural(rep.chunks_total, "chunk"),
         mb(rep.bytes_sent),
         started.elapsed().as_secs_f64()
     );
@@ -180,5 +194,13 @@ pub async fn export_template(
         mb(out.written_bytes),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(Exported {
+        template: name.to_string(),
+        file: dest.to_path_buf(),
+        format: format!("{format:?}").to_lowercase(),
+        logical_bytes: out.logical_bytes,
+        written_bytes: out.written_bytes,
+        chunks_fetched: rep.chunks_sent,
+        chunks_total: rep.chunks_total,
+    })
 }

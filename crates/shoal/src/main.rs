@@ -3,7 +3,9 @@
 
 mod cli;
 mod commands;
+mod config;
 mod daemons;
+mod error;
 mod images;
 mod networks;
 mod output;
@@ -18,7 +20,7 @@ fn main() {
         .expect("tokio runtime");
     let result = runtime.block_on(commands::run(args));
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error::message(&e));
         std::process::exit(1);
     }
 }

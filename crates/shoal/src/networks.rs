@@ -4,7 +4,7 @@ use shoal_client::Client;
 use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 
 use crate::cli::{NetworkCmd, Output};
-use crate::output::{emit, table};
+use crate::output::{deleted, emit, sheet, table};
 
 pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
@@ -41,7 +41,7 @@ pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Resul
         NetworkCmd::Show { name } => emit(out, &client.network(&name).await?, show),
         NetworkCmd::Delete { name } => {
             client.delete_network(&name).await?;
-            eprintln!("network {name} deleted");
+            deleted(out, "network", &name);
         }
     }
     Ok(())
@@ -49,10 +49,6 @@ pub async fn run(client: &Client, out: Output, cmd: NetworkCmd) -> anyhow::Resul
 
 #[allow(clippy::ptr_arg)] // `emit` hands over the value as it was deserialised.
 fn list(ns: &Vec<NetworkView>) -> String {
-    rows(ns)
-}
-
-fn rows(ns: &[NetworkView]) -> String {
     table(
         &[
             "name", "subnet", "vni", "owner", "nat", "dns", "clusters", "vms", "hosts",
@@ -65,16 +61,7 @@ fn rows(ns: &[NetworkView]) -> String {
                     n.network.vni.to_string(),
                     n.network.owner.clone().unwrap_or_else(|| "-".into()),
                     nat(n),
-                    if n.network.dns.is_empty() {
-                        "-".into()
-                    } else {
-                        n.network
-                            .dns
-                            .iter()
-                            .map(|a| a.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    },
+                    dns(n, ","),
                     n.clusters.join(","),
                     n.vms.to_string(),
                     n.hosts.join(","),
@@ -94,6 +81,45 @@ fn nat(n: &NetworkView) -> String {
     }
 }
 
+fn dns(n: &NetworkView, sep: &str) -> String {
+    if n.network.dns.is_empty() {
+        return "-".into();
+    }
+    n.network
+        .dns
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
+/// Names, comma-separated, or `-` for none.
+fn names(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// One network, `key: value` lines like `cluster show`.
 fn show(n: &NetworkView) -> String {
-    rows(std::slice::from_ref(n))
+    let w = &n.network;
+    sheet(vec![
+        ("name", w.name.clone()),
+        ("subnet", w.subnet.to_string()),
+        ("vni", w.vni.to_string()),
+        (
+            "owner",
+            match &w.owner {
+                Some(c) => format!("cluster {c} (deleted with it)"),
+                None => "-".into(),
+            },
+        ),
+        ("nat", nat(n)),
+        ("dns", dns(n, ", ")),
+        ("clusters", names(&n.clusters)),
+        ("vms", n.vms.to_string()),
+        ("hosts", names(&n.hosts)),
+    ])
 }

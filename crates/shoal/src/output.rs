@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use shoal_model::api::{ClusterView, ProfileView};
-use shoal_model::{format_mib, Host, Operation, Template, Vm};
+use shoal_model::{format_mib, plural, Host, Operation, Template, Vm};
 
 use crate::cli::Output;
 
@@ -53,6 +53,32 @@ pub fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> S
     }
 }
 
+/// The outcome of a command that changes something and shows no record: `value` on stdout for
+/// scripts, or `sentence` on stderr for people (stdout stays empty, as for a deletion).
+pub fn done<T: Serialize>(output: Output, value: &T, sentence: &str) {
+    match output {
+        Output::Json => emit(output, value, |_| String::new()),
+        Output::Table => eprintln!("{sentence}"),
+    }
+}
+
+/// What `… delete` reports: `{"kind": "template", "name": "deb", "deleted": true}`.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    kind: &'a str,
+    name: &'a str,
+    deleted: bool,
+}
+
+pub fn deleted(output: Output, kind: &str, name: &str) {
+    let d = Deleted {
+        kind,
+        name,
+        deleted: true,
+    };
+    done(output, &d, &format!("{kind} {name} deleted"));
+}
+
 /// A placement plan: the per-host verdicts when explained, then where each VM goes.
 pub fn explanation(e: &shoal_policy::Explanation) -> String {
     if !e.hosts.is_empty() {
@@ -68,7 +94,11 @@ pub fn explanation(e: &shoal_policy::Explanation) -> String {
             None => per_host.push((a.host.clone(), 1)),
         }
     }
-    let mut s = format!("plan: {} VMs on {} hosts\n", e.plan.len(), per_host.len());
+    let mut s = format!(
+        "plan: {} on {}\n",
+        plural(e.plan.len(), "VM"),
+        plural(per_host.len(), "host")
+    );
     s.push_str(&table(
         &["host", "vms"],
         per_host.into_iter().map(|(h, n)| vec![h, n.to_string()]).collect(),
@@ -79,11 +109,11 @@ pub fn explanation(e: &shoal_policy::Explanation) -> String {
 /// A rebalance or drain plan: scores before and after, then one row per migration.
 pub fn rebalance(p: &shoal_policy::rebalance::RebalancePlan) -> String {
     let mut s = format!(
-        "cluster score (Ganeti hbal's): {:.8} -> {:.8}; {} migrations in {} waves ({})\n",
+        "cluster score (Ganeti hbal's): {:.8} -> {:.8}; {} in {} ({})\n",
         p.before.total,
         p.after.total,
-        p.moves.len(),
-        p.waves,
+        plural(p.moves.len(), "migration"),
+        plural(p.waves, "wave"),
         p.stopped
     );
     if !p.moves.is_empty() {
@@ -228,7 +258,7 @@ pub fn template(t: &Template) -> String {
     sheet(vec![
         ("name", t.name.clone()),
         ("format", t.format.clone()),
-        ("size", format!("{} bytes", t.size_bytes)),
+        ("size", plural(t.size_bytes, "byte")),
         ("hash", t.hash.clone()),
     ])
 }
@@ -280,7 +310,7 @@ pub fn profile(p: &ProfileView) -> String {
             "user data",
             e.user_data
                 .as_ref()
-                .map(|u| format!("{} bytes", u.len()))
+                .map(|u| plural(u.len(), "byte"))
                 .unwrap_or_else(|| "-".into()),
         ),
     ])
@@ -423,8 +453,11 @@ pub fn image_stats(s: &shoal_model::api::ImageStats) -> String {
         0.0
     };
     sheet(vec![
-        ("logical", format!("{} bytes", s.logical_bytes)),
-        ("stored", format!("{} bytes ({ratio:.1}x smaller)", s.stored_bytes)),
+        ("logical", plural(s.logical_bytes, "byte")),
+        (
+            "stored",
+            format!("{} ({ratio:.1}x smaller)", plural(s.stored_bytes, "byte")),
+        ),
         ("chunks", s.chunks.to_string()),
         ("images", s.manifests.to_string()),
         ("named", s.refs.to_string()),
@@ -433,15 +466,17 @@ pub fn image_stats(s: &shoal_model::api::ImageStats) -> String {
 
 pub fn image_gc(g: &shoal_model::api::ImageGc) -> String {
     format!(
-        "removed {} image(s) and {} chunk(s), freed {} bytes\n",
-        g.manifests_removed, g.chunks_removed, g.bytes_freed
+        "removed {} and {}, freed {}\n",
+        plural(g.manifests_removed, "image"),
+        plural(g.chunks_removed, "chunk"),
+        plural(g.bytes_freed, "byte")
     )
 }
 
 pub fn image_verify(v: &shoal_model::api::ImageVerify) -> String {
     let mut s = format!(
-        "checked {} chunks: {} corrupt (quarantined)\n",
-        v.chunks_checked,
+        "checked {}: {} corrupt (quarantined)\n",
+        plural(v.chunks_checked, "chunk"),
         v.corrupt.len()
     );
     for d in &v.damaged {
@@ -456,16 +491,26 @@ pub fn vm_snapshot(s: &shoal_model::api::VmSnapshot) -> String {
         ("vm", s.vm.clone()),
         ("image", s.image.clone()),
         ("manifest", s.manifest.clone()),
-        ("size", format!("{} bytes ({} of data)", s.logical_bytes, s.data_bytes)),
+        (
+            "size",
+            format!("{} ({} of data)", plural(s.logical_bytes, "byte"), s.data_bytes),
+        ),
         (
             "shared",
             format!(
-                "{} bytes with its template ({:.1} %)",
-                s.shared_with_template_bytes,
+                "{} with its template ({:.1} %)",
+                plural(s.shared_with_template_bytes, "byte"),
                 pct(s.shared_with_template_bytes, s.data_bytes)
             ),
         ),
-        ("sent", format!("{} new chunks, {} bytes", s.chunks_sent, s.bytes_sent)),
+        (
+            "sent",
+            format!(
+                "{}, {}",
+                plural(s.chunks_sent, "new chunk"),
+                plural(s.bytes_sent, "byte")
+            ),
+        ),
     ])
 }
 

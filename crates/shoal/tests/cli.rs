@@ -479,3 +479,316 @@ fn plans_offline_on_a_snapshot_and_live() {
     );
     assert!(!drain["moves"].as_array().unwrap().is_empty());
 }
+
+/// Starts `shoal up` with two simulated hosts; returns it, its URL and its directory.
+fn up_two_hosts() -> (Daemon, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let up = Daemon::spawn(
+        &[
+            "up",
+            "--hosts",
+            "2",
+            "--driver",
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--host-cpus",
+            "4",
+            "--host-memory",
+            "4096",
+        ],
+        &dir.path().join("up.log"),
+    );
+    wait_ready(&url, &up);
+    eventually(Duration::from_secs(10), "2 hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 2
+    });
+    (up, url, dir)
+}
+
+/// A daemon's log that goes to a file (not a terminal) carries no colour codes.
+#[test]
+fn logs_to_a_file_are_plain_text() {
+    let (up, url, _dir) = up_two_hosts();
+    ok(&url, &["host", "list"]);
+    let log = up.log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log:?}");
+}
+
+/// Every command that reports something prints JSON with `--output json`, including those
+/// that only change a mark or delete something.
+#[test]
+fn commands_that_change_things_report_json() {
+    let (_up, url, dir) = up_two_hosts();
+
+    let m = json(&url, &["host", "maintenance", "host1"]);
+    assert_eq!(
+        (&m["host"], &m["maintenance"], &m["state"]),
+        (&"host1".into(), &true.into(), &"maintenance".into()),
+        "{m}"
+    );
+    let m = json(&url, &["host", "maintenance", "host1", "--off"]);
+    assert_eq!((&m["maintenance"], &m["state"]), (&false.into(), &"up".into()), "{m}");
+    // Out of maintenance but still draining: the state says the host still takes nothing.
+    ok(&url, &["host", "drain", "host2"]);
+    ok(&url, &["host", "maintenance", "host2"]);
+    let m = json(&url, &["host", "maintenance", "host2", "--off"]);
+    assert_eq!(
+        (&m["maintenance"], &m["state"]),
+        (&false.into(), &"draining".into()),
+        "{m}"
+    );
+    let u = json(&url, &["host", "undrain", "host2"]);
+    assert_eq!(
+        (&u["host"], &u["draining"], &u["state"]),
+        (&"host2".into(), &false.into(), &"up".into()),
+        "{u}"
+    );
+    assert!(fails(&url, &["host", "undrain", "ghost"]).contains("host \"ghost\" not found"));
+
+    let img = image(dir.path());
+    ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
+    let back = dir.path().join("back.img");
+    let e = json(&url, &["template", "export", "deb", back.to_str().unwrap()]);
+    assert_eq!((&e["template"], &e["format"]), (&"deb".into(), &"raw".into()), "{e}");
+    assert_eq!(e["logical_bytes"], std::fs::metadata(&img).unwrap().len(), "{e}");
+    let snap = dir.path().join("snap.json");
+    let s = json(&url, &["plan", "snapshot", snap.to_str().unwrap()]);
+    assert_eq!(s["hosts"], 2, "{s}");
+    assert!(snap.exists());
+
+    ok(
+        &url,
+        &[
+            "profile",
+            "create",
+            "small",
+            "--template",
+            "deb",
+            "--cpus",
+            "1",
+            "--memory",
+            "256MiB",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "cluster",
+            "create",
+            "lab",
+            "--profile",
+            "small",
+            "--size",
+            "1",
+            "--wait",
+        ],
+    );
+    let c = json(&url, &["vm", "console", "lab-0"]);
+    assert_eq!(c["vm"], "lab-0", "{c}");
+    let text = ok(&url, &["vm", "console", "lab-0"]);
+    assert!(!text.is_empty());
+    assert_eq!(c["data"], text.as_str(), "the same console in JSON and as text");
+    ok(&url, &["cluster", "delete", "lab", "--wait"]);
+
+    ok(
+        &url,
+        &["network", "create", "n1", "--subnet", "10.9.0.0/24", "--dns", "1.1.1.1"],
+    );
+    for (kind, name) in [("profile", "small"), ("template", "deb"), ("network", "n1")] {
+        let d = json(&url, &[kind, "delete", name]);
+        assert_eq!(
+            (&d["kind"], &d["name"], &d["deleted"]),
+            (&kind.into(), &name.into(), &true.into()),
+            "{d}"
+        );
+    }
+}
+
+/// `network show` is a sheet of `key: value` lines; its JSON is the network's record.
+#[test]
+fn network_show_is_a_details_view() {
+    let (_up, url, _dir) = up_two_hosts();
+    ok(
+        &url,
+        &[
+            "network",
+            "create",
+            "n1",
+            "--subnet",
+            "10.9.0.0/24",
+            "--vni",
+            "4242",
+            "--dns",
+            "1.1.1.1,9.9.9.9",
+        ],
+    );
+    let text = ok(&url, &["network", "show", "n1"]);
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .map(|l| {
+            let (k, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("not key: value: {l:?} in {text}"));
+            (k, v.trim())
+        })
+        .collect();
+    let get = |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1);
+    assert_eq!(get("name"), Some("n1"), "{text}");
+    assert_eq!(get("subnet"), Some("10.9.0.0/24"), "{text}");
+    assert_eq!(get("vni"), Some("4242"), "{text}");
+    assert_eq!(get("dns"), Some("1.1.1.1, 9.9.9.9"), "{text}");
+    assert_eq!(get("nat"), Some("no"), "{text}");
+    let j = json(&url, &["network", "show", "n1"]);
+    assert_eq!(
+        (&j["name"], &j["vni"], &j["subnet"]),
+        (&"n1".into(), &4242.into(), &"10.9.0.0/24".into())
+    );
+    assert!(j["clusters"].as_array().unwrap().is_empty(), "{j}");
+}
+
+/// Errors say each cause once and name what is at fault; clap does not take a negative size for
+/// a flag.
+#[test]
+fn errors_name_the_culprit_once() {
+    let dead = "http://127.0.0.1:1";
+    let e = fails(dead, &["sim", "--trace", "/nonexistent"]);
+    assert!(e.contains("/nonexistent"), "{e}");
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+
+    let e = fails(dead, &["host", "list"]);
+    assert!(e.contains(dead), "{e}");
+    assert_eq!(e.matches("error sending request").count(), 1, "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    for args in [
+        &["cluster", "scale", "lab", "--size", "-1"][..],
+        &["cluster", "create", "lab", "--profile", "p", "--size", "-1"],
+        &["cluster", "scale", "lab", "--size", "0"],
+        &["cluster", "create", "lab", "--profile", "p", "--size", "65001"],
+    ] {
+        let e = fails(dead, args);
+        let size = args[args.len() - 1];
+        assert!(e.contains(&format!("invalid cluster size {size}")), "{args:?}: {e}");
+        assert!(e.contains("1 to 65000 VMs"), "{args:?}: {e}");
+        assert!(!e.contains("-- -1"), "{args:?}: {e}");
+    }
+    for cmd in ["create", "scale"] {
+        let help = ok(dead, &["cluster", cmd, "--help"]);
+        assert!(
+            help.contains("a cluster has 1 to 65000"),
+            "cluster {cmd} --help: {help}"
+        );
+    }
+    let help = ok(dead, &["cluster", "scale", "--help"]);
+    assert!(help.contains("delete it to have none"), "{help}");
+}
+
+/// The config file refuses what it does not know, naming the key or value and the file.
+#[test]
+fn a_bad_config_file_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let path = config.to_str().unwrap();
+    let env = [("SHOAL_CONFIG", path)];
+    let run = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        let o = cli("http://127.0.0.1:1", &env, &["host", "list"]);
+        assert!(!o.status.success(), "{text:?} was accepted");
+        stderr(&o)
+    };
+    let e = run("url = \"http://127.0.0.1:1\"\nurll = \"http://127.0.0.1:2\"\n");
+    assert!(
+        e.contains(path) && e.contains("line 2") && e.contains("unknown key \"urll\""),
+        "{e}"
+    );
+    let e = run("url = 5\n");
+    assert!(
+        e.contains(path) && e.contains("the value of url must be a string"),
+        "{e}"
+    );
+    assert!(!e.contains("builder error"), "{e}");
+    let e = run("url = \"127.0.0.1:7700\"\n");
+    assert!(
+        e.contains(path) && e.contains("\"127.0.0.1:7700\" is not a valid URL"),
+        "{e}"
+    );
+    let e = fails("5", &["host", "list"]);
+    assert!(e.contains("--url") && e.contains("\"5\" is not a valid URL"), "{e}");
+}
+
+/// Help says what the consolidator and the rebalancer really do: no live migration yet.
+#[test]
+fn help_does_not_promise_live_migration() {
+    let dead = "http://127.0.0.1:1";
+    for args in [
+        &["server", "--help"][..],
+        &["up", "--help"],
+        &["host", "rebalance", "--help"],
+        &["host", "drain", "--help"],
+        &["host", "consolidate", "--help"],
+    ] {
+        let help = ok(dead, args);
+        assert!(!help.to_lowercase().contains("live-migrate"), "{args:?}: {help}");
+        assert!(
+            help.contains("restart"),
+            "{args:?} should say VMs are moved by restarting: {help}"
+        );
+    }
+    for args in [&["server", "--help"][..], &["up", "--help"]] {
+        assert!(ok(dead, args).contains("VMs on QEMU hosts are not moved"), "{args:?}");
+    }
+}
+
+/// Counts read as English: one VM, two VMs.
+#[test]
+fn counts_agree_with_their_nouns() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.json");
+    let hosts = serde_json::json!([
+        {"name": "h0", "cpus": 8, "memory_mib": 16384},
+        {"name": "h1", "cpus": 8, "memory_mib": 16384, "state": "maintenance"},
+        {"name": "h2", "cpus": 8, "memory_mib": 16384, "state": "powered_off"},
+    ]);
+    std::fs::write(&snap, serde_json::json!({"hosts": hosts, "vms": []}).to_string()).unwrap();
+    let s = snap.to_str().unwrap();
+    let dead = "http://127.0.0.1:1";
+    let place = |size: &str, explain: bool| {
+        let mut a = vec![
+            "plan",
+            "place",
+            "--snapshot",
+            s,
+            "--size",
+            size,
+            "--cpus",
+            "1",
+            "--memory",
+            "1GiB",
+        ];
+        if explain {
+            a.push("--explain");
+        }
+        ok(dead, &a)
+    };
+    assert!(
+        place("1", false).starts_with("plan: 1 VM on 1 host\n"),
+        "{}",
+        place("1", false)
+    );
+    assert!(
+        place("2", false).starts_with("plan: 2 VMs on 1 host\n"),
+        "{}",
+        place("2", false)
+    );
+    let out = place("1", true);
+    assert!(out.contains("rejected by state: host is in maintenance"), "{out}");
+    assert!(out.contains("rejected by state: host is powered off"), "{out}");
+    let out = ok(dead, &["plan", "rebalance", "--snapshot", s]);
+    assert!(out.contains("0 migrations in 0 waves"), "{out}");
+}

@@ -82,7 +82,7 @@ fn across_two_hosts(driver: &str) {
         "--vni",
         "4343",
     ]);
-    let peers = vec![format!("10.77.{o}.2"), format!("10.77.{o}.3")];
+    let peers = [format!("10.77.{o}.2"), format!("10.77.{o}.3")];
     let ud1 = lab.dir.path().join("ud1.sh");
     let out_tries = if bridge { 60 } else { 8 };
     std::fs::write(
