@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
+.PHONY: deps build demo lint test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -16,8 +16,13 @@ build: deps
 demo: build
 	scripts/demo.sh target/release/shoal $(DEMO_FLAGS)
 
-## make test: the whole suite (unit, integration, end-to-end against real processes).
-test: deps
+## make lint: formatting (rustfmt.toml) and clippy with every warning an error. Part of make test.
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## make test: lints, then the whole suite (unit, integration, end-to-end against real processes).
+test: deps lint
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \

@@ -59,3 +59,17 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
   exit 1
 fi
+
+# make lint needs rustfmt and clippy; rustup adds them where the toolchain came from rustup.
+for tool in fmt clippy; do
+  if ! cargo "$tool" --version >/dev/null 2>&1; then
+    component=$([ "$tool" = fmt ] && echo rustfmt || echo clippy)
+    if command -v rustup >/dev/null 2>&1; then
+      echo "install-deps: adding the Rust component $component"
+      rustup component add "$component"
+    else
+      echo "install-deps: cargo $tool is missing and there is no rustup to add $component" >&2
+      exit 1
+    fi
+  fi
+done

@@ -136,7 +136,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             }
         })
         .collect();
-    if !slot.as_ref().is_some_and(|(n, _)| *n == names) {
+    if slot.as_ref().is_none_or(|(n, _)| *n != names) {
         *slot = Some((names.clone(), Consolidator::default()));
     }
     let (_, c) = slot.as_mut().expect("set above");

@@ -840,12 +840,15 @@ mod tests {
         }
     }
 
+    /// A row: cluster size, its VMs by state, whether an operation runs, the state wanted.
+    type Row = (u32, &'static [(VmState, u32)], bool, ClusterState);
+
     /// Every VM state mix that matters × busy or not → the cluster's state.
     #[test]
     fn cluster_state_table() {
         use ClusterState::*;
         use VmState as V;
-        let table: &[(u32, &[(VmState, u32)], bool, ClusterState)] = &[
+        let table: &[Row] = &[
             (3, &[(V::Running, 3)], false, Ready),
             (3, &[(V::Running, 3)], true, Converging),
             (3, &[(V::Running, 2)], false, Converging),

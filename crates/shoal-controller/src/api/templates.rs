@@ -392,7 +392,7 @@ pub async fn publish_template(
         }
         Err(e) => {
             undo(&made);
-            Err(e.into())
+            Err(e)
         }
     }
 }

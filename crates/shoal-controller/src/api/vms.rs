@@ -79,11 +79,11 @@ pub struct ConsoleQuery {
 
 /// The host record of the host a VM is on.
 async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::datastore::HostRecord> {
-    Ok(ctl
+    ctl
         .db
         .host(&vm.host)
         .await?
-        .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))?)
+        .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))
 }
 
 /// The VM's serial console from `offset`, read from its host.

@@ -477,14 +477,14 @@ impl Datastore {
         self.values(keys::POWER).await
     }
     pub async fn energy_accounts(&self) -> ApiResult<HashMap<String, EnergyAccount>> {
-        Ok(self
+        self
             .store
             .range(keys::ENERGY)
             .await?
             .kvs
             .iter()
             .map(|kv| Ok((kv.key[keys::ENERGY.len()..].to_string(), dec(&kv.key, &kv.value)?)))
-            .collect::<ApiResult<_>>()?)
+            .collect::<ApiResult<_>>()
     }
 
     // Templates and profiles.
