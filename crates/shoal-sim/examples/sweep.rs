@@ -24,14 +24,20 @@ fn main() {
                 p.consolidator.overload = 0.98;
                 p
             }),
-            ("overcommit 2", ShoalPolicy {
-                overcommit: 2.0,
-                ..Default::default()
-            }),
-            ("overcommit 8", ShoalPolicy {
-                overcommit: 8.0,
-                ..Default::default()
-            }),
+            (
+                "overcommit 2",
+                ShoalPolicy {
+                    overcommit: 2.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "overcommit 8",
+                ShoalPolicy {
+                    overcommit: 8.0,
+                    ..Default::default()
+                },
+            ),
             ("boot 300 s", {
                 let mut p = ShoalPolicy::default();
                 p.power.boot_s = 300.0;

@@ -79,8 +79,7 @@ pub struct ConsoleQuery {
 
 /// The host record of the host a VM is on.
 async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::datastore::HostRecord> {
-    ctl
-        .db
+    ctl.db
         .host(&vm.host)
         .await?
         .ok_or_else(|| ApiError::Unavailable(format!("VM {}'s host {} is unknown", vm.name, vm.host)))

@@ -477,8 +477,7 @@ impl Datastore {
         self.values(keys::POWER).await
     }
     pub async fn energy_accounts(&self) -> ApiResult<HashMap<String, EnergyAccount>> {
-        self
-            .store
+        self.store
             .range(keys::ENERGY)
             .await?
             .kvs

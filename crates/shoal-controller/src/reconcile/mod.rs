@@ -19,6 +19,9 @@ use crate::datastore::{HostRecord, TemplateRecord, Tx, Versioned};
 use crate::error::ApiResult;
 use crate::Controller;
 
+mod decide;
+use decide::{vm_step, HostLook, VmStep};
+
 pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     let mut pruned: Option<std::time::Instant> = None;
     loop {
@@ -121,6 +124,8 @@ fn spawn_until_stopped(stop: &watch::Receiver<bool>, task: impl std::future::Fut
 /// Everything a pass decides from, read at one point.
 struct Snapshot {
     hosts: HashMap<String, HostRecord>,
+    /// Hosts switched on and not heard from yet.
+    booting: HashSet<String>,
     clusters: HashMap<String, Versioned<Cluster>>,
     vms: Vec<Versioned<Vm>>,
     templates: HashMap<String, TemplateRecord>,
@@ -130,6 +135,14 @@ struct Snapshot {
 
 async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
     Ok(Snapshot {
+        booting: ctl
+            .db
+            .powers()
+            .await?
+            .into_iter()
+            .filter(|p| p.state == shoal_model::power::PowerState::Booting)
+            .map(|p| p.host)
+            .collect(),
         hosts: ctl.db.hosts().await?.into_iter().map(|h| (h.name.clone(), h)).collect(),
         clusters: ctl
             .db
@@ -161,26 +174,32 @@ async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
     })
 }
 
+/// How `host` looks to the reconciler now.
+fn look(ctl: &Controller, s: &Snapshot, host: &str) -> HostLook {
+    if s.hosts.contains_key(host) && ctl.host_state(host).0 == HostState::Up {
+        HostLook::Up
+    } else if s.booting.contains(host) {
+        HostLook::Booting
+    } else {
+        HostLook::Down
+    }
+}
+
 async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     let mut s = read(ctl).await?;
     let up = |h: &str| ctl.host_state(h).0 == HostState::Up;
 
-    // VMs whose host went down before confirming them never ran: place them elsewhere.
+    let step = |v: &Vm| vm_step(v.state, look(ctl, &s, &v.host), v.desired);
     let stranded: Vec<Versioned<Vm>> = s
         .vms
         .iter()
-        .filter(|v| v.value.state == VmState::Pending && !up(&v.value.host))
-        .map(|v| Versioned {
-            value: v.value.clone(),
-            mod_revision: v.mod_revision,
-        })
+        .filter(|v| step(&v.value) == VmStep::Replace)
+        .cloned()
         .collect();
-    // VMs to delete from a host that is down cannot be told to go; forget them now. If the host
-    // comes back, the orphan sweep below removes them then.
     let forgotten: Vec<Vm> = s
         .vms
         .iter()
-        .filter(|v| v.value.state == VmState::Deleting && !up(&v.value.host))
+        .filter(|v| step(&v.value) == VmStep::Forget)
         .map(|v| v.value.clone())
         .collect();
     let mut changed = false;
@@ -243,16 +262,14 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         let vm = &v.value;
         known.insert((vm.uuid, vm.host.as_str()));
         let Some(host) = s.hosts.get(&vm.host) else { continue };
-        if !up(&host.name) {
-            continue;
-        }
-        let wants_ensure = match vm.state {
-            VmState::Pending => true,
-            VmState::Failed | VmState::Deleting => false,
-            state => state != vm.desired.target() && ctl.ensure_due(vm.uuid, vm.desired),
+        let wanted = match vm_step(vm.state, look(ctl, &s, &vm.host), vm.desired) {
+            VmStep::Ensure => Some(true),
+            VmStep::EnsureIfDue => Some(ctl.ensure_due(vm.uuid, vm.desired)),
+            VmStep::Remove => Some(false),
+            VmStep::Nothing | VmStep::Replace | VmStep::Forget => None,
         };
-        match vm.state {
-            _ if wants_ensure => {
+        match wanted {
+            Some(true) => {
                 let Some(spec) = spec_for(&s, &topo, vm) else { continue };
                 cmds.ensure
                     .entry(host.name.clone())
@@ -260,7 +277,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     .1
                     .push((vm.clone(), spec));
             }
-            VmState::Deleting => cmds
+            Some(false) => cmds
                 .remove
                 .entry(host.name.clone())
                 .or_insert_with(|| (host.address.clone(), Vec::new()))
@@ -270,7 +287,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     uuid: vm.uuid,
                     name: vm.name.clone(),
                 }),
-            _ => {}
+            None => {}
         }
     }
     // Orphans: VMs a host runs that the store does not place there (a rolled-back deployment
