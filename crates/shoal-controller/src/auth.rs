@@ -111,10 +111,15 @@ pub async fn require_admin(State(ctl): State<Controller>, req: Request, next: Ne
 
 /// Checks an agent's own credential for `host`, when authentication is required.
 pub async fn require_agent(ctl: &Controller, headers: &axum::http::HeaderMap, host: &str) -> ApiResult<()> {
+    check_agent(ctl, bearer(headers), host).await
+}
+
+/// Checks that `presented` is `host`'s own credential, when authentication is required.
+pub async fn check_agent(ctl: &Controller, presented: Option<&str>, host: &str) -> ApiResult<()> {
     if !ctl.auth_required() {
         return Ok(());
     }
-    let Some(t) = bearer(headers) else {
+    let Some(t) = presented else {
         return Err(ApiError::Unauthorized(format!("agent {host:?} sent no credential")));
     };
     match lookup(&ctl.db, t).await? {

@@ -22,19 +22,12 @@ use uuid::Uuid;
 pub mod api;
 pub mod auth;
 pub mod capacity;
-pub mod consolidate;
 pub mod datastore;
-mod deploy;
-pub mod energy;
+pub mod domain;
 pub mod error;
-pub mod hosts;
 mod ipam;
-pub mod lifecycle;
 pub mod locality;
-pub mod network;
-pub mod plan;
 mod reconcile;
-pub mod vms;
 
 pub use datastore::Datastore;
 
@@ -121,7 +114,7 @@ pub struct Inner {
     /// Chunk sets of manifests, for image locality.
     pub chunk_sets: locality::ChunkSets,
     /// CPU samples, energy accounts and the consolidator's memory.
-    pub energy: tokio::sync::Mutex<energy::Meter>,
+    pub energy: tokio::sync::Mutex<domain::energy::Meter>,
 }
 
 #[derive(Clone)]
@@ -299,7 +292,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         ensure_sent: Mutex::new(HashMap::new()),
         orphans_sent: Mutex::new(HashMap::new()),
         peers_sent: Mutex::new(HashMap::new()),
-        energy: tokio::sync::Mutex::new(energy::Meter::default()),
+        energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
         config,
     }));
 
@@ -315,7 +308,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         }
     });
     let reconciler = tokio::spawn(reconcile::run(controller.clone(), stop_rx.clone()));
-    let sampler = tokio::spawn(energy::run(controller.clone(), stop_rx));
+    let sampler = tokio::spawn(domain::energy::run(controller.clone(), stop_rx));
     let url = format!("http://{local}");
     tracing::info!(%url, auth = controller.auth_required, "controller started");
     Ok(RunningController {

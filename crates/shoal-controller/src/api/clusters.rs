@@ -6,7 +6,7 @@ use axum::Json;
 use shoal_model::api::{ClusterView, CreateCluster, ScaleCluster};
 use shoal_model::{Cluster, Operation, VmState};
 
-use crate::deploy;
+use crate::domain::clusters;
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -19,13 +19,13 @@ pub async fn create_cluster(
     State(ctl): State<Controller>,
     Json(req): Json<CreateCluster>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    Ok((StatusCode::ACCEPTED, Json(deploy::create_cluster(&ctl, req).await?)))
+    Ok((StatusCode::ACCEPTED, Json(clusters::create_cluster(&ctl, req).await?)))
 }
 
 async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<ClusterView>> {
     let mut counts: HashMap<String, (u32, u32)> = HashMap::new();
     for vm in ctl.db.vms().await? {
-        let vm = crate::vms::observed(ctl, vm);
+        let vm = crate::domain::vms::observed(ctl, vm);
         let e = counts.entry(vm.cluster).or_default();
         e.1 += 1;
         if vm.state == VmState::Running {
@@ -77,7 +77,7 @@ pub async fn scale_cluster(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     Ok((
         StatusCode::ACCEPTED,
-        Json(deploy::scale_cluster(&ctl, &name, req.size).await?),
+        Json(clusters::scale_cluster(&ctl, &name, req.size).await?),
     ))
 }
 
@@ -88,7 +88,7 @@ pub async fn delete_cluster(
     State(ctl): State<Controller>,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    Ok((StatusCode::ACCEPTED, Json(deploy::delete_cluster(&ctl, &name).await?)))
+    Ok((StatusCode::ACCEPTED, Json(clusters::delete_cluster(&ctl, &name).await?)))
 }
 
 /// Stops, starts, suspends or resumes every VM of a virtual cluster as one operation.
@@ -104,6 +104,6 @@ pub async fn cluster_action(
     let a = crate::api::vms::action(&verb, q.force)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(crate::lifecycle::cluster_action(&ctl, &name, a).await?),
+        Json(crate::domain::lifecycle::cluster_action(&ctl, &name, a).await?),
     ))
 }

@@ -11,7 +11,7 @@ pub async fn list_hosts(
     State(ctl): State<Controller>,
     axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
 ) -> ApiResult<crate::api::Paged<Host>> {
-    page.of(crate::hosts::list(&ctl).await?)
+    page.of(crate::domain::hosts::list(&ctl).await?)
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

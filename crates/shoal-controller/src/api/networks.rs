@@ -6,7 +6,7 @@ use axum::Json;
 use shoal_model::network::{CreateNetwork, NetworkView, UpdateNetwork};
 
 use crate::error::ApiResult;
-use crate::{network, Controller};
+use crate::{domain::networks, Controller};
 
 /// Creates a network; its subnet and VNI are allocated when not given.
 #[utoipa::path(post, path = "/v1/networks", tag = "networks", request_body = CreateNetwork,
@@ -16,7 +16,7 @@ pub async fn create_network(
     State(ctl): State<Controller>,
     Json(req): Json<CreateNetwork>,
 ) -> ApiResult<(StatusCode, Json<NetworkView>)> {
-    Ok((StatusCode::CREATED, Json(network::create(&ctl, &req).await?)))
+    Ok((StatusCode::CREATED, Json(networks::create(&ctl, &req).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::api::Page), responses((status = 200, body = [NetworkView])))]
@@ -24,14 +24,14 @@ pub async fn list_networks(
     State(ctl): State<Controller>,
     axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
 ) -> ApiResult<crate::api::Paged<NetworkView>> {
-    page.of(network::list(&ctl).await?)
+    page.of(networks::list(&ctl).await?)
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks",
     params(("name" = String, Path, description = "Network name")),
     responses((status = 200, body = NetworkView), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<NetworkView>> {
-    Ok(Json(network::show(&ctl, &name).await?))
+    Ok(Json(networks::show(&ctl, &name).await?))
 }
 
 /// Changes a network's settings: `nat` switches its outbound access on or off (the reconciler
@@ -46,7 +46,7 @@ pub async fn update_network(
     Path(name): Path<String>,
     Json(req): Json<UpdateNetwork>,
 ) -> ApiResult<Json<NetworkView>> {
-    Ok(Json(network::update(&ctl, &name, &req).await?))
+    Ok(Json(networks::update(&ctl, &name, &req).await?))
 }
 
 /// Deletes a network no cluster is on.
@@ -54,6 +54,6 @@ pub async fn update_network(
     params(("name" = String, Path, description = "Network name")),
     responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<()>> {
-    network::delete(&ctl, &name).await?;
+    networks::delete(&ctl, &name).await?;
     Ok(Json(()))
 }

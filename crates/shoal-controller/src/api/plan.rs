@@ -9,13 +9,13 @@ use shoal_policy::{Explanation, Snapshot};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ApiResult;
-use crate::{plan, Controller};
+use crate::{domain::plans, Controller};
 
 /// The live hosts and the VMs holding resources on them, in the snapshot format of
 /// `docs/snapshot.md` (what `shoal plan snapshot` writes).
 #[utoipa::path(get, path = "/v1/plan/snapshot", tag = "plan", responses((status = 200, body = Snapshot)))]
 pub async fn snapshot(State(ctl): State<Controller>) -> ApiResult<Json<Snapshot>> {
-    Ok(Json(plan::snapshot(&ctl).await?))
+    Ok(Json(plans::snapshot(&ctl).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -35,7 +35,7 @@ pub async fn place(
     Query(q): Query<ExplainQuery>,
     Json(req): Json<CreateCluster>,
 ) -> ApiResult<Json<Explanation>> {
-    Ok(Json(plan::preview_create(&ctl, &req, q.explain).await?))
+    Ok(Json(plans::preview_create(&ctl, &req, q.explain).await?))
 }
 
 /// A rebalance or drain request.
@@ -53,7 +53,7 @@ pub struct PlanRequest {
 #[utoipa::path(post, path = "/v1/plan/rebalance", tag = "plan", request_body = PlanRequest,
     responses((status = 200, body = RebalancePlan), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn rebalance(State(ctl): State<Controller>, Json(req): Json<PlanRequest>) -> ApiResult<Json<RebalancePlan>> {
-    Ok(Json(plan::rebalance(&ctl, &req.options, req.apply).await?))
+    Ok(Json(plans::rebalance(&ctl, &req.options, req.apply).await?))
 }
 
 /// Plans moving every VM off the host and, with `apply`, marks it draining (nothing new lands
@@ -67,7 +67,7 @@ pub async fn drain(
     Path(name): Path<String>,
     Json(req): Json<PlanRequest>,
 ) -> ApiResult<Json<RebalancePlan>> {
-    Ok(Json(plan::drain(&ctl, &name, &req.options, req.apply).await?))
+    Ok(Json(plans::drain(&ctl, &name, &req.options, req.apply).await?))
 }
 
 /// Puts a host into maintenance: it keeps its VMs and takes nothing new (drain it to empty it).
@@ -78,7 +78,7 @@ pub async fn enter_maintenance(
     State(ctl): State<Controller>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::http::StatusCode> {
-    plan::set_maintenance(&ctl, &name, true).await?;
+    plans::set_maintenance(&ctl, &name, true).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -90,7 +90,7 @@ pub async fn leave_maintenance(
     State(ctl): State<Controller>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::http::StatusCode> {
-    plan::set_maintenance(&ctl, &name, false).await?;
+    plans::set_maintenance(&ctl, &name, false).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -98,6 +98,6 @@ pub async fn leave_maintenance(
 #[utoipa::path(post, path = "/v1/hosts/{name}/undrain", tag = "hosts",
     params(("name" = String, Path, description = "Host name")), responses((status = 204)))]
 pub async fn undrain(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<axum::http::StatusCode> {
-    plan::undrain(&ctl, &name).await?;
+    plans::undrain(&ctl, &name).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use shoal_model::power::{ConsolidationPlan, EnergyReport, HostPower, HostPowerConfig};
 use utoipa::ToSchema;
 
+use crate::domain::{consolidate, energy};
 use crate::error::{ApiError, ApiResult};
-use crate::{consolidate, energy, Controller};
+use crate::Controller;
 
 /// Each host's power draw now and energy used, and the totals.
 #[utoipa::path(get, path = "/v1/energy", tag = "power", responses((status = 200, body = EnergyReport)))]

@@ -5,8 +5,8 @@ use serde::Deserialize;
 use shoal_model::agent::ConsoleChunk;
 use shoal_model::{Vm, VmState};
 
+use crate::domain::lifecycle::{self, Action};
 use crate::error::{ApiError, ApiResult};
-use crate::lifecycle::{self, Action};
 use crate::Controller;
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -22,14 +22,14 @@ pub async fn list_vms(
     Query(f): Query<VmFilter>,
     Query(page): Query<crate::api::Page>,
 ) -> ApiResult<crate::api::Paged<Vm>> {
-    page.of(crate::vms::list(&ctl, f.cluster.as_deref()).await?)
+    page.of(crate::domain::vms::list(&ctl, f.cluster.as_deref()).await?)
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name, `<cluster>-<index>`")),
     responses((status = 200, body = Vm), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
-    Ok(Json(crate::vms::show(&ctl, &name).await?))
+    Ok(Json(crate::domain::vms::show(&ctl, &name).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

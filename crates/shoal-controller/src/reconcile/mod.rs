@@ -166,7 +166,7 @@ async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
             .into_iter()
             .filter(|o| o.state == OperationState::Running)
             .collect(),
-        networks: crate::network::networks(ctl)
+        networks: crate::domain::networks::networks(ctl)
             .await?
             .into_iter()
             .map(|n| (n.name.clone(), n))
@@ -312,12 +312,12 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     Ok(cmds)
 }
 
-fn topology(s: &Snapshot) -> crate::network::Topology {
+fn topology(s: &Snapshot) -> crate::domain::networks::Topology {
     let network_of = |c: &str| s.clusters.get(c).and_then(|c| c.value.network.as_deref());
-    crate::network::Topology::new(network_of, s.vms.iter().map(|v| &v.value), &s.hosts)
+    crate::domain::networks::Topology::new(network_of, s.vms.iter().map(|v| &v.value), &s.hosts)
 }
 
-fn spec_for(s: &Snapshot, topo: &crate::network::Topology, vm: &Vm) -> Option<VmSpec> {
+fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> Option<VmSpec> {
     let cluster = &s.clusters.get(&vm.cluster)?.value;
     let network = match &cluster.network {
         Some(n) => Some(topo.vm_network(s.networks.get(n)?, &vm.host)),
@@ -572,7 +572,7 @@ async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()
             continue;
         }
         let tx = Tx::new().delete_cluster(&c.value.name, c.mod_revision);
-        let tx = crate::network::release(ctl, &c.value, tx).await?;
+        let tx = crate::domain::networks::release(ctl, &c.value, tx).await?;
         if ctl.db.try_commit(tx).await? {
             tracing::info!(cluster = %c.value.name, "cluster deleted");
         }
@@ -794,7 +794,7 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
     let mut counts: HashMap<&str, VmCounts> = HashMap::new();
     for v in &s.vms {
         let n = counts.entry(v.value.cluster.as_str()).or_default();
-        let state = match crate::vms::unknown_because(ctl, &v.value) {
+        let state = match crate::domain::vms::unknown_because(ctl, &v.value) {
             Some(_) => VmState::Unknown,
             None => v.value.state,
         };
@@ -824,7 +824,7 @@ mod tests {
     use super::*;
 
     fn op(id: u128, state: OperationState, finished: Option<u64>) -> Operation {
-        let mut o = crate::deploy::new_operation(OperationKind::ClusterCreate, "c", &["execute"], 0);
+        let mut o = crate::domain::clusters::new_operation(OperationKind::ClusterCreate, "c", &["execute"], 0);
         o.id = Uuid::from_u128(id);
         o.state = state;
         o.created_unix_ms = 0;

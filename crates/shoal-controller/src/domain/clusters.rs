@@ -7,67 +7,20 @@
 //! and a controller restart finds nothing half-written. The fourth step, telling every host what
 //! to run, is the reconciler's ([`crate::reconcile`]), which resumes it after any restart.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
 use shoal_model::api::CreateCluster;
 use shoal_model::{
     format_mib, now_ms, plural, validate_name, Cluster, ClusterState, Operation, OperationKind, OperationState,
-    OperationStep, Profile, StepState, Vm, VmShape, VmState, DEPLOY_STEPS,
+    OperationStep, StepState, Vm, VmState, DEPLOY_STEPS,
 };
 use uuid::Uuid;
 
 use crate::capacity::{gang_request, Claim, ClaimChanges, HostSnapshot};
 use crate::datastore::{TemplateRecord, Tx, Versioned};
+use crate::domain::profiles::{profile_map, resolve_profile};
 use crate::error::{ApiError, ApiResult};
 use crate::{ipam, Controller};
-
-/// Resolves a profile through its parents; the nearest definition of each field wins.
-pub fn resolve_profile(profiles: &HashMap<String, Profile>, name: &str) -> ApiResult<VmShape> {
-    let mut chain = Vec::new();
-    let mut cur = Some(name.to_string());
-    while let Some(n) = cur {
-        if chain.iter().any(|p: &&Profile| p.name == n) {
-            return Err(ApiError::Invalid(format!(
-                "profile {name:?} inherits from itself through {n:?}"
-            )));
-        }
-        let p = profiles
-            .get(&n)
-            .ok_or_else(|| ApiError::not_found("profile", n.clone()))?;
-        chain.push(p);
-        cur = p.parent.clone();
-    }
-    let pick = |f: &dyn Fn(&Profile) -> bool| chain.iter().find(|p| f(p)).copied();
-    let missing = |what: &str| {
-        ApiError::Invalid(format!(
-            "profile {name:?} does not set {what}, nor does any profile it inherits from"
-        ))
-    };
-    Ok(VmShape {
-        template: pick(&|p| p.template.is_some())
-            .and_then(|p| p.template.clone())
-            .ok_or_else(|| missing("a template"))?,
-        cpus: pick(&|p| p.cpus.is_some())
-            .and_then(|p| p.cpus)
-            .ok_or_else(|| missing("cpus"))?,
-        memory_mib: pick(&|p| p.memory_mib.is_some())
-            .and_then(|p| p.memory_mib)
-            .ok_or_else(|| missing("memory"))?,
-        disk_mib: pick(&|p| p.disk_mib.is_some()).and_then(|p| p.disk_mib),
-        network: pick(&|p| p.network.is_some()).and_then(|p| p.network.clone()),
-        user_data: pick(&|p| p.user_data.is_some()).and_then(|p| p.user_data.clone()),
-    })
-}
-
-pub async fn profile_map(ctl: &Controller) -> ApiResult<HashMap<String, Profile>> {
-    Ok(ctl
-        .db
-        .profiles()
-        .await?
-        .into_iter()
-        .map(|p| (p.name.clone(), p))
-        .collect())
-}
 
 pub(crate) fn new_operation(kind: OperationKind, target: &str, steps: &[&str], previous_size: u32) -> Operation {
     Operation {
@@ -211,7 +164,7 @@ async fn plan_new_vms(
     let mut snap = HostSnapshot::read(ctl)
         .await?
         .with_vms(existing.iter().map(|v| (v, None)));
-    crate::plan::add_locality(ctl, &mut snap.snapshot, &cluster.shape.template).await?;
+    crate::domain::plans::add_locality(ctl, &mut snap.snapshot, &cluster.shape.template).await?;
     let mut req = gang_request(cluster, n as u32);
     req.allow_power_on = ctl.config.consolidate;
     let plan = snap.place(&req).map_err(|e| {
@@ -273,7 +226,7 @@ fn power_on_for_placement(ctl: &Controller, hosts: Vec<String>) {
     for host in hosts {
         let ctl = ctl.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::consolidate::switch(&ctl, &host, true).await {
+            if let Err(e) = crate::domain::consolidate::switch(&ctl, &host, true).await {
                 tracing::warn!(%host, "switching on a host for new VMs failed: {e}");
             }
         });
@@ -309,7 +262,7 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
     }
     let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
     let wanted = req.network.as_deref().or(shape.network.as_deref());
-    let (net, net_tx) = crate::network::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
+    let (net, net_tx) = crate::domain::networks::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
     let cluster = Cluster {
         name: req.name.clone(),
         profile: req.profile.clone(),
@@ -458,55 +411,4 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
     commit(ctl, tx.put_operation(&op), name).await?;
     ctl.wake.notify_one();
     Ok(op)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn profile(name: &str, parent: Option<&str>) -> Profile {
-        Profile {
-            name: name.into(),
-            parent: parent.map(Into::into),
-            template: None,
-            cpus: None,
-            memory_mib: None,
-            disk_mib: None,
-            network: None,
-            user_data: None,
-            created_unix_ms: 0,
-        }
-    }
-
-    #[test]
-    fn child_overrides_parent_and_inherits_the_rest() {
-        let mut base = profile("base", None);
-        base.template = Some("debian".into());
-        base.cpus = Some(1);
-        base.memory_mib = Some(512);
-        base.user_data = Some("#cloud-config\n".into());
-        let mut big = profile("big", Some("base"));
-        big.cpus = Some(4);
-        let map: HashMap<_, _> = [base, big].into_iter().map(|p| (p.name.clone(), p)).collect();
-        let s = resolve_profile(&map, "big").unwrap();
-        assert_eq!((s.template.as_str(), s.cpus, s.memory_mib), ("debian", 4, 512));
-        assert_eq!(s.user_data.as_deref(), Some("#cloud-config\n"));
-    }
-
-    #[test]
-    fn missing_fields_and_cycles_are_errors() {
-        let a = profile("a", Some("b"));
-        let b = profile("b", Some("a"));
-        let map: HashMap<_, _> = [a, b].into_iter().map(|p| (p.name.clone(), p)).collect();
-        assert!(resolve_profile(&map, "a")
-            .unwrap_err()
-            .to_string()
-            .contains("inherits from itself"));
-        let lone: HashMap<_, _> = [("c".to_string(), profile("c", None))].into();
-        assert!(resolve_profile(&lone, "c")
-            .unwrap_err()
-            .to_string()
-            .contains("template"));
-        assert!(matches!(resolve_profile(&lone, "zz"), Err(ApiError::NotFound { .. })));
-    }
 }

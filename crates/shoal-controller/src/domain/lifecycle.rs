@@ -15,7 +15,7 @@ use shoal_policy::GangRequest;
 
 use crate::capacity::{gang_request, Claim, ClaimChanges, HostSnapshot};
 use crate::datastore::{Tx, Versioned};
-use crate::deploy::{busy, busy_error, commit, new_operation};
+use crate::domain::clusters::{busy, busy_error, commit, new_operation};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 

@@ -23,7 +23,7 @@ use shoal_model::now_ms;
 
 use crate::capacity::HostSnapshot;
 use crate::datastore::HostRecord;
-use crate::energy;
+use crate::domain::energy;
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -203,7 +203,7 @@ pub async fn apply(ctl: &Controller, p: &ConsolidationPlan) -> ApiResult<()> {
             });
         }
         let guard = ctl.db.lock().await;
-        crate::plan::execute(ctl, &moves, guard).await?;
+        crate::domain::plans::execute(ctl, &moves, guard).await?;
         let vms = ctl.db.vms().await?;
         let mut meter = ctl.energy.lock().await;
         let step = meter.step;

@@ -183,7 +183,7 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
             tracing::warn!("energy sample failed: {e}");
         }
         if ctl.config.consolidate {
-            match crate::consolidate::step(&ctl).await {
+            match crate::domain::consolidate::step(&ctl).await {
                 Ok(p) if p != Default::default() => tracing::info!(
                     moves = p.moves.len(),
                     on = ?p.power_on,

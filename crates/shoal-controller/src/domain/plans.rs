@@ -16,7 +16,7 @@ use shoal_policy::{Explanation, GangRequest, Snapshot};
 
 use crate::capacity::{Claim, ClaimChanges, HostSnapshot};
 use crate::datastore::{HostMark, Tx, WriteGuard};
-use crate::deploy::{profile_map, resolve_profile};
+use crate::domain::profiles::{profile_map, resolve_profile};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 

@@ -11,7 +11,7 @@ use crate::Controller;
 /// `host list`.
 pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
     let hosts = ctl.db.hosts().await?;
-    let powers = crate::energy::power_records(ctl, &hosts).await?;
+    let powers = crate::domain::energy::power_records(ctl, &hosts).await?;
     let claims = ctl.db.claims().await?;
     let marks = HostMarks::read(ctl).await?;
     Ok(hosts

@@ -1,0 +1,94 @@
+//! Agents joining and reporting: registration (with a one-time join token or the host's own
+//! credential, after its underlay address is checked) and heartbeats.
+
+use shoal_model::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use shoal_model::{now_ms, validate_name};
+
+use crate::auth::{self, TokenKind, TokenRecord};
+use crate::datastore::{HostRecord, Tx};
+use crate::error::{ApiError, ApiResult};
+use crate::Controller;
+
+/// An agent joins or re-registers; `presented` is the bearer token it sent, if any.
+pub async fn register(ctl: &Controller, presented: Option<&str>, req: RegisterRequest) -> ApiResult<RegisterResponse> {
+    validate_name("host", &req.name)?;
+    if req.cpus == 0 || req.memory_mib == 0 {
+        return Err(ApiError::Invalid(format!(
+            "host {:?} reports {} vCPU and {} MiB: both must be positive",
+            req.name, req.cpus, req.memory_mib
+        )));
+    }
+    req.allocation
+        .check(req.cpus, req.memory_mib)
+        .map_err(|e| ApiError::Invalid(format!("host {:?}: {e}", req.name)))?;
+    let existing = ctl.db.host(&req.name).await?;
+    let record = HostRecord {
+        name: req.name.clone(),
+        address: req.address.clone(),
+        driver: req.driver.clone(),
+        cpus: req.cpus,
+        memory_mib: req.memory_mib,
+        joined_unix_ms: existing.as_ref().map(|e| e.joined_unix_ms).unwrap_or_else(now_ms),
+        labels: req.labels.clone(),
+        allocation: req.allocation.clone(),
+        underlay_ip: req.underlay_ip,
+        guest_mtu: req.guest_mtu,
+        network_driver: req.network_driver.clone(),
+    };
+    let mut tx = Tx::new().put_host(&record);
+    let mut credential = None;
+    if ctl.auth_required() {
+        let by_credential = match presented {
+            Some(t) => !t.is_empty() && auth::check_agent(ctl, Some(t), &req.name).await.is_ok(),
+            None => false,
+        };
+        if !by_credential {
+            // A join token is spent in the same transaction that admits the host.
+            let Some(join) = &req.join_token else {
+                return Err(ApiError::Unauthorized(format!(
+                    "host {:?} must join with a join token (shoal host join-token) or its credential",
+                    req.name
+                )));
+            };
+            let (rec, rev) = match auth::lookup(&ctl.db, join).await? {
+                Some((r, rev)) if r.kind == TokenKind::Join => (r, rev),
+                _ => return Err(ApiError::Unauthorized("invalid or already used join token".into())),
+            };
+            let _ = rec;
+            let cred = auth::new_token();
+            let agent_rec = TokenRecord {
+                kind: TokenKind::Agent,
+                host: Some(req.name.clone()),
+                created_unix_ms: now_ms(),
+            };
+            tx = tx
+                .spend_token(&auth::hash(join), rev)
+                .create_token(&auth::hash(&cred), &agent_rec);
+            credential = Some(cred);
+        }
+    }
+    if let (Some(ip), Some(port)) = (req.underlay_ip, req.underlay_port) {
+        // Before anything is written: a refused host joins nothing and keeps its join token.
+        crate::domain::networks::check_underlay(ctl, &req.name, ip, port).await?;
+    }
+    if !ctl.db.try_commit(tx).await? {
+        return Err(ApiError::Unauthorized("invalid or already used join token".into()));
+    }
+    ctl.record_heartbeat(&req.name, Vec::new(), Vec::new());
+    // A restarted agent has forgotten its networks' peers: send them again.
+    ctl.peers_sent.lock().expect("peers_sent lock").remove(&req.name);
+    tracing::info!(host = %req.name, address = %req.address, "host registered");
+    ctl.wake.notify_one();
+    Ok(RegisterResponse {
+        credential,
+        controller_token: Some(ctl.controller_token().to_string()),
+    })
+}
+
+/// A heartbeat: what the host runs now, and the images its cache holds.
+pub async fn heartbeat(ctl: &Controller, presented: Option<&str>, name: &str, hb: Heartbeat) -> ApiResult<()> {
+    auth::check_agent(ctl, presented, name).await?;
+    ctl.db.known_host(name).await?;
+    ctl.record_heartbeat(name, hb.vms, hb.images);
+    Ok(())
+}
