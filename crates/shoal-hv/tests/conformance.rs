@@ -1,6 +1,7 @@
 //! What every `Hypervisor` must do, written once ([`suite`]) and run against each driver: the
 //! simulated one, and QEMU under TCG with the demo template (slow: each boot takes 5-25 s, so
-//! the QEMU run goes through the whole lifecycle with one VM).
+//! the QEMU runs go through the whole lifecycle with one VM, and boot two VMs only to check
+//! that the list tells them apart).
 
 mod common;
 
@@ -206,18 +207,34 @@ async fn sim_list_reflects_every_vm() {
 
 // --- QEMU under TCG ---------------------------------------------------------------------------------
 
+fn qemu(f: &common::Fixture, d: Arc<shoal_hv::QemuDriver>) -> Subject {
+    let template = f.template.clone();
+    Subject {
+        hv: d,
+        spec: Box::new(move |name| common::spec(&template, name)),
+        timeout: Duration::from_secs(180),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_lifecycle() {
     let f = common::fixture();
     // The demo guest powers off on the ACPI button: a stop that needs `quit` would take this long.
     let d = common::driver(&f, |c| c.stop_timeout = Duration::from_secs(60)).await;
-    let template = f.template.clone();
-    let s = Subject {
-        hv: d,
-        spec: Box::new(move |name| common::spec(&template, name)),
-        timeout: Duration::from_secs(180),
-    };
+    let s = qemu(&f, d);
     let uuid = suite::lifecycle(&s).await;
     common::nothing_left(&f.root, uuid);
     assert!(!f.root.join("vms").join(uuid.to_string()).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_list_reflects_every_vm() {
+    let f = common::fixture();
+    let d = common::driver(&f, |_| {}).await;
+    let s = qemu(&f, d);
+    let (a, b) = ((s.spec)("a-0"), (s.spec)("a-1"));
+    suite::list_reflects_every_vm(&s, &a, &b).await;
+    for v in [a, b] {
+        common::nothing_left(&f.root, v.uuid);
+    }
 }

@@ -122,8 +122,9 @@ pub struct Template {
     /// `raw` or `qcow2`, detected from the content.
     pub format: String,
     pub size_bytes: u64,
-    /// What names the disk: `manifest:<hex>` (in the image store) or `blake3:<hex>` of the
-    /// image bytes (a plain file); see [`crate::TemplateDisk`].
+    /// `blake3:<hex>` of the image bytes.
+    // Or `manifest:<hex>` for a disk in the image store: [`crate::TemplateDisk`] parses both.
+    // (The doc line above is the OpenAPI document's description, kept as it is published.)
     pub hash: String,
     /// Direct kernel boot; `None` boots from the disk itself (real cloud images).
     #[serde(default)]
