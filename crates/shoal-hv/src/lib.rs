@@ -31,6 +31,9 @@ pub trait VmNet: Send + Sync {
     async fn release(&self, uuid: Uuid);
 }
 
+/// A host's VMs. Errors are [`HvError`]s, and their [`HvError::kind`] says what the caller
+/// should do: a failure in a background transition shows instead in the VM's state and reason,
+/// decided the same way. `tests/conformance.rs` holds what every implementation must do.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     /// Driver name as reported to the controller (`sim`, `qemu/tcg`, `qemu/kvm`).

@@ -67,7 +67,7 @@ impl QemuDriver {
             .args(["convert", "-U", "-O", "raw", "-S", "4k"])
             .arg(vm.path("disk.qcow2"))
             .arg(&raw);
-        let read = run(&mut convert, "qemu-img convert (reading the disk)").await;
+        let read = run(&mut convert, "qemu-img convert").await;
         if paused {
             let resumed = match self.qmp(vm).await {
                 Ok(mut q) => q.execute("cont", None).await.map(|_| ()).map_err(HvError::from),
