@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -16,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_client::{Client, ClientError};
-use shoal_hv::{HvError, Hypervisor, TemplateFile, TemplateSource};
+use shoal_hv::{ErrorKind, HvError, Hypervisor, SourceError, TemplateFile, TemplateSource};
 use shoal_model::agent::{BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RemoveVms, VmStatus};
 use shoal_model::api::{ErrorBody, ErrorDetail};
 use shoal_model::VmState;
@@ -178,17 +179,7 @@ pub async fn start_with_network(
             creds.controller_token_hash.clone()
         },
     };
-    let app = Router::new()
-        .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/ensure", post(ensure_vms))
-        .route("/v1/vms/remove", post(remove_vms))
-        .route("/v1/vms/{uuid}/console", get(console))
-        .route("/v1/vms/{uuid}/snapshot", post(snapshot))
-        .route("/v1/networks/peers", post(net::set_peers))
-        .route("/v1/underlay/probe", post(net::probe_underlay))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(state);
+    let app = router(state);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut rx = stop_rx.clone();
@@ -227,6 +218,38 @@ pub async fn start_with_network(
         stop: stop_tx,
         tasks,
     })
+}
+
+/// The agent's HTTP API: every route but `/healthz` needs the controller's token when the agent
+/// listens off loopback.
+fn router(state: AgentState) -> Router {
+    Router::new()
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/ensure", post(ensure_vms))
+        .route("/v1/vms/remove", post(remove_vms))
+        .route("/v1/vms/{uuid}/console", get(console))
+        .route("/v1/vms/{uuid}/snapshot", post(snapshot))
+        .route("/v1/networks/peers", post(net::set_peers))
+        .route("/v1/underlay/probe", post(net::probe_underlay))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// An error answer, in the API's one error shape.
+pub(crate) fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.into(),
+            message,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+/// A request the agent cannot read: 400, saying what was wrong with it.
+pub(crate) fn bad_request(rejection: impl std::fmt::Display) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "invalid", rejection.to_string())
 }
 
 /// What an agent with a network driver registers about it.
@@ -338,13 +361,11 @@ async fn authenticate(State(state): State<AgentState>, req: Request, next: Next)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if presented.map(hash_token).as_deref() != Some(expected.as_str()) {
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    code: "unauthorized".into(),
-                    message: "missing or invalid controller token".into(),
-                },
-            };
-            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid controller token".into(),
+            );
         }
     }
     next.run(req).await
@@ -356,26 +377,49 @@ async fn list_vms(State(state): State<AgentState>) -> Json<BatchResult> {
     })
 }
 
-async fn ensure_vms(State(state): State<AgentState>, Json(req): Json<EnsureVms>) -> Json<BatchResult> {
+async fn ensure_vms(State(state): State<AgentState>, req: Result<Json<EnsureVms>, JsonRejection>) -> Response {
+    let Json(req) = match req {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
     let results = futures::future::join_all(req.vms.iter().map(|spec| {
         let hv = state.hv.clone();
         async move {
             match hv.ensure(spec).await {
                 Ok(s) => s,
-                Err(e) => VmStatus {
-                    uuid: spec.uuid,
-                    name: spec.name.clone(),
-                    state: VmState::Failed,
-                    reason: Some(e.to_string()),
-                    // Not a state the driver holds: it only settles a VM still pending.
-                    seq: 0,
-                    cpu_seconds: None,
-                },
+                Err(e) => {
+                    let now = hv.list().await.into_iter().find(|v| v.uuid == spec.uuid);
+                    ensure_failed(spec, &e, now)
+                }
             }
         }
     }))
     .await;
-    Json(BatchResult { vms: results })
+    Json(BatchResult { vms: results }).into_response()
+}
+
+/// What the agent reports for a VM whose `ensure` failed with `e`; `now` is the VM as the
+/// driver holds it, if it does. A retryable failure keeps that state (a VM the driver does not
+/// hold yet stays pending) and the controller's next `ensure` tries again; any other failure
+/// fails the VM with the reason.
+fn ensure_failed(spec: &shoal_model::agent::VmSpec, e: &HvError, now: Option<VmStatus>) -> VmStatus {
+    let reason = Some(e.reason());
+    match (e.kind(), now) {
+        (ErrorKind::Retryable, Some(now)) => VmStatus { reason, ..now },
+        (kind, _) => VmStatus {
+            uuid: spec.uuid,
+            name: spec.name.clone(),
+            state: if kind == ErrorKind::Retryable {
+                VmState::Pending
+            } else {
+                VmState::Failed
+            },
+            reason,
+            // Not a state the driver holds: it only settles a VM still pending.
+            seq: 0,
+            cpu_seconds: None,
+        },
+    }
 }
 
 #[derive(Deserialize)]
@@ -387,53 +431,39 @@ struct ConsoleQuery {
 
 async fn console(
     State(state): State<AgentState>,
-    UrlPath(uuid): UrlPath<uuid::Uuid>,
-    Query(q): Query<ConsoleQuery>,
+    uuid: Result<UrlPath<uuid::Uuid>, PathRejection>,
+    q: Result<Query<ConsoleQuery>, QueryRejection>,
 ) -> Response {
+    let (UrlPath(uuid), Query(q)) = match (uuid, q) {
+        (Ok(u), Ok(q)) => (u, q),
+        (Err(e), _) => return bad_request(e),
+        (_, Err(e)) => return bad_request(e),
+    };
     match state
         .hv
         .console(uuid, q.offset, q.max.unwrap_or(1 << 20).min(4 << 20))
         .await
     {
         Ok(c) => Json::<ConsoleChunk>(c).into_response(),
-        Err(e) => {
-            let status = match e {
-                HvError::NotFound(_) => StatusCode::NOT_FOUND,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    code: if status == StatusCode::NOT_FOUND {
-                        "not_found"
-                    } else {
-                        "internal"
-                    }
-                    .into(),
-                    message: e.to_string(),
-                },
-            };
-            (status, Json(body)).into_response()
-        }
+        Err(e) => match e.kind() {
+            ErrorKind::NotFound => error_response(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            _ => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        },
     }
 }
 
 /// Records a VM's disk in the image store (the controller's, via this host's cache).
-async fn snapshot(State(state): State<AgentState>, UrlPath(uuid): UrlPath<uuid::Uuid>) -> Response {
+async fn snapshot(State(state): State<AgentState>, uuid: Result<UrlPath<uuid::Uuid>, PathRejection>) -> Response {
+    let UrlPath(uuid) = match uuid {
+        Ok(u) => u,
+        Err(e) => return bad_request(e),
+    };
     match state.hv.snapshot(uuid).await {
         Ok(s) => Json(s).into_response(),
-        Err(e) => {
-            let (status, code) = match e {
-                HvError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-                _ => (StatusCode::CONFLICT, "snapshot_failed"),
-            };
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    code: code.into(),
-                    message: e.to_string(),
-                },
-            };
-            (status, Json(body)).into_response()
-        }
+        Err(e) => match e.kind() {
+            ErrorKind::NotFound => error_response(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            _ => error_response(StatusCode::CONFLICT, "snapshot_failed", e.to_string()),
+        },
     }
 }
 
@@ -457,35 +487,64 @@ impl ControllerTemplates {
         }
     }
 
-    async fn client(&self) -> Result<Client, String> {
-        let creds = Credentials::load(&self.data_dir).map_err(|e| format!("{e:#}"))?;
+    async fn client(&self) -> Result<Client, SourceError> {
+        let creds = Credentials::load(&self.data_dir).map_err(|e| SourceError::Failed {
+            what: "reading the agent's credentials".into(),
+            source: e.into(),
+        })?;
         Ok(Client::new(&self.controller_url, creds.credential))
     }
 
     /// This host's image cache.
-    pub async fn images(&self) -> Result<Arc<shoal_image::ImageStore>, String> {
+    pub async fn images(&self) -> Result<Arc<shoal_image::ImageStore>, SourceError> {
         let dir = self.data_dir.join("images");
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| SourceError::Failed {
+            what: "opening the host's image cache".into(),
+            source,
+        };
         self.images
             .get_or_try_init(|| async move {
                 tokio::task::spawn_blocking(move || shoal_image::ImageStore::open(&dir))
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| failed(e.into()))?
                     .map(Arc::new)
-                    .map_err(|e| format!("opening the host's image cache: {e}"))
+                    .map_err(|e| failed(e.into()))
             })
             .await
             .cloned()
     }
 }
 
+/// A controller's answer as a template source's: one out of reach, or answering that it is
+/// unavailable, is worth another try; one that has no such thing is an input error.
+fn source_error(what: String, e: ClientError) -> SourceError {
+    match e.status() {
+        _ if matches!(e, ClientError::Transport { .. }) => SourceError::Unreachable { what, source: e.into() },
+        Some(404) => SourceError::Missing {
+            what,
+            reason: e.to_string(),
+        },
+        Some(502..=504) => SourceError::Unreachable { what, source: e.into() },
+        _ => SourceError::Failed { what, source: e.into() },
+    }
+}
+
+/// A failure of the host's own image cache while doing `what`.
+fn cache_error(what: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> SourceError {
+    move |source| SourceError::Failed {
+        what: what.to_string(),
+        source,
+    }
+}
+
 #[async_trait::async_trait]
 impl TemplateSource for ControllerTemplates {
-    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String> {
+    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), SourceError> {
         self.client()
             .await?
             .download_template_file(&self.host, template, file.as_str(), dest)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| source_error(format!("the controller's template {template}"), e))
     }
 
     async fn cached_images(&self) -> Vec<String> {
@@ -502,9 +561,10 @@ impl TemplateSource for ControllerTemplates {
         ids
     }
 
-    async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, String> {
+    async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, SourceError> {
         let images = self.images().await?;
         let (store, path) = (images.clone(), raw.to_path_buf());
+        let chunking = cache_error("chunking the disk");
         let rep = tokio::task::spawn_blocking(move || {
             // The VM's own disk: taken as raw whatever it holds.
             store.import_path(
@@ -516,14 +576,14 @@ impl TemplateSource for ControllerTemplates {
             )
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("chunking the disk: {e}"))?;
+        .map_err(|e| chunking(e.into()))?
+        .map_err(|e| chunking(e.into()))?;
         let t = self
             .client()
             .await?
             .push_image(Some(&self.host), images.clone(), rep.manifest, &|_, _| {})
             .await
-            .map_err(|e| format!("sending the disk image to the controller: {e}"))?;
+            .map_err(|e| source_error("sending the disk image to the controller".into(), e))?;
         // The host's copy is not needed to run anything: let the cache's gc take it.
         Ok(shoal_model::agent::DiskSnapshot {
             manifest: rep.manifest.to_hex(),
@@ -534,8 +594,11 @@ impl TemplateSource for ControllerTemplates {
         })
     }
 
-    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
-        let id: shoal_image::ManifestId = manifest.parse().map_err(|e| format!("{e}"))?;
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), SourceError> {
+        let id: shoal_image::ManifestId = manifest.parse().map_err(|e: shoal_image::Error| SourceError::Missing {
+            what: format!("image {manifest} of template {template}"),
+            reason: e.to_string(),
+        })?;
         let images = self.images().await?;
         let started = std::time::Instant::now();
         let rep = self
@@ -543,7 +606,7 @@ impl TemplateSource for ControllerTemplates {
             .await?
             .pull_image(Some(&self.host), images.clone(), id, &|_, _| {})
             .await
-            .map_err(|e| format!("fetching image {manifest}: {e}"))?;
+            .map_err(|e| source_error(format!("fetching image {manifest}"), e))?;
         tracing::info!(
             template,
             chunks = rep.chunks_total,
@@ -553,19 +616,24 @@ impl TemplateSource for ControllerTemplates {
             "template image in the host's cache"
         );
         let (dest, name) = (dest.to_path_buf(), format!("template/{template}"));
+        let writing = cache_error("writing the base image");
         tokio::task::spawn_blocking(move || {
             images.set_ref(&name, &id)?;
             images.export(&id, &dest, shoal_image::ImageFormat::Raw, None)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("writing the base image: {e}"))?;
+        .map_err(|e| writing(e.into()))?
+        .map_err(|e| writing(e.into()))?;
         Ok(())
     }
 }
 
 /// Answers with the VMs that could not be removed (empty when all went).
-async fn remove_vms(State(state): State<AgentState>, Json(req): Json<RemoveVms>) -> Json<BatchResult> {
+async fn remove_vms(State(state): State<AgentState>, req: Result<Json<RemoveVms>, JsonRejection>) -> Response {
+    let Json(req) = match req {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
     let mut failed = Vec::new();
     for uuid in req.uuids {
         if let Err(e) = state.hv.remove(uuid).await {
@@ -579,5 +647,8 @@ async fn remove_vms(State(state): State<AgentState>, Json(req): Json<RemoveVms>)
             });
         }
     }
-    Json(BatchResult { vms: failed })
+    Json(BatchResult { vms: failed }).into_response()
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,29 +6,15 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
-use thiserror::Error;
 use uuid::Uuid;
 
-pub mod demo_template;
+pub mod error;
 pub mod qemu;
 pub mod sim;
 
+pub use error::{ErrorKind, HvError, SimLoadError, SourceError, VmNetError};
 pub use qemu::{QemuConfig, QemuDriver};
 pub use sim::{SimDriver, SimLoad};
-
-#[derive(Debug, Error)]
-pub enum HvError {
-    #[error("VM {name}: {reason}")]
-    Vm { name: String, reason: String },
-    #[error("no VM {0} on this host")]
-    NotFound(Uuid),
-    #[error("hypervisor state in {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Connects VMs to their virtual networks: the host agent's network driver, as the QEMU driver
 /// sees it. Without one, every VM gets QEMU's user-mode networking.
@@ -36,15 +22,18 @@ pub enum HvError {
 pub trait VmNet: Send + Sync {
     /// Readies the host side of the VM's network; returns QEMU's `-netdev` value (id `net0`),
     /// or `None` for user-mode networking.
-    async fn netdev(&self, spec: &VmSpec) -> Result<Option<String>, String>;
+    async fn netdev(&self, spec: &VmSpec) -> Result<Option<String>, VmNetError>;
     /// QEMU started: connects what it made for the VM (its tap).
-    async fn connect(&self, spec: &VmSpec) -> Result<(), String>;
+    async fn connect(&self, spec: &VmSpec) -> Result<(), VmNetError>;
     /// A VM found running when the driver opened.
     async fn adopt(&self, spec: &VmSpec);
     /// The VM left the host.
     async fn release(&self, uuid: Uuid);
 }
 
+/// A host's VMs. Errors are [`HvError`]s, and their [`HvError::kind`] says what the caller
+/// should do: a failure in a background transition shows instead in the VM's state and reason,
+/// decided the same way. `tests/conformance.rs` holds what every implementation must do.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     /// Driver name as reported to the controller (`sim`, `qemu/tcg`, `qemu/kvm`).
@@ -66,9 +55,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Records the VM's disk, as it is now, as an image in the controller's store (crash-consistent:
     /// a running VM is paused while its disk is read).
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
-        Err(HvError::Vm {
-            name: uuid.to_string(),
-            reason: format!("the {} driver keeps no disks to snapshot", self.driver()),
+        Err(HvError::NoDisks {
+            vm: uuid,
+            driver: self.driver(),
         })
     }
 }
@@ -95,15 +84,16 @@ impl TemplateFile {
 #[async_trait]
 pub trait TemplateSource: Send + Sync + 'static {
     /// Downloads the file to `dest`; the caller verifies its hash.
-    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), String>;
+    async fn fetch(&self, template: &str, file: TemplateFile, dest: &Path) -> Result<(), SourceError>;
 
     /// Writes the disk of a template held in the image store (hash `manifest:<id>`) to `dest` as
     /// a raw image, fetching only the chunks this host lacks; every chunk is verified on arrival.
-    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), String> {
+    async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), SourceError> {
         let _ = dest;
-        Err(format!(
-            "template {template}: image {manifest} is in an image store this host cannot reach"
-        ))
+        Err(SourceError::NoImageStore {
+            template: template.to_string(),
+            manifest: manifest.to_string(),
+        })
     }
 
     /// Images (manifest ids, hex) this host's cache holds whole.
@@ -112,7 +102,7 @@ pub trait TemplateSource: Send + Sync + 'static {
     }
 
     /// Adds the raw disk image at `raw` to the image store and sends what the controller lacks.
-    async fn store_image(&self, raw: &Path) -> Result<DiskSnapshot, String> {
-        Err(format!("no image store to keep {} in", raw.display()))
+    async fn store_image(&self, raw: &Path) -> Result<DiskSnapshot, SourceError> {
+        Err(SourceError::NoStore(raw.to_path_buf()))
     }
 }

@@ -11,7 +11,7 @@ use shoal_model::{Power, VmState};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::{HvError, Hypervisor};
+use crate::{HvError, Hypervisor, SimLoadError};
 
 pub struct SimDriver {
     state_file: Option<PathBuf>,
@@ -48,9 +48,12 @@ impl Default for SimLoad {
 
 impl SimLoad {
     /// A directory of PlanetLab-style traces: one file per VM, one CPU percentage per line.
-    pub fn from_trace_dir(dir: &Path, step: Duration) -> Result<SimLoad, String> {
+    pub fn from_trace_dir(dir: &Path, step: Duration) -> Result<SimLoad, SimLoadError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| format!("trace directory {}: {e}", dir.display()))?
+            .map_err(|source| SimLoadError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.is_file())
@@ -58,7 +61,10 @@ impl SimLoad {
         files.sort();
         let mut traces = Vec::new();
         for f in files {
-            let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let text = std::fs::read_to_string(&f).map_err(|source| SimLoadError::Read {
+                path: f.clone(),
+                source,
+            })?;
             let mut samples = Vec::new();
             for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let v: f64 = l
@@ -66,7 +72,11 @@ impl SimLoad {
                     .parse()
                     .ok()
                     .filter(|v| (0.0..=100.0).contains(v))
-                    .ok_or_else(|| format!("{} line {}: {:?} is not a CPU percentage", f.display(), i + 1, l.trim()))?;
+                    .ok_or_else(|| SimLoadError::Sample {
+                        path: f.clone(),
+                        line: i + 1,
+                        value: l.trim().to_string(),
+                    })?;
                 samples.push(v / 100.0);
             }
             if !samples.is_empty() {
@@ -74,10 +84,10 @@ impl SimLoad {
             }
         }
         if traces.is_empty() {
-            return Err(format!("trace directory {} holds no traces", dir.display()));
+            return Err(SimLoadError::Empty(dir.to_path_buf()));
         }
         if step.is_zero() {
-            return Err("a trace step must be longer than 0 s".into());
+            return Err(SimLoadError::ZeroStep);
         }
         Ok(SimLoad::Trace { traces, step })
     }
@@ -275,7 +285,7 @@ mod tests {
             disk_mib: None,
             template: "t".into(),
             template_hash: "blake3:00".into(),
-            template_format: "raw".into(),
+            template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
             ready_pattern: None,
             power: Power::Running,
@@ -353,7 +363,9 @@ mod load_tests {
         assert_eq!(load.at("x", Duration::from_millis(1500)), 0.9);
         assert_eq!(load.at("x", Duration::from_millis(2500)), 0.1, "traces repeat");
         std::fs::write(dir.join("bad"), "10\n120\n").unwrap();
-        let e = SimLoad::from_trace_dir(&dir, Duration::from_secs(1)).unwrap_err();
+        let e = SimLoad::from_trace_dir(&dir, Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("120"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::disk::DiskFormat;
 use crate::net::MacAddr;
 use crate::objects::{KernelBoot, Power, VmState};
 
@@ -18,11 +19,13 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub disk_mib: Option<u64>,
     pub template: String,
-    /// Content hash of the template image, so the host can tell a renamed or replaced image.
+    /// Content hash of the template image (a [`crate::TemplateDisk`] as text), so the host can
+    /// tell a renamed or replaced image.
     pub template_hash: String,
-    /// `raw` or `qcow2`.
-    #[serde(default = "raw")]
-    pub template_format: String,
+    /// The format of the template's disk on the host.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub template_format: DiskFormat,
     #[serde(default)]
     pub kernel_boot: Option<KernelBoot>,
     #[serde(default)]
@@ -45,10 +48,6 @@ pub struct VmSpec {
     /// QEMU's user-mode networking.
     #[serde(default)]
     pub network: Option<crate::network::VmNetwork>,
-}
-
-fn raw() -> String {
-    "raw".into()
 }
 
 /// A VM as its host sees it.

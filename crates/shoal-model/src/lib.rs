@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod disk;
 pub mod name;
 pub mod net;
 pub mod network;
@@ -12,6 +13,7 @@ pub mod power;
 pub mod size;
 pub mod text;
 
+pub use disk::{DiskFormat, DiskFormatError, TemplateDisk, TemplateDiskError};
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
 pub use network::{Network, VmNetwork};

@@ -129,6 +129,8 @@ pub struct Template {
     pub format: String,
     pub size_bytes: u64,
     /// `blake3:<hex>` of the image bytes.
+    // Or `manifest:<hex>` for a disk in the image store: [`crate::TemplateDisk`] parses both.
+    // (The doc line above is the OpenAPI document's description, kept as it is published.)
     pub hash: String,
     /// Direct kernel boot; `None` boots from the disk itself (real cloud images).
     #[serde(default)]
@@ -137,6 +139,23 @@ pub struct Template {
     #[serde(default)]
     pub ready_pattern: Option<String>,
     pub created_unix_ms: u64,
+}
+
+impl Template {
+    /// What `hash` names: an image-store manifest or a plain file.
+    pub fn disk(&self) -> Result<crate::TemplateDisk, crate::TemplateDiskError> {
+        crate::TemplateDisk::parse(&self.hash)
+    }
+
+    /// The format hosts get the disk in. A disk from the image store reaches them as a raw
+    /// image, whatever it was uploaded as; a plain file as it was detected.
+    pub fn host_format(&self) -> crate::DiskFormat {
+        let detected = self.format.parse().unwrap_or_default();
+        match self.disk() {
+            Ok(d) => d.host_format(detected),
+            Err(_) => detected,
+        }
+    }
 }
 
 /// The kernel, initrd and command line a template boots with.
@@ -288,6 +307,64 @@ impl Power {
     }
 }
 
+/// What an operator asks of a VM's power (`shoal vm stop|start|suspend|resume`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PowerAction {
+    /// Power button, or with `force` pulling the plug.
+    Stop {
+        force: bool,
+    },
+    Start,
+    Suspend,
+    Resume,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown action {0:?}: expected stop, start, suspend or resume")]
+pub struct PowerActionError(pub String);
+
+impl PowerAction {
+    /// The verb, as in the API's paths and the CLI (`force` is a separate flag).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PowerAction::Stop { .. } => "stop",
+            PowerAction::Start => "start",
+            PowerAction::Suspend => "suspend",
+            PowerAction::Resume => "resume",
+        }
+    }
+
+    /// The verb and, for `stop`, whether to force it.
+    pub fn parse(verb: &str, force: bool) -> Result<PowerAction, PowerActionError> {
+        Ok(match verb {
+            "stop" => PowerAction::Stop { force },
+            "start" => PowerAction::Start,
+            "suspend" => PowerAction::Suspend,
+            "resume" => PowerAction::Resume,
+            other => return Err(PowerActionError(other.to_string())),
+        })
+    }
+
+    /// The power the VM's host is then asked for.
+    pub const fn power(self) -> Power {
+        match self {
+            PowerAction::Stop { .. } => Power::Stopped,
+            PowerAction::Start | PowerAction::Resume => Power::Running,
+            PowerAction::Suspend => Power::Suspended,
+        }
+    }
+
+    pub const fn force(self) -> bool {
+        matches!(self, PowerAction::Stop { force: true })
+    }
+}
+
+impl std::fmt::Display for PowerAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -394,8 +471,51 @@ pub enum StepState {
     Failed,
 }
 
-/// The four steps of a deployment, in order. Deletions use only `execute`.
-pub const DEPLOY_STEPS: [&str; 4] = ["prepare_images", "configure_vms", "choose_hosts", "execute"];
+/// The four steps of a deployment, in order. Deletions use only `Execute`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeployStep {
+    PrepareImages,
+    ConfigureVms,
+    ChooseHosts,
+    Execute,
+}
+
+impl DeployStep {
+    pub const ALL: [DeployStep; 4] = [
+        DeployStep::PrepareImages,
+        DeployStep::ConfigureVms,
+        DeployStep::ChooseHosts,
+        DeployStep::Execute,
+    ];
+
+    /// The step's name in operations (`OperationStep::name`) and progress output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeployStep::PrepareImages => "prepare_images",
+            DeployStep::ConfigureVms => "configure_vms",
+            DeployStep::ChooseHosts => "choose_hosts",
+            DeployStep::Execute => "execute",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeployStep> {
+        DeployStep::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DeployStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The names of [`DeployStep::ALL`], as operations list them.
+pub const DEPLOY_STEPS: [&str; 4] = [
+    DeployStep::PrepareImages.as_str(),
+    DeployStep::ConfigureVms.as_str(),
+    DeployStep::ChooseHosts.as_str(),
+    DeployStep::Execute.as_str(),
+];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OperationStep {
@@ -428,6 +548,80 @@ pub struct Operation {
 impl Operation {
     pub fn step_mut(&mut self, name: &str) -> Option<&mut OperationStep> {
         self.steps.iter_mut().find(|s| s.name == name)
+    }
+
+    pub fn deploy_step_mut(&mut self, step: DeployStep) -> Option<&mut OperationStep> {
+        self.step_mut(step.as_str())
+    }
+}
+
+#[cfg(test)]
+mod step_and_action_tests {
+    use super::*;
+
+    #[test]
+    fn deploy_steps_are_named_in_order_and_parse_back() {
+        assert_eq!(
+            DEPLOY_STEPS,
+            ["prepare_images", "configure_vms", "choose_hosts", "execute"]
+        );
+        for (s, name) in DeployStep::ALL.into_iter().zip(DEPLOY_STEPS) {
+            assert_eq!(DeployStep::parse(name), Some(s));
+            assert_eq!(s.to_string(), name);
+        }
+        assert!(DeployStep::ALL.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(DeployStep::parse("execute "), None);
+    }
+
+    #[test]
+    fn power_actions_parse_and_say_what_power_they_want() {
+        for a in [
+            PowerAction::Stop { force: false },
+            PowerAction::Start,
+            PowerAction::Suspend,
+            PowerAction::Resume,
+        ] {
+            assert_eq!(PowerAction::parse(a.as_str(), false).unwrap(), a);
+        }
+        let forced = PowerAction::parse("stop", true).unwrap();
+        assert_eq!((forced, forced.force()), (PowerAction::Stop { force: true }, true));
+        assert!(
+            !PowerAction::parse("start", true).unwrap().force(),
+            "only stop is forced"
+        );
+        assert_eq!(forced.power(), Power::Stopped);
+        assert_eq!(PowerAction::Resume.power(), Power::Running);
+        assert_eq!(PowerAction::Suspend.power(), Power::Suspended);
+        let e = PowerAction::parse("reboot", false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown action \"reboot\": expected stop, start, suspend or resume"
+        );
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_get_image_store_disks_raw_and_plain_files_as_detected() {
+        let hex = "ab".repeat(32);
+        let mut t = Template {
+            name: "t".into(),
+            format: "qcow2".into(),
+            size_bytes: 1,
+            hash: format!("manifest:{hex}"),
+            kernel_boot: None,
+            ready_pattern: None,
+            created_unix_ms: 0,
+        };
+        assert_eq!(t.disk().unwrap(), crate::TemplateDisk::Manifest(hex.clone()));
+        assert_eq!(t.host_format(), crate::DiskFormat::Raw);
+        t.hash = format!("blake3:{hex}");
+        assert_eq!(t.host_format(), crate::DiskFormat::Qcow2);
+        t.hash = "md5:1".into();
+        assert!(t.disk().unwrap_err().to_string().contains("md5:1"));
     }
 }
 

@@ -275,7 +275,7 @@ mod tests {
             disk_mib: None,
             template: "t".into(),
             template_hash: String::new(),
-            template_format: "raw".into(),
+            template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
             ready_pattern: None,
             power: Default::default(),

@@ -135,7 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             TemplateCmd::BuildDemo { name } => {
                 let dir = tempfile::tempdir().context("creating a temporary directory")?;
                 let started = std::time::Instant::now();
-                let d = shoal_hv::demo_template::build_demo_template(dir.path())?;
+                let d = shoal_demo::build_demo_template(dir.path())?;
                 eprintln!("built the demo template in {:.1} s", started.elapsed().as_secs_f64());
                 let files = TemplateFiles {
                     disk: d.disk,

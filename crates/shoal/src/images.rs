@@ -148,7 +148,8 @@ pub async fn export_template(
     }
     let t = client.templates().await?.into_iter().find(|t| t.name == name);
     let t = t.ok_or_else(|| anyhow::anyhow!("template {name:?} not found"))?;
-    let hex = t.hash.strip_prefix("manifest:").ok_or_else(|| {
+    let disk = t.disk()?;
+    let hex = disk.manifest().ok_or_else(|| {
         anyhow::anyhow!(
             "template {name:?} predates the image store (hash {}); re-import it",
             t.hash

@@ -16,30 +16,38 @@ use std::time::{Duration, Instant};
 
 use shoal_bench::{free_port, print_table, spawn, until};
 use shoal_client::{Client, TemplateFiles};
-use shoal_hv::demo_template::{build_demo_template, DemoTemplate};
-use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, TemplateFile, TemplateSource};
+use shoal_demo::{build_demo_template, DemoTemplate};
+use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SourceError, TemplateFile, TemplateSource};
 use shoal_model::agent::VmSpec;
 use shoal_model::api::{CreateCluster, CreateProfile};
-use shoal_model::{AntiAffinity, KernelBoot, MacAddr, OperationState, Placement, Power, VmState};
+use shoal_model::{
+    AntiAffinity, DiskFormat, KernelBoot, MacAddr, OperationState, Placement, Power, TemplateDisk, VmState,
+};
 
 struct LocalSource(DemoTemplate);
 
 #[async_trait::async_trait]
 impl TemplateSource for LocalSource {
-    async fn fetch(&self, _t: &str, file: TemplateFile, dest: &Path) -> Result<(), String> {
+    async fn fetch(&self, _t: &str, file: TemplateFile, dest: &Path) -> Result<(), SourceError> {
         let src = match file {
             TemplateFile::Disk => &self.0.disk,
             TemplateFile::Kernel => &self.0.kernel,
             TemplateFile::Initrd => &self.0.initrd,
         };
-        tokio::fs::copy(src, dest).await.map(|_| ()).map_err(|e| e.to_string())
+        tokio::fs::copy(src, dest)
+            .await
+            .map(|_| ())
+            .map_err(|source| SourceError::Io {
+                path: dest.to_path_buf(),
+                source,
+            })
     }
 }
 
 fn hash(p: &Path) -> anyhow::Result<String> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(p)?)?;
-    Ok(format!("blake3:{}", h.finalize().to_hex()))
+    Ok(TemplateDisk::File(h.finalize().to_hex().to_string()).to_string())
 }
 
 /// Bytes a file occupies on disk (not its apparent size).
@@ -102,7 +110,7 @@ fn spec(t: &DemoTemplate, i: usize) -> anyhow::Result<VmSpec> {
         disk_mib: None,
         template: "demo".into(),
         template_hash: hash(&t.disk)?,
-        template_format: "raw".into(),
+        template_format: DiskFormat::Raw,
         kernel_boot: Some(KernelBoot {
             kernel_hash: hash(&t.kernel)?,
             kernel_size: 0,

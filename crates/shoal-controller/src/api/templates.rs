@@ -177,7 +177,7 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
         name: name.clone(),
         format,
         size_bytes: size,
-        hash: format!("manifest:{}", manifest.to_hex()),
+        hash: shoal_model::TemplateDisk::Manifest(manifest.to_hex()).to_string(),
         kernel_boot,
         ready_pattern: ready,
         created_unix_ms: now_ms(),
@@ -233,7 +233,7 @@ async fn receive(mut field: axum::extract::multipart::Field<'_>, path: &Path) ->
     Ok(Received {
         path: path.to_path_buf(),
         size,
-        hash: format!("blake3:{}", hasher.finalize().to_hex()),
+        hash: shoal_model::TemplateDisk::File(hasher.finalize().to_hex().to_string()).to_string(),
         head,
     })
 }
@@ -373,7 +373,7 @@ pub async fn publish_template(
         name: name.clone(),
         format: "raw".into(),
         size_bytes: snap.logical_bytes,
-        hash: format!("manifest:{}", snap.manifest),
+        hash: shoal_model::TemplateDisk::Manifest(snap.manifest.clone()).to_string(),
         kernel_boot: source.template.kernel_boot.clone(),
         ready_pattern: source.template.ready_pattern.clone(),
         created_unix_ms: now_ms(),

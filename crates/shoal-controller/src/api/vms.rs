@@ -148,9 +148,9 @@ pub async fn take_snapshot(ctl: &Controller, name: &str) -> ApiResult<(shoal_mod
     let template = ctl.db.template(&vm.template).await?.and_then(|t| {
         t.value
             .template
-            .hash
-            .strip_prefix("manifest:")
-            .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+            .disk()
+            .ok()
+            .and_then(|d| d.manifest()?.parse::<shoal_image::ManifestId>().ok())
     });
     let img = image.clone();
     let (data, shared) = crate::api::images::blocking(ctl, move |s| {

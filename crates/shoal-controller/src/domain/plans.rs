@@ -36,9 +36,9 @@ pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template
     let Some(id) = t
         .value
         .template
-        .hash
-        .strip_prefix("manifest:")
-        .and_then(|h| h.parse::<shoal_image::ManifestId>().ok())
+        .disk()
+        .ok()
+        .and_then(|d| d.manifest()?.parse::<shoal_image::ManifestId>().ok())
     else {
         return Ok(());
     };

@@ -332,12 +332,7 @@ fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> 
         disk_mib: vm.disk_mib,
         template: vm.template.clone(),
         template_hash: template.template.hash.clone(),
-        // A disk from the image store reaches hosts as a raw image, whatever it was uploaded as.
-        template_format: if template.template.hash.starts_with("manifest:") {
-            "raw".into()
-        } else {
-            template.template.format.clone()
-        },
+        template_format: template.template.host_format(),
         kernel_boot: template.template.kernel_boot.clone(),
         ready_pattern: template.template.ready_pattern.clone(),
         power: vm.desired,

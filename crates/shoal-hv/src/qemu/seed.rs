@@ -7,6 +7,9 @@ use std::path::Path;
 use shoal_model::agent::VmSpec;
 use tokio::process::Command;
 
+use super::disk::run;
+use crate::HvError;
+
 pub fn meta_data(spec: &VmSpec) -> String {
     format!("instance-id: {}\nlocal-hostname: {}\n", spec.uuid, spec.name)
 }
@@ -30,27 +33,29 @@ pub fn network_config(spec: &VmSpec) -> String {
 }
 
 /// Writes the seed image for `spec` to `path`.
-pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), String> {
+pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), HvError> {
     let dir = path.with_extension("d");
     let _ = tokio::fs::remove_dir_all(&dir).await;
     tokio::fs::create_dir_all(&dir)
         .await
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        .map_err(HvError::file("creating", &dir))?;
     let files = [
         ("meta-data", meta_data(spec)),
         ("user-data", spec.user_data.clone().unwrap_or_default()),
         ("network-config", network_config(spec)),
     ];
     for (name, content) in &files {
-        tokio::fs::write(dir.join(name), content)
+        let file = dir.join(name);
+        tokio::fs::write(&file, content)
             .await
-            .map_err(|e| format!("writing seed file {name}: {e}"))?;
+            .map_err(HvError::file("writing seed file", &file))?;
     }
     let _ = tokio::fs::remove_file(path).await;
     // 1 MiB is enough for any user data we accept and is the smallest FAT12 mkfs takes happily.
     let kib = (1024 + spec.user_data.as_ref().map_or(0, |u| u.len() / 1024 * 2)).to_string();
     run(
         Command::new("mkfs.vfat")
+            .env("MTOOLS_SKIP_CHECK", "1")
             .args(["-C", "-n", "CIDATA"])
             .arg(path)
             .arg(&kib),
@@ -60,6 +65,7 @@ pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), String> {
     for (name, _) in &files {
         run(
             Command::new("mcopy")
+                .env("MTOOLS_SKIP_CHECK", "1")
                 .arg("-i")
                 .arg(path)
                 .arg(dir.join(name))
@@ -69,21 +75,6 @@ pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), String> {
         .await?;
     }
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    Ok(())
-}
-
-async fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
     Ok(())
 }
 
@@ -101,7 +92,7 @@ mod tests {
             disk_mib: None,
             template: "t".into(),
             template_hash: String::new(),
-            template_format: "raw".into(),
+            template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
             ready_pattern: None,
             power: Default::default(),

@@ -13,7 +13,7 @@
 //!
 //! The guest reads a NoCloud seed on a second disk, configures its NIC, prints
 //! `ready <hostname> <ipv4>` on the serial console, then `alive <n>` every second; the ACPI power
-//! button powers it off. The guest scripts are in `crates/shoal-hv/guest/`.
+//! button powers it off. The guest scripts are in `crates/shoal-demo/guest/`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

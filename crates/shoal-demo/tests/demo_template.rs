@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_hv::demo_template::{
+use shoal_demo::{
     build_demo_template, build_demo_template_from, extract_vmlinux, module_load_order, DemoError, DemoSources,
     DemoTemplate, DEMO_CMDLINE, DEMO_MODULES,
 };
