@@ -221,19 +221,26 @@ impl HostSnapshot {
     }
 
     /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
-    /// Powered-off hosts count when the request allows switching hosts on, but only those
-    /// that have a power-on command.
+    /// When the request allows switching hosts on, the hosts that are on are tried first; only
+    /// if the gang does not fit there do switched-off hosts count, and only those that have a
+    /// power-on command (or are booting already).
     pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
-        let mut req = req.clone();
-        if req.allow_power_on {
-            req.rules.avoid_hosts.extend(
-                self.marks
-                    .powered_off
-                    .iter()
-                    .filter(|h| !self.marks.switchable_on.contains(*h))
-                    .cloned(),
-            );
+        if !req.allow_power_on {
+            return self.placer().place(req);
         }
+        let mut on_only = req.clone();
+        on_only.allow_power_on = false;
+        if let Ok(plan) = self.placer().place(&on_only) {
+            return Ok(plan);
+        }
+        let mut req = req.clone();
+        req.rules.avoid_hosts.extend(
+            self.marks
+                .powered_off
+                .iter()
+                .filter(|h| !self.marks.switchable_on.contains(*h))
+                .cloned(),
+        );
         self.placer().place(&req)
     }
 

@@ -89,7 +89,8 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
     g.placement = req.placement;
     g.template = Some(shape.template.clone());
     g.rules.anti_affinity = req.anti_affinity.domain().map(str::to_string);
-    g.allow_power_on = ctl.config.consolidate;
+    // As deployment does: switched-off hosts count only when the hosts that are on lack room.
+    g.allow_power_on = ctl.config.consolidate && snap.placer().place(&g).is_err();
     let mut placer = snap.placer();
     let mut e = placer.explain(&g);
     if !explain {

@@ -51,6 +51,25 @@ pub fn vm_step(state: VmState, host: HostLook, desired: Power) -> VmStep {
     }
 }
 
+/// What to send a VM's host, if anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Ensure,
+    Remove,
+}
+
+/// The command for a VM's step; `due` says whether a repeated "ensure" is due (asked only for
+/// [`VmStep::EnsureIfDue`], since asking records the send). Re-placing and forgetting are
+/// store changes, not commands.
+pub fn command(step: VmStep, due: impl FnOnce() -> bool) -> Option<Command> {
+    match step {
+        VmStep::Ensure => Some(Command::Ensure),
+        VmStep::EnsureIfDue if due() => Some(Command::Ensure),
+        VmStep::Remove => Some(Command::Remove),
+        VmStep::EnsureIfDue | VmStep::Nothing | VmStep::Replace | VmStep::Forget => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +129,17 @@ mod tests {
             }
         }
         assert_eq!(n, 72);
+    }
+
+    #[test]
+    fn a_booting_vm_not_due_is_left_alone_never_removed() {
+        assert_eq!(command(VmStep::EnsureIfDue, || false), None);
+        assert_eq!(command(VmStep::EnsureIfDue, || true), Some(Command::Ensure));
+        assert_eq!(command(VmStep::Ensure, || panic!("not asked")), Some(Command::Ensure));
+        assert_eq!(command(VmStep::Remove, || panic!("not asked")), Some(Command::Remove));
+        for step in [VmStep::Nothing, VmStep::Replace, VmStep::Forget] {
+            assert_eq!(command(step, || panic!("not asked")), None, "{step:?}");
+        }
     }
 
     #[test]

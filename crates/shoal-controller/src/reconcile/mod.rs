@@ -20,7 +20,7 @@ use crate::error::ApiResult;
 use crate::Controller;
 
 mod decide;
-use decide::{vm_step, HostLook, VmStep};
+use decide::{command, vm_step, Command, HostLook, VmStep};
 
 pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     let mut pruned: Option<std::time::Instant> = None;
@@ -262,14 +262,9 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         let vm = &v.value;
         known.insert((vm.uuid, vm.host.as_str()));
         let Some(host) = s.hosts.get(&vm.host) else { continue };
-        let wanted = match vm_step(vm.state, look(ctl, &s, &vm.host), vm.desired) {
-            VmStep::Ensure => Some(true),
-            VmStep::EnsureIfDue => Some(ctl.ensure_due(vm.uuid, vm.desired)),
-            VmStep::Remove => Some(false),
-            VmStep::Nothing | VmStep::Replace | VmStep::Forget => None,
-        };
-        match wanted {
-            Some(true) => {
+        let step = vm_step(vm.state, look(ctl, &s, &vm.host), vm.desired);
+        match command(step, || ctl.ensure_due(vm.uuid, vm.desired)) {
+            Some(Command::Ensure) => {
                 let Some(spec) = spec_for(&s, &topo, vm) else { continue };
                 cmds.ensure
                     .entry(host.name.clone())
@@ -277,7 +272,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     .1
                     .push((vm.clone(), spec));
             }
-            Some(false) => cmds
+            Some(Command::Remove) => cmds
                 .remove
                 .entry(host.name.clone())
                 .or_insert_with(|| (host.address.clone(), Vec::new()))
@@ -287,6 +282,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
                     uuid: vm.uuid,
                     name: vm.name.clone(),
                 }),
+            // Re-placing and forgetting were carried out above, before the state was read again.
             None => {}
         }
     }
