@@ -221,27 +221,32 @@ impl HostSnapshot {
     }
 
     /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
-    /// When the request allows switching hosts on, the hosts that are on are tried first; only
-    /// if the gang does not fit there do switched-off hosts count, and only those that have a
-    /// power-on command (or are booting already).
+    /// When the request allows switching hosts on, the hosts that are on are tried first, then
+    /// with one switched-off host more at a time (only those with a power-on command, or booting
+    /// already), so that no more hosts are switched on than the gang needs.
     pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
         if !req.allow_power_on {
             return self.placer().place(req);
         }
-        let mut on_only = req.clone();
-        on_only.allow_power_on = false;
-        if let Ok(plan) = self.placer().place(&on_only) {
-            return Ok(plan);
+        let mut switchable: Vec<&String> = self.marks.switchable_on.iter().collect();
+        switchable.sort();
+        let mut last = None;
+        for k in 0..=switchable.len() {
+            let mut attempt = req.clone();
+            attempt.allow_power_on = k > 0;
+            attempt.rules.avoid_hosts.extend(
+                self.marks
+                    .powered_off
+                    .iter()
+                    .filter(|h| !switchable[..k].contains(h))
+                    .cloned(),
+            );
+            match self.placer().place(&attempt) {
+                Ok(plan) => return Ok(plan),
+                Err(e) => last = Some(e),
+            }
         }
-        let mut req = req.clone();
-        req.rules.avoid_hosts.extend(
-            self.marks
-                .powered_off
-                .iter()
-                .filter(|h| !self.marks.switchable_on.contains(*h))
-                .cloned(),
-        );
-        self.placer().place(&req)
+        Err(last.expect("at least one attempt"))
     }
 
     /// Whether host `h` is switched off, so that VMs placed there need it switched on.

@@ -24,7 +24,8 @@ pub fn allocate_subnet(config: &ControllerConfig, size: u32, taken: &[Ipv4Subnet
         .ok_or_else(|| ApiError::Invalid(format!("subnet pool {pool} cannot hold /{prefix} subnets")))?;
     if first.guest_capacity() < size as u64 {
         return Err(ApiError::Capacity(format!(
-            "a cluster of {size} VMs needs more addresses than the whole subnet pool {pool} has ({})",
+            "a cluster of {} needs more addresses than the whole subnet pool {pool} has ({})",
+            shoal_model::plural(size, "VM"),
             pool.guest_capacity()
         )));
     }
@@ -34,8 +35,8 @@ pub fn allocate_subnet(config: &ControllerConfig, size: u32, taken: &[Ipv4Subnet
         .find(|s| !taken.iter().any(|t| t.overlaps(s)))
         .ok_or_else(|| {
             ApiError::Capacity(format!(
-                "subnet pool {pool} has no free /{prefix} left ({} subnets allocated)",
-                taken.len()
+                "subnet pool {pool} has no free /{prefix} left ({} allocated)",
+                shoal_model::plural(taken.len(), "subnet")
             ))
         })
 }

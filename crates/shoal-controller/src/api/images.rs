@@ -27,8 +27,8 @@ impl From<shoal_image::Error> for ApiError {
                 name: what,
             },
             E::Missing(ids) => ApiError::Invalid(format!(
-                "{} chunk(s) missing from the store, first {}: upload them first",
-                ids.len(),
+                "{} missing from the store, first {}: upload them first",
+                shoal_model::plural(ids.len(), "chunk"),
                 ids.first().map(|c| c.to_hex()).unwrap_or_default()
             )),
             E::Io(m, std::io::ErrorKind::StorageFull) => {

@@ -3,10 +3,10 @@ use std::path::{Path, PathBuf};
 use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
-use shoal_model::{now_ms, validate_name, KernelBoot, Template};
+use shoal_model::{validate_name, Template};
 use tokio::io::AsyncWriteExt;
 
-use crate::datastore::{TemplateRecord, Tx};
+use crate::domain::templates::{self, Received, Upload};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
@@ -35,14 +35,6 @@ pub struct TemplateUpload {
     ready_pattern: Option<String>,
 }
 
-/// A file received from the upload: where it is, its size, hash and first bytes.
-struct Received {
-    path: PathBuf,
-    size: u64,
-    hash: String,
-    head: Vec<u8>,
-}
-
 /// Uploads a template: a disk image, and for direct kernel boot a kernel, an initrd and a
 /// command line. Files are hashed on the way in; the template appears only once all is stored.
 #[utoipa::path(post, path = "/v1/templates", tag = "templates",
@@ -54,7 +46,10 @@ pub async fn import_template(
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     let dir = ctl.config.data_dir.join("templates");
     let mut files: Vec<PathBuf> = Vec::new();
-    let result = import(&ctl, &dir, multipart, &mut files).await;
+    let result = match read_upload(&ctl, &dir, multipart, &mut files).await {
+        Ok(upload) => templates::import(&ctl, upload, &mut files).await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         for f in &files {
             let _ = tokio::fs::remove_file(f).await;
@@ -63,21 +58,44 @@ pub async fn import_template(
     result.map(|t| (StatusCode::CREATED, Json(t)))
 }
 
-async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut Vec<PathBuf>) -> ApiResult<Template> {
+/// Reads the multipart form, streaming each file to `dir` (listed in `files`) as it arrives.
+async fn read_upload(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut Vec<PathBuf>) -> ApiResult<Upload> {
     let bad = |e: axum::extract::multipart::MultipartError| ApiError::Invalid(format!("malformed upload: {e}"));
     let mut name: Option<String> = None;
     let (mut disk, mut kernel, mut initrd): (Option<Received>, Option<Received>, Option<Received>) = (None, None, None);
     let (mut cmdline, mut ready) = (None, None);
     let (mut manifest, mut source_format): (Option<String>, Option<String>) = (None, None);
     let id = uuid::Uuid::new_v4().simple().to_string();
-    while let Some(field) = form.next_field().await.map_err(bad)? {
+    // A taken name is refused before any file is stored. The rest of a small upload is still
+    // read, so that the client, which is still sending, gets the refusal rather than a reset
+    // connection; past REFUSED_DRAIN the connection is dropped instead.
+    const REFUSED_DRAIN: u64 = 4 << 20;
+    let mut refused: Option<(ApiError, u64)> = None;
+    while let Some(mut field) = form.next_field().await.map_err(bad)? {
+        if let Some((_, drained)) = refused.as_mut() {
+            while let Some(c) = field.chunk().await.map_err(bad)? {
+                *drained += c.len() as u64;
+                if *drained > REFUSED_DRAIN {
+                    break;
+                }
+            }
+            if *drained > REFUSED_DRAIN {
+                break;
+            }
+            continue;
+        }
         let field_name = field.name().unwrap_or_default().to_string();
         match field_name.as_str() {
             "name" => {
                 let n = field.text().await.map_err(bad)?;
-                validate_name("template", &n)?;
-                if ctl.db.template(&n).await?.is_some() {
-                    return Err(ApiError::exists("template", &n));
+                let check = match validate_name("template", &n) {
+                    Err(e) => Err(ApiError::from(e)),
+                    Ok(()) if ctl.db.template(&n).await?.is_some() => Err(ApiError::exists("template", &n)),
+                    Ok(()) => Ok(()),
+                };
+                if let Err(e) = check {
+                    refused = Some((e, 0));
+                    continue;
                 }
                 name = Some(n);
             }
@@ -95,119 +113,23 @@ async fn import(ctl: &Controller, dir: &Path, mut form: Multipart, files: &mut V
             "format" => source_format = Some(field.text().await.map_err(bad)?.trim().to_string()),
             "cmdline" => cmdline = Some(field.text().await.map_err(bad)?),
             "ready_pattern" => ready = Some(field.text().await.map_err(bad)?).filter(|s| !s.is_empty()),
-            other => return Err(ApiError::Invalid(format!("unexpected upload field {other:?}"))),
+            other => refused = Some((ApiError::Invalid(format!("unexpected upload field {other:?}")), 0)),
         }
     }
-    let name = name.ok_or_else(|| ApiError::Invalid("the upload has no template name".into()))?;
-    if disk.is_some() == manifest.is_some() {
-        return Err(ApiError::Invalid(format!(
-            "template {name:?}: the upload needs either a disk image or the manifest id of an uploaded image"
-        )));
+    if let Some((e, _)) = refused {
+        return Err(e);
     }
-    if kernel.is_none() && (initrd.is_some() || cmdline.is_some()) {
-        return Err(ApiError::Invalid(format!(
-            "template {name:?}: an initrd or a kernel command line needs a kernel"
-        )));
-    }
-    if let Some(k) = &kernel {
-        let elf = k.head.starts_with(b"\x7fELF");
-        let bz = k.head.len() >= 0x206 && &k.head[0x202..0x206] == b"HdrS";
-        if !elf && !bz {
-            return Err(ApiError::Invalid(format!(
-                "template {name:?}: the kernel is neither an ELF vmlinux nor a bzImage"
-            )));
-        }
-    }
-    let kernel_boot = kernel.as_ref().map(|k| KernelBoot {
-        kernel_hash: k.hash.clone(),
-        kernel_size: k.size,
-        initrd_hash: initrd.as_ref().map(|i| i.hash.clone()),
-        initrd_size: initrd.as_ref().map(|i| i.size),
-        cmdline: cmdline.clone().unwrap_or_else(|| "console=ttyS0".into()),
-    });
-    // The disk goes into the image store (or is there already): chunked, deduplicated, and
-    // named `template/NAME` only if that name is free, so of two uploads of one name one wins.
-    let image_ref = format!("template/{name}");
-    let (manifest, format, size) = match (disk, manifest) {
-        (Some(d), _) => {
-            let (path, r) = (d.path.clone(), image_ref.clone());
-            let rep = crate::api::images::blocking(ctl, move |s| {
-                s.import_path(
-                    &path,
-                    &shoal_image::ImportOptions {
-                        ref_name: Some(&r),
-                        ..Default::default()
-                    },
-                )
-            })
-            .await
-            .map_err(|e| match e {
-                ApiError::Invalid(m) => ApiError::Invalid(format!("template {name:?}: {m}")),
-                ApiError::Conflict(_) => ApiError::exists("template", &name),
-                e => e,
-            })?;
-            let _ = tokio::fs::remove_file(&d.path).await;
-            (
-                rep.manifest,
-                format!("{:?}", rep.format).to_lowercase(),
-                rep.logical_bytes,
-            )
-        }
-        (None, Some(m)) => {
-            let id: shoal_image::ManifestId = m.parse().map_err(ApiError::from)?;
-            let r = image_ref.clone();
-            let size = crate::api::images::blocking(ctl, move |s| {
-                let size = s.manifest(&id)?.size;
-                s.create_ref(&r, &id)?;
-                Ok(size)
-            })
-            .await
-            .map_err(|e| match e {
-                ApiError::NotFound { .. } => ApiError::Invalid(format!(
-                    "template {name:?}: image manifest {m} is not in the store; upload its chunks and manifest first"
-                )),
-                ApiError::Conflict(_) => ApiError::exists("template", &name),
-                e => e,
-            })?;
-            (id, source_format.clone().unwrap_or_else(|| "raw".into()), size)
-        }
-        (None, None) => unreachable!("checked above"),
-    };
-    let template = Template {
-        name: name.clone(),
-        format,
-        size_bytes: size,
-        hash: shoal_model::TemplateDisk::Manifest(manifest.to_hex()).to_string(),
-        kernel_boot,
-        ready_pattern: ready,
-        created_unix_ms: now_ms(),
-    };
-    // Final names; the `.partial` files are renamed only once everything checked out.
-    let final_path = |what: &str| dir.join(format!("{name}-{id}.{what}")).display().to_string();
-    let rec = TemplateRecord {
-        template: template.clone(),
-        file: String::new(),
-        kernel_file: kernel.as_ref().map(|_| final_path("kernel")),
-        initrd_file: initrd.as_ref().map(|_| final_path("initrd")),
-    };
-    let moves = [
-        (kernel.as_ref(), rec.kernel_file.as_ref()),
-        (initrd.as_ref(), rec.initrd_file.as_ref()),
-    ];
-    for (r, f) in moves {
-        if let (Some(r), Some(f)) = (r, f) {
-            if let Err(e) = tokio::fs::rename(&r.path, f).await {
-                let _ = ctl.images.delete_ref(&image_ref);
-                return Err(ApiError::Internal(format!("storing template {name:?}: {e}")));
-            }
-            files.push(PathBuf::from(f));
-        }
-    }
-    if !ctl.db.try_commit(Tx::new().create_template(&rec)).await? {
-        let _ = ctl.images.delete_ref(&image_ref);
-        return Err(ApiError::exists("template", &name));
-    }
-    Ok(template)
+    Ok(Upload {
+        id,
+        name,
+        disk,
+        kernel,
+        initrd,
+        cmdline,
+        ready,
+        manifest,
+        source_format,
+    })
 }
 
 /// Writes one uploaded file to `path`, hashing it on the way.
@@ -243,18 +165,14 @@ pub async fn list_templates(
     State(ctl): State<Controller>,
     axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
 ) -> ApiResult<crate::api::Paged<Template>> {
-    page.of(ctl.db.templates().await?.into_iter().map(|t| t.template).collect())
+    page.of(templates::list(&ctl).await?)
 }
 
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",
     params(("name" = String, Path, description = "Template name")),
     responses((status = 200, body = Template), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<Template>> {
-    ctl.db
-        .template(&name)
-        .await?
-        .map(|v| Json(v.value.template))
-        .ok_or_else(|| ApiError::not_found("template", name))
+    Ok(Json(templates::show(&ctl, &name).await?))
 }
 
 /// Deletes a template no profile or cluster uses.
@@ -262,52 +180,7 @@ pub async fn show_template(State(ctl): State<Controller>, UrlPath(name): UrlPath
     params(("name" = String, Path, description = "Template name")),
     responses((status = 200), (status = 404, body = shoal_model::api::ErrorBody), (status = 409, body = shoal_model::api::ErrorBody)))]
 pub async fn delete_template(State(ctl): State<Controller>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<()>> {
-    let _guard = ctl.db.lock().await;
-    let rec = ctl
-        .db
-        .template(&name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("template", &name))?;
-    let profiles: Vec<String> = ctl
-        .db
-        .profiles()
-        .await?
-        .into_iter()
-        .filter(|p| p.template.as_deref() == Some(name.as_str()))
-        .map(|p| p.name)
-        .collect();
-    let clusters: Vec<String> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .filter(|c| c.shape.template == name)
-        .map(|c| c.name)
-        .collect();
-    if !profiles.is_empty() || !clusters.is_empty() {
-        return Err(ApiError::InUse(format!(
-            "template {name:?} is in use by profiles [{}] and clusters [{}]",
-            profiles.join(", "),
-            clusters.join(", ")
-        )));
-    }
-    if !ctl
-        .db
-        .try_commit(Tx::new().delete_template(&name, rec.mod_revision))
-        .await?
-    {
-        return Err(ApiError::Conflict(format!(
-            "template {name:?} changed while being deleted; try again"
-        )));
-    }
-    if let Err(e) = ctl.images.delete_ref(&format!("template/{name}")) {
-        tracing::warn!("template {name}: removing its image ref: {e}");
-    }
-    for f in rec.value.files() {
-        if let Err(e) = tokio::fs::remove_file(f).await {
-            tracing::warn!("template {name}: removing {f}: {e}");
-        }
-    }
+    templates::delete(&ctl, &name).await?;
     Ok(Json(()))
 }
 
@@ -320,79 +193,5 @@ pub async fn publish_template(
     State(ctl): State<Controller>,
     Json(req): Json<shoal_model::api::PublishTemplate>,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
-    let name = req.name;
-    validate_name("template", &name)?;
-    if ctl.db.template(&name).await?.is_some() {
-        return Err(ApiError::exists("template", &name));
-    }
-    let (vm, snap) = crate::api::vms::take_snapshot(&ctl, &req.vm).await?;
-    let source = ctl
-        .db
-        .template(&vm.template)
-        .await?
-        .ok_or_else(|| ApiError::not_found("template", &vm.template))?
-        .value;
-    let id: shoal_image::ManifestId = snap.manifest.parse().map_err(ApiError::from)?;
-    let image_ref = format!("template/{name}");
-    let r = image_ref.clone();
-    crate::api::images::blocking(&ctl, move |s| s.create_ref(&r, &id))
-        .await
-        .map_err(|e| match e {
-            ApiError::Conflict(_) => ApiError::exists("template", &name),
-            e => e,
-        })?;
-    // Kernel and initrd: linked (or copied) under the new template's name, so that deleting
-    // either template leaves the other whole.
-    let dir = ctl.config.data_dir.join("templates");
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let mut made: Vec<PathBuf> = vec![];
-    let mut link = |from: &Option<String>, what: &str| -> ApiResult<Option<String>> {
-        let Some(from) = from else { return Ok(None) };
-        let to = dir.join(format!("{name}-{suffix}.{what}"));
-        std::fs::hard_link(from, &to)
-            .or_else(|_| std::fs::copy(from, &to).map(|_| ()))
-            .map_err(|e| ApiError::Internal(format!("copying {from} for template {name:?}: {e}")))?;
-        made.push(to.clone());
-        Ok(Some(to.display().to_string()))
-    };
-    let linked = link(&source.kernel_file, "kernel").and_then(|k| Ok((k, link(&source.initrd_file, "initrd")?)));
-    let undo = |made: &[PathBuf]| {
-        let _ = ctl.images.delete_ref(&image_ref);
-        for f in made {
-            let _ = std::fs::remove_file(f);
-        }
-    };
-    let (kernel_file, initrd_file) = match linked {
-        Ok(x) => x,
-        Err(e) => {
-            undo(&made);
-            return Err(e);
-        }
-    };
-    let template = Template {
-        name: name.clone(),
-        format: "raw".into(),
-        size_bytes: snap.logical_bytes,
-        hash: shoal_model::TemplateDisk::Manifest(snap.manifest.clone()).to_string(),
-        kernel_boot: source.template.kernel_boot.clone(),
-        ready_pattern: source.template.ready_pattern.clone(),
-        created_unix_ms: now_ms(),
-    };
-    let rec = TemplateRecord {
-        template: template.clone(),
-        file: String::new(),
-        kernel_file,
-        initrd_file,
-    };
-    match ctl.db.try_commit(Tx::new().create_template(&rec)).await {
-        Ok(true) => Ok((StatusCode::CREATED, Json(template))),
-        Ok(false) => {
-            undo(&made);
-            Err(ApiError::exists("template", &name))
-        }
-        Err(e) => {
-            undo(&made);
-            Err(e)
-        }
-    }
+    Ok((StatusCode::CREATED, Json(templates::publish(&ctl, req).await?)))
 }

@@ -40,17 +40,7 @@ pub struct ActionQuery {
 }
 
 pub(crate) fn action(name: &str, force: bool) -> ApiResult<Action> {
-    Ok(match name {
-        "stop" => Action::Stop { force },
-        "start" => Action::Start,
-        "suspend" => Action::Suspend,
-        "resume" => Action::Resume,
-        other => {
-            return Err(ApiError::Invalid(format!(
-                "unknown action {other:?}: expected stop, start, suspend or resume"
-            )))
-        }
-    })
+    shoal_model::PowerAction::parse(name, force).map_err(|e| ApiError::Invalid(e.to_string()))
 }
 
 /// Stops (ACPI power button, forced after a timeout, or at once with `force`), starts, suspends

@@ -11,8 +11,8 @@ use std::collections::{BTreeSet, HashSet};
 
 use shoal_model::api::CreateCluster;
 use shoal_model::{
-    format_mib, now_ms, plural, validate_name, Cluster, ClusterState, Operation, OperationKind, OperationState,
-    OperationStep, StepState, Vm, VmState, DEPLOY_STEPS,
+    format_mib, now_ms, plural, validate_name, Cluster, ClusterState, DeployStep, Operation, OperationKind,
+    OperationState, OperationStep, StepState, Vm, VmState, DEPLOY_STEPS,
 };
 use uuid::Uuid;
 
@@ -46,8 +46,8 @@ pub(crate) fn new_operation(kind: OperationKind, target: &str, steps: &[&str], p
     }
 }
 
-fn step_done(op: &mut Operation, name: &str, n: u64, message: String) {
-    if let Some(s) = op.step_mut(name) {
+fn step_done(op: &mut Operation, step: DeployStep, n: u64, message: String) {
+    if let Some(s) = op.deploy_step_mut(step) {
         s.state = StepState::Done;
         s.done = n;
         s.total = n;
@@ -87,7 +87,7 @@ async fn plan_new_vms(
         })?;
     step_done(
         op,
-        "prepare_images",
+        DeployStep::PrepareImages,
         n as u64,
         format!(
             "template {} ({} bytes, {}): {}",
@@ -143,7 +143,7 @@ async fn plan_new_vms(
         .collect();
     step_done(
         op,
-        "configure_vms",
+        DeployStep::ConfigureVms,
         n as u64,
         match (vms.first(), vms.last()) {
             (Some(a), Some(b)) => format!(
@@ -190,7 +190,7 @@ async fn plan_new_vms(
         .collect();
     step_done(
         op,
-        "choose_hosts",
+        DeployStep::ChooseHosts,
         n as u64,
         format!(
             "{} on {} ({} placement){}",
@@ -207,7 +207,7 @@ async fn plan_new_vms(
             }
         ),
     );
-    if let Some(s) = op.step_mut("execute") {
+    if let Some(s) = op.deploy_step_mut(DeployStep::Execute) {
         s.state = StepState::Running;
         s.total = n as u64;
         s.message = format!("starting {} on {}", plural(n, "VM"), plural(hosts.len(), "host"));
@@ -337,7 +337,12 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
         power_on = new.power_on;
         (op, new.tx)
     } else {
-        let mut op = new_operation(OperationKind::ClusterScale, name, &["execute"], previous);
+        let mut op = new_operation(
+            OperationKind::ClusterScale,
+            name,
+            &[DeployStep::Execute.as_str()],
+            previous,
+        );
         let mut doomed: Vec<&Versioned<Vm>> = live.clone();
         doomed.sort_by_key(|v| std::cmp::Reverse(v.value.index));
         doomed.truncate((current - size) as usize);
@@ -348,7 +353,7 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
             tx = tx.update_vm(v.mod_revision, &vm);
             op.vms.push(vm.name);
         }
-        if let Some(s) = op.step_mut("execute") {
+        if let Some(s) = op.deploy_step_mut(DeployStep::Execute) {
             s.state = StepState::Running;
             s.total = doomed.len() as u64;
             s.message = format!("removing {}", plural(doomed.len(), "VM"));
@@ -382,7 +387,12 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
         return Ok(op.clone());
     }
     let vms = ctl.db.cluster_vms(name).await?;
-    let mut op = new_operation(OperationKind::ClusterDelete, name, &["execute"], cluster.size);
+    let mut op = new_operation(
+        OperationKind::ClusterDelete,
+        name,
+        &[DeployStep::Execute.as_str()],
+        cluster.size,
+    );
     cluster.size = 0;
     cluster.state = ClusterState::Deleting;
     let mut tx = Tx::new().update_cluster(crev, &cluster);
@@ -403,7 +413,7 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
             tx = tx.update_vm(v.mod_revision, &vm);
         }
     }
-    if let Some(s) = op.step_mut("execute") {
+    if let Some(s) = op.deploy_step_mut(DeployStep::Execute) {
         s.state = StepState::Running;
         s.total = vms.len() as u64;
         s.message = format!("removing {}", plural(vms.len(), "VM"));

@@ -257,8 +257,8 @@ pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPow
         let claim = ctl.db.claims().await?.get(host);
         if claim.vms > 0 {
             return Err(ApiError::Conflict(format!(
-                "host {host} still has {} VMs; drain it first (`shoal host drain {host}`)",
-                claim.vms
+                "host {host} still has {}; drain it first (`shoal host drain {host}`)",
+                shoal_model::plural(claim.vms, "VM")
             )));
         }
     }

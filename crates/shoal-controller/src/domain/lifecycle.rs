@@ -8,8 +8,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use shoal_model::PowerAction;
 use shoal_model::{
-    format_mib, plural, Cluster, ClusterState, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
+    format_mib, plural, Cluster, ClusterState, DeployStep, Operation, OperationKind, OperationState, StepState, Vm,
+    VmState,
 };
 use shoal_policy::GangRequest;
 
@@ -19,38 +21,21 @@ use crate::domain::clusters::{busy, busy_error, commit, new_operation};
 use crate::error::{ApiError, ApiResult};
 use crate::Controller;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Stop { force: bool },
-    Start,
-    Suspend,
-    Resume,
+/// The power actions, as the domain applies them.
+pub type Action = PowerAction;
+
+/// What an action needs of a VM's state.
+trait Applies {
+    fn applies(self, vm: &Vm) -> ApiResult<bool>;
 }
 
-impl Action {
-    fn power(self) -> Power {
-        match self {
-            Action::Stop { .. } => Power::Stopped,
-            Action::Start | Action::Resume => Power::Running,
-            Action::Suspend => Power::Suspended,
-        }
-    }
-
-    fn verb(self) -> &'static str {
-        match self {
-            Action::Stop { .. } => "stop",
-            Action::Start => "start",
-            Action::Suspend => "suspend",
-            Action::Resume => "resume",
-        }
-    }
-
+impl Applies for PowerAction {
     /// Whether `vm` can take this action; `Ok(false)` when it is already done.
     fn applies(self, vm: &Vm) -> ApiResult<bool> {
         let refuse = |why: &str| {
             Err(ApiError::Conflict(format!(
                 "cannot {} VM {}: {why}",
-                self.verb(),
+                self.as_str(),
                 vm.name
             )))
         };
@@ -127,7 +112,12 @@ async fn apply(
     vms: Vec<Versioned<Vm>>,
     action: Action,
 ) -> ApiResult<Operation> {
-    let mut op = new_operation(kind, target, &["execute"], cluster.as_ref().map_or(0, |c| c.value.size));
+    let mut op = new_operation(
+        kind,
+        target,
+        &[DeployStep::Execute.as_str()],
+        cluster.as_ref().map_or(0, |c| c.value.size),
+    );
     let mut tx = Tx::new();
     let mut changing = Vec::new();
     for v in &vms {
@@ -144,7 +134,7 @@ async fn apply(
     for v in &changing {
         let mut vm = v.value.clone();
         vm.desired = action.power();
-        vm.force_stop = matches!(action, Action::Stop { force: true });
+        vm.force_stop = action.force();
         vm.reason = None;
         if action == Action::Resume {
             vm.claimed = true;
@@ -157,17 +147,17 @@ async fn apply(
     }
     op.vms = changing.iter().map(|v| v.value.name.clone()).collect();
     let n = op.vms.len();
-    if let Some(s) = op.step_mut("execute") {
+    if let Some(s) = op.deploy_step_mut(DeployStep::Execute) {
         s.total = n as u64;
         s.state = StepState::Running;
-        s.message = format!("{} {}", action.verb(), plural(n, "VM"));
+        s.message = format!("{} {}", action.as_str(), plural(n, "VM"));
     }
     if op.vms.is_empty() {
         op.state = OperationState::Succeeded;
         op.finished_unix_ms = Some(op.created_unix_ms);
-        if let Some(s) = op.step_mut("execute") {
+        if let Some(s) = op.deploy_step_mut(DeployStep::Execute) {
             s.state = StepState::Done;
-            s.message = format!("nothing to {}", action.verb());
+            s.message = format!("nothing to {}", action.as_str());
         }
     }
     if let Some(c) = &cluster {

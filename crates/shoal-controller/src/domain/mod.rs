@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod networks;
 pub mod plans;
 pub mod profiles;
+pub mod templates;
 pub mod vms;
 
 /// Refuses to delete `kind` `name` while anything in `users` (label, names) still uses it,

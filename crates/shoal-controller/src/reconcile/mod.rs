@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shoal_model::agent::{EnsureVms, RemoveVms, VmSpec, VmStatus};
 use shoal_model::{
-    format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind, OperationState, StepState, Vm,
-    VmState,
+    format_mib, now_ms, plural, Cluster, ClusterState, DeployStep, HostState, Operation, OperationKind, OperationState,
+    StepState, Vm, VmState,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -597,7 +597,7 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                     &mut new,
                     total - left,
                     total,
-                    format!("{} of {total} VMs removed", total - left),
+                    format!("{} of {} removed", total - left, plural(total, "VM")),
                 );
                 if left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone) {
                     finish(&mut new, None);
@@ -606,7 +606,12 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
             // Deployments: done when every new VM runs; rolled back when one cannot.
             OperationKind::ClusterCreate | OperationKind::ClusterScale => {
                 let running = vms.iter().filter(|v| v.value.state == VmState::Running).count() as u64;
-                set_execute(&mut new, running, total, format!("{running} of {total} VMs running"));
+                set_execute(
+                    &mut new,
+                    running,
+                    total,
+                    format!("{running} of {} running", plural(total, "VM")),
+                );
                 let failure = if let Some(f) = vms.iter().find(|v| v.value.state == VmState::Failed) {
                     Some(format!(
                         "VM {} failed on host {}: {}",
@@ -618,9 +623,9 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                     Some("VMs of the operation disappeared before they started".to_string())
                 } else if timed_out && running < total {
                     Some(format!(
-                        "timed out after {:?} waiting for {} VMs: {}",
+                        "timed out after {:?} waiting for {}: {}",
                         ctl.config.operation_timeout,
-                        total - running,
+                        plural(total - running, "VM"),
                         waiting(&|v| v.state == VmState::Running)
                     ))
                 } else {
@@ -628,13 +633,17 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                 };
                 if let Some(reason) = failure {
                     roll_back(ctl, s, op).await?;
-                    if let Some(st) = new.step_mut("execute") {
+                    if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
                         st.state = StepState::Failed;
                     }
                     let what = if op.kind == OperationKind::ClusterCreate {
                         format!("cluster {} rolled back", op.target)
                     } else {
-                        format!("cluster {} rolled back to {} VMs", op.target, op.previous_size)
+                        format!(
+                            "cluster {} rolled back to {}",
+                            op.target,
+                            plural(op.previous_size, "VM")
+                        )
                     };
                     finish(&mut new, Some(format!("{reason}; {what}")));
                 } else if running == total {
@@ -645,7 +654,7 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
             _ => {
                 let at = |v: &Vm| v.state == v.desired.target();
                 let done = vms.iter().filter(|v| at(&v.value)).count() as u64;
-                set_execute(&mut new, done, total, format!("{done} of {total} VMs done"));
+                set_execute(&mut new, done, total, format!("{done} of {} done", plural(total, "VM")));
                 let failure = if let Some(f) = vms
                     .iter()
                     .find(|v| v.value.state == VmState::Failed || (v.value.reason.is_some() && !at(&v.value)))
@@ -668,7 +677,7 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
                     None
                 };
                 if let Some(reason) = failure {
-                    if let Some(st) = new.step_mut("execute") {
+                    if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
                         st.state = StepState::Failed;
                     }
                     finish(&mut new, Some(reason));
@@ -686,7 +695,7 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
 }
 
 fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {
-    if let Some(st) = op.step_mut("execute") {
+    if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
         st.done = done;
         st.total = total;
         st.message = message;
@@ -700,7 +709,7 @@ fn finish(op: &mut Operation, error: Option<String>) {
         OperationState::Succeeded
     };
     if error.is_none() {
-        if let Some(st) = op.step_mut("execute") {
+        if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
             st.state = StepState::Done;
         }
     }
@@ -815,7 +824,12 @@ mod tests {
     use super::*;
 
     fn op(id: u128, state: OperationState, finished: Option<u64>) -> Operation {
-        let mut o = crate::domain::clusters::new_operation(OperationKind::ClusterCreate, "c", &["execute"], 0);
+        let mut o = crate::domain::clusters::new_operation(
+            OperationKind::ClusterCreate,
+            "c",
+            &[DeployStep::Execute.as_str()],
+            0,
+        );
         o.id = Uuid::from_u128(id);
         o.state = state;
         o.created_unix_ms = 0;
