@@ -92,11 +92,13 @@ impl ClaimChanges {
 
 /// The placement request for `count` VMs of a cluster.
 pub fn gang_request(cluster: &Cluster, count: u32) -> GangRequest {
-    let mut req = GangRequest::new(&cluster.name, count, cluster.shape.cpus, cluster.shape.memory_mib);
-    req.placement = cluster.placement;
-    req.template = Some(cluster.shape.template.clone());
-    req.rules.anti_affinity = cluster.anti_affinity.domain().map(str::to_string);
-    req
+    GangRequest::for_cluster(
+        &cluster.name,
+        count,
+        &cluster.shape,
+        cluster.placement,
+        cluster.anti_affinity,
+    )
 }
 
 /// What the store says of hosts besides their records: the marks that keep placement off them.

@@ -97,6 +97,23 @@ impl GangRequest {
             allow_power_on: false,
         }
     }
+
+    /// The request for `count` VMs of a virtual cluster of this shape, placement and
+    /// anti-affinity (`host`, or the label naming the failure domain). The controller builds
+    /// every deployment's, scale's and resume's request with it, and `shoal plan place` too.
+    pub fn for_cluster(
+        cluster: impl Into<String>,
+        count: u32,
+        shape: &shoal_model::VmShape,
+        placement: Placement,
+        anti_affinity: shoal_model::AntiAffinity,
+    ) -> GangRequest {
+        let mut req = GangRequest::new(cluster, count, shape.cpus, shape.memory_mib);
+        req.placement = placement;
+        req.template = Some(shape.template.clone());
+        req.rules.anti_affinity = anti_affinity.domain().map(str::to_string);
+        req
+    }
 }
 
 /// Why a host cannot take one more VM of the request.

@@ -85,10 +85,7 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
         .await?
         .with_vms(existing.iter().map(|v| (v, None)));
     add_locality(ctl, &mut snap.snapshot, &shape.template).await?;
-    let mut g = GangRequest::new(&req.name, req.size, shape.cpus, shape.memory_mib);
-    g.placement = req.placement;
-    g.template = Some(shape.template.clone());
-    g.rules.anti_affinity = req.anti_affinity.domain().map(str::to_string);
+    let mut g = GangRequest::for_cluster(&req.name, req.size, &shape, req.placement, req.anti_affinity);
     // As deployment does: switched-off hosts count only when the hosts that are on lack room.
     g.allow_power_on = ctl.config.consolidate && snap.placer().place(&g).is_err();
     if g.allow_power_on {
