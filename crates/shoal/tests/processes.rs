@@ -230,3 +230,66 @@ fn a_controller_killed_mid_deployment_resumes_after_restart() {
     assert_eq!(total, 6);
     drop(agents);
 }
+
+/// Unmounts the test's tmpfs however the test ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn on_a_full_disk_shoal_up_starts_serves_reads_and_refuses_writes_with_507() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a small tmpfs (a real full disk); mount failed: {mounted}"
+    );
+    let _unmount = Mount(mnt.clone());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let data = mnt.join("data");
+    let args = [
+        "up",
+        "--hosts",
+        "2",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let mut up = Daemon::spawn(&args, &dir.path().join("up1.log"));
+    wait_ready(&url, &up);
+    ok(&url, &["network", "create", "n1"]);
+    up.signal_and_wait("TERM", Duration::from_secs(20))
+        .expect("shoal up stops on SIGTERM");
+
+    // Fill the disk to the last byte.
+    use std::io::Write;
+    let mut fill = std::fs::File::create(mnt.join("fill")).unwrap();
+    while fill.write_all(&[0u8; 65536]).is_ok() {}
+    while fill.write_all(&[0u8]).is_ok() {}
+    drop(fill);
+
+    let up = Daemon::spawn(&args, &dir.path().join("up2.log"));
+    wait_ready(&url, &up);
+    eventually(Duration::from_secs(10), "both hosts", || {
+        json(&url, &["host", "list"]).as_array().unwrap().len() == 2
+    });
+    let nets = json(&url, &["network", "list"]);
+    assert_eq!(nets[0]["name"], "n1", "{nets}");
+    let img = image(dir.path());
+    let e = fails(&url, &["template", "import", "t", img.to_str().unwrap()]);
+    assert!(e.contains("disk is full"), "{e}");
+    assert!(json(&url, &["template", "list"]).as_array().unwrap().is_empty());
+    drop(up);
+}
