@@ -1,13 +1,11 @@
-use std::collections::HashMap;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use shoal_model::api::{ClusterView, CreateCluster, ScaleCluster};
-use shoal_model::{Cluster, Operation, VmState};
+use shoal_model::Operation;
 
 use crate::domain::clusters;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::Controller;
 
 /// Plans the whole cluster (prepare images, configure VMs, choose hosts) and records it, or
@@ -22,49 +20,19 @@ pub async fn create_cluster(
     Ok((StatusCode::ACCEPTED, Json(clusters::create_cluster(&ctl, req).await?)))
 }
 
-async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<ClusterView>> {
-    let mut counts: HashMap<String, (u32, u32)> = HashMap::new();
-    for vm in ctl.db.vms().await? {
-        let vm = crate::domain::vms::observed(ctl, vm);
-        let e = counts.entry(vm.cluster).or_default();
-        e.1 += 1;
-        if vm.state == VmState::Running {
-            e.0 += 1;
-        }
-    }
-    Ok(clusters
-        .into_iter()
-        .map(|c| {
-            let (running, total) = counts.get(&c.name).copied().unwrap_or_default();
-            ClusterView {
-                cluster: c,
-                vms_running: running,
-                vms_total: total,
-            }
-        })
-        .collect())
-}
-
 #[utoipa::path(get, path = "/v1/clusters", tag = "clusters", params(crate::api::Page), responses((status = 200, body = [ClusterView])))]
 pub async fn list_clusters(
     State(ctl): State<Controller>,
     axum::extract::Query(page): axum::extract::Query<crate::api::Page>,
 ) -> ApiResult<crate::api::Paged<ClusterView>> {
-    let clusters = ctl.db.clusters().await?;
-    page.of(views(&ctl, clusters).await?)
+    page.of(clusters::list(&ctl).await?)
 }
 
 #[utoipa::path(get, path = "/v1/clusters/{name}", tag = "clusters",
     params(("name" = String, Path, description = "Cluster name")),
     responses((status = 200, body = ClusterView), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn show_cluster(State(ctl): State<Controller>, Path(name): Path<String>) -> ApiResult<Json<ClusterView>> {
-    let c = ctl
-        .db
-        .cluster(&name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cluster", &name))?;
-    let mut v = views(&ctl, vec![c.value]).await?;
-    Ok(Json(v.remove(0)))
+    Ok(Json(clusters::show(&ctl, &name).await?))
 }
 
 #[utoipa::path(post, path = "/v1/clusters/{name}/scale", tag = "clusters", request_body = ScaleCluster,

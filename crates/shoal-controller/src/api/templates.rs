@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
-use shoal_model::{validate_name, Template};
+use shoal_model::Template;
 use tokio::io::AsyncWriteExt;
 
 use crate::domain::templates::{self, Received, Upload};
@@ -88,12 +88,7 @@ async fn read_upload(ctl: &Controller, dir: &Path, mut form: Multipart, files: &
         match field_name.as_str() {
             "name" => {
                 let n = field.text().await.map_err(bad)?;
-                let check = match validate_name("template", &n) {
-                    Err(e) => Err(ApiError::from(e)),
-                    Ok(()) if ctl.db.template(&n).await?.is_some() => Err(ApiError::exists("template", &n)),
-                    Ok(()) => Ok(()),
-                };
-                if let Err(e) = check {
+                if let Err(e) = templates::check_new_name(ctl, &n).await {
                     refused = Some((e, 0));
                     continue;
                 }

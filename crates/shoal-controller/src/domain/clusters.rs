@@ -7,9 +7,9 @@
 //! and a controller restart finds nothing half-written. The fourth step, telling every host what
 //! to run, is the reconciler's ([`crate::reconcile`]), which resumes it after any restart.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use shoal_model::api::CreateCluster;
+use shoal_model::api::{ClusterView, CreateCluster};
 use shoal_model::{
     format_mib, now_ms, plural, validate_name, Cluster, ClusterState, DeployStep, Operation, OperationKind,
     OperationState, OperationStep, StepState, Vm, VmState, DEPLOY_STEPS,
@@ -237,6 +237,46 @@ fn power_on_for_placement(ctl: &Controller, hosts: Vec<String>) {
 pub fn validate_size(size: u32) -> ApiResult<()> {
     shoal_model::check_cluster_size(size.into()).map_err(|e| ApiError::Invalid(e.to_string()))?;
     Ok(())
+}
+
+/// Clusters with how many of their VMs run (a VM whose host is down does not).
+async fn views(ctl: &Controller, clusters: Vec<Cluster>) -> ApiResult<Vec<ClusterView>> {
+    let mut counts: HashMap<String, (u32, u32)> = HashMap::new();
+    for vm in ctl.db.vms().await? {
+        let vm = super::vms::observed(ctl, vm);
+        let e = counts.entry(vm.cluster).or_default();
+        e.1 += 1;
+        if vm.state == VmState::Running {
+            e.0 += 1;
+        }
+    }
+    Ok(clusters
+        .into_iter()
+        .map(|c| {
+            let (running, total) = counts.get(&c.name).copied().unwrap_or_default();
+            ClusterView {
+                cluster: c,
+                vms_running: running,
+                vms_total: total,
+            }
+        })
+        .collect())
+}
+
+/// `cluster list`.
+pub async fn list(ctl: &Controller) -> ApiResult<Vec<ClusterView>> {
+    let clusters = ctl.db.clusters().await?;
+    views(ctl, clusters).await
+}
+
+/// `cluster show`.
+pub async fn show(ctl: &Controller, name: &str) -> ApiResult<ClusterView> {
+    let c = ctl
+        .db
+        .cluster(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("cluster", name))?;
+    Ok(views(ctl, vec![c.value]).await?.remove(0))
 }
 
 pub(crate) fn busy(ops: &[Operation], cluster: &str) -> Option<Operation> {

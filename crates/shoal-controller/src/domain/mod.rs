@@ -9,6 +9,7 @@ pub mod energy;
 pub mod hosts;
 pub mod lifecycle;
 pub mod networks;
+pub mod operations;
 pub mod plans;
 pub mod profiles;
 pub mod templates;

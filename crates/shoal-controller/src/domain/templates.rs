@@ -33,6 +33,15 @@ pub struct Upload {
     pub source_format: Option<String>,
 }
 
+/// Whether `name` can be a new template's: valid, and not taken.
+pub async fn check_new_name(ctl: &Controller, name: &str) -> ApiResult<()> {
+    validate_name("template", name)?;
+    if ctl.db.template(name).await?.is_some() {
+        return Err(ApiError::exists("template", name));
+    }
+    Ok(())
+}
+
 /// `template import`: `files` collects every file written, for the caller to remove if this
 /// fails.
 pub async fn import(ctl: &Controller, upload: Upload, files: &mut Vec<PathBuf>) -> ApiResult<Template> {
@@ -228,7 +237,7 @@ pub async fn publish(ctl: &Controller, req: shoal_model::api::PublishTemplate) -
     if ctl.db.template(&name).await?.is_some() {
         return Err(ApiError::exists("template", &name));
     }
-    let (vm, snap) = crate::api::vms::take_snapshot(ctl, &req.vm).await?;
+    let (vm, snap) = super::vms::snapshot(ctl, &req.vm).await?;
     let source = ctl
         .db
         .template(&vm.template)
