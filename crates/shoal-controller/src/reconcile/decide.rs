@@ -2,7 +2,11 @@
 //! with no I/O: the executor in [`super`] reads the state, asks [`vm_step`] for every VM, and
 //! carries the steps out. Unit-tested over every VM state × host look × wanted power state.
 
-use shoal_model::{Power, VmState};
+use std::time::Duration;
+
+use shoal_model::{
+    plural, Cluster, DeployStep, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
+};
 
 /// How a VM's host looks to the reconciler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +72,152 @@ pub fn command(step: VmStep, due: impl FnOnce() -> bool) -> Option<Command> {
         VmStep::Remove => Some(Command::Remove),
         VmStep::EnsureIfDue | VmStep::Nothing | VmStep::Replace | VmStep::Forget => None,
     }
+}
+
+/// A running operation moved on, and whether what it created must be rolled back.
+#[derive(Debug, PartialEq)]
+pub struct Advanced {
+    pub op: Operation,
+    pub roll_back: bool,
+}
+
+/// Moves a running operation on from its VMs as they are (`vms`: those of its VMs that still
+/// exist) and its target cluster: progress, success, or failure with the reason — a failed
+/// deployment also asks for its roll-back. `now_ms` and `timeout` decide when waiting ends.
+pub fn advance(op: &Operation, vms: &[&Vm], cluster: Option<&Cluster>, now_ms: u64, timeout: Duration) -> Advanced {
+    let mut new = op.clone();
+    let mut roll_back = false;
+    // A delete removes VMs; a scale removes them when it shrank the cluster, else deploys them.
+    let removes = op.kind == OperationKind::ClusterDelete
+        || (op.kind == OperationKind::ClusterScale && cluster.is_some_and(|c| c.size < op.previous_size));
+    let total = op.vms.len() as u64;
+    let timed_out = now_ms.saturating_sub(op.created_unix_ms) > timeout.as_millis() as u64;
+    let waiting = |pred: &dyn Fn(&Vm) -> bool| -> String {
+        vms.iter()
+            .filter(|v| !pred(v))
+            .take(5)
+            .map(|v| format!("{} ({} on {})", v.name, v.state.as_str(), v.host))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match op.kind {
+        // Removals: done when the VMs (and, for a delete, the cluster) are gone.
+        OperationKind::ClusterDelete | OperationKind::ClusterScale if removes => {
+            let left = vms.len() as u64;
+            let cluster_gone = cluster.is_none();
+            set_execute(
+                &mut new,
+                total - left,
+                total,
+                format!("{} of {} removed", total - left, plural(total, "VM")),
+            );
+            if left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone) {
+                finish(&mut new, None);
+            }
+        }
+        // Deployments: done when every new VM runs; rolled back when one cannot.
+        OperationKind::ClusterCreate | OperationKind::ClusterScale => {
+            let running = vms.iter().filter(|v| v.state == VmState::Running).count() as u64;
+            set_execute(
+                &mut new,
+                running,
+                total,
+                format!("{running} of {} running", plural(total, "VM")),
+            );
+            let failure = if let Some(f) = vms.iter().find(|v| v.state == VmState::Failed) {
+                Some(format!(
+                    "VM {} failed on host {}: {}",
+                    f.name,
+                    f.host,
+                    f.reason.as_deref().unwrap_or("no reason given")
+                ))
+            } else if vms.len() < op.vms.len() {
+                Some("VMs of the operation disappeared before they started".to_string())
+            } else if timed_out && running < total {
+                Some(format!(
+                    "timed out after {:?} waiting for {}: {}",
+                    timeout,
+                    plural(total - running, "VM"),
+                    waiting(&|v| v.state == VmState::Running)
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = failure {
+                roll_back = true;
+                if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
+                    st.state = StepState::Failed;
+                }
+                let what = if op.kind == OperationKind::ClusterCreate {
+                    format!("cluster {} rolled back", op.target)
+                } else {
+                    format!(
+                        "cluster {} rolled back to {}",
+                        op.target,
+                        plural(op.previous_size, "VM")
+                    )
+                };
+                finish(&mut new, Some(format!("{reason}; {what}")));
+            } else if running == total {
+                finish(&mut new, None);
+            }
+        }
+        // Power changes: done when every VM is where it is wanted.
+        _ => {
+            let at = |v: &Vm| v.state == v.desired.target();
+            let done = vms.iter().filter(|v| at(v)).count() as u64;
+            set_execute(&mut new, done, total, format!("{done} of {} done", plural(total, "VM")));
+            let failure = if let Some(f) = vms
+                .iter()
+                .find(|v| v.state == VmState::Failed || (v.reason.is_some() && !at(v)))
+            {
+                Some(format!(
+                    "VM {} on host {}: {}",
+                    f.name,
+                    f.host,
+                    f.reason.as_deref().unwrap_or("failed")
+                ))
+            } else if vms.len() < op.vms.len() {
+                Some("VMs of the operation were deleted".to_string())
+            } else if timed_out && done < total {
+                Some(format!("timed out after {:?} waiting for {}", timeout, waiting(&at)))
+            } else {
+                None
+            };
+            if let Some(reason) = failure {
+                if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
+                    st.state = StepState::Failed;
+                }
+                finish(&mut new, Some(reason));
+            } else if done == total {
+                finish(&mut new, None);
+            }
+        }
+    }
+    Advanced { op: new, roll_back }
+}
+
+fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {
+    if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
+        st.done = done;
+        st.total = total;
+        st.message = message;
+    }
+}
+
+fn finish(op: &mut Operation, error: Option<String>) {
+    op.state = if error.is_some() {
+        OperationState::Failed
+    } else {
+        OperationState::Succeeded
+    };
+    if error.is_none() {
+        if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
+            st.state = StepState::Done;
+        }
+    }
+    op.error = error;
+    op.finished_unix_ms = Some(shoal_model::now_ms());
 }
 
 #[cfg(test)]
@@ -139,6 +289,221 @@ mod tests {
         assert_eq!(command(VmStep::Remove, || panic!("not asked")), Some(Command::Remove));
         for step in [VmStep::Nothing, VmStep::Replace, VmStep::Forget] {
             assert_eq!(command(step, || panic!("not asked")), None, "{step:?}");
+        }
+    }
+
+    fn vm(name: &str, state: VmState, desired: Power, reason: Option<&str>) -> Vm {
+        Vm {
+            name: name.into(),
+            uuid: uuid::Uuid::new_v4(),
+            cluster: "c".into(),
+            index: 0,
+            host: "h1".into(),
+            state,
+            ip: "10.0.0.2".parse().unwrap(),
+            mac: shoal_model::MacAddr::qemu(1),
+            cpus: 1,
+            memory_mib: 128,
+            disk_mib: None,
+            template: "t".into(),
+            desired,
+            force_stop: false,
+            reason: reason.map(Into::into),
+            claimed: true,
+            observed_seq: 1,
+            created_unix_ms: 0,
+        }
+    }
+
+    fn operation(kind: OperationKind, steps: &[&str], vms: &[&str], previous_size: u32) -> Operation {
+        let mut op = crate::domain::clusters::new_operation(kind, "c", steps, previous_size);
+        op.vms = vms.iter().map(|v| v.to_string()).collect();
+        op.created_unix_ms = 1_000;
+        op
+    }
+
+    fn cluster(size: u32) -> Cluster {
+        serde_json::from_value(serde_json::json!({
+            "name": "c", "profile": "p",
+            "shape": {"template": "t", "cpus": 1, "memory_mib": 128, "disk_mib": null, "network": null, "user_data": null},
+            "size": size, "placement": "spread", "anti_affinity": "none", "subnet": "10.0.0.0/24",
+            "network": null, "state": "converging", "created_unix_ms": 0
+        }))
+        .unwrap()
+    }
+
+    const T: Duration = Duration::from_secs(60);
+
+    /// What a row says: the case, the operation, its VMs as they are, its cluster, the time,
+    /// and what must come of it: state, roll-back, a word of the error.
+    type Row = (
+        &'static str,
+        Operation,
+        Vec<Vm>,
+        Option<Cluster>,
+        u64,
+        OperationState,
+        bool,
+        &'static str,
+    );
+    const DEPLOY: &[&str] = &["prepare_images", "configure_vms", "choose_hosts", "execute"];
+
+    /// Every kind of operation against what its VMs did: the state it reaches, whether what it
+    /// created is rolled back, and a word its error must contain.
+    #[test]
+    fn operations_advance_as_their_vms_do() {
+        use OperationKind as K;
+        use OperationState::{Failed, Running, Succeeded};
+        use VmState as V;
+        let up = Power::Running;
+        let run = |n| vm(n, V::Running, up, None);
+        let rows: Vec<Row> = vec![
+            (
+                "create: all run",
+                operation(K::ClusterCreate, DEPLOY, &["a", "b"], 0),
+                vec![run("a"), run("b")],
+                Some(cluster(2)),
+                2_000,
+                Succeeded,
+                false,
+                "",
+            ),
+            (
+                "create: one boots",
+                operation(K::ClusterCreate, DEPLOY, &["a", "b"], 0),
+                vec![run("a"), vm("b", V::Creating, up, None)],
+                Some(cluster(2)),
+                2_000,
+                Running,
+                false,
+                "",
+            ),
+            (
+                "create: one failed",
+                operation(K::ClusterCreate, DEPLOY, &["a", "b"], 0),
+                vec![run("a"), vm("b", V::Failed, up, Some("no kernel"))],
+                Some(cluster(2)),
+                2_000,
+                Failed,
+                true,
+                "no kernel",
+            ),
+            (
+                "create: one vanished",
+                operation(K::ClusterCreate, DEPLOY, &["a", "b"], 0),
+                vec![run("a")],
+                Some(cluster(2)),
+                2_000,
+                Failed,
+                true,
+                "disappeared",
+            ),
+            (
+                "create: timed out",
+                operation(K::ClusterCreate, DEPLOY, &["a"], 0),
+                vec![vm("a", V::Pending, up, None)],
+                Some(cluster(1)),
+                1_000 + 61_000,
+                Failed,
+                true,
+                "timed out",
+            ),
+            (
+                "scale up: runs",
+                operation(K::ClusterScale, DEPLOY, &["c"], 2),
+                vec![run("c")],
+                Some(cluster(3)),
+                2_000,
+                Succeeded,
+                false,
+                "",
+            ),
+            (
+                "scale down: VMs left",
+                operation(K::ClusterScale, &["execute"], &["x"], 3),
+                vec![vm("x", V::Deleting, up, None)],
+                Some(cluster(2)),
+                2_000,
+                Running,
+                false,
+                "",
+            ),
+            (
+                "scale down: done",
+                operation(K::ClusterScale, &["execute"], &["x"], 3),
+                vec![],
+                Some(cluster(2)),
+                2_000,
+                Succeeded,
+                false,
+                "",
+            ),
+            (
+                "delete: VMs gone, cluster not yet",
+                operation(K::ClusterDelete, &["execute"], &["a"], 1),
+                vec![],
+                Some(cluster(0)),
+                2_000,
+                Running,
+                false,
+                "",
+            ),
+            (
+                "delete: all gone",
+                operation(K::ClusterDelete, &["execute"], &["a"], 1),
+                vec![],
+                None,
+                2_000,
+                Succeeded,
+                false,
+                "",
+            ),
+            (
+                "stop: done",
+                operation(K::ClusterStop, &["execute"], &["a"], 1),
+                vec![vm("a", V::Stopped, Power::Stopped, None)],
+                Some(cluster(1)),
+                2_000,
+                Succeeded,
+                false,
+                "",
+            ),
+            (
+                "stop: refused by the host",
+                operation(K::ClusterStop, &["execute"], &["a"], 1),
+                vec![vm("a", V::Running, Power::Stopped, Some("QMP refused"))],
+                Some(cluster(1)),
+                2_000,
+                Failed,
+                false,
+                "QMP refused",
+            ),
+            (
+                "suspend: VM deleted",
+                operation(K::VmSuspend, &["execute"], &["a"], 0),
+                vec![],
+                Some(cluster(1)),
+                2_000,
+                Failed,
+                false,
+                "deleted",
+            ),
+        ];
+        for (what, op, vms, cluster, now, state, roll_back, word) in rows {
+            let refs: Vec<&Vm> = vms.iter().collect();
+            let a = advance(&op, &refs, cluster.as_ref(), now, T);
+            assert_eq!(
+                (a.op.state, a.roll_back),
+                (state, roll_back),
+                "{what}: {:?}",
+                a.op.error
+            );
+            assert!(
+                a.op.error.as_deref().unwrap_or_default().contains(word),
+                "{what}: {:?}",
+                a.op.error
+            );
+            assert_eq!(a.op.finished_unix_ms.is_some(), state != Running, "{what}");
         }
     }
 

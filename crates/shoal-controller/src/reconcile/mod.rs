@@ -8,8 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shoal_model::agent::{EnsureVms, RemoveVms, VmSpec, VmStatus};
 use shoal_model::{
-    format_mib, now_ms, plural, Cluster, ClusterState, DeployStep, HostState, Operation, OperationKind, OperationState,
-    StepState, Vm, VmState,
+    format_mib, now_ms, Cluster, ClusterState, HostState, Operation, OperationKind, OperationState, Vm, VmState,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -20,7 +19,7 @@ use crate::error::ApiResult;
 use crate::Controller;
 
 mod decide;
-use decide::{command, vm_step, Command, HostLook, VmStep};
+use decide::{advance, command, vm_step, Command, HostLook, VmStep};
 
 pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
     let mut pruned: Option<std::time::Instant> = None;
@@ -574,147 +573,20 @@ async fn finish_deleted_clusters(ctl: &Controller, s: &Snapshot) -> ApiResult<()
 /// Moves operations on; returns whether one finished (the cluster states then change too).
 async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
     let mut finished = false;
-    let by_name: HashMap<&str, &Versioned<Vm>> = s.vms.iter().map(|v| (v.value.name.as_str(), v)).collect();
+    let by_name: HashMap<&str, &Vm> = s.vms.iter().map(|v| (v.value.name.as_str(), &v.value)).collect();
     for op in &s.ops {
-        let mut new = op.clone();
-        let total = op.vms.len() as u64;
-        let vms: Vec<&Versioned<Vm>> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
-        let timed_out = now_ms().saturating_sub(op.created_unix_ms) > ctl.config.operation_timeout.as_millis() as u64;
-        let waiting = |pred: &dyn Fn(&Vm) -> bool| -> String {
-            vms.iter()
-                .filter(|v| !pred(&v.value))
-                .take(5)
-                .map(|v| format!("{} ({} on {})", v.value.name, v.value.state.as_str(), v.value.host))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match op.kind {
-            // Removals: done when the VMs (and, for a delete, the cluster) are gone.
-            OperationKind::ClusterDelete | OperationKind::ClusterScale if op.steps.len() == 1 => {
-                let left = vms.len() as u64;
-                let cluster_gone = !s.clusters.contains_key(&op.target);
-                set_execute(
-                    &mut new,
-                    total - left,
-                    total,
-                    format!("{} of {} removed", total - left, plural(total, "VM")),
-                );
-                if left == 0 && (op.kind != OperationKind::ClusterDelete || cluster_gone) {
-                    finish(&mut new, None);
-                }
-            }
-            // Deployments: done when every new VM runs; rolled back when one cannot.
-            OperationKind::ClusterCreate | OperationKind::ClusterScale => {
-                let running = vms.iter().filter(|v| v.value.state == VmState::Running).count() as u64;
-                set_execute(
-                    &mut new,
-                    running,
-                    total,
-                    format!("{running} of {} running", plural(total, "VM")),
-                );
-                let failure = if let Some(f) = vms.iter().find(|v| v.value.state == VmState::Failed) {
-                    Some(format!(
-                        "VM {} failed on host {}: {}",
-                        f.value.name,
-                        f.value.host,
-                        f.value.reason.as_deref().unwrap_or("no reason given")
-                    ))
-                } else if vms.len() < op.vms.len() {
-                    Some("VMs of the operation disappeared before they started".to_string())
-                } else if timed_out && running < total {
-                    Some(format!(
-                        "timed out after {:?} waiting for {}: {}",
-                        ctl.config.operation_timeout,
-                        plural(total - running, "VM"),
-                        waiting(&|v| v.state == VmState::Running)
-                    ))
-                } else {
-                    None
-                };
-                if let Some(reason) = failure {
-                    roll_back(ctl, s, op).await?;
-                    if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
-                        st.state = StepState::Failed;
-                    }
-                    let what = if op.kind == OperationKind::ClusterCreate {
-                        format!("cluster {} rolled back", op.target)
-                    } else {
-                        format!(
-                            "cluster {} rolled back to {}",
-                            op.target,
-                            plural(op.previous_size, "VM")
-                        )
-                    };
-                    finish(&mut new, Some(format!("{reason}; {what}")));
-                } else if running == total {
-                    finish(&mut new, None);
-                }
-            }
-            // Power changes: done when every VM is where it is wanted.
-            _ => {
-                let at = |v: &Vm| v.state == v.desired.target();
-                let done = vms.iter().filter(|v| at(&v.value)).count() as u64;
-                set_execute(&mut new, done, total, format!("{done} of {} done", plural(total, "VM")));
-                let failure = if let Some(f) = vms
-                    .iter()
-                    .find(|v| v.value.state == VmState::Failed || (v.value.reason.is_some() && !at(&v.value)))
-                {
-                    Some(format!(
-                        "VM {} on host {}: {}",
-                        f.value.name,
-                        f.value.host,
-                        f.value.reason.as_deref().unwrap_or("failed")
-                    ))
-                } else if vms.len() < op.vms.len() {
-                    Some("VMs of the operation were deleted".to_string())
-                } else if timed_out && done < total {
-                    Some(format!(
-                        "timed out after {:?} waiting for {}",
-                        ctl.config.operation_timeout,
-                        waiting(&at)
-                    ))
-                } else {
-                    None
-                };
-                if let Some(reason) = failure {
-                    if let Some(st) = new.deploy_step_mut(DeployStep::Execute) {
-                        st.state = StepState::Failed;
-                    }
-                    finish(&mut new, Some(reason));
-                } else if done == total {
-                    finish(&mut new, None);
-                }
-            }
+        let vms: Vec<&Vm> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
+        let cluster = s.clusters.get(&op.target).map(|c| &c.value);
+        let step = advance(op, &vms, cluster, now_ms(), ctl.config.operation_timeout);
+        if step.roll_back {
+            roll_back(ctl, s, op).await?;
         }
-        if &new != op {
-            finished |= new.state != op.state;
-            ctl.db.commit(Tx::new().put_operation(&new)).await?;
+        if step.op != *op {
+            finished |= step.op.state != op.state;
+            ctl.db.commit(Tx::new().put_operation(&step.op)).await?;
         }
     }
     Ok(finished)
-}
-
-fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {
-    if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
-        st.done = done;
-        st.total = total;
-        st.message = message;
-    }
-}
-
-fn finish(op: &mut Operation, error: Option<String>) {
-    op.state = if error.is_some() {
-        OperationState::Failed
-    } else {
-        OperationState::Succeeded
-    };
-    if error.is_none() {
-        if let Some(st) = op.deploy_step_mut(DeployStep::Execute) {
-            st.state = StepState::Done;
-        }
-    }
-    op.error = error;
-    op.finished_unix_ms = Some(now_ms());
 }
 
 /// Undoes a failed create or scale-up: its VMs are removed and the cluster returns to its
@@ -822,6 +694,7 @@ async fn update_cluster_states(ctl: &Controller, s: &Snapshot) -> ApiResult<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_model::DeployStep;
 
     fn op(id: u128, state: OperationState, finished: Option<u64>) -> Operation {
         let mut o = crate::domain::clusters::new_operation(
