@@ -130,10 +130,15 @@ pub struct NetworkPeers {
     pub networks: Vec<VmNetwork>,
 }
 
+/// A VNI out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid VNI {0}: must be between 1 and {VNI_MAX}")]
+pub struct VniError(pub u32);
+
 /// A VNI in range, or why not.
-pub fn validate_vni(vni: u32) -> Result<(), String> {
+pub fn validate_vni(vni: u32) -> Result<(), VniError> {
     if vni == 0 || vni > VNI_MAX {
-        return Err(format!("invalid VNI {vni}: must be between 1 and {VNI_MAX}"));
+        return Err(VniError(vni));
     }
     Ok(())
 }

@@ -94,28 +94,39 @@ impl Default for Allocation {
     }
 }
 
+/// Why an [`Allocation`] does not fit its host.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum AllocationError {
+    #[error("{what} {value} is outside 1..=64")]
+    Overcommit { what: &'static str, value: f64 },
+    #[error("reserving {reserved} of {cpus} vCPUs leaves none for VMs")]
+    ReservedCpus { reserved: u32, cpus: u32 },
+    #[error("reserving {reserved} of {memory_mib} MiB leaves none for VMs")]
+    ReservedMemory { reserved: u64, memory_mib: u64 },
+}
+
 impl Allocation {
     /// Checks the ratios and reservations against a host of `cpus` and `memory_mib`.
-    pub fn check(&self, cpus: u32, memory_mib: u64) -> Result<(), String> {
-        for (what, v) in [
+    pub fn check(&self, cpus: u32, memory_mib: u64) -> Result<(), AllocationError> {
+        for (what, value) in [
             ("cpu overcommit", self.cpu_overcommit),
             ("memory overcommit", self.memory_overcommit),
         ] {
-            if !v.is_finite() || !(1.0..=64.0).contains(&v) {
-                return Err(format!("{what} {v} is outside 1..=64"));
+            if !value.is_finite() || !(1.0..=64.0).contains(&value) {
+                return Err(AllocationError::Overcommit { what, value });
             }
         }
         if self.reserved_cpus >= cpus {
-            return Err(format!(
-                "reserving {} of {cpus} vCPUs leaves none for VMs",
-                self.reserved_cpus
-            ));
+            return Err(AllocationError::ReservedCpus {
+                reserved: self.reserved_cpus,
+                cpus,
+            });
         }
         if self.reserved_memory_mib >= memory_mib {
-            return Err(format!(
-                "reserving {} of {memory_mib} MiB leaves none for VMs",
-                self.reserved_memory_mib
-            ));
+            return Err(AllocationError::ReservedMemory {
+                reserved: self.reserved_memory_mib,
+                memory_mib,
+            });
         }
         Ok(())
     }

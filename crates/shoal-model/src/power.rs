@@ -32,35 +32,46 @@ impl PowerModel {
         self.watts[i] + (self.watts[i + 1] - self.watts[i]) * (x - i as f64)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PowerModelError> {
         if self.watts.len() < 2 {
-            return Err(format!(
-                "a power model needs at least two points (idle and full load), got {:?}",
-                self.watts
-            ));
+            return Err(PowerModelError::TooFewPoints(self.watts.clone()));
         }
         if let Some(w) = self.watts.iter().find(|w| !w.is_finite() || **w < 0.0) {
-            return Err(format!("power model point {w} W is not a non-negative number"));
+            return Err(PowerModelError::BadPoint(*w));
         }
         if self.watts.windows(2).any(|p| p[1] < p[0]) {
-            return Err(format!("power model {:?} W must not decrease with load", self.watts));
+            return Err(PowerModelError::Decreasing(self.watts.clone()));
         }
         Ok(())
     }
 }
 
+/// Why a power model is refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PowerModelError {
+    #[error("a power model needs at least two points (idle and full load), got {0:?}")]
+    TooFewPoints(Vec<f64>),
+    #[error("power model point {0} W is not a non-negative number")]
+    BadPoint(f64),
+    #[error("power model {0:?} W must not decrease with load")]
+    Decreasing(Vec<f64>),
+    #[error("power model {model:?}: {point:?} is not a number of watts")]
+    NotANumber { model: String, point: String },
+}
+
 impl std::str::FromStr for PowerModel {
-    type Err = String;
+    type Err = PowerModelError;
     /// `120,300` or eleven comma-separated watts.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, PowerModelError> {
         let watts = s
             .split(',')
             .map(|w| {
-                w.trim()
-                    .parse::<f64>()
-                    .map_err(|_| format!("power model {s:?}: {w:?} is not a number of watts"))
+                w.trim().parse::<f64>().map_err(|_| PowerModelError::NotANumber {
+                    model: s.to_string(),
+                    point: w.to_string(),
+                })
             })
-            .collect::<Result<Vec<f64>, String>>()?;
+            .collect::<Result<Vec<f64>, PowerModelError>>()?;
         let m = PowerModel { watts };
         m.validate()?;
         Ok(m)
@@ -161,8 +172,16 @@ mod tests {
         assert_eq!(m.at(2.0), 200.0);
         let g4: PowerModel = "86,89.4,92.6,96,99.5,102,106,108,112,114,117".parse().unwrap();
         assert!((g4.at(0.95) - 115.5).abs() < 1e-9);
-        assert!("100".parse::<PowerModel>().unwrap_err().contains("two points"));
-        assert!("100,x".parse::<PowerModel>().unwrap_err().contains("\"x\""));
-        assert!("200,100".parse::<PowerModel>().unwrap_err().contains("decrease"));
+        assert!("100"
+            .parse::<PowerModel>()
+            .unwrap_err()
+            .to_string()
+            .contains("two points"));
+        assert!("100,x".parse::<PowerModel>().unwrap_err().to_string().contains("\"x\""));
+        assert!("200,100"
+            .parse::<PowerModel>()
+            .unwrap_err()
+            .to_string()
+            .contains("decrease"));
     }
 }

@@ -277,7 +277,23 @@ pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPow
     }
 }
 
-async fn run_command(cmd: &str, host: &str) -> Result<(), String> {
+/// Why a power command did not succeed.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot run sh: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("still running after {0:?}; killed")]
+    Timeout(Duration),
+    #[error("waiting for it: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("{status}: {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+async fn run_command(cmd: &str, host: &str) -> Result<(), CommandError> {
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -287,15 +303,17 @@ async fn run_command(cmd: &str, host: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run sh: {e}"))?;
+        .map_err(CommandError::Spawn)?;
     let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| format!("still running after {COMMAND_TIMEOUT:?}; killed"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| CommandError::Timeout(COMMAND_TIMEOUT))?
+        .map_err(CommandError::Wait)?;
     if out.status.success() {
         Ok(())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(format!("{}: {}", out.status, err.trim()))
+        Err(CommandError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }

@@ -89,7 +89,7 @@ pub async fn power_record(ctl: &Controller, host: &str) -> ApiResult<HostPower> 
 
 /// Sets a host's power model and commands; its state stays as it is.
 pub async fn configure(ctl: &Controller, host: &str, config: HostPowerConfig) -> ApiResult<HostPower> {
-    config.model.validate().map_err(ApiError::Invalid)?;
+    config.model.validate().map_err(|e| ApiError::Invalid(e.to_string()))?;
     for (flag, c) in [
         ("power_on_command", &config.power_on_command),
         ("power_off_command", &config.power_off_command),

@@ -72,7 +72,7 @@ pub async fn plan_network(
     let vnis: BTreeMap<u32, String> = ctl.db.taken_vnis().await?;
     let vni = match req.vni {
         Some(v) => {
-            validate_vni(v).map_err(ApiError::Invalid)?;
+            validate_vni(v).map_err(|e| ApiError::Invalid(e.to_string()))?;
             if let Some(by) = vnis.get(&v) {
                 return Err(ApiError::Conflict(format!("VNI {v} is in use by network {by:?}")));
             }
