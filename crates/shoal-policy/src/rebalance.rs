@@ -1195,8 +1195,17 @@ mod tests {
             if !seq.is_empty() {
                 let target = b.score() - seq.iter().map(|m| m.2).sum::<f64>();
                 let q = plan(&s, &any_gain).unwrap();
-                let reach = q.moves.iter().position(|m| m.score_after <= target + 1e-9).map_or(usize::MAX, |k| k + 1);
-                prop_assert!(reach <= seq.len(), "{} moves to reach greedy's {} in {}", reach, target, seq.len());
+                // Scores are sums of standard deviations: a variance that should be 0 and is off
+                // by 1e-16 reads 1e-8 after the square root, so "reached" allows 1e-6.
+                let reach = q.moves.iter().position(|m| m.score_after <= target + 1e-6).map_or(usize::MAX, |k| k + 1);
+                prop_assert!(
+                    reach <= seq.len(),
+                    "{} moves to reach greedy's {:e} in {}: {:?}",
+                    reach,
+                    target,
+                    seq.len(),
+                    q.moves.iter().map(|m| m.score_after).collect::<Vec<_>>()
+                );
             }
             let g = plan_greedy(&s, &opts).unwrap();
             prop_assert!(g.after.total <= g.before.total + 1e-9);
