@@ -95,9 +95,11 @@ pub fn gang_request(cluster: &Cluster, count: u32) -> GangRequest {
     GangRequest::for_cluster(
         &cluster.name,
         count,
-        &cluster.shape,
+        cluster.shape.cpus,
+        cluster.shape.memory_mib,
+        Some(&cluster.shape.template),
         cluster.placement,
-        cluster.anti_affinity,
+        cluster.anti_affinity.domain(),
     )
 }
 

@@ -98,20 +98,23 @@ impl GangRequest {
         }
     }
 
-    /// The request for `count` VMs of a virtual cluster of this shape, placement and
-    /// anti-affinity (`host`, or the label naming the failure domain). The controller builds
-    /// every deployment's, scale's and resume's request with it, and `shoal plan place` too.
+    /// The request for `count` VMs of `cpus` and `memory_mib` of a virtual cluster, from
+    /// `template`, placed by `placement` with hard anti-affinity over `anti_affinity` (`host`, or
+    /// the label naming the failure domain). The controller builds every deployment's, scale's,
+    /// resume's and preview's request with it, and `shoal plan place` offline too.
     pub fn for_cluster(
         cluster: impl Into<String>,
         count: u32,
-        shape: &shoal_model::VmShape,
+        cpus: u32,
+        memory_mib: u64,
+        template: Option<&str>,
         placement: Placement,
-        anti_affinity: shoal_model::AntiAffinity,
+        anti_affinity: Option<&str>,
     ) -> GangRequest {
-        let mut req = GangRequest::new(cluster, count, shape.cpus, shape.memory_mib);
+        let mut req = GangRequest::new(cluster, count, cpus, memory_mib);
         req.placement = placement;
-        req.template = Some(shape.template.clone());
-        req.rules.anti_affinity = anti_affinity.domain().map(str::to_string);
+        req.template = template.map(str::to_string);
+        req.rules.anti_affinity = anti_affinity.map(str::to_string);
         req
     }
 }

@@ -521,15 +521,21 @@ async fn plan(client: &Client, out: Output, cmd: PlanCmd) -> anyhow::Result<()> 
 }
 
 fn gang_request(a: &PlaceArgs) -> anyhow::Result<GangRequest> {
-    let mut r = GangRequest::new(&a.cluster, a.size, a.cpus, parse_size_mib(&a.memory)?);
-    r.disk_mib = a.disk.as_deref().map(parse_size_mib).transpose()?.unwrap_or(0);
-    r.template = a.template.clone();
-    r.placement = match a.placement {
+    let placement = match a.placement {
         PlacementArg::Spread => Placement::Spread,
         PlacementArg::Pack => Placement::Pack,
     };
+    let mut r = GangRequest::for_cluster(
+        &a.cluster,
+        a.size,
+        a.cpus,
+        parse_size_mib(&a.memory)?,
+        a.template.as_deref(),
+        placement,
+        a.anti_affinity.as_deref(),
+    );
+    r.disk_mib = a.disk.as_deref().map(parse_size_mib).transpose()?.unwrap_or(0);
     r.allow_power_on = a.allow_power_on;
-    r.rules.anti_affinity = a.anti_affinity.clone();
     r.rules.affinity = a.affinity.clone();
     r.rules.soft_anti_affinity = a.soft_anti_affinity.clone();
     r.rules.soft_affinity = a.soft_affinity.clone();

@@ -85,7 +85,15 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
         .await?
         .with_vms(existing.iter().map(|v| (v, None)));
     add_locality(ctl, &mut snap.snapshot, &shape.template).await?;
-    let mut g = GangRequest::for_cluster(&req.name, req.size, &shape, req.placement, req.anti_affinity);
+    let mut g = GangRequest::for_cluster(
+        &req.name,
+        req.size,
+        shape.cpus,
+        shape.memory_mib,
+        Some(&shape.template),
+        req.placement,
+        req.anti_affinity.domain(),
+    );
     // As deployment does: switched-off hosts count only when the hosts that are on lack room.
     g.allow_power_on = ctl.config.consolidate && snap.placer().place(&g).is_err();
     if g.allow_power_on {
