@@ -48,6 +48,17 @@ impl ApiError {
         }
     }
 
+    /// An I/O failure of the controller's own: 507 when its disk is full, else internal.
+    pub fn from_io(what: impl std::fmt::Display, e: std::io::Error) -> ApiError {
+        if is_disk_full(&e) {
+            ApiError::StorageFull(format!(
+                "the controller's disk is full: {what}: {e}; nothing was stored"
+            ))
+        } else {
+            ApiError::Internal(format!("{what}: {e}"))
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
@@ -127,5 +138,8 @@ mod tests {
         let image: ApiError = shoal_image::Error::Io("writing chunk".into(), std::io::ErrorKind::StorageFull).into();
         assert_eq!(image.status_and_code().0, StatusCode::INSUFFICIENT_STORAGE);
         assert!(image.to_string().contains("disk is full"), "{image}");
+        let upload = ApiError::from_io("writing /d/t.partial", std::io::Error::from_raw_os_error(28));
+        assert_eq!(upload.status_and_code().0, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(upload.to_string().contains("/d/t.partial"), "{upload}");
     }
 }

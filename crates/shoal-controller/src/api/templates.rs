@@ -129,7 +129,7 @@ async fn read_upload(ctl: &Controller, dir: &Path, mut form: Multipart, files: &
 
 /// Writes one uploaded file to `path`, hashing it on the way.
 async fn receive(mut field: axum::extract::multipart::Field<'_>, path: &Path) -> ApiResult<Received> {
-    let io = |e: std::io::Error| ApiError::Internal(format!("writing {}: {e}", path.display()));
+    let io = |e: std::io::Error| ApiError::from_io(format!("writing {}", path.display()), e);
     let mut f = tokio::fs::File::create(path).await.map_err(io)?;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;

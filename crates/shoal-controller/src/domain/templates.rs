@@ -157,7 +157,7 @@ pub async fn import(ctl: &Controller, upload: Upload, files: &mut Vec<PathBuf>) 
         if let (Some(r), Some(f)) = (r, f) {
             if let Err(e) = tokio::fs::rename(&r.path, f).await {
                 let _ = ctl.images.delete_ref(&image_ref);
-                return Err(ApiError::Internal(format!("storing template {name:?}: {e}")));
+                return Err(ApiError::from_io(format!("storing template {name:?}"), e));
             }
             files.push(PathBuf::from(f));
         }
@@ -263,7 +263,7 @@ pub async fn publish(ctl: &Controller, req: shoal_model::api::PublishTemplate) -
         let to = dir.join(format!("{name}-{suffix}.{what}"));
         std::fs::hard_link(from, &to)
             .or_else(|_| std::fs::copy(from, &to).map(|_| ()))
-            .map_err(|e| ApiError::Internal(format!("copying {from} for template {name:?}: {e}")))?;
+            .map_err(|e| ApiError::from_io(format!("copying {from} for template {name:?}"), e))?;
         made.push(to.clone());
         Ok(Some(to.display().to_string()))
     };
