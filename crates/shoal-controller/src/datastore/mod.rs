@@ -506,6 +506,12 @@ impl Datastore {
     pub async fn cluster(&self, name: &str) -> ApiResult<Option<Versioned<Cluster>>> {
         self.get(&keys::cluster(name)).await
     }
+    /// The cluster, or not found naming it.
+    pub async fn known_cluster(&self, name: &str) -> ApiResult<Versioned<Cluster>> {
+        self.cluster(name)
+            .await?
+            .ok_or_else(|| ApiError::not_found("cluster", name))
+    }
     pub async fn clusters(&self) -> ApiResult<Vec<Cluster>> {
         self.values(keys::CLUSTERS).await
     }

@@ -271,11 +271,7 @@ pub async fn list(ctl: &Controller) -> ApiResult<Vec<ClusterView>> {
 
 /// `cluster show`.
 pub async fn show(ctl: &Controller, name: &str) -> ApiResult<ClusterView> {
-    let c = ctl
-        .db
-        .cluster(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cluster", name))?;
+    let c = ctl.db.known_cluster(name).await?;
     Ok(views(ctl, vec![c.value]).await?.remove(0))
 }
 
@@ -347,11 +343,7 @@ pub async fn scale_cluster(ctl: &Controller, name: &str, size: u32) -> ApiResult
     let Versioned {
         value: mut cluster,
         mod_revision: crev,
-    } = ctl
-        .db
-        .cluster(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cluster", name))?;
+    } = ctl.db.known_cluster(name).await?;
     if cluster.state == ClusterState::Deleting {
         return Err(ApiError::Conflict(format!("cluster {name:?} is being deleted")));
     }
@@ -414,11 +406,7 @@ pub async fn delete_cluster(ctl: &Controller, name: &str) -> ApiResult<Operation
     let Versioned {
         value: mut cluster,
         mod_revision: crev,
-    } = ctl
-        .db
-        .cluster(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cluster", name))?;
+    } = ctl.db.known_cluster(name).await?;
     let ops = ctl.db.operations().await?;
     if let Some(op) = ops
         .iter()

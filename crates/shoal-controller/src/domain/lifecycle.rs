@@ -79,11 +79,7 @@ pub async fn vm_action(ctl: &Controller, name: &str, action: Action) -> ApiResul
 /// Applies `action` to every VM of a virtual cluster, as one operation.
 pub async fn cluster_action(ctl: &Controller, name: &str, action: Action) -> ApiResult<Operation> {
     let _guard = ctl.db.lock().await;
-    let c = ctl
-        .db
-        .cluster(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cluster", name))?;
+    let c = ctl.db.known_cluster(name).await?;
     if c.value.state == ClusterState::Deleting {
         return Err(ApiError::Conflict(format!("cluster {name:?} is being deleted")));
     }
