@@ -66,9 +66,6 @@ impl ClaimChanges {
     pub fn give_back(&mut self, host: &str, c: Claim) {
         self.by_host.entry(host.to_string()).or_default().1.add(c);
     }
-    pub fn is_empty(&self) -> bool {
-        self.by_host.is_empty()
-    }
     /// Each changed host's new claim, from the claims as read.
     pub fn applied(&self, claims: &Claims) -> BTreeMap<String, Claim> {
         self.by_host
@@ -137,18 +134,24 @@ pub fn policy_host(ctl: &Controller, h: &HostRecord, marks: &HostMarks) -> shoal
     host.memory_overcommit = h.allocation.memory_overcommit;
     host.reserved_cpus = h.allocation.reserved_cpus;
     host.reserved_memory_mib = h.allocation.reserved_memory_mib;
-    host.state = if marks.powered_off.contains(&h.name) {
+    host.state = service_state(ctl, &h.name, marks);
+    host
+}
+
+/// Whether a host takes VMs: its power first, then liveness, then the operator's marks. The
+/// one rule placement decides by and `host list` shows.
+pub fn service_state(ctl: &Controller, host: &str, marks: &HostMarks) -> shoal_policy::HostState {
+    if marks.powered_off.contains(host) {
         shoal_policy::HostState::PoweredOff
-    } else if ctl.host_state(&h.name).0 != HostState::Up {
+    } else if ctl.host_state(host).0 != HostState::Up {
         shoal_policy::HostState::Down
-    } else if marks.draining.contains(&h.name) {
+    } else if marks.draining.contains(host) {
         shoal_policy::HostState::Draining
-    } else if marks.maintenance.contains(&h.name) {
+    } else if marks.maintenance.contains(host) {
         shoal_policy::HostState::Maintenance
     } else {
         shoal_policy::HostState::Up
-    };
-    host
+    }
 }
 
 /// A VM as the policy core sees it; `cluster` gives its anti-affinity rule.
@@ -224,33 +227,37 @@ impl HostSnapshot {
         Placer::with_usage(&self.snapshot, &self.usage)
     }
 
-    /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
-    /// When the request allows switching hosts on, the hosts that are on are tried first, then
-    /// with one switched-off host more at a time (only those with a power-on command, or booting
-    /// already), so that no more hosts are switched on than the gang needs.
-    pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
+    /// The request placement runs for `req`. When it allows switching hosts on, the hosts that
+    /// are on are tried first, then with one switched-off host more at a time (only those with
+    /// a power-on command, or booting already), so that no more hosts are switched on than the
+    /// gang needs: the first of these that places the gang, else the last.
+    pub fn request_for(&self, req: &GangRequest) -> GangRequest {
         if !req.allow_power_on {
-            return self.placer().place(req);
+            return req.clone();
         }
         let mut switchable: Vec<&String> = self.marks.switchable_on.iter().collect();
         switchable.sort();
-        let mut last = None;
-        for k in 0..=switchable.len() {
-            let mut attempt = req.clone();
-            attempt.allow_power_on = k > 0;
-            attempt.rules.avoid_hosts.extend(
+        let attempt = |k: usize| {
+            let mut r = req.clone();
+            r.allow_power_on = k > 0;
+            r.rules.avoid_hosts.extend(
                 self.marks
                     .powered_off
                     .iter()
                     .filter(|h| !switchable[..k].contains(h))
                     .cloned(),
             );
-            match self.placer().place(&attempt) {
-                Ok(plan) => return Ok(plan),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("at least one attempt"))
+            r
+        };
+        (0..switchable.len())
+            .map(attempt)
+            .find(|r| self.placer().place(r).is_ok())
+            .unwrap_or_else(|| attempt(switchable.len()))
+    }
+
+    /// Places a gang against the claims read, all VMs or an error naming the binding constraint.
+    pub fn place(&self, req: &GangRequest) -> Result<Vec<usize>, shoal_policy::PlacementError> {
+        self.placer().place(&self.request_for(req))
     }
 
     /// Whether host `h` is switched off, so that VMs placed there need it switched on.

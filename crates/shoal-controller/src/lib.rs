@@ -100,11 +100,11 @@ pub struct Inner {
     pub wake: Notify,
     /// VMs with a command on its way to their host, not to be sent again meanwhile.
     inflight: Mutex<HashSet<(Uuid, String)>>,
-    /// When "ensure" was last sent for a VM, and with which wanted power state: a VM still on
-    /// its way is asked again only now and then.
-    ensure_sent: Mutex<HashMap<Uuid, (Instant, shoal_model::Power)>>,
+    /// When "ensure" was last sent for a VM and wanted power state: a VM still on its way is
+    /// asked again only now and then.
+    ensure_sent: Throttle<(Uuid, shoal_model::Power)>,
     /// When each orphan was last asked to go: its host lists it until its next heartbeat.
-    orphans_sent: Mutex<HashMap<Uuid, Instant>>,
+    orphans_sent: Throttle<Uuid>,
     /// The remote VTEPs last sent to each host, so that only changes are sent.
     pub(crate) peers_sent: Mutex<HashMap<String, shoal_model::network::NetworkPeers>>,
     /// One HTTP client per agent address, so connections are reused.
@@ -115,6 +115,39 @@ pub struct Inner {
     pub chunk_sets: locality::ChunkSets,
     /// CPU samples, energy accounts and the consolidator's memory.
     pub energy: tokio::sync::Mutex<domain::energy::Meter>,
+}
+
+/// Commands repeated at most every [`Throttle::EVERY`] per key. Keys not seen for a minute are
+/// forgotten (swept once a minute, not on every call: this runs once per VM per pass), so the
+/// map does not grow with every VM that ever existed.
+struct Throttle<K>(Mutex<(HashMap<K, Instant>, Instant)>);
+
+impl<K> Default for Throttle<K> {
+    fn default() -> Self {
+        Throttle(Mutex::new((HashMap::new(), Instant::now())))
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Throttle<K> {
+    const EVERY: Duration = Duration::from_secs(5);
+    const FORGET: Duration = Duration::from_secs(60);
+
+    /// True (and the send recorded) unless `key` was sent within the last few seconds.
+    fn due(&self, key: K) -> bool {
+        let mut guard = self.0.lock().expect("throttle lock");
+        let (sent, swept) = &mut *guard;
+        if swept.elapsed() >= Self::FORGET {
+            sent.retain(|_, at| at.elapsed() < Self::FORGET);
+            *swept = Instant::now();
+        }
+        match sent.get(&key) {
+            Some(at) if at.elapsed() < Self::EVERY => false,
+            _ => {
+                sent.insert(key, Instant::now());
+                true
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -190,28 +223,13 @@ impl Controller {
     /// Whether to send "ensure" for a VM that is not yet where it should be: at once when what
     /// is wanted changed, else every few seconds.
     fn ensure_due(&self, uuid: Uuid, power: shoal_model::Power) -> bool {
-        let mut sent = self.ensure_sent.lock().expect("ensure_sent lock");
-        match sent.get(&uuid) {
-            Some((at, p)) if *p == power && at.elapsed() < Duration::from_secs(5) => false,
-            _ => {
-                sent.insert(uuid, (Instant::now(), power));
-                true
-            }
-        }
+        self.ensure_sent.due((uuid, power))
     }
 
     /// Whether to ask a host again to remove an orphan VM: at once the first time, then every
     /// few seconds while its heartbeats still list it.
     fn orphan_due(&self, uuid: Uuid) -> bool {
-        let mut sent = self.orphans_sent.lock().expect("orphans_sent lock");
-        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
-        match sent.get(&uuid) {
-            Some(at) if at.elapsed() < Duration::from_secs(5) => false,
-            _ => {
-                sent.insert(uuid, Instant::now());
-                true
-            }
-        }
+        self.orphans_sent.due(uuid)
     }
 
     pub(crate) fn agent(&self, address: &str) -> AgentClient {
@@ -289,8 +307,8 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         wake: Notify::new(),
         inflight: Mutex::new(HashSet::new()),
         agents: Mutex::new(HashMap::new()),
-        ensure_sent: Mutex::new(HashMap::new()),
-        orphans_sent: Mutex::new(HashMap::new()),
+        ensure_sent: Throttle::default(),
+        orphans_sent: Throttle::default(),
         peers_sent: Mutex::new(HashMap::new()),
         energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
         config,
@@ -318,4 +336,18 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         stop: stop_tx,
         tasks: vec![server, reconciler, sampler],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_a_key_through_once_per_window_and_other_keys_at_once() {
+        let t: Throttle<(u32, char)> = Throttle::default();
+        assert!(t.due((1, 'a')));
+        assert!(!t.due((1, 'a')), "sent a moment ago");
+        assert!(t.due((1, 'b')), "another wanted state is a new command");
+        assert!(t.due((2, 'a')));
+    }
 }

@@ -159,10 +159,6 @@ impl Tx {
         Tx::default()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.txn.success.is_empty()
-    }
-
     /// Adds another transaction's compares and writes to this one.
     pub fn merge(mut self, other: Tx) -> Tx {
         self.txn.compare.extend(other.txn.compare);
@@ -401,10 +397,6 @@ impl Datastore {
         }
     }
 
-    async fn exists(&self, key: &str) -> ApiResult<bool> {
-        Ok(self.store.get(key).await?.is_some())
-    }
-
     async fn list<T: DeserializeOwned>(&self, prefix: &str) -> ApiResult<Vec<Versioned<T>>> {
         self.store
             .range(prefix)
@@ -466,9 +458,6 @@ impl Datastore {
             .into_iter()
             .map(|(h, _)| h)
             .collect())
-    }
-    pub async fn is_marked(&self, mark: HostMark, host: &str) -> ApiResult<bool> {
-        self.exists(&mark.key(host)).await
     }
     pub async fn power(&self, host: &str) -> ApiResult<Option<HostPower>> {
         Ok(self.get(&keys::power(host)).await?.map(|v| v.value))

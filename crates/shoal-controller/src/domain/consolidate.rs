@@ -90,7 +90,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         let host = &hosts[h];
         let pinned = v.state != VmState::Running
             || matches!(rule, AntiAffinity::Zone | AntiAffinity::Rack)
-            || host.driver.starts_with("qemu")
+            || host.runs_qemu()
             || !in_service[h]
             || vm_meter.is_none_or(|m| m.history.is_empty());
         let next = groups.len() as u32;

@@ -1,10 +1,9 @@
 //! Hosts as operators see them: what the agent registered, what is claimed on it, and its real
-//! state (liveness, then the operator's marks and its power).
+//! state, by the same rule placement uses (`capacity::service_state`).
 
-use shoal_model::power::PowerState;
 use shoal_model::{Host, HostState};
 
-use crate::capacity::HostMarks;
+use crate::capacity::{service_state, HostMarks};
 use crate::error::ApiResult;
 use crate::Controller;
 
@@ -19,17 +18,13 @@ pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
         .map(|h| {
             let power = powers.get(&h.name).map(|p| p.state).unwrap_or_default();
             let claim = claims.get(&h.name);
-            let (live, seen) = ctl.host_state(&h.name);
-            let state = if power == PowerState::Off {
-                HostState::Off
-            } else if live != HostState::Up {
-                HostState::Down
-            } else if marks.draining.contains(&h.name) {
-                HostState::Draining
-            } else if marks.maintenance.contains(&h.name) {
-                HostState::Maintenance
-            } else {
-                HostState::Up
+            let (_, seen) = ctl.host_state(&h.name);
+            let state = match service_state(ctl, &h.name, &marks) {
+                shoal_policy::HostState::Up => HostState::Up,
+                shoal_policy::HostState::Draining => HostState::Draining,
+                shoal_policy::HostState::Maintenance => HostState::Maintenance,
+                shoal_policy::HostState::PoweredOff => HostState::Off,
+                shoal_policy::HostState::Down => HostState::Down,
             };
             Host {
                 name: h.name,

@@ -95,16 +95,8 @@ pub async fn preview_create(ctl: &Controller, req: &CreateCluster, explain: bool
         req.anti_affinity.domain(),
     );
     // As deployment does: switched-off hosts count only when the hosts that are on lack room.
-    g.allow_power_on = ctl.config.consolidate && snap.placer().place(&g).is_err();
-    if g.allow_power_on {
-        g.rules.avoid_hosts.extend(
-            snap.marks
-                .powered_off
-                .iter()
-                .filter(|h| !snap.marks.switchable_on.contains(*h))
-                .cloned(),
-        );
-    }
+    g.allow_power_on = ctl.config.consolidate;
+    let g = snap.request_for(&g);
     let mut placer = snap.placer();
     let mut e = placer.explain(&g);
     if !explain {
