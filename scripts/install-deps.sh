@@ -15,6 +15,11 @@ PACKAGES=(
   e2fsprogs           # mkfs.ext4 -d: the demo template's disk without a loop mount
   dosfstools          # mkfs.vfat: NoCloud seeds
   mtools              # mcopy: NoCloud seeds without a mount
+  # scripts/cloud-init/: the distributions' cloud-init, unpacked (never installed), run by the
+  # host's /usr/bin/python3 to check NoCloud seeds; these are the modules those versions import.
+  curl xz-utils
+  python3 python3-yaml python3-jinja2 python3-jsonschema python3-jsonpatch python3-configobj
+  python3-requests python3-oauthlib python3-netifaces python3-serial
 )
 
 missing_packages() {
