@@ -82,7 +82,7 @@ class Capture:
         return got
 
 
-def worker(seed, out, expect_root):
+def worker(seed, out, expect_root, distro_name):
     import inspect
     import warnings
 
@@ -280,6 +280,25 @@ def worker(seed, out, expect_root):
                     ud_fail.append(f"merge lost {path} of part {p['n']}")
                 if overridden:
                     p["overridden"] = overridden
+            # The users cc_users_groups would create from the merge (the image's default user
+            # comes from its /etc/cloud/cloud.cfg: a stand-in here).
+            from cloudinit import distros
+            from cloudinit.distros import ug_util
+
+            stand_in = {"name": "image-default-user", "lock_passwd": True, "shell": "/bin/bash"}
+            distro = distros.fetch(distro_name)(distro_name, {"default_user": stand_in}, paths)
+            import copy  # normalize_users_groups pops the names out of what it is given
+
+            users, _groups = ug_util.normalize_users_groups(copy.deepcopy(merged), distro)
+            results["users"] = sorted(users)
+            for p in configs:
+                for name in user_names(p["config"].get("users")):
+                    if name not in users:
+                        ud_fail.append(f"user {name} of part {p['n']} is not among the users "
+                                       f"cloud-init would create: {sorted(users)}")
+            found = problems()
+            if found:
+                ud_fail.append("reading the merged users logged: " + "; ".join(found))
     except Exception as e:
         import traceback
 
@@ -308,6 +327,23 @@ def worker(seed, out, expect_root):
         json.dump(results, f, default=str)
 
 
+def user_names(users):
+    """The named users of a cloud-config `users` value (a list, or a comma-separated string)."""
+    if isinstance(users, str):
+        users = users.split(",")
+    if isinstance(users, dict):
+        users = [dict(v or {}, name=k) for k, v in users.items()]
+    names = []
+    for u in users or []:
+        if isinstance(u, str):
+            names += [n.strip() for n in u.split(",") if n.strip() and n.strip() != "default"]
+        elif isinstance(u, list):
+            names += [str(n) for n in u if n != "default"]
+        elif isinstance(u, dict) and u.get("name"):
+            names.append(str(u["name"]))
+    return names
+
+
 def merge_losses(part, merged, path=""):
     """What of `part` is missing from `merged`: list items and keys are lost when absent
     (a failure), scalars that differ were overridden by another part (reported)."""
@@ -330,7 +366,12 @@ def merge_losses(part, merged, path=""):
             return [path], []
         for i, item in enumerate(part):
             if item not in merged:
-                lost.append(f"{path}[{i}]={json.dumps(item, default=str)[:60]}")
+                if isinstance(item, dict) and "name" in item:
+                    shown = f"(user {item['name']})"
+                else:
+                    shown = json.dumps(item, default=str)
+                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                lost.append(f"{path}[{i}] {shown}")
     elif part != merged:
         overridden.append(path)
     return lost, overridden
@@ -632,11 +673,13 @@ def check_version(v, seed, work, runner, expected):
     c = v.checks
 
     # In-process checks with the version's modules.
-    rc, out, err = runner.run(v, [os.path.join(work, "check.py"), "--worker", seed, vdir, v.site])
+    rc, out, err = runner.run(v, [os.path.join(work, "check.py"), "--worker", seed, vdir, v.site, v.distro])
     wfile = os.path.join(vdir, "worker.json")
     if rc != 0 or not os.path.exists(wfile):
         lines = [line for line in (err or out).splitlines() if line.strip()][-3:]
         hint = " (run as nobody: can nobody read the cache?)" if runner.drop else ""
+        if "ModuleNotFoundError" in err:
+            hint = " (a Python module is missing: run scripts/install-deps.sh)"
         c["worker"] = f"FAIL: the worker could not run under this version (exit {rc}){hint}: " + short(
             " / ".join(lines), 1500
         )
@@ -657,6 +700,7 @@ def check_version(v, seed, work, runner, expected):
             "keys": sorted(m),
             "users": users,
             "runcmd": len(m.get("runcmd") or []),
+            "users_created": w.get("users"),
             "overridden": {str(p["n"]): p["overridden"] for p in w["parts"] if p.get("overridden")},
         }
     v.parts = [(p["n"], p["type"]) for p in w["parts"]]
@@ -670,7 +714,12 @@ def check_version(v, seed, work, runner, expected):
         c["user-data-cli"] = "FAIL: neither `schema` nor `devel schema` runs: " + short(err)
     else:
         has_net_schema = "network-config" in out
-        files = [p["file"] for p in w["parts"] if p.get("file")]
+        with open(os.path.join(seed, "user-data"), "rb") as f:
+            plain = f.read(13) == b"#cloud-config"
+        if plain:  # the seed's file itself, as a user would check it
+            files = [os.path.join(seed, "user-data")]
+        else:  # `schema` takes no MIME multipart: each cloud-config part as the worker cut it
+            files = [p["file"] for p in w["parts"] if p.get("file")]
         if w.get("merged_file"):
             files.append(w["merged_file"])
         fails = []
@@ -727,7 +776,7 @@ def main():
     ):
         os.execv(HOST_PYTHON, [HOST_PYTHON, os.path.abspath(__file__)] + sys.argv[1:])
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        return worker(*sys.argv[2:5])
+        return worker(*sys.argv[2:6])
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("seed_dir")
