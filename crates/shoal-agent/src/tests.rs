@@ -38,7 +38,7 @@ fn spec(name: &str) -> VmSpec {
         template_hash: TemplateDisk::File("0".repeat(64)).to_string(),
         template_format: DiskFormat::Raw,
         kernel_boot: None,
-        ready_pattern: None,
+        ready: Default::default(),
         power: Power::Running,
         force_stop: false,
         ip: "10.200.0.2".parse().unwrap(),
@@ -46,6 +46,8 @@ fn spec(name: &str) -> VmSpec {
         gateway: "10.200.0.1".parse().unwrap(),
         mac: MacAddr::qemu(1),
         user_data: None,
+        user: None,
+        ssh_keys: Vec::new(),
         network: None,
     }
 }

@@ -245,9 +245,11 @@ impl Client {
         if let Some(c) = &files.cmdline {
             form = form.text("cmdline", c.clone());
         }
-        if let Some(r) = &files.ready_pattern {
-            form = form.text("ready_pattern", r.clone());
-        }
+        form = match &files.ready {
+            shoal_model::Readiness::Report => form.text("ready", "report"),
+            shoal_model::Readiness::Running => form.text("ready", "running"),
+            shoal_model::Readiness::Pattern(p) => form.text("ready_pattern", p.clone()),
+        };
         let rb = self
             .http
             .request(Method::POST, "/v1/templates")
@@ -561,7 +563,8 @@ pub struct TemplateFiles {
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
     pub cmdline: Option<String>,
-    pub ready_pattern: Option<String>,
+    /// How VMs of it count as ready (the guest's report unless said otherwise).
+    pub ready: shoal_model::Readiness,
 }
 
 impl TemplateFiles {

@@ -91,6 +91,12 @@ impl From<shoal_model::NameError> for ApiError {
     }
 }
 
+impl From<shoal_model::GuestError> for ApiError {
+    fn from(e: shoal_model::GuestError) -> Self {
+        ApiError::Invalid(e.to_string())
+    }
+}
+
 impl From<shoal_model::SizeError> for ApiError {
     fn from(e: shoal_model::SizeError) -> Self {
         ApiError::Invalid(e.to_string())

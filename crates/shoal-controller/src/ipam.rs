@@ -95,7 +95,7 @@ mod tests {
         let c = cfg();
         let a = allocate_subnet(&c, 3, &[]).unwrap();
         assert_eq!(a.to_string(), "10.200.0.0/24");
-        let b = allocate_subnet(&c, 253, &[a]).unwrap();
+        let b = allocate_subnet(&c, 252, &[a]).unwrap();
         assert_eq!(b.to_string(), "10.200.1.0/24");
         let big = allocate_subnet(&c, 1000, &[a, b]).unwrap();
         assert_eq!(big.to_string(), "10.200.4.0/22");

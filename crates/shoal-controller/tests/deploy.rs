@@ -296,6 +296,113 @@ async fn bad_input_is_refused_naming_the_value_and_changes_nothing() {
     assert_eq!(refs.keys().collect::<Vec<_>>(), vec!["template/t"], "{refs:?}");
 }
 
+const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK5l a@example";
+const KEY_B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK5l b@example";
+
+/// A profile's login user, keys and user data reach its clusters; a cluster adds keys and may
+/// bring its own user data and user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_settings_flow_from_profiles_to_clusters() {
+    let h = Harness::start(Opts::default()).await;
+    h.template("t").await;
+    let c = &h.client;
+    let p = c
+        .create_profile(&shoal_model::api::CreateProfile {
+            name: "p".into(),
+            template: Some("t".into()),
+            cpus: Some(1),
+            memory: Some("256MiB".into()),
+            user: Some("ops".into()),
+            ssh_keys: vec![KEY_A.into()],
+            user_data: Some("#cloud-config\npackages: [htop]\n".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.effective.user.as_deref(), Some("ops"));
+    assert_eq!(p.effective.ssh_keys, vec![KEY_A.to_string()]);
+    // A child inherits the user and adds its keys to its parent's.
+    let child = c
+        .create_profile(&shoal_model::api::CreateProfile {
+            name: "child".into(),
+            parent: Some("p".into()),
+            ssh_keys: vec![KEY_B.into(), KEY_A.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(child.effective.ssh_keys, vec![KEY_A.to_string(), KEY_B.to_string()]);
+    assert_eq!(child.effective.user.as_deref(), Some("ops"));
+
+    let mut req = cluster("web", "p", 1);
+    req.ssh_keys = vec![KEY_B.into()];
+    req.user_data = Some("#!/bin/sh\necho hi\n".into());
+    c.create_cluster(&req).await.unwrap();
+    let web = c.cluster("web").await.unwrap().cluster;
+    assert_eq!(web.shape.ssh_keys, vec![KEY_A.to_string(), KEY_B.to_string()]);
+    assert_eq!(web.shape.user.as_deref(), Some("ops"));
+    assert_eq!(web.shape.user_data.as_deref(), Some("#!/bin/sh\necho hi\n"));
+}
+
+/// Bad guest settings are refused naming the value, on profiles and clusters, and nothing is
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_guest_settings_are_refused_and_change_nothing() {
+    let h = Harness::start(Opts::default()).await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "256MiB").await;
+    let rev = h.controller().db.revision().await.unwrap();
+    let c = &h.client;
+    let too_big = format!("#!/bin/sh\n{}", "#".repeat(shoal_model::guest::MAX_USER_DATA));
+    // (user data, user, SSH keys, what the error must say)
+    type Case<'a> = (Option<&'a str>, Option<&'a str>, Vec<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Some("packages: [htop]\n"),
+            None,
+            vec![],
+            "is not a format cloud-init reads",
+        ),
+        (Some("#cloud-config\nruncmd: [oops\n"), None, vec![], "not valid YAML"),
+        (Some("#cloud-config\n- a\n"), None, vec![], "not a mapping"),
+        (Some(&too_big), None, vec![], "over the limit of 65536 bytes"),
+        (None, Some("Root"), vec![], "invalid user name \"Root\""),
+        (None, Some("root"), vec![], "invalid user name \"root\""),
+        (None, None, vec!["ssh-ed25519 notbase64!"], "invalid SSH public key"),
+        (None, None, vec!["hello world"], "unknown key type"),
+    ];
+    for (user_data, user, keys, want) in cases {
+        let keys: Vec<String> = keys.into_iter().map(String::from).collect();
+        let e = c
+            .create_profile(&shoal_model::api::CreateProfile {
+                name: "q".into(),
+                template: Some("t".into()),
+                cpus: Some(1),
+                memory: Some("256MiB".into()),
+                user_data: user_data.map(String::from),
+                user: user.map(String::from),
+                ssh_keys: keys.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(400), Some("invalid")), "{e}");
+        assert!(e.to_string().contains(want), "profile: want {want:?}: {e}");
+        let mut req = cluster("web", "p", 1);
+        req.user_data = user_data.map(String::from);
+        req.user = user.map(String::from);
+        req.ssh_keys = keys;
+        let e = c.create_cluster(&req).await.unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(400), Some("invalid")), "{e}");
+        assert!(e.to_string().contains(want), "cluster: want {want:?}: {e}");
+    }
+    assert_eq!(
+        h.controller().db.revision().await.unwrap(),
+        rev,
+        "a refused request wrote to the store"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_use_profiles_and_templates_cannot_be_deleted() {
     let h = Harness::start(Opts::default()).await;

@@ -72,8 +72,6 @@ pub struct DemoTemplate {
     pub initrd: PathBuf,
     /// Kernel command line.
     pub cmdline: String,
-    /// Prefix of the line the guest prints on the serial console when configured.
-    pub ready_pattern: String,
 }
 
 /// Where the builder takes its inputs from; [`DemoSources::default`] is the machine's own.
@@ -167,7 +165,6 @@ pub fn build_demo_template_from(sources: &DemoSources, out_dir: &Path) -> Result
         kernel: kernel_path,
         initrd: initrd_path,
         cmdline: DEMO_CMDLINE.to_string(),
-        ready_pattern: READY_PATTERN.to_string(),
     })
 }
 

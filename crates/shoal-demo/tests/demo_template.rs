@@ -1,5 +1,5 @@
 //! The demo template: what the builder writes (kernel, initramfs, disk), its errors, and real boots
-//! under QEMU/TCG against the guest contract (NoCloud seed, `ready`/`not-ready`, `alive <n>`, the
+//! under QEMU/TCG against the guest contract (Shoal's NoCloud seed, `shoal-guest: ready|failed`, `alive <n>`, the
 //! ACPI power button). The boot tests need qemu-system-x86_64, qemu-img, mkfs.vfat and mcopy; when
 //! one is missing they fail with a message naming it, they never skip.
 
@@ -67,7 +67,6 @@ fn builds_a_demo_template_in_seconds() {
     eprintln!("demo template built in {took:.2?}");
     assert!(took < Duration::from_secs(60), "building took {took:?}");
     assert_eq!(t.cmdline, DEMO_CMDLINE);
-    assert_eq!(t.ready_pattern, "ready ");
     for p in [&t.disk, &t.kernel, &t.initrd] {
         assert!(
             p.starts_with(dir.path()),
@@ -259,24 +258,37 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A NoCloud seed: vfat labelled CIDATA, as the QEMU driver makes it.
+/// The NoCloud seed Shoal's QEMU driver writes for a VM named `hostname` at 10.200.0.2/24 (the
+/// driver's own renderer, so the guest is tested against the real contract), as a vfat volume.
 fn make_seed(path: &Path, hostname: &str, user_data: &str) {
+    let spec = shoal_model::agent::VmSpec {
+        uuid: "0b9f3c9e-5a0e-4c41-9d7e-2f4f6a1b2c3d".parse().unwrap(),
+        name: hostname.into(),
+        cpus: 1,
+        memory_mib: 128,
+        disk_mib: None,
+        template: "demo".into(),
+        template_hash: String::new(),
+        template_format: shoal_model::DiskFormat::Raw,
+        kernel_boot: None,
+        ready: shoal_model::Readiness::Report,
+        power: Default::default(),
+        force_stop: false,
+        ip: "10.200.0.2".parse().unwrap(),
+        prefix_len: 24,
+        gateway: "10.200.0.1".parse().unwrap(),
+        mac: MAC.parse().unwrap(),
+        user_data: Some(user_data.to_string()).filter(|u| !u.is_empty()),
+        user: None,
+        ssh_keys: Vec::new(),
+        network: None,
+    };
+    let seed = shoal_hv::qemu::seed::SeedFiles::render(&spec, &["10.200.0.254".parse().unwrap()]);
     let dir = path.with_extension("d");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("meta-data"),
-        format!("instance-id: 0b9f3c9e-5a0e-4c41-9d7e-2f4f6a1b2c3d\nlocal-hostname: {hostname}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("network-config"),
-        format!(
-            "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{MAC}\"\n    set-name: eth0\n    \
-             addresses:\n      - 10.200.0.2/24\n    routes:\n      - to: default\n        via: 10.200.0.1\n    mtu: 1500\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("user-data"), user_data).unwrap();
+    for (name, content) in seed.files() {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
     run(Command::new(tool("mkfs.vfat", "dosfstools"))
         .args(["-n", "CIDATA", "-C"])
         .arg(path)
@@ -422,26 +434,26 @@ fn boots_under_tcg_configures_itself_and_powers_off() {
     make_seed(
         &seed,
         "web-0",
-        "#!/bin/sh\necho hello from $(hostname)\nip -4 -o addr show dev eth0\n",
+        "#!/bin/sh\necho hello from $(hostname)\nip -4 -o addr show dev eth0\ncat /etc/resolv.conf\n",
     );
 
     let mut vm = Qemu::start(&t, dir.path(), Some(&seed), true);
-    let ready = vm.wait_console("ready line", Duration::from_secs(120), |lines| {
-        lines
-            .iter()
-            .any(|l| l.starts_with("ready ") || l.starts_with("not-ready"))
+    let ready = vm.wait_console("report", Duration::from_secs(120), |lines| {
+        lines.iter().any(|l| l.starts_with("shoal-guest: "))
     });
     eprintln!("boot to ready: {ready:.2?}");
     let console = vm.console();
     let lines: Vec<&str> = console.lines().collect();
     assert!(lines.contains(&"ready web-0 10.200.0.2"), "console:\n{console}");
+    assert!(lines.contains(&shoal_model::guest::GUEST_READY), "console:\n{console}");
     assert_eq!(
         lines.iter().filter(|l| l.starts_with("ready")).count(),
         1,
         "console:\n{console}"
     );
 
-    // Console output continues after ready; the user-data script ran once, after networking.
+    // Console output continues after ready; the user-data script (a part of the MIME user data
+    // the seed makes of it) ran once, after networking, with the resolver the seed gave.
     vm.wait_console("alive 2 after ready", Duration::from_secs(30), |lines| {
         let ready = lines.iter().position(|l| *l == "ready web-0 10.200.0.2").unwrap();
         lines[ready..].contains(&"alive 2")
@@ -451,6 +463,7 @@ fn boots_under_tcg_configures_itself_and_powers_off() {
             && lines
                 .iter()
                 .any(|l| l.starts_with("user-data: ") && l.contains("inet 10.200.0.2/24"))
+            && lines.contains(&"user-data: nameserver 10.200.0.254")
     });
 
     let off = vm.powerdown_and_wait(Duration::from_secs(30));
@@ -467,16 +480,18 @@ fn without_seed_or_nic_it_says_not_ready_and_still_powers_off() {
     let dir = tempfile::tempdir().unwrap();
     let (t, _) = build(&dir.path().join("template"));
     let mut vm = Qemu::start(&t, dir.path(), None, false);
-    let took = vm.wait_console("not-ready line", Duration::from_secs(120), |lines| {
+    let took = vm.wait_console("failure report", Duration::from_secs(120), |lines| {
         lines
             .iter()
-            .any(|l| l.starts_with("ready ") || l.starts_with("not-ready"))
+            .any(|l| l.starts_with("ready ") || l.starts_with("shoal-guest: "))
     });
-    eprintln!("boot to not-ready: {took:.2?}");
+    eprintln!("boot to failure report: {took:.2?}");
     vm.wait_console("alive 1", Duration::from_secs(30), |lines| lines.contains(&"alive 1"));
     let console = vm.console();
     assert!(
-        console.lines().any(|l| l.starts_with("not-ready: no NoCloud seed")),
+        console
+            .lines()
+            .any(|l| l.starts_with("shoal-guest: failed: no NoCloud seed")),
         "console:\n{console}"
     );
     assert!(!console.lines().any(|l| l.starts_with("ready")), "console:\n{console}");
@@ -484,22 +499,29 @@ fn without_seed_or_nic_it_says_not_ready_and_still_powers_off() {
 }
 
 #[test]
-fn without_nic_it_is_ready_with_the_configured_address() {
+fn without_its_nic_it_reports_failure_naming_the_mac() {
     let dir = tempfile::tempdir().unwrap();
     let (t, _) = build(&dir.path().join("template"));
     let seed = dir.path().join("seed.img");
     make_seed(&seed, "db-1", "#cloud-config\npackages: [nginx]\n");
     let mut vm = Qemu::start(&t, dir.path(), Some(&seed), false);
-    vm.wait_console("ready line", Duration::from_secs(120), |lines| {
+    vm.wait_console("report", Duration::from_secs(120), |lines| {
         lines
             .iter()
-            .any(|l| l.starts_with("ready ") || l.starts_with("not-ready"))
+            .any(|l| l.starts_with("ready ") || l.starts_with("shoal-guest: "))
     });
     vm.wait_console("alive 1", Duration::from_secs(30), |lines| lines.contains(&"alive 1"));
     let console = vm.console();
     let lines: Vec<&str> = console.lines().collect();
-    assert!(lines.contains(&"ready db-1 10.200.0.2"), "console:\n{console}");
-    assert!(lines.contains(&format!("demo-guest: no interface with MAC {MAC}, networking skipped").as_str()));
-    assert!(lines.contains(&"user-data: cloud-config not supported by the demo guest, ignored"));
+    assert!(
+        lines.contains(&format!("shoal-guest: failed: no interface with MAC {MAC}").as_str()),
+        "console:\n{console}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("ready") || *l == "shoal-guest: ready"),
+        "console:\n{console}"
+    );
     vm.powerdown_and_wait(Duration::from_secs(30));
 }

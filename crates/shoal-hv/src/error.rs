@@ -112,12 +112,15 @@ pub enum HvError {
     NoQmpSocket { path: PathBuf, timeout: Duration },
     #[error("QEMU stayed {state:?}, expected one of {expected:?}")]
     UnexpectedStatus { state: String, expected: Vec<String> },
-    #[error("the guest did not print {pattern:?} on its console within {timeout:?}{console}")]
+    #[error("the guest did not report within {timeout:?}: no {waited_for}{console}")]
     NotReady {
-        pattern: String,
+        waited_for: String,
         timeout: Duration,
         console: String,
     },
+    /// The guest said its configuration failed (cloud-init's errors, or the demo guest's).
+    #[error("the guest's configuration failed: {reason}")]
+    GuestFailed { reason: String },
     #[error("removed while booting")]
     Removed,
     #[error("saving memory failed: {0}")]
@@ -181,7 +184,8 @@ impl HvError {
             | E::CorruptTemplate { .. }
             | E::DiskTooSmall { .. }
             | E::CommaInPath(_)
-            | E::NoDisks { .. } => ErrorKind::Invalid,
+            | E::NoDisks { .. }
+            | E::GuestFailed { .. } => ErrorKind::Invalid,
             E::QemuMissing(_)
             | E::SocketPathTooLong(_)
             | E::NoQmpSocket { .. }

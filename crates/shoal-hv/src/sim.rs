@@ -287,7 +287,7 @@ mod tests {
             template_hash: "blake3:00".into(),
             template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
-            ready_pattern: None,
+            ready: Default::default(),
             power: Power::Running,
             force_stop: false,
             ip: "10.200.0.2".parse().unwrap(),
@@ -295,6 +295,8 @@ mod tests {
             gateway: "10.200.0.1".parse().unwrap(),
             mac: shoal_model::MacAddr::qemu(1),
             user_data: None,
+            user: None,
+            ssh_keys: Vec::new(),
             network: None,
         }
     }

@@ -66,13 +66,13 @@ async fn a_guest_that_never_becomes_ready_fails_and_leaves_nothing() {
     let f = fixture();
     let d = driver(&f, |c| c.ready_timeout = Duration::from_secs(20)).await;
     let mut s = spec(&f.template, "a-0");
-    s.ready_pattern = Some("a line this guest never prints".into());
+    s.ready = shoal_model::Readiness::Pattern("a line this guest never prints".into());
     d.ensure(&s).await.unwrap();
     let st = settle(d.as_ref(), s.uuid, VmState::Creating, Duration::from_secs(90)).await;
     assert_eq!(st.state, VmState::Failed);
     let reason = st.reason.unwrap();
     assert!(
-        reason.contains("did not print \"a line this guest never prints\" on its console within 20s"),
+        reason.contains("did not report within 20s: no \"a line this guest never prints\" on its console"),
         "{reason}"
     );
     // The reason shows what the guest did print.
@@ -80,6 +80,25 @@ async fn a_guest_that_never_becomes_ready_fails_and_leaves_nothing() {
     nothing_left(&f.root, s.uuid);
     d.remove(s.uuid).await.unwrap();
     assert!(!f.root.join("vms").join(s.uuid.to_string()).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_reports_failure_fails_with_its_reason() {
+    let f = fixture();
+    let d = driver(&f, |_| {}).await;
+    let mut s = spec(&f.template, "a-0");
+    // An address the guest cannot configure: the demo guest reports it as cloud-init's reporter
+    // would report cloud-init's errors.
+    s.prefix_len = 33;
+    d.ensure(&s).await.unwrap();
+    let st = settle(d.as_ref(), s.uuid, VmState::Creating, Duration::from_secs(120)).await;
+    assert_eq!(st.state, VmState::Failed, "{st:?}");
+    let reason = st.reason.unwrap();
+    assert!(
+        reason.contains("the guest's configuration failed: cannot add address 10.200.0.2/33"),
+        "{reason}"
+    );
+    d.remove(s.uuid).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

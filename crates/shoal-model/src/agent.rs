@@ -28,8 +28,8 @@ pub struct VmSpec {
     pub template_format: DiskFormat,
     #[serde(default)]
     pub kernel_boot: Option<KernelBoot>,
-    #[serde(default)]
-    pub ready_pattern: Option<String>,
+    #[serde(default, alias = "ready_pattern", deserialize_with = "crate::Readiness::compat")]
+    pub ready: crate::Readiness,
     /// The state the host must bring the VM to.
     #[serde(default)]
     pub power: Power,
@@ -44,6 +44,11 @@ pub struct VmSpec {
     #[schema(value_type = String)]
     pub mac: MacAddr,
     pub user_data: Option<String>,
+    /// The login user to add to the guest, with `ssh_keys`.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
     /// The virtual network to connect the VM to; `None` (or a host without a network driver):
     /// QEMU's user-mode networking.
     #[serde(default)]

@@ -17,6 +17,12 @@ pub struct CreateProfile {
     pub disk: Option<String>,
     pub network: Option<String>,
     pub user_data: Option<String>,
+    /// Login user Shoal adds to the guest, with the SSH keys and sudo.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH public keys (one `authorized_keys` line each).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
 }
 
 /// A profile and what it resolves to after inheritance.
@@ -27,7 +33,7 @@ pub struct ProfileView {
     pub effective: VmShape,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateCluster {
     pub name: String,
     pub profile: String,
@@ -43,6 +49,15 @@ pub struct CreateCluster {
     /// network's own setting (`shoal network create --nat`, `network set --nat`).
     #[serde(default)]
     pub nat: bool,
+    /// cloud-init user data for the cluster's VMs, in place of the profile's.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Login user, in place of the profile's.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH public keys, added to the profile's.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

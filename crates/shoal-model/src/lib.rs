@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod api;
 pub mod disk;
+pub mod guest;
 pub mod name;
 pub mod net;
 pub mod network;
@@ -14,6 +15,7 @@ pub mod size;
 pub mod text;
 
 pub use disk::{DiskFormat, DiskFormatError, TemplateDisk, TemplateDiskError};
+pub use guest::{GuestError, Readiness};
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
 pub use network::{Network, VmNetwork};

@@ -25,6 +25,14 @@ pub struct Ipv4Subnet {
 }
 
 impl Ipv4Subnet {
+    /// The subnet of prefix length `prefix` that holds `addr`.
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Result<Self, NetError> {
+        if prefix > 32 {
+            return Err(NetError::BadSubnet(format!("{addr}/{prefix}")));
+        }
+        Self::new(Ipv4Addr::from(u32::from(addr) & Self::mask_of(prefix)), prefix)
+    }
+
     pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, NetError> {
         let s = format!("{addr}/{prefix}");
         if prefix > 32 {
@@ -71,9 +79,16 @@ impl Ipv4Subnet {
         Ipv4Addr::from(self.base + 1)
     }
 
-    /// How many guest addresses the subnet offers: all but network, gateway and broadcast.
+    /// The resolver address: the last before broadcast, kept for the DNS forwarder QEMU's
+    /// user-mode network offers guests (it must differ from the gateway).
+    pub fn resolver(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + (self.size().saturating_sub(2) as u32))
+    }
+
+    /// How many guest addresses the subnet offers: all but network, gateway, resolver and
+    /// broadcast.
     pub fn guest_capacity(&self) -> u64 {
-        self.size().saturating_sub(3)
+        self.size().saturating_sub(4)
     }
 
     /// The `n`-th guest address (0-based), after the gateway.
@@ -198,8 +213,9 @@ mod tests {
         let s = pool.child(24, 0).unwrap();
         assert_eq!(s.gateway().to_string(), "10.200.0.1");
         assert_eq!(s.guest_address(0).unwrap().to_string(), "10.200.0.2");
-        assert_eq!(s.guest_address(252).unwrap().to_string(), "10.200.0.254");
-        assert_eq!(s.guest_address(253), None);
+        assert_eq!(s.guest_address(251).unwrap().to_string(), "10.200.0.253");
+        assert_eq!(s.guest_address(252), None);
+        assert_eq!(s.resolver().to_string(), "10.200.0.254");
         assert_eq!(s.guest_index("10.200.0.7".parse().unwrap()), Some(5));
         assert_eq!(s.guest_index("10.200.1.7".parse().unwrap()), None);
         assert!(pool.overlaps(&s) && s.overlaps(&pool));

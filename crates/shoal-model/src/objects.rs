@@ -146,9 +146,10 @@ pub struct Template {
     /// Direct kernel boot; `None` boots from the disk itself (real cloud images).
     #[serde(default)]
     pub kernel_boot: Option<KernelBoot>,
-    /// Text the guest prints on its serial console once configured; `None`: running is ready.
-    #[serde(default)]
-    pub ready_pattern: Option<String>,
+    /// How Shoal learns a VM of this template is configured (templates made before this was
+    /// kept had `ready_pattern`: read as a pattern, or as `running`).
+    #[serde(default, alias = "ready_pattern", deserialize_with = "crate::Readiness::compat")]
+    pub ready: crate::Readiness,
     pub created_unix_ms: u64,
 }
 
@@ -226,6 +227,12 @@ pub struct Profile {
     pub network: Option<String>,
     /// cloud-init user data handed to every VM made from the profile.
     pub user_data: Option<String>,
+    /// The login user Shoal adds to the guest (with the SSH keys and sudo).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH public keys for the guest's login user (`user`, else the image's default user).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
     pub created_unix_ms: u64,
 }
 
@@ -239,6 +246,10 @@ pub struct VmShape {
     pub disk_mib: Option<u64>,
     pub network: Option<String>,
     pub user_data: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -624,7 +635,7 @@ mod template_tests {
             size_bytes: 1,
             hash: format!("manifest:{hex}"),
             kernel_boot: None,
-            ready_pattern: None,
+            ready: Default::default(),
             created_unix_ms: 0,
         };
         assert_eq!(t.disk().unwrap(), crate::TemplateDisk::Manifest(hex.clone()));

@@ -277,7 +277,7 @@ mod tests {
             template_hash: String::new(),
             template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
-            ready_pattern: None,
+            ready: Default::default(),
             power: Default::default(),
             force_stop: false,
             ip: "10.0.0.2".parse().unwrap(),
@@ -285,6 +285,8 @@ mod tests {
             gateway: "10.0.0.1".parse().unwrap(),
             mac: shoal_model::MacAddr::qemu(1),
             user_data: None,
+            user: None,
+            ssh_keys: Vec::new(),
             network: Some(VmNetwork {
                 name: "n".into(),
                 vni,

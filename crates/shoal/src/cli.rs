@@ -482,7 +482,11 @@ pub enum TemplateCmd {
         initrd: Option<PathBuf>,
         #[arg(long, requires = "kernel")]
         cmdline: Option<String>,
-        /// Console text the guest prints when configured (VMs count as ready then).
+        /// How VMs count as ready: `report` (the guest reports through Shoal's seed, as
+        /// cloud-init images do), `running` (a running QEMU is enough).
+        #[arg(long, value_enum, default_value_t = ReadyArg::Report, conflicts_with = "ready_pattern")]
+        ready: ReadyArg,
+        /// Instead of --ready: console text the guest prints when configured.
         #[arg(long)]
         ready_pattern: Option<String>,
         /// Take FILE as this format instead of recognising it (`raw` imports any file).
@@ -589,9 +593,8 @@ pub enum ProfileCmd {
         /// Network to join [default: the cluster's own]
         #[arg(long)]
         network: Option<String>,
-        /// File with cloud-init user data.
-        #[arg(long)]
-        user_data: Option<PathBuf>,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     List,
     Show {
@@ -600,6 +603,28 @@ pub enum ProfileCmd {
     Delete {
         name: String,
     },
+}
+
+/// What an operator gives the guests of a profile or cluster.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GuestArgs {
+    /// An SSH public key, or a file of them (one per line), for the login user; repeatable.
+    /// On a cluster, added to the profile's.
+    #[arg(long = "ssh-key", value_name = "FILE|KEY")]
+    pub ssh_keys: Vec<String>,
+    /// Login user to add to the guest, with the keys and sudo [default: the image's default user].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// File with cloud-init user data (#cloud-config, a #! script, MIME multipart), combined
+    /// with Shoal's own settings. On a cluster, in place of the profile's.
+    #[arg(long)]
+    pub user_data: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReadyArg {
+    Report,
+    Running,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -648,6 +673,8 @@ pub enum ClusterCmd {
         /// With --dry-run: every host's verdict (the filter that rejected it, or its score).
         #[arg(long, requires = "dry_run")]
         explain: bool,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     List,
     Show {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_client::{Client, TemplateFiles};
 use shoal_model::api::{CreateCluster, CreateProfile};
-use shoal_model::{parse_size_mib, plural, AntiAffinity, Operation, Placement, StepState};
+use shoal_model::{parse_size_mib, plural, AntiAffinity, Operation, Placement, Readiness, StepState};
 use shoal_policy::rebalance::{self, RebalanceOptions};
 use shoal_policy::{GangRequest, Placer, Snapshot};
 
@@ -109,15 +109,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 kernel,
                 initrd,
                 cmdline,
+                ready,
                 ready_pattern,
                 format,
             } => {
+                let ready = match (ready, ready_pattern) {
+                    (_, Some(p)) => Readiness::Pattern(p),
+                    (ReadyArg::Report, None) => Readiness::Report,
+                    (ReadyArg::Running, None) => Readiness::Running,
+                };
                 let files = TemplateFiles {
                     disk: file,
                     kernel,
                     initrd,
                     cmdline,
-                    ready_pattern,
+                    ready,
                 };
                 let t = images::import_template(&client, &name, &files, format.map(Into::into)).await?;
                 output::emit(out, &t, output::template)
@@ -142,7 +148,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     kernel: Some(d.kernel),
                     initrd: Some(d.initrd),
                     cmdline: Some(d.cmdline),
-                    ready_pattern: Some(d.ready_pattern),
+                    // The demo guest reports as cloud-init guests do.
+                    ready: Readiness::Report,
                 };
                 let t = images::import_template(&client, &name, &files, None).await?;
                 output::emit(out, &t, output::template)
@@ -170,15 +177,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 disk,
                 parent,
                 network,
-                user_data,
+                guest,
             } => {
-                let user_data = match user_data {
-                    Some(path) => Some(
-                        std::fs::read_to_string(&path)
-                            .with_context(|| format!("reading user data {}", path.display()))?,
-                    ),
-                    None => None,
-                };
+                let Guest {
+                    user_data,
+                    user,
+                    ssh_keys,
+                } = read_guest_args(&guest)?;
                 let req = CreateProfile {
                     name,
                     parent,
@@ -188,6 +193,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     disk,
                     network,
                     user_data,
+                    user,
+                    ssh_keys,
                 };
                 output::emit(out, &client.create_profile(&req).await?, output::profile)
             }
@@ -210,7 +217,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 wait,
                 dry_run,
                 explain,
+                guest,
             } => {
+                let Guest {
+                    user_data,
+                    user,
+                    ssh_keys,
+                } = read_guest_args(&guest)?;
                 let req = CreateCluster {
                     name,
                     profile,
@@ -227,6 +240,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     network,
                     nat,
+                    user_data,
+                    user,
+                    ssh_keys,
                 };
                 if dry_run {
                     let e = client.plan_place(&req, explain).await?;
@@ -607,4 +623,43 @@ fn ok(b: bool) -> &'static str {
     } else {
         "MISSED"
     }
+}
+
+/// What `--ssh-key`, `--user` and `--user-data` say, read and checked (the controller checks
+/// again): a file that cannot be read or holds no valid key is named.
+struct Guest {
+    user_data: Option<String>,
+    user: Option<String>,
+    ssh_keys: Vec<String>,
+}
+
+fn read_guest_args(args: &GuestArgs) -> anyhow::Result<Guest> {
+    use shoal_model::guest;
+    let user_data = match &args.user_data {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading user data {}", path.display()))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("user data {} is not UTF-8 text", path.display()))?;
+            guest::check_user_data(&text).with_context(|| format!("user data {}", path.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
+    if let Some(u) = &args.user {
+        guest::check_user_name(u)?;
+    }
+    let mut ssh_keys = Vec::new();
+    for arg in &args.ssh_keys {
+        if guest::looks_like_ssh_key(arg) {
+            ssh_keys.push(guest::check_ssh_key(arg)?);
+        } else {
+            let text = std::fs::read_to_string(arg).with_context(|| format!("reading SSH key file {arg}"))?;
+            ssh_keys.extend(guest::parse_ssh_keys(&text).with_context(|| format!("SSH key file {arg}"))?);
+        }
+    }
+    Ok(Guest {
+        user_data,
+        user: args.user.clone(),
+        ssh_keys,
+    })
 }

@@ -792,3 +792,94 @@ fn counts_agree_with_their_nouns() {
     let out = ok(dead, &["plan", "rebalance", "--snapshot", s]);
     assert!(out.contains("0 migrations in 0 waves"), "{out}");
 }
+
+/// `--ssh-key` takes a key or a file of keys, `--user-data` a file: what cannot be read or is not
+/// valid is refused naming the file or value, and nothing is created.
+#[test]
+fn guest_flags_read_files_and_name_what_is_wrong() {
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK5l a@example";
+    let (_up, url, dir) = up_two_hosts();
+    let img = image(dir.path());
+    ok(&url, &["template", "import", "deb", img.to_str().unwrap()]);
+    let keys = dir.path().join("keys.pub");
+    std::fs::write(&keys, format!("# the team\n{KEY}\n\n{KEY} second\n")).unwrap();
+    let script = dir.path().join("setup.sh");
+    std::fs::write(&script, "#!/bin/sh\necho configured > /var/tmp/x\n").unwrap();
+    let base = [
+        "profile",
+        "create",
+        "p",
+        "--template",
+        "deb",
+        "--cpus",
+        "1",
+        "--memory",
+        "256MiB",
+    ];
+    fn args<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        base.iter().chain(extra).copied().collect()
+    }
+    let p = json(
+        &url,
+        &args(
+            &base,
+            &[
+                "--user",
+                "ops",
+                "--ssh-key",
+                keys.to_str().unwrap(),
+                "--user-data",
+                script.to_str().unwrap(),
+            ],
+        ),
+    );
+    assert_eq!(p["effective"]["user"], "ops", "{p}");
+    assert_eq!(p["effective"]["ssh_keys"].as_array().unwrap().len(), 2, "{p}");
+    assert!(
+        p["effective"]["user_data"].as_str().unwrap().starts_with("#!/bin/sh"),
+        "{p}"
+    );
+
+    let garbage = dir.path().join("garbage.pub");
+    std::fs::write(&garbage, "not a key\n").unwrap();
+    let empty = dir.path().join("empty.pub");
+    std::fs::write(&empty, "# nothing here\n").unwrap();
+    let yaml = dir.path().join("plain.yaml");
+    std::fs::write(&yaml, "runcmd: [ls]\n").unwrap();
+    let binary = dir.path().join("binary");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+    let big = dir.path().join("big.sh");
+    std::fs::write(&big, format!("#!/bin/sh\n{}", "#".repeat(70_000))).unwrap();
+    for (extra, want) in [
+        (
+            vec!["--ssh-key", "/nonexistent/id.pub"],
+            "reading SSH key file /nonexistent/id.pub",
+        ),
+        (vec!["--ssh-key", garbage.to_str().unwrap()], "unknown key type \"not\""),
+        (vec!["--ssh-key", empty.to_str().unwrap()], "no key in it"),
+        (vec!["--ssh-key", "ssh-ed25519 AAAA"], "not a ssh-ed25519 key"),
+        (vec!["--user", "Admin"], "invalid user name \"Admin\""),
+        (
+            vec!["--user-data", "/nonexistent/ud"],
+            "reading user data /nonexistent/ud",
+        ),
+        (
+            vec!["--user-data", yaml.to_str().unwrap()],
+            "not a format cloud-init reads",
+        ),
+        (vec!["--user-data", binary.to_str().unwrap()], "is not UTF-8 text"),
+        (vec!["--user-data", big.to_str().unwrap()], "over the limit"),
+    ] {
+        let mut a = args(&base, &extra);
+        a[2] = "q";
+        let e = fails(&url, &a);
+        assert!(e.contains(want), "{extra:?}: want {want:?}, got {e}");
+        let mut c = vec!["cluster", "create", "c", "--profile", "p", "--size", "1"];
+        c.extend(extra.iter().copied());
+        let e = fails(&url, &c);
+        assert!(e.contains(want), "cluster {extra:?}: want {want:?}, got {e}");
+    }
+    let profiles = json(&url, &["profile", "list"]);
+    assert_eq!(profiles.as_array().unwrap().len(), 1, "{profiles}");
+    assert_eq!(json(&url, &["cluster", "list"]).as_array().unwrap().len(), 0);
+}

@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             anti_affinity: AntiAffinity::None,
             network: None,
             nat: false,
+            ..Default::default()
         };
         let t = Instant::now();
         let op = client.create_cluster(&req).await?;

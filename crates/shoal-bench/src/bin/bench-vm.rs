@@ -118,7 +118,7 @@ fn spec(t: &DemoTemplate, i: usize) -> anyhow::Result<VmSpec> {
             initrd_size: None,
             cmdline: t.cmdline.clone(),
         }),
-        ready_pattern: Some(t.ready_pattern.clone()),
+        ready: shoal_model::Readiness::Report,
         power: Power::Running,
         force_stop: false,
         ip: format!("10.200.0.{}", i + 2).parse()?,
@@ -126,6 +126,8 @@ fn spec(t: &DemoTemplate, i: usize) -> anyhow::Result<VmSpec> {
         gateway: "10.200.0.1".parse()?,
         mac: MacAddr::qemu(i as u32 + 1),
         user_data: None,
+        user: None,
+        ssh_keys: Vec::new(),
         network: None,
     })
 }
@@ -258,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
                 kernel: Some(template.kernel.clone()),
                 initrd: Some(template.initrd.clone()),
                 cmdline: Some(template.cmdline.clone()),
-                ready_pattern: Some(template.ready_pattern.clone()),
+                ready: shoal_model::Readiness::Report,
             },
         )
         .await?;
@@ -281,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
             anti_affinity: AntiAffinity::Host,
             network: None,
             nat: false,
+            ..Default::default()
         })
         .await?;
     let plan_s = t.elapsed().as_secs_f64();

@@ -1,3 +1,4 @@
+use shoal_model::Readiness;
 use std::path::{Path, PathBuf};
 
 use axum::extract::{Multipart, Path as UrlPath, State};
@@ -31,7 +32,11 @@ pub struct TemplateUpload {
     initrd: Option<Vec<u8>>,
     /// Kernel command line.
     cmdline: Option<String>,
-    /// Console text the guest prints once configured.
+    /// How Shoal learns a VM is configured: `report` (the default: the guest reports through
+    /// Shoal's seed, as cloud-init images and the demo guest do) or `running` (a running QEMU
+    /// counts as ready).
+    ready: Option<String>,
+    /// Instead of `ready`: console text the guest prints once configured.
     ready_pattern: Option<String>,
 }
 
@@ -63,7 +68,7 @@ async fn read_upload(ctl: &Controller, dir: &Path, mut form: Multipart, files: &
     let bad = |e: axum::extract::multipart::MultipartError| ApiError::Invalid(format!("malformed upload: {e}"));
     let mut name: Option<String> = None;
     let (mut disk, mut kernel, mut initrd): (Option<Received>, Option<Received>, Option<Received>) = (None, None, None);
-    let (mut cmdline, mut ready) = (None, None);
+    let (mut cmdline, mut ready_kind, mut ready_pattern) = (None, None, None);
     let (mut manifest, mut source_format): (Option<String>, Option<String>) = (None, None);
     let id = uuid::Uuid::new_v4().simple().to_string();
     // A taken name is refused before any file is stored. The rest of a small upload is still
@@ -107,13 +112,29 @@ async fn read_upload(ctl: &Controller, dir: &Path, mut form: Multipart, files: &
             "manifest" => manifest = Some(field.text().await.map_err(bad)?.trim().to_string()),
             "format" => source_format = Some(field.text().await.map_err(bad)?.trim().to_string()),
             "cmdline" => cmdline = Some(field.text().await.map_err(bad)?),
-            "ready_pattern" => ready = Some(field.text().await.map_err(bad)?).filter(|s| !s.is_empty()),
+            "ready" => ready_kind = Some(field.text().await.map_err(bad)?.trim().to_string()),
+            "ready_pattern" => ready_pattern = Some(field.text().await.map_err(bad)?).filter(|s| !s.is_empty()),
             other => refused = Some((ApiError::Invalid(format!("unexpected upload field {other:?}")), 0)),
         }
     }
     if let Some((e, _)) = refused {
         return Err(e);
     }
+    let ready = match (ready_kind.as_deref(), ready_pattern) {
+        (None | Some("report"), None) => Readiness::Report,
+        (Some("running"), None) => Readiness::Running,
+        (None | Some("pattern"), Some(p)) => Readiness::Pattern(p),
+        (Some(k @ ("report" | "running")), Some(_)) => {
+            return Err(ApiError::Invalid(format!(
+                "ready {k:?} and a ready_pattern contradict each other: give one"
+            )))
+        }
+        (Some(k), _) => {
+            return Err(ApiError::Invalid(format!(
+                "invalid ready {k:?}: report or running (or a ready_pattern)"
+            )))
+        }
+    };
     Ok(Upload {
         id,
         name,

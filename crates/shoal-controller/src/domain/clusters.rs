@@ -292,11 +292,20 @@ pub(crate) fn busy_error(cluster: &str, op: &Operation) -> ApiError {
 pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<Operation> {
     validate_name("cluster", &req.name)?;
     validate_size(req.size)?;
+    shoal_model::guest::check_guest_settings(req.user_data.as_deref(), req.user.as_deref(), &req.ssh_keys)?;
     let _guard = ctl.db.lock().await;
     if ctl.db.cluster(&req.name).await?.is_some() {
         return Err(ApiError::exists("cluster", &req.name));
     }
-    let shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
+    let mut shape = resolve_profile(&profile_map(ctl).await?, &req.profile)?;
+    // The cluster's own guest settings: user data and user in place of the profile's, keys added.
+    if req.user_data.is_some() {
+        shape.user_data = req.user_data.clone();
+    }
+    if req.user.is_some() {
+        shape.user = req.user.clone();
+    }
+    shape.ssh_keys = crate::domain::profiles::merge_keys(shape.ssh_keys.iter().chain(&req.ssh_keys));
     let wanted = req.network.as_deref().or(shape.network.as_deref());
     let (net, net_tx) = crate::domain::networks::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
     let cluster = Cluster {

@@ -48,7 +48,21 @@ pub fn resolve_profile(profiles: &HashMap<String, Profile>, name: &str) -> ApiRe
         disk_mib: pick(&|p| p.disk_mib.is_some()).and_then(|p| p.disk_mib),
         network: pick(&|p| p.network.is_some()).and_then(|p| p.network.clone()),
         user_data: pick(&|p| p.user_data.is_some()).and_then(|p| p.user_data.clone()),
+        user: pick(&|p| p.user.is_some()).and_then(|p| p.user.clone()),
+        // Keys add up along the chain, the farthest ancestor's first.
+        ssh_keys: merge_keys(chain.iter().rev().flat_map(|p| p.ssh_keys.iter())),
     })
+}
+
+/// SSH keys without repeats, in the order given.
+pub fn merge_keys<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for k in keys {
+        if !out.contains(k) {
+            out.push(k.clone());
+        }
+    }
+    out
 }
 
 pub async fn profile_map(ctl: &Controller) -> ApiResult<HashMap<String, Profile>> {
@@ -72,6 +86,7 @@ pub async fn create(ctl: &Controller, req: &CreateProfile) -> ApiResult<ProfileV
             )));
         }
     }
+    shoal_model::guest::check_guest_settings(req.user_data.as_deref(), req.user.as_deref(), &req.ssh_keys)?;
     let profile = Profile {
         name: req.name.clone(),
         parent: req.parent.clone(),
@@ -81,6 +96,8 @@ pub async fn create(ctl: &Controller, req: &CreateProfile) -> ApiResult<ProfileV
         disk_mib: req.disk.as_deref().map(parse_size_mib).transpose()?,
         network: req.network.clone(),
         user_data: req.user_data.clone(),
+        user: req.user.clone(),
+        ssh_keys: merge_keys(req.ssh_keys.iter()),
         created_unix_ms: now_ms(),
     };
     let _guard = ctl.db.lock().await;
@@ -191,6 +208,8 @@ mod tests {
             disk_mib: None,
             network: None,
             user_data: None,
+            user: None,
+            ssh_keys: Vec::new(),
             created_unix_ms: 0,
         }
     }

@@ -28,7 +28,7 @@ pub struct Upload {
     pub kernel: Option<Received>,
     pub initrd: Option<Received>,
     pub cmdline: Option<String>,
-    pub ready: Option<String>,
+    pub ready: shoal_model::Readiness,
     pub manifest: Option<String>,
     pub source_format: Option<String>,
 }
@@ -138,7 +138,7 @@ pub async fn import(ctl: &Controller, upload: Upload, files: &mut Vec<PathBuf>) 
         size_bytes: size,
         hash: shoal_model::TemplateDisk::Manifest(manifest.to_hex()).to_string(),
         kernel_boot,
-        ready_pattern: ready,
+        ready,
         created_unix_ms: now_ms(),
     };
     // Final names; the `.partial` files are renamed only once everything checked out.
@@ -287,7 +287,7 @@ pub async fn publish(ctl: &Controller, req: shoal_model::api::PublishTemplate) -
         size_bytes: snap.logical_bytes,
         hash: shoal_model::TemplateDisk::Manifest(snap.manifest.clone()).to_string(),
         kernel_boot: source.template.kernel_boot.clone(),
-        ready_pattern: source.template.ready_pattern.clone(),
+        ready: source.template.ready.clone(),
         created_unix_ms: now_ms(),
     };
     let rec = TemplateRecord {

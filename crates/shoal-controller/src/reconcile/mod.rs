@@ -329,7 +329,7 @@ fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> 
         template_hash: template.template.hash.clone(),
         template_format: template.template.host_format(),
         kernel_boot: template.template.kernel_boot.clone(),
-        ready_pattern: template.template.ready_pattern.clone(),
+        ready: template.template.ready.clone(),
         power: vm.desired,
         force_stop: vm.force_stop,
         ip: vm.ip,
@@ -337,6 +337,8 @@ fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> 
         gateway: cluster.subnet.gateway(),
         mac: vm.mac,
         user_data: cluster.shape.user_data.clone(),
+        user: cluster.shape.user.clone(),
+        ssh_keys: cluster.shape.ssh_keys.clone(),
         network,
     })
 }

@@ -148,6 +148,7 @@ pub fn cluster(name: &str, profile: &str, size: u32) -> CreateCluster {
         anti_affinity: AntiAffinity::None,
         network: None,
         nat: false,
+        ..Default::default()
     }
 }
 

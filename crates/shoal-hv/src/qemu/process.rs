@@ -93,6 +93,16 @@ impl QemuDriver {
         });
     }
 
+    /// The resolvers the seed gives a guest: its network's, else on QEMU's user-mode network
+    /// that network's DNS forwarder, else this host's own.
+    pub(super) fn resolvers(&self, spec: &VmSpec) -> Vec<std::net::Ipv4Addr> {
+        match &spec.network {
+            Some(n) if !n.dns.is_empty() => n.dns.clone(),
+            Some(_) if self.net.get().is_some() => super::seed::host_resolvers(),
+            _ => super::seed::user_mode_resolver(spec).into_iter().collect(),
+        }
+    }
+
     /// Starts QEMU for `vm`; `incoming` resumes from `memory.state`.
     pub(super) async fn launch(&self, vm: &Arc<Vm>, spec: &VmSpec, base: &Base, incoming: bool) -> Result<(), HvError> {
         let sock = vm.path("qmp.sock");
@@ -117,6 +127,7 @@ impl QemuDriver {
             Some(n) => n.netdev(spec).await.map_err(HvError::Network)?,
             None => None,
         };
+        let on_network = netdev.is_some();
         let mut cmd = Command::new(&self.cfg.qemu);
         cmd.arg("-name")
             .arg(&spec.name)
@@ -150,7 +161,7 @@ impl QemuDriver {
                 vm.path("seed.img").display()
             ))
             .arg("-netdev")
-            .arg(netdev.as_deref().unwrap_or("user,id=net0"))
+            .arg(netdev.unwrap_or_else(|| super::seed::user_mode_netdev(spec)))
             .arg("-device")
             .arg(format!("virtio-net-pci,netdev=net0,mac={}", spec.mac));
         if let (Some(k), Some(kb)) = (&base.kernel, &spec.kernel_boot) {
@@ -190,7 +201,7 @@ impl QemuDriver {
             };
             exited(&vm2, how, tx);
         });
-        if let (Some(n), Some(_)) = (self.net.get(), &netdev) {
+        if let (Some(n), true) = (self.net.get(), on_network) {
             if let Err(e) = n.connect(spec).await {
                 vm.expect_exit.store(true, Ordering::SeqCst);
                 kill9(pid);

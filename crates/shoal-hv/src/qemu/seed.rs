@@ -1,58 +1,238 @@
 //! The NoCloud seed: a small vfat volume labelled CIDATA holding `meta-data`, `user-data` and
-//! `network-config` (netplan v2), which cloud-init (and the demo guest) read at boot. Built with
-//! dosfstools and mtools, so no mount is needed.
+//! `network-config`, which cloud-init (and the demo guest) read at boot. Built with dosfstools and
+//! mtools, so no mount is needed.
+//!
+//! **network-config** is cloud-init's network config *version 1*: every cloud-init release users
+//! run parses it without a warning and renders it for ifupdown (ENI), netplan and
+//! systemd-networkd alike. Version 2 was dropped: its default route is either `to: default`,
+//! which cloud-init 22.4 (Debian 12) rejects so that the guest gets no network at all,
+//! `to: 0.0.0.0/0`, which Debian's ENI renderer applies only with net-tools installed, or
+//! `gateway4`, which newer releases deprecate. `scripts/cloud-init/check` verifies this against
+//! each release's own parser and renderers.
+//!
+//! **user-data** is Shoal's `#cloud-config` (the login user and SSH keys, and the reporter that
+//! tells the host whether configuration succeeded, see [`shoal_model::Readiness::Report`]). With
+//! user data of the operator's it becomes MIME multipart: the operator's part first, untouched,
+//! then Shoal's, whose `merge_how` appends its lists to the operator's instead of replacing them,
+//! so neither is dropped.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 
+use base64::Engine;
 use shoal_model::agent::VmSpec;
+use shoal_model::Ipv4Subnet;
 use tokio::process::Command;
 
 use super::disk::run;
 use crate::HvError;
 
-pub fn meta_data(spec: &VmSpec) -> String {
+/// Run after cloud-init's final stage: prints `shoal-guest: ready` or `shoal-guest: failed: ...`.
+const REPORT_READY: &str = include_str!("guest/report-ready");
+/// The systemd unit that runs [`REPORT_READY`] at every boot.
+const READY_UNIT: &str = include_str!("guest/shoal-ready.service");
+
+/// The seed's three files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedFiles {
+    pub meta_data: String,
+    pub network_config: String,
+    pub user_data: String,
+}
+
+impl SeedFiles {
+    pub fn render(spec: &VmSpec, resolvers: &[Ipv4Addr]) -> SeedFiles {
+        SeedFiles {
+            meta_data: meta_data(spec),
+            network_config: network_config(spec, resolvers),
+            user_data: user_data(spec),
+        }
+    }
+
+    /// File name and content, as they go on the volume.
+    pub fn files(&self) -> [(&'static str, &str); 3] {
+        [
+            ("meta-data", &self.meta_data),
+            ("user-data", &self.user_data),
+            ("network-config", &self.network_config),
+        ]
+    }
+}
+
+/// The resolver QEMU's user-mode network offers a VM not on a virtual network: its DNS
+/// forwarder, at the subnet's reserved resolver address.
+pub fn user_mode_resolver(spec: &VmSpec) -> Option<Ipv4Addr> {
+    Ipv4Subnet::containing(spec.ip, spec.prefix_len)
+        .ok()
+        .map(|s| s.resolver())
+}
+
+/// QEMU's user-mode network laid out on the VM's own subnet: the gateway and resolver where the
+/// seed says they are, so a guest configured by the seed reaches the outside through it.
+pub fn user_mode_netdev(spec: &VmSpec) -> String {
+    match Ipv4Subnet::containing(spec.ip, spec.prefix_len) {
+        Ok(s) => format!("user,id=net0,net={s},host={},dns={}", spec.gateway, s.resolver()),
+        Err(_) => "user,id=net0".to_string(),
+    }
+}
+
+/// The host's own name servers a guest can reach through NAT (loopback ones cannot be): from
+/// systemd-resolved's upstream list when it runs, else from `/etc/resolv.conf`.
+pub fn host_resolvers() -> Vec<Ipv4Addr> {
+    for f in ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"] {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            let found = parse_resolv_conf(&text);
+            if !found.is_empty() {
+                return found;
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// The non-loopback IPv4 `nameserver`s of a resolv.conf.
+fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .collect()
+}
+
+fn meta_data(spec: &VmSpec) -> String {
     format!("instance-id: {}\nlocal-hostname: {}\n", spec.uuid, spec.name)
 }
 
-pub fn network_config(spec: &VmSpec) -> String {
-    format!(
-        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n    mtu: {mtu}\n{dns}",
-        mtu = spec.network.as_ref().map_or(1500, |n| n.mtu),
-        dns = match spec.network.as_ref().map(|n| &n.dns) {
-            Some(d) if !d.is_empty() => format!(
-                "    nameservers:\n      addresses: [{}]\n",
-                d.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
-            ),
-            _ => String::new(),
-        },
+/// Network config version 1 (see the module's documentation for why not version 2).
+fn network_config(spec: &VmSpec, resolvers: &[Ipv4Addr]) -> String {
+    let mtu = spec.network.as_ref().map_or(1500, |n| n.mtu);
+    let mut s = format!(
+        "version: 1\nconfig:\n  - type: physical\n    name: eth0\n    mac_address: \"{mac}\"\n    mtu: {mtu}\n    \
+         subnets:\n      - type: static\n        address: {ip}/{prefix}\n        gateway: {gw}\n",
         mac = spec.mac,
         ip = spec.ip,
         prefix = spec.prefix_len,
         gw = spec.gateway
+    );
+    if !resolvers.is_empty() {
+        let list = resolvers.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+        s.push_str(&format!(
+            "        dns_nameservers: [{list}]\n  - type: nameserver\n    address: [{list}]\n"
+        ));
+    }
+    s
+}
+
+/// A YAML scalar for any text: a JSON string is a valid YAML double-quoted scalar.
+fn q(text: &str) -> String {
+    serde_json::Value::String(text.to_string()).to_string()
+}
+
+/// A YAML block scalar's lines, indented by `indent` spaces.
+fn block(text: &str, indent: usize) -> String {
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("{:indent$}{l}\n", "")
+            }
+        })
+        .collect()
+}
+
+/// Shoal's own `#cloud-config`; with `merge` it appends to the operator's part before it.
+fn shoal_cloud_config(spec: &VmSpec, merge: bool) -> String {
+    let mut s = format!("#cloud-config\n# Shoal's settings for VM {}.\n", spec.name);
+    if merge {
+        s.push_str(
+            "# Appended to the operator's user data (the part before this one), replacing none of it.\n\
+             merge_how:\n  - name: list\n    settings: [append]\n  - name: dict\n    settings: [no_replace, recurse_list]\n",
+        );
+    }
+    let keys = format!(
+        "[{}]",
+        spec.ssh_keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ")
+    );
+    match &spec.user {
+        Some(user) => {
+            s.push_str(&format!(
+                "users:\n  - default\n  - name: {}\n    shell: /bin/bash\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    lock_passwd: true\n",
+                q(user)
+            ));
+            if !spec.ssh_keys.is_empty() {
+                s.push_str(&format!("    ssh_authorized_keys: {keys}\n"));
+            }
+        }
+        // Without a user of Shoal's, the keys go to the image's default user.
+        None if !spec.ssh_keys.is_empty() => s.push_str(&format!("ssh_authorized_keys: {keys}\n")),
+        None => {}
+    }
+    s.push_str(
+        "write_files:\n  - path: /usr/local/lib/shoal/report-ready\n    permissions: \"0755\"\n    content: |\n",
+    );
+    s.push_str(&block(REPORT_READY, 6));
+    s.push_str("  - path: /etc/systemd/system/shoal-ready.service\n    content: |\n");
+    s.push_str(&block(READY_UNIT, 6));
+    // At every boot through systemd; once, in the background, on guests without it.
+    s.push_str(
+        "runcmd:\n  - - sh\n    - -c\n    - \"if command -v systemctl >/dev/null; then systemctl enable --now --no-block \
+         shoal-ready.service; else nohup /usr/local/lib/shoal/report-ready >/dev/null 2>&1 & fi\"\n",
+    );
+    s
+}
+
+fn user_data(spec: &VmSpec) -> String {
+    let Some(theirs) = spec.user_data.as_deref().filter(|u| !u.trim().is_empty()) else {
+        return shoal_cloud_config(spec, false);
+    };
+    let ours = shoal_cloud_config(spec, true);
+    let boundary = format!("==shoal-{}==", spec.uuid.simple());
+    // The operator's part keeps its own headers when it is MIME already; otherwise it is
+    // text/plain, which cloud-init types by its first line (#cloud-config, #!, ...), in base64
+    // so that any text survives.
+    let their_part = if theirs.starts_with("Content-Type:") || theirs.starts_with("MIME-Version:") {
+        theirs.trim_end().to_string()
+    } else {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(theirs);
+        let wrapped: Vec<&str> = b64
+            .as_bytes()
+            .chunks(76)
+            .map(|c| std::str::from_utf8(c).expect("base64"))
+            .collect();
+        format!(
+            "Content-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: base64\n\
+             Content-Disposition: attachment; filename=\"user-data\"\n\n{}",
+            wrapped.join("\n")
+        )
+    };
+    format!(
+        "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\n\n\
+         --{boundary}\n{their_part}\n\
+         --{boundary}\nContent-Type: text/cloud-config; charset=\"utf-8\"\n\
+         Content-Disposition: attachment; filename=\"shoal.cfg\"\n\n{ours}\
+         --{boundary}--\n"
     )
 }
 
 /// Writes the seed image for `spec` to `path`.
-pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), HvError> {
+pub async fn write_seed(spec: &VmSpec, resolvers: &[Ipv4Addr], path: &Path) -> Result<(), HvError> {
+    let seed = SeedFiles::render(spec, resolvers);
     let dir = path.with_extension("d");
     let _ = tokio::fs::remove_dir_all(&dir).await;
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(HvError::file("creating", &dir))?;
-    let files = [
-        ("meta-data", meta_data(spec)),
-        ("user-data", spec.user_data.clone().unwrap_or_default()),
-        ("network-config", network_config(spec)),
-    ];
-    for (name, content) in &files {
+    for (name, content) in seed.files() {
         let file = dir.join(name);
         tokio::fs::write(&file, content)
             .await
             .map_err(HvError::file("writing seed file", &file))?;
     }
     let _ = tokio::fs::remove_file(path).await;
-    // 1 MiB is enough for any user data we accept and is the smallest FAT12 mkfs takes happily.
-    let kib = (1024 + spec.user_data.as_ref().map_or(0, |u| u.len() / 1024 * 2)).to_string();
+    // 1 MiB holds Shoal's part and is the smallest FAT12 mkfs takes happily; user data (at
+    // most 64 KiB from a profile and as much from a cluster) gets room on top, twice over.
+    let kib = (1024 + seed.user_data.len() / 1024 * 2).to_string();
     run(
         Command::new("mkfs.vfat")
             .env("MTOOLS_SKIP_CHECK", "1")
@@ -62,7 +242,7 @@ pub async fn write_seed(spec: &VmSpec, path: &Path) -> Result<(), HvError> {
         "mkfs.vfat (dosfstools)",
     )
     .await?;
-    for (name, _) in &files {
+    for (name, _) in seed.files() {
         run(
             Command::new("mcopy")
                 .env("MTOOLS_SKIP_CHECK", "1")
@@ -83,7 +263,9 @@ mod tests {
     use super::*;
     use shoal_model::VmNetwork;
 
-    fn spec(network: Option<VmNetwork>) -> VmSpec {
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK5l test@example";
+
+    pub(crate) fn spec(network: Option<VmNetwork>) -> VmSpec {
         VmSpec {
             uuid: uuid::Uuid::nil(),
             name: "c-0".into(),
@@ -94,7 +276,7 @@ mod tests {
             template_hash: String::new(),
             template_format: shoal_model::DiskFormat::Raw,
             kernel_boot: None,
-            ready_pattern: None,
+            ready: Default::default(),
             power: Default::default(),
             force_stop: false,
             ip: "10.60.0.2".parse().unwrap(),
@@ -102,30 +284,116 @@ mod tests {
             gateway: "10.60.0.1".parse().unwrap(),
             mac: shoal_model::MacAddr::qemu(1),
             user_data: None,
+            user: None,
+            ssh_keys: Vec::new(),
             network,
         }
     }
 
     #[test]
-    fn network_config_carries_the_networks_mtu_and_dns_servers() {
-        let plain = network_config(&spec(None));
-        assert!(plain.contains("mtu: 1500") && !plain.contains("nameservers"), "{plain}");
+    fn network_config_is_version_1_with_the_networks_mtu_gateway_and_resolvers() {
+        let plain = network_config(&spec(None), &[]);
+        assert!(plain.starts_with("version: 1\n"), "{plain}");
+        assert!(plain.contains("mtu: 1500") && !plain.contains("nameserver"), "{plain}");
+        assert!(
+            plain.contains("address: 10.60.0.2/24\n        gateway: 10.60.0.1\n"),
+            "{plain}"
+        );
+        assert!(
+            !plain.contains("default"),
+            "cloud-init 22.4 rejects `to: default`: {plain}"
+        );
         let net = VmNetwork {
             name: "n".into(),
             vni: 7,
             mtu: 1450,
             peers: Vec::new(),
             gateway: None,
-            dns: vec!["10.1.1.1".parse().unwrap(), "9.9.9.9".parse().unwrap()],
+            dns: Vec::new(),
         };
-        let c = network_config(&spec(Some(net)));
+        let c = network_config(
+            &spec(Some(net)),
+            &["10.1.1.1".parse().unwrap(), "9.9.9.9".parse().unwrap()],
+        );
         assert!(c.contains("mtu: 1450"), "{c}");
-        // After the interface's own addresses: the demo guest takes the first `addresses:` as
-        // its own and the list under `nameservers:` as its resolvers.
-        let own = c.find("- 10.60.0.2/24").unwrap();
-        let ns = c
-            .find("    nameservers:\n      addresses: [10.1.1.1, 9.9.9.9]\n")
-            .expect(&c);
+        // After the interface's own address: the demo guest takes the first `address:` as its
+        // own and the list after `dns_nameservers:` as its resolvers.
+        let own = c.find("address: 10.60.0.2/24").unwrap();
+        let ns = c.find("dns_nameservers: [10.1.1.1, 9.9.9.9]\n").expect(&c);
         assert!(own < ns, "{c}");
+        assert!(
+            c.contains("  - type: nameserver\n    address: [10.1.1.1, 9.9.9.9]\n"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn user_mode_network_is_laid_out_on_the_vms_subnet() {
+        let s = spec(None);
+        assert_eq!(
+            user_mode_netdev(&s),
+            "user,id=net0,net=10.60.0.0/24,host=10.60.0.1,dns=10.60.0.254"
+        );
+        assert_eq!(user_mode_resolver(&s), Some("10.60.0.254".parse().unwrap()));
+    }
+
+    #[test]
+    fn resolv_conf_gives_only_resolvers_a_guest_can_reach() {
+        let r = parse_resolv_conf("# x\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\nsearch a\n");
+        assert_eq!(r, vec!["10.255.255.53".parse::<Ipv4Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn without_user_data_the_user_data_is_shoals_cloud_config_with_user_and_keys() {
+        let mut s = spec(None);
+        let u = user_data(&s);
+        assert!(u.starts_with("#cloud-config\n"), "{u}");
+        assert!(
+            !u.contains("users:") && !u.contains("ssh_authorized_keys") && !u.contains("merge_how"),
+            "{u}"
+        );
+        assert!(
+            u.contains("shoal-ready.service") && u.contains("/usr/local/lib/shoal/report-ready"),
+            "{u}"
+        );
+        // No echo of the user data can pass for the guest's report.
+        assert!(
+            !u.contains(shoal_model::guest::GUEST_READY) && !u.contains("guest: failed"),
+            "{u}"
+        );
+        s.ssh_keys = vec![KEY.into()];
+        let u = user_data(&s);
+        assert!(
+            u.contains(&format!("ssh_authorized_keys: [\"{KEY}\"]\n")) && !u.contains("users:"),
+            "{u}"
+        );
+        s.user = Some("ops".into());
+        let u = user_data(&s);
+        assert!(u.contains("users:\n  - default\n  - name: \"ops\"\n"), "{u}");
+        assert!(u.contains(&format!("    ssh_authorized_keys: [\"{KEY}\"]\n")), "{u}");
+    }
+
+    #[test]
+    fn operators_user_data_comes_first_untouched_and_shoals_part_appends() {
+        let mut s = spec(None);
+        let script = "#!/bin/sh\necho 'héllo' > /tmp/x\n";
+        s.user_data = Some(script.into());
+        let u = user_data(&s);
+        assert!(
+            u.starts_with("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\""),
+            "{u}"
+        );
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let theirs = u.find(&b64).expect(&u);
+        let ours = u.find("Content-Type: text/cloud-config").expect(&u);
+        assert!(theirs < ours, "{u}");
+        assert!(u[ours..].contains("merge_how:") && u.ends_with("--\n"), "{u}");
+        // MIME user data keeps its own headers, as a part of the whole.
+        s.user_data = Some("Content-Type: multipart/mixed; boundary=\"in\"\nMIME-Version: 1.0\n\n--in--\n".into());
+        let u = user_data(&s);
+        assert!(
+            u.contains("\nContent-Type: multipart/mixed; boundary=\"in\"\nMIME-Version: 1.0\n\n--in--\n--=="),
+            "{u}"
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use shoal_model::agent::VmSpec;
-use shoal_model::{Power, VmState};
+use shoal_model::guest::{GUEST_FAILED, GUEST_READY};
+use shoal_model::{Power, Readiness, VmState};
 
 use super::disk::cleanup_dir;
 use super::process::kill9;
@@ -158,7 +159,7 @@ impl QemuDriver {
         let base = self.template(spec).await?;
         self.create_overlay(vm, spec, &base).await?;
         let t = std::time::Instant::now();
-        seed::write_seed(spec, &vm.path("seed.img")).await?;
+        seed::write_seed(spec, &self.resolvers(spec), &vm.path("seed.img")).await?;
         vm.record_timing("seed_ms", ms(t));
         self.boot(vm, spec, &base).await
     }
@@ -177,8 +178,8 @@ impl QemuDriver {
         self.launch(vm, spec, base, false).await?;
         self.wait_status(vm, &["running"]).await?;
         vm.record_timing("qemu_start_ms", ms(t));
-        if let Some(pattern) = &spec.ready_pattern {
-            self.wait_ready(vm, pattern, offset).await?;
+        if spec.ready != Readiness::Running {
+            self.wait_ready(vm, &spec.ready, offset).await?;
             vm.record_timing("ready_ms", ms(t));
         }
         Ok(())
@@ -236,18 +237,28 @@ impl QemuDriver {
         }
     }
 
-    /// Waits for the guest to print `pattern` on its console after `offset`.
-    async fn wait_ready(&self, vm: &Vm, pattern: &str, offset: u64) -> Result<(), HvError> {
+    /// Waits for the guest to say on its console (after `offset`) that it is ready, as `ready`
+    /// tells; a guest that reports failure fails with its reason.
+    async fn wait_ready(&self, vm: &Vm, ready: &Readiness, offset: u64) -> Result<(), HvError> {
         let deadline = tokio::time::Instant::now() + self.cfg.ready_timeout;
         let exited = vm.process().map(|p| p.exited);
         loop {
             let text = read_from(&vm.path("console.log"), offset).await;
             // The serial port writes byte by byte: only a whole line counts.
-            if text
-                .split_inclusive('\n')
-                .any(|l| l.ends_with('\n') && l.contains(pattern))
-            {
-                return Ok(());
+            for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+                if let Some(at) = line.find(GUEST_FAILED) {
+                    return Err(HvError::GuestFailed {
+                        reason: line[at + GUEST_FAILED.len()..].trim().to_string(),
+                    });
+                }
+                let done = match ready {
+                    Readiness::Report => line.contains(GUEST_READY),
+                    Readiness::Pattern(p) => line.contains(p.as_str()),
+                    Readiness::Running => true,
+                };
+                if done {
+                    return Ok(());
+                }
             }
             if let Some(how) = exited.as_ref().and_then(|e| e.borrow().clone()) {
                 return Err(HvError::ExitedBeforeReady {
@@ -261,7 +272,10 @@ impl QemuDriver {
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(HvError::NotReady {
-                    pattern: pattern.to_string(),
+                    waited_for: match ready {
+                        Readiness::Pattern(p) => format!("{p:?} on its console"),
+                        _ => format!("its report ({GUEST_READY:?} on its console)"),
+                    },
                     timeout: self.cfg.ready_timeout,
                     console: console_tail(&text),
                 });

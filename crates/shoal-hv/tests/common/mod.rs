@@ -82,7 +82,7 @@ pub fn spec(t: &DemoTemplate, name: &str) -> VmSpec {
             initrd_size: None,
             cmdline: t.cmdline.clone(),
         }),
-        ready_pattern: Some(t.ready_pattern.clone()),
+        ready: shoal_model::Readiness::Report,
         power: Power::Running,
         force_stop: false,
         ip: "10.200.0.2".parse().unwrap(),
@@ -90,6 +90,8 @@ pub fn spec(t: &DemoTemplate, name: &str) -> VmSpec {
         gateway: "10.200.0.1".parse().unwrap(),
         mac: MacAddr::qemu(0x10203),
         user_data: None,
+        user: None,
+        ssh_keys: Vec::new(),
         network: None,
     }
 }
