@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo lint test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
+.PHONY: deps build demo demo-debian lint test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -15,6 +15,12 @@ build: deps
 ## print it, keep running until Ctrl-C. `make demo DEMO_FLAGS=--exit` tears down and exits.
 demo: build
 	scripts/demo.sh target/release/shoal $(DEMO_FLAGS)
+
+## make demo-debian: a 2-VM cluster of real Debian (`shoal template build-debian`, debootstrap from
+## this machine's mirror, cached), each ready once its cloud-init succeeded, then an SSH login into
+## one guest (root: the host runs in a network namespace of its own). DEMO_FLAGS=--exit as above.
+demo-debian: build
+	scripts/demo-debian.sh target/release/shoal $(DEMO_FLAGS)
 
 ## make lint: formatting (rustfmt.toml) and clippy with every warning an error. Part of make test.
 lint: deps

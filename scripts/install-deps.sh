@@ -15,6 +15,7 @@ PACKAGES=(
   e2fsprogs           # mkfs.ext4 -d: the demo template's disk without a loop mount
   dosfstools          # mkfs.vfat: NoCloud seeds
   mtools              # mcopy: NoCloud seeds without a mount
+  openssh-client      # ssh, ssh-keygen: logging into real Debian guests (tests, make demo-debian)
   # scripts/cloud-init/: the distributions' cloud-init, unpacked (never installed), run by the
   # host's /usr/bin/python3 to check NoCloud seeds; these are the modules those versions import.
   curl xz-utils
