@@ -260,7 +260,30 @@ pub fn template(t: &Template) -> String {
         ("format", t.format.clone()),
         ("size", plural(t.size_bytes, "byte")),
         ("hash", t.hash.clone()),
+        (
+            "ready when",
+            match &t.ready {
+                shoal_model::Readiness::Report => "the guest reports its configuration succeeded".into(),
+                shoal_model::Readiness::Pattern(p) => format!("the guest prints {p:?}"),
+                shoal_model::Readiness::Running => "QEMU runs".into(),
+            },
+        ),
     ])
+}
+
+/// What a VM shape gives the guest: user, keys and user data, one line each.
+fn guest_rows(s: &shoal_model::VmShape) -> Vec<(&'static str, String)> {
+    vec![
+        ("user", s.user.clone().unwrap_or_else(|| "the image's default".into())),
+        ("ssh keys", plural(s.ssh_keys.len(), "key")),
+        (
+            "user data",
+            s.user_data
+                .as_ref()
+                .map(|u| plural(u.len(), "byte"))
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ]
 }
 
 pub fn profiles(ps: &Vec<ProfileView>) -> String {
@@ -288,32 +311,30 @@ pub fn profile(p: &ProfileView) -> String {
     let inherited = |own: bool| if own { "" } else { " (inherited)" };
     let e = &p.effective;
     let o = &p.profile;
-    sheet(vec![
-        ("name", o.name.clone()),
-        ("parent", opt(&o.parent)),
-        ("template", format!("{}{}", e.template, inherited(o.template.is_some()))),
-        ("cpus", format!("{}{}", e.cpus, inherited(o.cpus.is_some()))),
-        (
-            "memory",
-            format!("{}{}", format_mib(e.memory_mib), inherited(o.memory_mib.is_some())),
-        ),
-        (
-            "disk",
-            format!(
-                "{}{}",
-                e.disk_mib.map(format_mib).unwrap_or_else(|| "template's size".into()),
-                inherited(o.disk_mib.is_some())
+    sheet(
+        vec![
+            ("name", o.name.clone()),
+            ("parent", opt(&o.parent)),
+            ("template", format!("{}{}", e.template, inherited(o.template.is_some()))),
+            ("cpus", format!("{}{}", e.cpus, inherited(o.cpus.is_some()))),
+            (
+                "memory",
+                format!("{}{}", format_mib(e.memory_mib), inherited(o.memory_mib.is_some())),
             ),
-        ),
-        ("network", opt(&e.network)),
-        (
-            "user data",
-            e.user_data
-                .as_ref()
-                .map(|u| plural(u.len(), "byte"))
-                .unwrap_or_else(|| "-".into()),
-        ),
-    ])
+            (
+                "disk",
+                format!(
+                    "{}{}",
+                    e.disk_mib.map(format_mib).unwrap_or_else(|| "template's size".into()),
+                    inherited(o.disk_mib.is_some())
+                ),
+            ),
+            ("network", opt(&e.network)),
+        ]
+        .into_iter()
+        .chain(guest_rows(e))
+        .collect(),
+    )
 }
 
 pub fn clusters(cs: &Vec<ClusterView>) -> String {
@@ -341,21 +362,26 @@ pub fn clusters(cs: &Vec<ClusterView>) -> String {
 
 pub fn cluster(c: &ClusterView) -> String {
     let k = &c.cluster;
-    sheet(vec![
-        ("name", k.name.clone()),
-        ("profile", k.profile.clone()),
-        ("state", json_name(&k.state)),
-        ("size", k.size.to_string()),
-        ("vms", format!("{} running of {}", c.vms_running, c.vms_total)),
-        ("subnet", k.subnet.to_string()),
-        ("placement", json_name(&k.placement)),
-        ("anti-affinity", json_name(&k.anti_affinity)),
-        ("template", k.shape.template.clone()),
-        (
-            "vm shape",
-            format!("{} vCPU, {}", k.shape.cpus, format_mib(k.shape.memory_mib)),
-        ),
-    ])
+    sheet(
+        vec![
+            ("name", k.name.clone()),
+            ("profile", k.profile.clone()),
+            ("state", json_name(&k.state)),
+            ("size", k.size.to_string()),
+            ("vms", format!("{} running of {}", c.vms_running, c.vms_total)),
+            ("subnet", k.subnet.to_string()),
+            ("placement", json_name(&k.placement)),
+            ("anti-affinity", json_name(&k.anti_affinity)),
+            ("template", k.shape.template.clone()),
+            (
+                "vm shape",
+                format!("{} vCPU, {}", k.shape.cpus, format_mib(k.shape.memory_mib)),
+            ),
+        ]
+        .into_iter()
+        .chain(guest_rows(&k.shape))
+        .collect(),
+    )
 }
 
 pub fn vms(vms: &Vec<Vm>) -> String {

@@ -90,7 +90,17 @@ fn a_debian_guest_is_configured_as_the_seed_says_and_reachable_over_ssh() {
     let dns = format!("10.251.{}.1", lab.octet);
     lab.ok(&["network", "create", "dnet", "--nat", "--dns", &dns]);
     lab.ok(&[
-        "profile", "create", "deb", "--template", "debian", "--cpus", "1", "--memory", "1GiB", "--user", "ops",
+        "profile",
+        "create",
+        "deb",
+        "--template",
+        "debian",
+        "--cpus",
+        "1",
+        "--memory",
+        "1GiB",
+        "--user",
+        "ops",
     ]);
     let t = Instant::now();
     lab.ok(&[
@@ -165,7 +175,15 @@ fn a_debian_guest_whose_cloud_init_fails_is_failed_with_its_reason() {
     )
     .unwrap();
     lab.ok(&[
-        "profile", "create", "deb", "--template", "debian", "--cpus", "1", "--memory", "1GiB",
+        "profile",
+        "create",
+        "deb",
+        "--template",
+        "debian",
+        "--cpus",
+        "1",
+        "--memory",
+        "1GiB",
     ]);
     let o = lab.cli(&[
         "cluster",
