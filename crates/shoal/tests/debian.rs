@@ -72,7 +72,7 @@ fn ssh(lab: &Lab, key: &Path, user: &str, ip: &str, cmd: &str) -> std::process::
 
 #[test]
 fn a_debian_guest_is_configured_as_the_seed_says_and_reachable_over_ssh() {
-    let mut lab = debian_lab();
+    let lab = debian_lab();
     let tag = lab.tag.clone();
     let key = lab.dir.path().join("id_ed25519");
     let o = Command::new("ssh-keygen")
@@ -165,7 +165,7 @@ fn a_debian_guest_is_configured_as_the_seed_says_and_reachable_over_ssh() {
 
 #[test]
 fn a_debian_guest_whose_cloud_init_fails_is_failed_with_its_reason() {
-    let mut lab = debian_lab();
+    let lab = debian_lab();
     let tag = lab.tag.clone();
     // A module that fails: cloud-init records the error and finishes; the guest reports it.
     let user_data = lab.dir.path().join("user-data");
