@@ -15,6 +15,7 @@ PACKAGES=(
   e2fsprogs           # mkfs.ext4 -d: the demo template's disk without a loop mount
   dosfstools          # mkfs.vfat: NoCloud seeds
   mtools              # mcopy: NoCloud seeds without a mount
+  debootstrap         # shoal template build-debian: a Debian root filesystem from the mirror
   openssh-client      # ssh, ssh-keygen: logging into real Debian guests (tests, make demo-debian)
   # scripts/cloud-init/: the distributions' cloud-init, unpacked (never installed), run by the
   # host's /usr/bin/python3 to check NoCloud seeds; these are the modules those versions import.
@@ -50,7 +51,7 @@ if ((${#missing[@]})); then
   echo "install-deps: ${missing[*]} still missing after installing: apt removed them again" >&2
   exit 1
 fi
-for cmd in qemu-img qemu-system-x86_64 busybox mkfs.ext4 mkfs.vfat mcopy ip; do
+for cmd in qemu-img qemu-system-x86_64 busybox mkfs.ext4 mkfs.vfat mcopy ip debootstrap; do
   command -v "$cmd" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null || {
     echo "install-deps: $cmd not found although its package is installed" >&2
     exit 1

@@ -23,6 +23,8 @@ use std::process::{Command, Stdio};
 
 use thiserror::Error;
 
+pub mod debian;
+
 /// `/init` of the initramfs.
 const INITRAMFS_INIT: &str = include_str!("../guest/initramfs-init");
 /// `/sbin/init` of the root filesystem.
@@ -114,6 +116,16 @@ pub enum DemoError {
     ToolMissing { tool: String, package: String },
     #[error("{tool} failed: {stderr}")]
     ToolFailed { tool: String, stderr: String },
+    #[error("unknown Debian suite {suite:?} (supported: {known})")]
+    UnknownSuite { suite: String, known: String },
+    #[error("invalid Debian package name {0:?}")]
+    BadPackage(String),
+    #[error("mirror {0:?} is not an http:// or https:// URL")]
+    BadMirror(String),
+    #[error("{0} needs root (debootstrap, chroot, mounts)")]
+    NotRoot(String),
+    #[error("the initrd {} has no {module} module, so root=/dev/vda would not mount", initrd.display())]
+    InitrdLacksModule { module: String, initrd: PathBuf },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

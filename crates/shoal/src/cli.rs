@@ -507,6 +507,30 @@ pub enum TemplateCmd {
     BuildDemo {
         name: String,
     },
+    /// Build a Debian cloud template (debootstrap, cloud-init, systemd-networkd) and upload it. Needs
+    /// root; takes minutes the first time, then comes from the cache (/var/cache/shoal/templates).
+    BuildDebian {
+        name: String,
+        /// Debian release: bookworm or trixie.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Extra packages, comma-separated (e.g. --packages curl,vim).
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Debian mirror [default: the one in this machine's apt sources, else http://deb.debian.org/debian]
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Debian security mirror, or `none` [default: from this machine's apt sources, else
+        /// http://deb.debian.org/debian-security]
+        #[arg(long)]
+        security_mirror: Option<String>,
+        /// Keep builds here [default: /var/cache/shoal/templates]
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Build even if the cache has this recipe's build.
+        #[arg(long)]
+        rebuild: bool,
+    },
     List,
     Show {
         name: String,

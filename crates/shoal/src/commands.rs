@@ -154,6 +154,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let t = images::import_template(&client, &name, &files, None).await?;
                 output::emit(out, &t, output::template)
             }
+            TemplateCmd::BuildDebian {
+                name,
+                suite,
+                packages,
+                mirror,
+                security_mirror,
+                cache_dir,
+                rebuild,
+            } => {
+                let defaults = shoal_demo::debian::DebianOptions::default();
+                let opts = shoal_demo::debian::DebianOptions {
+                    suite,
+                    packages,
+                    mirror: mirror.unwrap_or(defaults.mirror),
+                    security_mirror: match security_mirror.as_deref() {
+                        Some("none") => None,
+                        Some(m) => Some(m.to_string()),
+                        None => defaults.security_mirror,
+                    },
+                    cache_dir: cache_dir.unwrap_or(defaults.cache_dir),
+                    rebuild,
+                };
+                let started = std::time::Instant::now();
+                // Minutes of blocking work (debootstrap, apt, mkfs): off the async runtime.
+                let d = tokio::task::spawn_blocking(move || {
+                    shoal_demo::debian::build_debian_template(&opts, &mut |line| eprintln!("build-debian: {line}"))
+                })
+                .await??;
+                if !d.cached {
+                    eprintln!(
+                        "built the Debian template in {:.1} s: {}",
+                        started.elapsed().as_secs_f64(),
+                        d.dir.display()
+                    );
+                }
+                let files = TemplateFiles {
+                    disk: d.template.disk,
+                    kernel: Some(d.template.kernel),
+                    initrd: Some(d.template.initrd),
+                    cmdline: Some(d.template.cmdline),
+                    // cloud-init reports through what Shoal adds to the seed.
+                    ready: Readiness::Report,
+                };
+                let t = images::import_template(&client, &name, &files, None).await?;
+                output::emit(out, &t, output::template)
+            }
             TemplateCmd::List => output::emit(out, &client.templates().await?, output::templates),
             TemplateCmd::Show { name } => {
                 let t = client.templates().await?.into_iter().find(|t| t.name == name);
