@@ -115,7 +115,19 @@ def worker(seed, out, expect_root, distro_name):
     from cloudinit.handlers.cloud_config import CloudConfigPartHandler
     from cloudinit.handlers.shell_script import ShellScriptPartHandler
     from cloudinit.net import network_state
-    from cloudinit.settings import PER_INSTANCE
+    from cloudinit.settings import PER_ALWAYS, PER_INSTANCE
+
+    class BootHookCheck(handlers.Handler):
+        """Takes boothook parts as cloud-init's own handler would, without running them here."""
+
+        def __init__(self):
+            handlers.Handler.__init__(self, PER_ALWAYS)
+
+        def list_types(self):
+            return ["text/cloud-boothook"]
+
+        def handle_part(self, data, ctype, filename, payload, frequency):
+            pass
 
     results = {"version": ci_version.version_string(), "checks": {}, "parts": [], "merged": None}
     checks = results["checks"]
@@ -202,7 +214,7 @@ def worker(seed, out, expect_root, distro_name):
         cc_handler = CloudConfigPartHandler(paths=paths)
         cc_handler.cloud_fn = os.path.join(out, "merged-cloud-config.txt")
         registry = helpers.ContentHandlers()
-        for h in (cc_handler, ShellScriptPartHandler(paths=paths)):
+        for h in (cc_handler, ShellScriptPartHandler(paths=paths), BootHookCheck()):
             registry.register(h, overwrite=False)
         part_data = {
             "handlers": registry,
@@ -250,6 +262,10 @@ def worker(seed, out, expect_root, distro_name):
                 part["file"] = file
             elif ctype in ("text/x-shellscript",):
                 part["problems"] = [] if text.startswith("#!") else ["script without #!"]
+            elif ctype == "text/cloud-boothook":
+                # cloud-init strips the first line and runs the rest, which must be a script.
+                rest = text.split("\n", 1)[1].lstrip() if "\n" in text else ""
+                part["problems"] = [] if rest.startswith("#!") else ["boothook without #! after its first line"]
             elif ctype == "text/x-not-multipart" and not text.strip():
                 part["problems"] = []  # the empty user-data, reported above
             else:
@@ -258,8 +274,8 @@ def worker(seed, out, expect_root, distro_name):
                 ud_fail.append(f"part {n} ({ctype}): {p}")
 
         configs = [p for p in parts if "config" in p]
-        if not configs and raw.strip():
-            ud_fail.append("no cloud-config part: Shoal's seed always carries one")
+        if raw.strip() and not parts:
+            ud_fail.append("no part cloud-init would act on")
         if os.path.exists(cc_handler.cloud_fn) and os.path.getsize(cc_handler.cloud_fn):
             merged = util.load_yaml(read("", cc_handler.cloud_fn, binary=False))
             found = problems()
@@ -728,7 +744,7 @@ def check_version(v, seed, work, runner, expected):
             if verdict != "ok":
                 fails.append(f"{os.path.basename(file)}: {verdict[6:]}")
         if not files:
-            c["user-data-cli"] = "FAIL: no cloud-config to give `schema --config-file`"
+            c["user-data-cli"] = "n/a: no cloud-config part to give `schema --config-file`"
         else:
             c["user-data-cli"] = "FAIL: " + " | ".join(fails) if fails else "ok"
         if not has_net_schema:

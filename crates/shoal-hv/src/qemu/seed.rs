@@ -10,11 +10,12 @@
 //! `gateway4`, which newer releases deprecate. `scripts/cloud-init/check` verifies this against
 //! each release's own parser and renderers.
 //!
-//! **user-data** is Shoal's `#cloud-config` (the login user and SSH keys, and the reporter that
-//! tells the host whether configuration succeeded, see [`shoal_model::Readiness::Report`]). With
-//! user data of the operator's it becomes MIME multipart: the operator's part first, untouched,
-//! then Shoal's, whose `merge_how` appends its lists to the operator's instead of replacing them,
-//! so neither is dropped.
+//! **user-data** is MIME multipart: the operator's user data first, untouched (any format
+//! cloud-init reads); then Shoal's reporter, a `#cloud-boothook` that installs and starts the
+//! unit telling the host whether configuration succeeded ([`shoal_model::Readiness::Report`]) —
+//! a boothook, so that no failing cloud-config of the operator's can keep it from running; then,
+//! when there is a login user or keys, Shoal's `#cloud-config`, whose `merge_how` appends its
+//! lists to the operator's instead of replacing them, so neither is dropped.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -141,78 +142,92 @@ fn block(text: &str, indent: usize) -> String {
         .collect()
 }
 
-/// Shoal's own `#cloud-config`; with `merge` it appends to the operator's part before it.
-fn shoal_cloud_config(spec: &VmSpec, merge: bool) -> String {
-    let mut s = format!("#cloud-config\n# Shoal's settings for VM {}.\n", spec.name);
-    if merge {
-        s.push_str(
-            "# Appended to the operator's user data (the part before this one), replacing none of it.\n\
-             merge_how:\n  - name: list\n    settings: [append]\n  - name: dict\n    settings: [no_replace, recurse_list]\n",
-        );
-    }
+/// Shoal's own `#cloud-config`: the login user and SSH keys; `None` when there are neither.
+/// It comes after the operator's part, and its `merge_how` appends to theirs.
+fn shoal_cloud_config(spec: &VmSpec) -> Option<String> {
     let keys = format!(
         "[{}]",
         spec.ssh_keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ")
     );
-    match &spec.user {
+    let settings = match &spec.user {
         Some(user) => {
-            s.push_str(&format!(
+            let mut u = format!(
                 "users:\n  - default\n  - name: {}\n    shell: /bin/bash\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    lock_passwd: true\n",
                 q(user)
-            ));
+            );
             if !spec.ssh_keys.is_empty() {
-                s.push_str(&format!("    ssh_authorized_keys: {keys}\n"));
+                u.push_str(&format!("    ssh_authorized_keys: {keys}\n"));
             }
+            u
         }
         // Without a user of Shoal's, the keys go to the image's default user.
-        None if !spec.ssh_keys.is_empty() => s.push_str(&format!("ssh_authorized_keys: {keys}\n")),
-        None => {}
-    }
-    s.push_str(
-        "write_files:\n  - path: /usr/local/lib/shoal/report-ready\n    permissions: \"0755\"\n    content: |\n",
-    );
-    s.push_str(&block(REPORT_READY, 6));
-    s.push_str("  - path: /etc/systemd/system/shoal-ready.service\n    content: |\n");
-    s.push_str(&block(READY_UNIT, 6));
-    // At every boot through systemd; once, in the background, on guests without it.
-    s.push_str(
-        "runcmd:\n  - - sh\n    - -c\n    - \"if command -v systemctl >/dev/null; then systemctl enable --now --no-block \
-         shoal-ready.service; else nohup /usr/local/lib/shoal/report-ready >/dev/null 2>&1 & fi\"\n",
-    );
-    s
+        None if !spec.ssh_keys.is_empty() => format!("ssh_authorized_keys: {keys}\n"),
+        None => return None,
+    };
+    Some(format!(
+        "#cloud-config\n# Shoal's settings for VM {}, appended to the operator's user data (any part before\n\
+         # this one), replacing none of it.\n\
+         merge_how:\n  - name: list\n    settings: [append]\n  - name: dict\n    settings: [no_replace, recurse_list]\n{settings}",
+        spec.name
+    ))
 }
 
-fn user_data(spec: &VmSpec) -> String {
-    let Some(theirs) = spec.user_data.as_deref().filter(|u| !u.trim().is_empty()) else {
-        return shoal_cloud_config(spec, false);
-    };
-    let ours = shoal_cloud_config(spec, true);
-    let boundary = format!("==shoal-{}==", spec.uuid.simple());
-    // The operator's part keeps its own headers when it is MIME already; otherwise it is
-    // text/plain, which cloud-init types by its first line (#cloud-config, #!, ...), in base64
-    // so that any text survives.
-    let their_part = if theirs.starts_with("Content-Type:") || theirs.starts_with("MIME-Version:") {
-        theirs.trim_end().to_string()
-    } else {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(theirs);
-        let wrapped: Vec<&str> = b64
-            .as_bytes()
-            .chunks(76)
-            .map(|c| std::str::from_utf8(c).expect("base64"))
-            .collect();
-        format!(
-            "Content-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: base64\n\
-             Content-Disposition: attachment; filename=\"user-data\"\n\n{}",
-            wrapped.join("\n")
-        )
-    };
+/// The boothook that installs the reporter: cloud-init runs it early at every boot, whatever
+/// the cloud-config parts say (an operator's failing `write_files` or `runcmd` cannot keep
+/// the report from being made: it reports their failure instead).
+fn reporter_boothook() -> String {
     format!(
-        "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\n\n\
-         --{boundary}\n{their_part}\n\
-         --{boundary}\nContent-Type: text/cloud-config; charset=\"utf-8\"\n\
-         Content-Disposition: attachment; filename=\"shoal.cfg\"\n\n{ours}\
-         --{boundary}--\n"
+        "#cloud-boothook\n#!/bin/sh\n# Shoal: tells the host, once cloud-init is done, whether it configured this guest.\n\
+         mkdir -p /usr/local/lib/shoal\n\
+         cat >/usr/local/lib/shoal/report-ready <<'SHOAL_EOF'\n{REPORT_READY}SHOAL_EOF\n\
+         chmod 0755 /usr/local/lib/shoal/report-ready\n\
+         if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then\n\
+         cat >/etc/systemd/system/shoal-ready.service <<'SHOAL_EOF'\n{READY_UNIT}SHOAL_EOF\n\
+         systemctl enable shoal-ready.service >/dev/null 2>&1\n\
+         systemctl start --no-block shoal-ready.service\n\
+         else\n\
+         nohup /usr/local/lib/shoal/report-ready >/dev/null 2>&1 &\n\
+         fi\n"
     )
+}
+
+/// A MIME part: text/plain in base64 (cloud-init types it by its first line; any text
+/// survives), or a MIME document as it is, with its own headers.
+fn part(body: &str, filename: &str) -> String {
+    if body.starts_with("Content-Type:") || body.starts_with("MIME-Version:") {
+        return format!("{}\n", body.trim_end());
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(body);
+    let wrapped: Vec<&str> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).expect("base64"))
+        .collect();
+    format!(
+        "Content-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: base64\n\
+         Content-Disposition: attachment; filename=\"{filename}\"\n\n{}\n",
+        wrapped.join("\n")
+    )
+}
+
+/// MIME multipart user data: the operator's part first, untouched, then Shoal's reporter and
+/// its cloud-config.
+fn user_data(spec: &VmSpec) -> String {
+    let boundary = format!("==shoal-{}==", spec.uuid.simple());
+    let mut parts = Vec::new();
+    if let Some(theirs) = spec.user_data.as_deref().filter(|u| !u.trim().is_empty()) {
+        parts.push(part(theirs, "user-data"));
+    }
+    parts.push(part(&reporter_boothook(), "shoal-report.sh"));
+    if let Some(ours) = shoal_cloud_config(spec) {
+        parts.push(part(&ours, "shoal.cfg"));
+    }
+    let mut s = format!("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\n\n");
+    for p in parts {
+        s.push_str(&format!("--{boundary}\n{p}"));
+    }
+    s.push_str(&format!("--{boundary}--\n"));
+    s
 }
 
 /// Writes the seed image for `spec` to `path`.
@@ -343,57 +358,73 @@ mod tests {
         assert_eq!(r, vec!["10.255.255.53".parse::<Ipv4Addr>().unwrap()]);
     }
 
-    #[test]
-    fn without_user_data_the_user_data_is_shoals_cloud_config_with_user_and_keys() {
-        let mut s = spec(None);
-        let u = user_data(&s);
-        assert!(u.starts_with("#cloud-config\n"), "{u}");
-        assert!(
-            !u.contains("users:") && !u.contains("ssh_authorized_keys") && !u.contains("merge_how"),
-            "{u}"
-        );
-        assert!(
-            u.contains("shoal-ready.service") && u.contains("/usr/local/lib/shoal/report-ready"),
-            "{u}"
-        );
-        // No echo of the user data can pass for the guest's report.
-        assert!(
-            !u.contains(shoal_model::guest::GUEST_READY) && !u.contains("guest: failed"),
-            "{u}"
-        );
-        s.ssh_keys = vec![KEY.into()];
-        let u = user_data(&s);
-        assert!(
-            u.contains(&format!("ssh_authorized_keys: [\"{KEY}\"]\n")) && !u.contains("users:"),
-            "{u}"
-        );
-        s.user = Some("ops".into());
-        let u = user_data(&s);
-        assert!(u.contains("users:\n  - default\n  - name: \"ops\"\n"), "{u}");
-        assert!(u.contains(&format!("    ssh_authorized_keys: [\"{KEY}\"]\n")), "{u}");
+    /// The parts of Shoal's MIME user data, bodies decoded, in order.
+    fn parts(u: &str) -> Vec<String> {
+        let boundary = u.split("boundary=\"").nth(1).unwrap().split('"').next().unwrap();
+        let body = u.split(&format!("--{boundary}--")).next().unwrap();
+        body.split(&format!("--{boundary}\n"))
+            .skip(1)
+            .map(|p| {
+                let (head, body) = p.split_once("\n\n").unwrap();
+                if head.contains("Content-Transfer-Encoding: base64") {
+                    let b64: String = body.split_whitespace().collect();
+                    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+                } else {
+                    p.to_string()
+                }
+            })
+            .collect()
     }
 
     #[test]
-    fn operators_user_data_comes_first_untouched_and_shoals_part_appends() {
+    fn shoals_user_data_is_the_reporter_then_the_user_and_keys() {
         let mut s = spec(None);
-        let script = "#!/bin/sh\necho 'héllo' > /tmp/x\n";
-        s.user_data = Some(script.into());
         let u = user_data(&s);
         assert!(
             u.starts_with("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\""),
             "{u}"
         );
-        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
-        let theirs = u.find(&b64).expect(&u);
-        let ours = u.find("Content-Type: text/cloud-config").expect(&u);
-        assert!(theirs < ours, "{u}");
-        assert!(u[ours..].contains("merge_how:") && u.ends_with("--\n"), "{u}");
-        // MIME user data keeps its own headers, as a part of the whole.
-        s.user_data = Some("Content-Type: multipart/mixed; boundary=\"in\"\nMIME-Version: 1.0\n\n--in--\n".into());
-        let u = user_data(&s);
+        let p = parts(&u);
+        assert_eq!(p.len(), 1, "nothing but the reporter: {p:?}");
+        assert!(p[0].starts_with("#cloud-boothook\n#!/bin/sh\n"), "{}", p[0]);
+        assert!(p[0].contains("shoal-ready.service") && p[0].contains("/usr/local/lib/shoal/report-ready"));
+        // The reporter's script and unit go in whole.
+        assert!(p[0].contains(REPORT_READY) && p[0].contains(READY_UNIT));
+        // No echo of the user data can pass for the guest's report.
+        assert!(!p[0].contains(shoal_model::guest::GUEST_READY) && !p[0].contains("guest: failed"));
+        s.ssh_keys = vec![KEY.into()];
+        let p = parts(&user_data(&s));
+        assert_eq!(p.len(), 2);
         assert!(
-            u.contains("\nContent-Type: multipart/mixed; boundary=\"in\"\nMIME-Version: 1.0\n\n--in--\n--=="),
-            "{u}"
+            p[1].starts_with("#cloud-config\n") && p[1].contains("merge_how:"),
+            "{}",
+            p[1]
         );
+        assert!(p[1].contains(&format!("ssh_authorized_keys: [\"{KEY}\"]\n")) && !p[1].contains("users:"));
+        s.user = Some("ops".into());
+        let p = parts(&user_data(&s));
+        assert!(p[1].contains("users:\n  - default\n  - name: \"ops\"\n"), "{}", p[1]);
+        assert!(
+            p[1].contains(&format!("    ssh_authorized_keys: [\"{KEY}\"]\n")),
+            "{}",
+            p[1]
+        );
+    }
+
+    #[test]
+    fn operators_user_data_comes_first_untouched() {
+        let mut s = spec(None);
+        s.ssh_keys = vec![KEY.into()];
+        let script = "#!/bin/sh\necho 'héllo' > /tmp/x\n";
+        s.user_data = Some(script.into());
+        let p = parts(&user_data(&s));
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0], script);
+        assert!(p[1].starts_with("#cloud-boothook") && p[2].starts_with("#cloud-config"));
+        // MIME user data keeps its own headers, as a part of the whole.
+        let mime = "Content-Type: multipart/mixed; boundary=\"in\"\nMIME-Version: 1.0\n\n--in--";
+        s.user_data = Some(mime.into());
+        let u = user_data(&s);
+        assert!(u.contains(&format!("\n{mime}\n--==shoal-")), "{u}");
     }
 }
