@@ -129,19 +129,6 @@ fn q(text: &str) -> String {
     serde_json::Value::String(text.to_string()).to_string()
 }
 
-/// A YAML block scalar's lines, indented by `indent` spaces.
-fn block(text: &str, indent: usize) -> String {
-    text.lines()
-        .map(|l| {
-            if l.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("{:indent$}{l}\n", "")
-            }
-        })
-        .collect()
-}
-
 /// Shoal's own `#cloud-config`: the login user and SSH keys; `None` when there are neither.
 /// It comes after the operator's part, and its `merge_how` appends to theirs.
 fn shoal_cloud_config(spec: &VmSpec) -> Option<String> {
