@@ -143,9 +143,10 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until the controller at `url` answers.
+/// Waits until the controller at `url` answers: generously, since a real guest booting under
+/// TCG next to the test (the Debian tests) was seen to slow a debug controller's start past 30 s.
 pub fn wait_ready(url: &str, d: &Daemon) {
-    eventually(Duration::from_secs(30), "controller to answer", || {
+    eventually(Duration::from_secs(120), "controller to answer", || {
         cli(url, &[], &["host", "list"]).status.success() || {
             // Authentication errors mean it answers.
             let o = cli(url, &[], &["host", "list"]);
