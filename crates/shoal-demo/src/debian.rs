@@ -739,16 +739,7 @@ chroot "$root" $apt install --no-install-recommends "$@"
             .stdout(log)
             .stderr(log2)
             .status()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => DemoError::ToolMissing {
-                    tool: what.to_string(),
-                    package: package.to_string(),
-                },
-                _ => DemoError::ToolFailed {
-                    tool: what.to_string(),
-                    stderr: format!("cannot start: {e}"),
-                },
-            })?;
+            .map_err(DemoError::cannot_start(what, package))?;
         if status.success() {
             return Ok(());
         }

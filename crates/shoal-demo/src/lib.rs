@@ -134,6 +134,22 @@ pub enum DemoError {
     },
 }
 
+impl DemoError {
+    /// Why `tool` (from `package`) could not be started: missing, or another reason.
+    pub(crate) fn cannot_start<'a>(tool: &'a str, package: &'a str) -> impl FnOnce(std::io::Error) -> DemoError + 'a {
+        move |e| match e.kind() {
+            std::io::ErrorKind::NotFound => DemoError::ToolMissing {
+                tool: tool.to_string(),
+                package: package.to_string(),
+            },
+            _ => DemoError::ToolFailed {
+                tool: tool.to_string(),
+                stderr: format!("cannot start: {e}"),
+            },
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
     move |source| DemoError::Io {
         path: path.to_path_buf(),
@@ -760,16 +776,7 @@ fn run_tool(tool: &str, args: &[&str], package: &str, stdin: Option<&[u8]>) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DemoError::ToolMissing {
-                tool: tool.to_string(),
-                package: package.to_string(),
-            },
-            _ => DemoError::ToolFailed {
-                tool: tool.to_string(),
-                stderr: format!("cannot start: {e}"),
-            },
-        })?;
+        .map_err(DemoError::cannot_start(tool, package))?;
     let mut child_stdin = child.stdin.take();
     let mut child_stdout = child.stdout.take().expect("piped stdout");
     let mut child_stderr = child.stderr.take().expect("piped stderr");

@@ -23,33 +23,7 @@ fn debian_lab() -> Lab {
     // An underlay of MTU 1500, as most are: the guest must be told 1500 minus VXLAN's overhead.
     netlab::ip(&["-n", &lab.namespaces[0], "link", "set", "eth0", "mtu", "1500"]);
     lab.start_controller();
-    let token = lab.ok(&["host", "join-token"]).trim().to_string();
-    let under = lab.underlay(0);
-    let args = lab.agent_args(
-        0,
-        &[
-            "--join-token",
-            &token,
-            "--driver",
-            "qemu",
-            "--accel",
-            "tcg",
-            "--net",
-            "bridge",
-            "--underlay-ip",
-            &under,
-            "--host-cpus",
-            "2",
-            "--host-memory",
-            "4096",
-            "--ready-timeout",
-            "900",
-            "--stop-timeout",
-            "10",
-        ],
-    );
-    let log = lab.dir.path().join("h0.log");
-    lab.agents.push(netlab::spawn_ip(&args, &log));
+    lab.start_agent_sized(0, "bridge", "4096", "900");
     eventually(Duration::from_secs(60), "the host", || {
         lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(1)
     });

@@ -219,6 +219,11 @@ impl Lab {
     /// Starts an agent with network driver `net` in namespace `i`; the `udp` driver's agent runs
     /// without CAP_NET_ADMIN, to show that it needs none.
     pub fn start_agent(&mut self, i: usize, net: &str) {
+        self.start_agent_sized(i, net, "2048", "240");
+    }
+
+    /// [`Lab::start_agent`] with the host's memory (MiB) and the guests' ready timeout (s).
+    pub fn start_agent_sized(&mut self, i: usize, net: &str, memory_mib: &str, ready_timeout_s: &str) {
         let token = self.ok(&["host", "join-token"]).trim().to_string();
         let under = self.underlay(i);
         let mut args = self.agent_args(
@@ -237,9 +242,9 @@ impl Lab {
                 "--host-cpus",
                 "2",
                 "--host-memory",
-                "2048",
+                memory_mib,
                 "--ready-timeout",
-                "240",
+                ready_timeout_s,
                 "--stop-timeout",
                 "10",
             ],
