@@ -112,7 +112,7 @@ pub enum HvError {
     NoQmpSocket { path: PathBuf, timeout: Duration },
     #[error("QEMU stayed {state:?}, expected one of {expected:?}")]
     UnexpectedStatus { state: String, expected: Vec<String> },
-    #[error("the guest did not report within {timeout:?}: no {waited_for}{console}")]
+    #[error("the guest did not report within {timeout:?}: no {waited_for} on its console{console}")]
     NotReady {
         waited_for: String,
         timeout: Duration,

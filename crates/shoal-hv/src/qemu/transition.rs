@@ -273,8 +273,8 @@ impl QemuDriver {
             if tokio::time::Instant::now() > deadline {
                 return Err(HvError::NotReady {
                     waited_for: match ready {
-                        Readiness::Pattern(p) => format!("{p:?} on its console"),
-                        _ => format!("its report ({GUEST_READY:?} on its console)"),
+                        Readiness::Pattern(p) => format!("{p:?}"),
+                        _ => format!("{GUEST_READY:?}"),
                     },
                     timeout: self.cfg.ready_timeout,
                     console: console_tail(&text),
