@@ -9,7 +9,7 @@ use axum::http::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 use shoal_hv::{HvError, SimDriver, SourceError, TemplateFile};
 use shoal_model::agent::{ConsoleChunk, VmSpec};
-use shoal_model::{DiskFormat, MacAddr, Power, TemplateDisk};
+use shoal_model::{Power, TemplateDisk};
 use tower::ServiceExt;
 use uuid::Uuid;
 
@@ -28,28 +28,7 @@ fn sim() -> AgentState {
 }
 
 fn spec(name: &str) -> VmSpec {
-    VmSpec {
-        uuid: Uuid::new_v4(),
-        name: name.into(),
-        cpus: 1,
-        memory_mib: 128,
-        disk_mib: None,
-        template: "t".into(),
-        template_hash: TemplateDisk::File("0".repeat(64)).to_string(),
-        template_format: DiskFormat::Raw,
-        kernel_boot: None,
-        ready: Default::default(),
-        power: Power::Running,
-        force_stop: false,
-        ip: "10.200.0.2".parse().unwrap(),
-        prefix_len: 24,
-        gateway: "10.200.0.1".parse().unwrap(),
-        mac: MacAddr::qemu(1),
-        user_data: None,
-        user: None,
-        ssh_keys: Vec::new(),
-        network: None,
-    }
+    VmSpec::example(name)
 }
 
 /// Sends one request through the agent's router; answers with the status and the JSON body

@@ -263,25 +263,13 @@ fn run(cmd: &mut Command) {
 fn make_seed(path: &Path, hostname: &str, user_data: &str) {
     let spec = shoal_model::agent::VmSpec {
         uuid: "0b9f3c9e-5a0e-4c41-9d7e-2f4f6a1b2c3d".parse().unwrap(),
-        name: hostname.into(),
-        cpus: 1,
-        memory_mib: 128,
-        disk_mib: None,
         template: "demo".into(),
         template_hash: String::new(),
-        template_format: shoal_model::DiskFormat::Raw,
-        kernel_boot: None,
         ready: shoal_model::Readiness::Report,
         power: Default::default(),
-        force_stop: false,
-        ip: "10.200.0.2".parse().unwrap(),
-        prefix_len: 24,
-        gateway: "10.200.0.1".parse().unwrap(),
         mac: MAC.parse().unwrap(),
         user_data: Some(user_data.to_string()).filter(|u| !u.is_empty()),
-        user: None,
-        ssh_keys: Vec::new(),
-        network: None,
+        ..shoal_model::agent::VmSpec::example(hostname)
     };
     let seed = shoal_hv::qemu::seed::SeedFiles::render(&spec, &["10.200.0.254".parse().unwrap()]);
     let dir = path.with_extension("d");

@@ -278,26 +278,8 @@ mod tests {
 
     fn spec(name: &str) -> VmSpec {
         VmSpec {
-            uuid: Uuid::new_v4(),
-            name: name.into(),
-            cpus: 1,
-            memory_mib: 128,
-            disk_mib: None,
-            template: "t".into(),
             template_hash: "blake3:00".into(),
-            template_format: shoal_model::DiskFormat::Raw,
-            kernel_boot: None,
-            ready: Default::default(),
-            power: Power::Running,
-            force_stop: false,
-            ip: "10.200.0.2".parse().unwrap(),
-            prefix_len: 24,
-            gateway: "10.200.0.1".parse().unwrap(),
-            mac: shoal_model::MacAddr::qemu(1),
-            user_data: None,
-            user: None,
-            ssh_keys: Vec::new(),
-            network: None,
+            ..VmSpec::example(name)
         }
     }
 

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use shoal_hv::qemu::seed::SeedFiles;
 use shoal_model::agent::VmSpec;
-use shoal_model::{DiskFormat, MacAddr, VmNetwork};
+use shoal_model::{MacAddr, VmNetwork};
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK5l ops@example";
 
@@ -52,25 +52,13 @@ fn check(dir: &Path) -> (i32, String) {
 fn spec(name: &str) -> VmSpec {
     VmSpec {
         uuid: "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap(),
-        name: name.into(),
-        cpus: 1,
         memory_mib: 512,
-        disk_mib: None,
         template: "debian".into(),
-        template_hash: String::new(),
-        template_format: DiskFormat::Raw,
-        kernel_boot: None,
         ready: shoal_model::Readiness::Report,
-        power: Default::default(),
-        force_stop: false,
         ip: "10.200.3.7".parse().unwrap(),
-        prefix_len: 24,
         gateway: "10.200.3.1".parse().unwrap(),
         mac: MacAddr::qemu(0x30007),
-        user_data: None,
-        user: None,
-        ssh_keys: Vec::new(),
-        network: None,
+        ..VmSpec::example(name)
     }
 }
 

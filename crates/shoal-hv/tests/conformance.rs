@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal_hv::{ErrorKind, HvError, Hypervisor, SimDriver};
 use shoal_model::agent::VmSpec;
-use shoal_model::{DiskFormat, MacAddr, Power, VmState};
+use shoal_model::{Power, VmState};
 use uuid::Uuid;
 
 /// One driver under test.
@@ -169,28 +169,7 @@ mod suite {
 fn sim() -> Subject {
     Subject {
         hv: Arc::new(SimDriver::ephemeral(Duration::ZERO)),
-        spec: Box::new(|name| VmSpec {
-            uuid: Uuid::new_v4(),
-            name: name.into(),
-            cpus: 1,
-            memory_mib: 128,
-            disk_mib: None,
-            template: "t".into(),
-            template_hash: shoal_model::TemplateDisk::File("0".repeat(64)).to_string(),
-            template_format: DiskFormat::Raw,
-            kernel_boot: None,
-            ready: Default::default(),
-            power: Power::Running,
-            force_stop: false,
-            ip: "10.200.0.2".parse().unwrap(),
-            prefix_len: 24,
-            gateway: "10.200.0.1".parse().unwrap(),
-            mac: MacAddr::qemu(1),
-            user_data: None,
-            user: None,
-            ssh_keys: Vec::new(),
-            network: None,
-        }),
+        spec: Box::new(VmSpec::example),
         timeout: Duration::from_secs(5),
     }
 }

@@ -55,6 +55,36 @@ pub struct VmSpec {
     pub network: Option<crate::network::VmNetwork>,
 }
 
+impl VmSpec {
+    /// A running 1-vCPU, 128 MiB VM named `name` at 10.200.0.2/24 (gateway .1) with a fresh
+    /// UUID, on no network, that counts as ready once QEMU runs: the base of tests and examples,
+    /// which override what matters to them (`VmSpec { cpus: 2, ..VmSpec::example("a") }`).
+    pub fn example(name: &str) -> VmSpec {
+        VmSpec {
+            uuid: Uuid::new_v4(),
+            name: name.into(),
+            cpus: 1,
+            memory_mib: 128,
+            disk_mib: None,
+            template: "t".into(),
+            template_hash: crate::TemplateDisk::File("0".repeat(64)).to_string(),
+            template_format: DiskFormat::Raw,
+            kernel_boot: None,
+            ready: crate::Readiness::Running,
+            power: Power::Running,
+            force_stop: false,
+            ip: Ipv4Addr::new(10, 200, 0, 2),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 200, 0, 1),
+            mac: MacAddr::qemu(1),
+            user_data: None,
+            user: None,
+            ssh_keys: Vec::new(),
+            network: None,
+        }
+    }
+}
+
 /// A VM as its host sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmStatus {

@@ -268,25 +268,10 @@ mod tests {
 
     fn spec(vni: u32, peers: &[&str]) -> VmSpec {
         VmSpec {
-            uuid: Uuid::new_v4(),
-            name: "vm".into(),
-            cpus: 1,
-            memory_mib: 128,
-            disk_mib: None,
-            template: "t".into(),
             template_hash: String::new(),
-            template_format: shoal_model::DiskFormat::Raw,
-            kernel_boot: None,
-            ready: Default::default(),
             power: Default::default(),
-            force_stop: false,
             ip: "10.0.0.2".parse().unwrap(),
-            prefix_len: 24,
             gateway: "10.0.0.1".parse().unwrap(),
-            mac: shoal_model::MacAddr::qemu(1),
-            user_data: None,
-            user: None,
-            ssh_keys: Vec::new(),
             network: Some(VmNetwork {
                 name: "n".into(),
                 vni,
@@ -295,6 +280,7 @@ mod tests {
                 gateway: None,
                 dns: Vec::new(),
             }),
+            ..VmSpec::example("vm")
         }
     }
 

@@ -270,25 +270,10 @@ mod tests {
     pub(crate) fn spec(network: Option<VmNetwork>) -> VmSpec {
         VmSpec {
             uuid: uuid::Uuid::nil(),
-            name: "c-0".into(),
-            cpus: 1,
-            memory_mib: 128,
-            disk_mib: None,
-            template: "t".into(),
-            template_hash: String::new(),
-            template_format: shoal_model::DiskFormat::Raw,
-            kernel_boot: None,
-            ready: Default::default(),
-            power: Default::default(),
-            force_stop: false,
             ip: "10.60.0.2".parse().unwrap(),
-            prefix_len: 24,
             gateway: "10.60.0.1".parse().unwrap(),
-            mac: shoal_model::MacAddr::qemu(1),
-            user_data: None,
-            user: None,
-            ssh_keys: Vec::new(),
             network,
+            ..VmSpec::example("c-0")
         }
     }
 

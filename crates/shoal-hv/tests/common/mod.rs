@@ -12,7 +12,7 @@ use shoal_demo::{build_demo_template, DemoTemplate};
 use shoal_hv::qemu::Accel;
 use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SourceError, TemplateFile, TemplateSource};
 use shoal_model::agent::{VmSpec, VmStatus};
-use shoal_model::{DiskFormat, KernelBoot, MacAddr, Power, TemplateDisk, VmState};
+use shoal_model::{KernelBoot, MacAddr, TemplateDisk, VmState};
 use uuid::Uuid;
 
 /// Serves template files from a local directory, as the controller would. The first
@@ -67,14 +67,8 @@ pub fn hash(p: &Path) -> String {
 
 pub fn spec(t: &DemoTemplate, name: &str) -> VmSpec {
     VmSpec {
-        uuid: Uuid::new_v4(),
-        name: name.into(),
-        cpus: 1,
-        memory_mib: 128,
-        disk_mib: None,
         template: "demo".into(),
         template_hash: hash(&t.disk),
-        template_format: DiskFormat::Raw,
         kernel_boot: Some(KernelBoot {
             kernel_hash: hash(&t.kernel),
             kernel_size: 0,
@@ -83,16 +77,8 @@ pub fn spec(t: &DemoTemplate, name: &str) -> VmSpec {
             cmdline: t.cmdline.clone(),
         }),
         ready: shoal_model::Readiness::Report,
-        power: Power::Running,
-        force_stop: false,
-        ip: "10.200.0.2".parse().unwrap(),
-        prefix_len: 24,
-        gateway: "10.200.0.1".parse().unwrap(),
         mac: MacAddr::qemu(0x10203),
-        user_data: None,
-        user: None,
-        ssh_keys: Vec::new(),
-        network: None,
+        ..VmSpec::example(name)
     }
 }
 
