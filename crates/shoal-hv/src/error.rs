@@ -100,6 +100,20 @@ pub enum HvError {
     DiskTooSmall { template: String, mib: u64, base_mib: u64 },
     #[error("path {} contains a comma, which QEMU options cannot carry", .0.display())]
     CommaInPath(PathBuf),
+    #[error("VM {vm}: the {driver} driver cannot migrate VMs")]
+    MigrationUnsupported { vm: Uuid, driver: String },
+    #[error("VM {0} has no migration under way on this host")]
+    NotMigrating(Uuid),
+    /// Only a running VM migrates live; `state` is what it is.
+    #[error("VM {vm} is {state}, not running: only a running VM migrates")]
+    NotRunning { vm: Uuid, state: String },
+    /// The VM already runs here (a second "prepare incoming" for a VM this host has).
+    #[error("VM {0} already exists on this host, not as an incoming migration")]
+    AlreadyHere(Uuid),
+    #[error("VM {vm}: migration failed: {reason}")]
+    MigrationFailed { vm: Uuid, reason: String },
+    #[error("VM {vm}: the destination has not received the whole VM yet (QEMU is {status})")]
+    NotArrived { vm: Uuid, status: String },
     #[error("VM {vm}: the {driver} driver keeps no disks to snapshot")]
     NoDisks { vm: Uuid, driver: String },
 
@@ -170,7 +184,7 @@ impl HvError {
     pub fn kind(&self) -> ErrorKind {
         use HvError as E;
         match self {
-            E::NotFound(_) => ErrorKind::NotFound,
+            E::NotFound(_) | E::NotMigrating(_) => ErrorKind::NotFound,
             E::Io { source, .. } | E::File { source, .. } => io_kind(source),
             E::QemuExited { .. } | E::ExitedBeforeReady { .. } | E::QmpSilent { .. } => ErrorKind::Dead,
             E::Qmp(q) => match q {
@@ -185,6 +199,9 @@ impl HvError {
             | E::DiskTooSmall { .. }
             | E::CommaInPath(_)
             | E::NoDisks { .. }
+            | E::MigrationUnsupported { .. }
+            | E::NotRunning { .. }
+            | E::AlreadyHere(_)
             | E::GuestFailed { .. } => ErrorKind::Invalid,
             E::QemuMissing(_)
             | E::SocketPathTooLong(_)
@@ -195,7 +212,9 @@ impl HvError {
             | E::SaveFailed(_)
             | E::SaveTimeout(_)
             | E::Spawn { .. }
-            | E::Tool { .. } => ErrorKind::Host,
+            | E::Tool { .. }
+            | E::MigrationFailed { .. }
+            | E::NotArrived { .. } => ErrorKind::Host,
             E::Fetch { source, .. } | E::Store(source) => source.kind(),
             E::Network(n) => n.kind(),
             E::Vm { source, .. } => source.kind(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec, VmStatus};
 use uuid::Uuid;
 
 pub mod error;
@@ -59,6 +59,50 @@ pub trait Hypervisor: Send + Sync + 'static {
             vm: uuid,
             driver: self.driver(),
         })
+    }
+
+    // Live migration, shared-nothing, in the order the controller calls it: the destination
+    // prepares, the source sends, the destination runs the VM; or, on any failure, the source's
+    // migration is cancelled and the destination's VM removed. Until `finish_incoming` the
+    // destination's guest never runs, and once the source's migration completed its guest never
+    // runs again unless `cancel_migration` resumes it: there are never two copies running.
+
+    /// Destination: readies an incoming VM for `spec` (its template, an empty overlay, the seed,
+    /// QEMU waiting for the memory stream with its guest paused, and an NBD server exporting the
+    /// overlay on `listen`). Idempotent: asked again, answers with the same endpoints.
+    async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
+        let _ = listen;
+        Err(HvError::MigrationUnsupported {
+            vm: spec.uuid,
+            driver: self.driver(),
+        })
+    }
+
+    /// Source: starts sending the running VM to a prepared destination (its overlay's blocks
+    /// over NBD, then its memory) in the background. Idempotent while that migration runs.
+    async fn migrate_out(&self, uuid: Uuid, req: &MigrateOut) -> Result<MigrationProgress, HvError> {
+        let _ = req;
+        Err(HvError::MigrationUnsupported {
+            vm: uuid,
+            driver: self.driver(),
+        })
+    }
+
+    /// Source: the progress of the VM's outgoing migration ([`HvError::NotMigrating`] if none).
+    async fn migration(&self, uuid: Uuid) -> Result<MigrationProgress, HvError> {
+        Err(HvError::NotMigrating(uuid))
+    }
+
+    /// Source: cancels the VM's outgoing migration, whatever its phase (a completed one too),
+    /// and lets the VM run on here. Idempotent; a VM with no migration is left as it is.
+    async fn cancel_migration(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        Err(HvError::NotMigrating(uuid))
+    }
+
+    /// Destination: the memory arrived (the source's migration completed): stops the NBD
+    /// export, runs the guest and announces its MAC on the network. Idempotent.
+    async fn finish_incoming(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        Err(HvError::NotMigrating(uuid))
     }
 }
 
