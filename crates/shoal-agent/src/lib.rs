@@ -24,6 +24,7 @@ use shoal_model::VmState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod migrate;
 pub mod net;
 
 #[derive(Clone, Debug)]
@@ -229,6 +230,13 @@ fn router(state: AgentState) -> Router {
         .route("/v1/vms/remove", post(remove_vms))
         .route("/v1/vms/{uuid}/console", get(console))
         .route("/v1/vms/{uuid}/snapshot", post(snapshot))
+        .route("/v1/migrations/incoming", post(migrate::prepare_incoming))
+        .route(
+            "/v1/vms/{uuid}/migration",
+            post(migrate::migrate_out).get(migrate::progress),
+        )
+        .route("/v1/vms/{uuid}/migration/cancel", post(migrate::cancel))
+        .route("/v1/vms/{uuid}/migration/finish", post(migrate::finish))
         .route("/v1/networks/peers", post(net::set_peers))
         .route("/v1/underlay/probe", post(net::probe_underlay))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))

@@ -10,8 +10,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_model::agent::{
-    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, RegisterRequest, RegisterResponse, RemoveVms, UnderlayProbe,
-    UnderlayProbeResult,
+    BatchResult, ConsoleChunk, EnsureVms, Heartbeat, IncomingVm, MigrateOut, MigrationProgress, PrepareIncoming,
+    RegisterRequest, RegisterResponse, RemoveVms, UnderlayProbe, UnderlayProbeResult, VmStatus,
 };
 use shoal_model::api::{ClusterView, CreateCluster, CreateProfile, ErrorBody, ProfileView, ScaleCluster};
 use shoal_model::{Host, Operation, OperationState, Template, Vm};
@@ -454,6 +454,42 @@ impl Client {
             .await
     }
 
+    /// Starts moving a running VM to another host.
+    pub async fn migrate_vm(&self, name: &str, req: &shoal_model::MigrateVm) -> Result<Operation, ClientError> {
+        self.http.post(&format!("/v1/vms/{}/migrate", seg(name)), req).await
+    }
+
+    /// Moves every VM of a cluster off the hosts it is on.
+    pub async fn migrate_cluster(
+        &self,
+        name: &str,
+        req: &shoal_model::MigrateCluster,
+    ) -> Result<Operation, ClientError> {
+        self.http
+            .post(&format!("/v1/clusters/{}/migrate", seg(name)), req)
+            .await
+    }
+
+    /// Where a VM would migrate, with every host's verdict when `explain`.
+    pub async fn plan_migrate(
+        &self,
+        vm: &str,
+        to: Option<&str>,
+        explain: bool,
+    ) -> Result<shoal_policy::Explanation, ClientError> {
+        self.http
+            .post(
+                &format!("/v1/plan/migrate?explain={explain}"),
+                &serde_json::json!({ "vm": vm, "to": to }),
+            )
+            .await
+    }
+
+    /// The migrations under way.
+    pub async fn migrations(&self) -> Result<Vec<shoal_model::Migration>, ClientError> {
+        self.http.get("/v1/migrations").await
+    }
+
     pub async fn cluster_action(&self, name: &str, action: &str) -> Result<Operation, ClientError> {
         self.http
             .post(&format!("/v1/clusters/{}/{}", seg(name), seg(action)), &())
@@ -635,6 +671,41 @@ impl AgentClient {
     pub async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, ClientError> {
         self.http
             .get(&format!("/v1/vms/{uuid}/console?offset={offset}&max={max}"))
+            .await
+    }
+
+    /// Destination: prepares to receive a running VM; the answer says where to send it.
+    pub async fn prepare_incoming(&self, req: &PrepareIncoming) -> Result<IncomingVm, ClientError> {
+        // Fetching the template's chunks and starting QEMU can take a while on a busy host.
+        let rb = self
+            .http
+            .request(Method::POST, "/v1/migrations/incoming")
+            .timeout(Duration::from_secs(600))
+            .json(req);
+        self.http.send(rb).await
+    }
+
+    /// Source: starts sending the VM to a prepared destination.
+    pub async fn migrate_out(&self, uuid: Uuid, req: &MigrateOut) -> Result<MigrationProgress, ClientError> {
+        self.http.post(&format!("/v1/vms/{uuid}/migration"), req).await
+    }
+
+    /// Source: the progress of the VM's outgoing migration.
+    pub async fn migration(&self, uuid: Uuid) -> Result<MigrationProgress, ClientError> {
+        self.http.get(&format!("/v1/vms/{uuid}/migration")).await
+    }
+
+    /// Source: cancels the VM's migration (whatever its phase) and lets it run on there.
+    pub async fn cancel_migration(&self, uuid: Uuid) -> Result<VmStatus, ClientError> {
+        self.http
+            .post(&format!("/v1/vms/{uuid}/migration/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Destination: runs the VM whose memory arrived.
+    pub async fn finish_incoming(&self, uuid: Uuid) -> Result<VmStatus, ClientError> {
+        self.http
+            .post(&format!("/v1/vms/{uuid}/migration/finish"), &serde_json::json!({}))
             .await
     }
 

@@ -27,6 +27,7 @@ pub mod domain;
 pub mod error;
 mod ipam;
 pub mod locality;
+mod migrate;
 mod reconcile;
 
 pub use datastore::Datastore;
@@ -115,6 +116,13 @@ pub struct Inner {
     pub chunk_sets: locality::ChunkSets,
     /// CPU samples, energy accounts and the consolidator's memory.
     pub energy: tokio::sync::Mutex<domain::energy::Meter>,
+    /// VMs whose migration has an executor task in this process.
+    migrating: Mutex<HashSet<String>>,
+    /// Operations driven by a task of this process (moves in waves): one found running without
+    /// its task was cut short by a restart.
+    driving: Mutex<HashSet<Uuid>>,
+    /// Turns true when the controller stops: its background tasks end without writing more.
+    stopped: watch::Receiver<bool>,
 }
 
 /// Commands repeated at most every [`Throttle::EVERY`] per key. Keys not seen for a minute are
@@ -296,6 +304,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
     let images = tokio::task::spawn_blocking(move || shoal_image::ImageStore::open(&images_dir))
         .await?
         .map_err(|e| anyhow::anyhow!("opening the image store: {e}"))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
     let controller = Controller(Arc::new(Inner {
         images: Arc::new(images),
         chunk_sets: Default::default(),
@@ -311,10 +320,12 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         orphans_sent: Throttle::default(),
         peers_sent: Mutex::new(HashMap::new()),
         energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
+        migrating: Mutex::new(HashSet::new()),
+        driving: Mutex::new(HashSet::new()),
+        stopped: stop_rx.clone(),
         config,
     }));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let app = api::router(controller.clone());
     let mut rx = stop_rx.clone();
     let server = tokio::spawn(async move {

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use shoal_model::agent::{ConsoleChunk, VmSpec, VmStatus};
+use shoal_model::agent::{
+    ConsoleChunk, IncomingVm, MigrateOut, MigrationMode, MigrationPhase, MigrationProgress, VmSpec, VmStatus,
+};
 use shoal_model::{Power, VmState};
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -21,7 +23,18 @@ pub struct SimDriver {
     started: Instant,
     /// CPU time used by each running VM so far, and its vCPUs.
     meters: std::sync::Mutex<HashMap<Uuid, Meter>>,
+    /// Outgoing migrations, in memory only: like QEMU's, they do not survive the agent.
+    migrations: std::sync::Mutex<HashMap<Uuid, SimMigration>>,
 }
+
+/// An outgoing migration of the simulated driver: it completes `boot_delay` after it started.
+struct SimMigration {
+    started: Instant,
+    progress: MigrationProgress,
+}
+
+/// What a simulated incoming VM says while it waits for its memory.
+const INCOMING: &str = "incoming migration";
 
 struct Meter {
     cpus: u32,
@@ -133,6 +146,7 @@ impl SimDriver {
             load: SimLoad::default(),
             started: Instant::now(),
             meters: Default::default(),
+            migrations: Default::default(),
         })
     }
 
@@ -145,6 +159,7 @@ impl SimDriver {
             load: SimLoad::default(),
             started: Instant::now(),
             meters: Default::default(),
+            migrations: Default::default(),
         }
     }
 
@@ -245,6 +260,7 @@ impl Hypervisor for SimDriver {
 
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError> {
         self.meters.lock().expect("meters").remove(&uuid);
+        self.migrations.lock().expect("migrations").remove(&uuid);
         let mut vms = self.vms.lock().await;
         if vms.remove(&uuid).is_some() {
             self.persist(&vms).await?;
@@ -256,6 +272,87 @@ impl Hypervisor for SimDriver {
         let mut vms: Vec<VmStatus> = self.vms.lock().await.values().cloned().collect();
         self.meter(&mut vms);
         vms
+    }
+
+    async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
+        let mut vms = self.vms.lock().await;
+        match vms.get(&spec.uuid) {
+            Some(v) if v.reason.as_deref() != Some(INCOMING) => return Err(HvError::AlreadyHere(spec.uuid)),
+            Some(_) => {}
+            None => {
+                vms.insert(
+                    spec.uuid,
+                    VmStatus {
+                        uuid: spec.uuid,
+                        name: spec.name.clone(),
+                        state: VmState::Creating,
+                        reason: Some(INCOMING.into()),
+                        seq: 1,
+                        cpu_seconds: None,
+                    },
+                );
+                self.persist(&vms).await?;
+            }
+        }
+        Ok(IncomingVm {
+            nbd: format!("{listen}:10809"),
+            export: spec.uuid.to_string(),
+            memory_uri: format!("sim:{listen}"),
+        })
+    }
+
+    async fn migrate_out(&self, uuid: Uuid, req: &MigrateOut) -> Result<MigrationProgress, HvError> {
+        let state = {
+            let vms = self.vms.lock().await;
+            vms.get(&uuid).ok_or(HvError::NotFound(uuid))?.state
+        };
+        if state != VmState::Running {
+            return Err(HvError::NotRunning {
+                vm: uuid,
+                state: state.as_str().into(),
+            });
+        }
+        let mut m = self.migrations.lock().expect("migrations");
+        let mode = match req.params.mode {
+            MigrationMode::Auto => MigrationMode::Auto.resolve("sim", "sim"),
+            mode => mode,
+        };
+        let job = m.entry(uuid).or_insert_with(|| SimMigration {
+            started: Instant::now(),
+            progress: MigrationProgress::starting(mode),
+        });
+        Ok(job.progress.clone())
+    }
+
+    async fn migration(&self, uuid: Uuid) -> Result<MigrationProgress, HvError> {
+        let mut m = self.migrations.lock().expect("migrations");
+        let job = m.get_mut(&uuid).ok_or(HvError::NotMigrating(uuid))?;
+        let p = &mut job.progress;
+        p.elapsed_ms = job.started.elapsed().as_millis() as u64;
+        if !p.phase.is_over() && job.started.elapsed() >= self.boot_delay {
+            p.phase = MigrationPhase::Completed;
+            p.downtime_ms = Some(0);
+        }
+        Ok(p.clone())
+    }
+
+    async fn cancel_migration(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        self.migrations.lock().expect("migrations").remove(&uuid);
+        let vms = self.vms.lock().await;
+        vms.get(&uuid).cloned().ok_or(HvError::NotFound(uuid))
+    }
+
+    async fn finish_incoming(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        let mut vms = self.vms.lock().await;
+        let v = vms.get_mut(&uuid).ok_or(HvError::NotFound(uuid))?;
+        if v.reason.as_deref() == Some(INCOMING) {
+            v.state = VmState::Running;
+            v.reason = None;
+            v.seq += 1;
+        }
+        let v = v.clone();
+        self.persist(&vms).await?;
+        Ok(v)
     }
 
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod disk;
 pub mod guest;
+pub mod migration;
 pub mod name;
 pub mod net;
 pub mod network;
@@ -16,6 +17,7 @@ pub mod text;
 
 pub use disk::{DiskFormat, DiskFormatError, TemplateDisk, TemplateDiskError};
 pub use guest::{GuestError, Readiness};
+pub use migration::{MigrateCluster, MigrateVm, Migration, MigrationStep};
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};
 pub use network::{Network, VmNetwork};

@@ -474,6 +474,8 @@ pub enum OperationKind {
     VmStart,
     VmSuspend,
     VmResume,
+    VmMigrate,
+    ClusterMigrate,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

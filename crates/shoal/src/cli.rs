@@ -133,9 +133,8 @@ pub struct ControllerOpts {
     #[arg(long, default_value_t = 300.0)]
     pub sample_interval: f64,
     /// Run the consolidator: at each sample, empty lightly loaded hosts and switch them off, and
-    /// switch hosts on when load grows (`shoal host power` sets the commands). There is no live
-    /// migration yet: a VM of the simulated driver is moved by restarting it on its new host,
-    /// and VMs on QEMU hosts are not moved.
+    /// switch hosts on when load grows (`shoal host power` sets the commands). VMs move by live
+    /// migration (`auto` mode: paused while their memory is copied under TCG).
     #[arg(long)]
     pub consolidate: bool,
     /// Record every VM's CPU use, one percentage per sample, into this directory as a
@@ -309,9 +308,8 @@ pub enum HostCmd {
     List,
     /// Create a one-time token with which a new agent joins.
     JoinToken,
-    /// Plan moves that even out the hosts' load (Ganeti hbal's score), and execute them. A move
-    /// restarts a simulated VM on its new host (no live migration yet); VMs on QEMU hosts are
-    /// not moved.
+    /// Plan moves that even out the hosts' load (Ganeti hbal's score), and execute them as live
+    /// migrations, in waves.
     Rebalance {
         /// Only print the plan (the default).
         #[arg(long, conflicts_with = "apply")]
@@ -322,8 +320,7 @@ pub enum HostCmd {
         #[command(flatten)]
         options: RebalanceArgs,
     },
-    /// Mark a host draining (nothing new lands on it) and move every VM off it (by restarting
-    /// it elsewhere: simulated VMs only, no live migration yet).
+    /// Mark a host draining (nothing new lands on it) and live-migrate every VM off it.
     Drain {
         name: String,
         /// Only print the plan; change nothing.
@@ -360,8 +357,7 @@ pub enum HostCmd {
     PowerOff { name: String },
     /// Each host's power draw and the energy it has used.
     Energy,
-    /// What the consolidator would do now (switch hosts on, move VMs, switch hosts off); moves
-    /// restart simulated VMs on their new hosts, VMs on QEMU hosts are not moved.
+    /// What the consolidator would do now (switch hosts on, live-migrate VMs, switch hosts off).
     Consolidate {
         /// Do it.
         #[arg(long)]
@@ -718,6 +714,16 @@ pub enum ClusterCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Move every VM of a virtual cluster off the hosts it is on, to hosts placement chooses
+    /// with the cluster's rules, in waves.
+    Migrate {
+        name: String,
+        #[command(flatten)]
+        how: MigrationArgs,
+        /// Migrations that may run at once (a host takes part in at most two).
+        #[arg(long, default_value_t = 4)]
+        max_concurrent: usize,
+    },
     /// Stop every VM of the cluster.
     Stop(PowerArgs),
     /// Start every VM of the cluster.
@@ -768,6 +774,51 @@ pub enum VmCmd {
     Snapshot {
         name: String,
     },
+    /// Move a running VM to another host, shared-nothing: its own disk blocks over NBD, then its
+    /// memory. Without --to, placement picks the host (the same rules as deployment).
+    Migrate {
+        name: String,
+        /// The destination host.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        how: MigrationArgs,
+        /// Only show where it would go.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: every host's verdict (the filter that rejected it, or its score).
+        #[arg(long, requires = "dry_run")]
+        explain: bool,
+    },
+}
+
+/// How a migration runs.
+#[derive(clap::Args, Debug)]
+pub struct MigrationArgs {
+    /// `live` (pre-copy while the guest runs), `pause` (the guest pauses while its memory is
+    /// copied) or `auto` (`live` on KVM; `pause` under TCG, whose dirty-page tracking is not
+    /// reliable in QEMU 7.2).
+    #[arg(long, default_value = "auto")]
+    pub mode: shoal_model::agent::MigrationMode,
+    /// Longest pause allowed at the end of a live migration, ms.
+    #[arg(long, value_name = "MS")]
+    pub max_downtime: Option<u64>,
+    /// Cap on the migration's bandwidth, MiB/s.
+    #[arg(long, value_name = "MIB_S")]
+    pub bandwidth: Option<u64>,
+    /// Wait until the migration is done, showing its progress.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl MigrationArgs {
+    pub fn params(&self) -> shoal_model::agent::MigrationParams {
+        shoal_model::agent::MigrationParams {
+            mode: self.mode,
+            max_downtime_ms: self.max_downtime,
+            bandwidth_mib: self.bandwidth,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -311,6 +311,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let op = client.delete_cluster(&name).await?;
                 finish(&client, out, op, wait).await?
             }
+            ClusterCmd::Migrate {
+                name,
+                how,
+                max_concurrent,
+            } => {
+                let req = shoal_model::MigrateCluster {
+                    params: how.params(),
+                    max_concurrent: Some(max_concurrent),
+                };
+                let op = client.migrate_cluster(&name, &req).await?;
+                finish(&client, out, op, how.wait).await?
+            }
             ClusterCmd::Stop(a) => power(&client, out, &a, None, "stop", false).await?,
             ClusterCmd::Start(a) => power(&client, out, &a, None, "start", false).await?,
             ClusterCmd::Suspend(a) => power(&client, out, &a, None, "suspend", false).await?,
@@ -323,6 +335,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCmd::Start(a)) => power(&client, out, &a, Some(()), "start", false).await?,
         Command::Vm(VmCmd::Suspend(a)) => power(&client, out, &a, Some(()), "suspend", false).await?,
         Command::Vm(VmCmd::Resume(a)) => power(&client, out, &a, Some(()), "resume", false).await?,
+        Command::Vm(VmCmd::Migrate {
+            name,
+            to,
+            how,
+            dry_run,
+            explain,
+        }) => {
+            if dry_run {
+                let e = client.plan_migrate(&name, to.as_deref(), explain).await?;
+                output::emit(out, &e, output::explanation);
+                if let Some(err) = e.error {
+                    anyhow::bail!("VM {name} could not move: {err}");
+                }
+                return Ok(());
+            }
+            let req = shoal_model::MigrateVm {
+                to,
+                params: how.params(),
+            };
+            let op = client.migrate_vm(&name, &req).await?;
+            finish(&client, out, op, how.wait).await?
+        }
         Command::Vm(VmCmd::Console { name, follow }) => console(&client, out, &name, follow).await?,
         Command::Vm(VmCmd::Snapshot { name }) => {
             output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot)

@@ -722,9 +722,9 @@ fn a_bad_config_file_is_refused_naming_the_file() {
     assert!(e.contains("--url") && e.contains("\"5\" is not a valid URL"), "{e}");
 }
 
-/// Help says what the consolidator and the rebalancer really do: no live migration yet.
+/// Help says how the consolidator, the rebalancer and drains move VMs: by live migration.
 #[test]
-fn help_does_not_promise_live_migration() {
+fn help_says_vms_move_by_live_migration() {
     let dead = "http://127.0.0.1:1";
     for args in [
         &["server", "--help"][..],
@@ -733,15 +733,27 @@ fn help_does_not_promise_live_migration() {
         &["host", "drain", "--help"],
         &["host", "consolidate", "--help"],
     ] {
-        let help = ok(dead, args);
-        assert!(!help.to_lowercase().contains("live-migrate"), "{args:?}: {help}");
+        let help = ok(dead, args).to_lowercase();
         assert!(
-            help.contains("restart"),
-            "{args:?} should say VMs are moved by restarting: {help}"
+            help.contains("live migration") || help.contains("live-migrate"),
+            "{args:?}: {help}"
+        );
+        assert!(
+            !help.contains("restart"),
+            "{args:?} still says VMs are moved by restarting: {help}"
         );
     }
-    for args in [&["server", "--help"][..], &["up", "--help"]] {
-        assert!(ok(dead, args).contains("VMs on QEMU hosts are not moved"), "{args:?}");
+    let help = ok(dead, &["vm", "migrate", "--help"]);
+    for flag in [
+        "--to",
+        "--mode",
+        "--max-downtime",
+        "--bandwidth",
+        "--wait",
+        "--dry-run",
+        "--explain",
+    ] {
+        assert!(help.contains(flag), "vm migrate --help lacks {flag}: {help}");
     }
 }
 

@@ -13,6 +13,7 @@ pub mod agents;
 pub mod clusters;
 pub mod hosts;
 pub mod images;
+pub mod migrations;
 pub mod networks;
 pub mod operations;
 pub mod plan;
@@ -30,6 +31,7 @@ pub mod vms;
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
         vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
+        migrations::migrate_vm, migrations::migrate_cluster, migrations::preview, migrations::list,
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
         power::energy_report, power::show_power, power::configure_power, power::switch_power, power::consolidate_plan,
@@ -153,11 +155,15 @@ pub fn router(ctl: Controller) -> Router {
             get(clusters::show_cluster).delete(clusters::delete_cluster),
         )
         .route("/v1/clusters/{name}/scale", post(clusters::scale_cluster))
+        .route("/v1/clusters/{name}/migrate", post(migrations::migrate_cluster))
         .route("/v1/clusters/{name}/{action}", post(clusters::cluster_action))
         .route("/v1/vms", get(vms::list_vms))
         .route("/v1/vms/{name}", get(vms::show_vm))
         .route("/v1/vms/{name}/console", get(vms::console))
         .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
+        .route("/v1/vms/{name}/migrate", post(migrations::migrate_vm))
+        .route("/v1/plan/migrate", post(migrations::preview))
+        .route("/v1/migrations", get(migrations::list))
         .route("/v1/templates/publish", post(templates::publish_template))
         .route("/v1/vms/{name}/{action}", post(vms::vm_action))
         .route(

@@ -13,6 +13,7 @@
 //! | `/profiles/<name>` | [`shoal_model::Profile`] | profile create |
 //! | `/clusters/<name>` | [`shoal_model::Cluster`] | cluster create, scale, power changes, the reconciler |
 //! | `/vms/<cluster>/<index, 6 digits>` | [`shoal_model::Vm`] | deployment, power changes, moves, the reconciler |
+//! | `/migrations/<vm>` | [`shoal_model::Migration`] | `vm migrate` and every plan that moves VMs; the migration executor at each step; deleted when the move is committed or undone |
 //! | `/operations/<id>` | [`shoal_model::Operation`] | every asynchronous request; pruned by age and count |
 //! | `/networks/<name>` | [`shoal_model::Network`] | network create / set, a cluster's own network |
 //! | `/ipam/subnets/<cidr>` | the network's (or cluster's) name, text | network create |
@@ -40,6 +41,7 @@ pub const PROFILES: &str = "/profiles/";
 pub const CLUSTERS: &str = "/clusters/";
 pub const VMS: &str = "/vms/";
 pub const OPERATIONS: &str = "/operations/";
+pub const MIGRATIONS: &str = "/migrations/";
 pub const NETWORKS: &str = "/networks/";
 pub const SUBNETS: &str = "/ipam/subnets/";
 pub const VNIS: &str = "/ipam/vnis/";
@@ -82,6 +84,9 @@ pub fn vm(cluster: &str, index: u32) -> String {
 }
 pub fn operation(id: &Uuid) -> String {
     format!("{OPERATIONS}{id}")
+}
+pub fn migration(vm: &str) -> String {
+    format!("{MIGRATIONS}{vm}")
 }
 pub fn network(name: &str) -> String {
     format!("{NETWORKS}{name}")

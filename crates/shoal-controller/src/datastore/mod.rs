@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shoal_model::power::HostPower;
-use shoal_model::{Cluster, Ipv4Subnet, MacAddr, Network, Operation, Profile, Template, Vm};
+use shoal_model::{Cluster, Ipv4Subnet, MacAddr, Migration, Network, Operation, Profile, Template, Vm};
 use shoal_store::{Compare, Op, Store, Txn};
 use uuid::Uuid;
 
@@ -290,6 +290,16 @@ impl Tx {
     pub fn delete_operation(self, id: &Uuid) -> Tx {
         self.delete(keys::operation(id))
     }
+    /// A migration of a VM that has none under way.
+    pub fn create_migration(self, m: &Migration) -> Tx {
+        self.create(keys::migration(&m.vm), m)
+    }
+    pub fn update_migration(self, read_at: u64, m: &Migration) -> Tx {
+        self.put_if(keys::migration(&m.vm), read_at, m)
+    }
+    pub fn delete_migration(self, vm: &str, read_at: u64) -> Tx {
+        self.delete_if(keys::migration(vm), read_at)
+    }
 
     // Networks and their identities.
 
@@ -535,6 +545,15 @@ impl Datastore {
     }
     pub async fn operations(&self) -> ApiResult<Vec<Operation>> {
         self.values(keys::OPERATIONS).await
+    }
+
+    // Migrations under way.
+
+    pub async fn migration(&self, vm: &str) -> ApiResult<Option<Versioned<Migration>>> {
+        self.get(&keys::migration(vm)).await
+    }
+    pub async fn migrations(&self) -> ApiResult<Vec<Versioned<Migration>>> {
+        self.list(keys::MIGRATIONS).await
     }
 
     // Networks and address management.

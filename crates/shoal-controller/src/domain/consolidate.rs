@@ -6,8 +6,7 @@
 //!
 //! What the policy may not touch is pinned: VMs not running, VMs of clusters with zone or rack
 //! anti-affinity or label rules it does not evaluate, VMs on hosts draining or in maintenance,
-//! and VMs on QEMU hosts until live migration lands (moving them would restart them without their
-//! disk). Hosts without both power commands are never emptied to save energy: nothing could
+//! and VMs that are migrating already. Hosts without both power commands are never emptied to save energy: nothing could
 //! switch them off.
 
 use std::collections::HashMap;
@@ -73,6 +72,8 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         .into_iter()
         .filter(|v| v.claimed && v.state != VmState::Deleting && index.contains_key(v.host.as_str()))
         .collect();
+    let migrating: std::collections::HashSet<String> =
+        ctl.db.migrations().await?.into_iter().map(|m| m.value.vm).collect();
 
     let mut guard = ctl.energy.lock().await;
     let meter = &mut *guard;
@@ -87,10 +88,9 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         let vm_meter = vm_meters.get(&v.uuid);
         let cluster = clusters.get(&v.cluster);
         let rule = cluster.map(|c| c.anti_affinity).unwrap_or_default();
-        let host = &hosts[h];
         let pinned = v.state != VmState::Running
             || matches!(rule, AntiAffinity::Zone | AntiAffinity::Rack)
-            || host.runs_qemu()
+            || migrating.contains(&v.name)
             || !in_service[h]
             || vm_meter.is_none_or(|m| m.history.is_empty());
         let next = groups.len() as u32;
@@ -102,7 +102,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             migration_s: v.memory_mib as f64 / MIGRATION_MIB_S,
             memory: v.memory_mib as f64,
             cpus: v.cpus as f64,
-            in_migration: v.state == VmState::Pending,
+            in_migration: migrating.contains(&v.name),
             last_migrated: last_migrated.get(&v.uuid).copied(),
             gone: false,
             pinned,

@@ -8,6 +8,7 @@ pub mod consolidate;
 pub mod energy;
 pub mod hosts;
 pub mod lifecycle;
+pub mod migrations;
 pub mod networks;
 pub mod operations;
 pub mod plans;

@@ -101,6 +101,8 @@ pub fn advance(op: &Operation, vms: &[&Vm], cluster: Option<&Cluster>, now_ms: u
             .join(", ")
     };
     match op.kind {
+        // Moves report their own progress (the migration executor, the wave runner).
+        OperationKind::VmMigrate | OperationKind::ClusterMigrate => {}
         // Removals: done when the VMs (and, for a delete, the cluster) are gone.
         OperationKind::ClusterDelete | OperationKind::ClusterScale if removes => {
             let left = vms.len() as u64;
@@ -195,6 +197,26 @@ pub fn advance(op: &Operation, vms: &[&Vm], cluster: Option<&Cluster>, now_ms: u
         }
     }
     Advanced { op: new, roll_back }
+}
+
+/// An operation whose driving task is gone (the controller restarted under it) ends, failed,
+/// saying so; `driven`: a task of this process drives it. Only moves in waves have such a task.
+pub fn abandoned(op: &Operation, driven: bool, now_ms: u64) -> Option<Operation> {
+    if op.kind != OperationKind::ClusterMigrate || driven || op.state != OperationState::Running {
+        return None;
+    }
+    let mut new = op.clone();
+    if let Some(s) = new.steps.iter_mut().find(|s| s.state == StepState::Running) {
+        s.state = StepState::Failed;
+    }
+    new.state = OperationState::Failed;
+    new.finished_unix_ms = Some(now_ms);
+    new.error = Some(
+        "the controller restarted while the VMs moved: the moves finished so far stay; run the migration \
+         again for the rest"
+            .into(),
+    );
+    Some(new)
 }
 
 fn set_execute(op: &mut Operation, done: u64, total: u64, message: String) {

@@ -130,6 +130,9 @@ struct Snapshot {
     templates: HashMap<String, TemplateRecord>,
     ops: Vec<Operation>,
     networks: HashMap<String, shoal_model::Network>,
+    /// Migrations under way: their VMs are also on the destination, for the network and for
+    /// orphans.
+    migrations: Vec<Versioned<shoal_model::Migration>>,
 }
 
 async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
@@ -170,6 +173,7 @@ async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
             .into_iter()
             .map(|n| (n.name.clone(), n))
             .collect(),
+        migrations: ctl.db.migrations().await?,
     })
 }
 
@@ -236,6 +240,7 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         s = read(ctl).await?;
     }
 
+    crate::migrate::resume(ctl, &s.migrations);
     finish_deleted_clusters(ctl, &s).await?;
     if advance_operations(ctl, &s).await? {
         // A cluster whose operation just finished is no longer busy: judge it on fresh state,
@@ -256,7 +261,11 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
             }
         }
     }
-    let mut known: HashSet<(Uuid, &str)> = HashSet::new();
+    let mut known: HashSet<(Uuid, &str)> = s
+        .migrations
+        .iter()
+        .map(|m| (m.value.uuid, m.value.to.as_str()))
+        .collect();
     for v in &s.vms {
         let vm = &v.value;
         known.insert((vm.uuid, vm.host.as_str()));
@@ -307,9 +316,37 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     Ok(cmds)
 }
 
+/// Which hosts take part in which network: those with the network's VMs, and the destinations
+/// of its VMs' migrations (their copy joins the network before it runs there).
 fn topology(s: &Snapshot) -> crate::domain::networks::Topology {
     let network_of = |c: &str| s.clusters.get(c).and_then(|c| c.value.network.as_deref());
-    crate::domain::networks::Topology::new(network_of, s.vms.iter().map(|v| &v.value), &s.hosts)
+    let arriving: Vec<Vm> = s
+        .migrations
+        .iter()
+        .filter_map(|m| {
+            let v = s.vms.iter().find(|v| v.value.uuid == m.value.uuid)?;
+            Some(Vm {
+                host: m.value.to.clone(),
+                ..v.value.clone()
+            })
+        })
+        .collect();
+    crate::domain::networks::Topology::new(
+        network_of,
+        s.vms.iter().map(|v| &v.value).chain(arriving.iter()),
+        &s.hosts,
+    )
+}
+
+/// The spec `vm` gets on `host`: what a migration's destination prepares.
+pub(crate) async fn spec_at(ctl: &Controller, vm: &Vm, host: &str) -> ApiResult<Option<VmSpec>> {
+    let s = read(ctl).await?;
+    let topo = topology(&s);
+    let at = Vm {
+        host: host.to_string(),
+        ..vm.clone()
+    };
+    Ok(spec_for(&s, &topo, &at))
 }
 
 fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> Option<VmSpec> {
@@ -577,6 +614,12 @@ async fn advance_operations(ctl: &Controller, s: &Snapshot) -> ApiResult<bool> {
     let mut finished = false;
     let by_name: HashMap<&str, &Vm> = s.vms.iter().map(|v| (v.value.name.as_str(), &v.value)).collect();
     for op in &s.ops {
+        let driven = ctl.driving.lock().expect("driving lock").contains(&op.id);
+        if let Some(failed) = decide::abandoned(op, driven, now_ms()) {
+            ctl.db.commit(Tx::new().put_operation(&failed)).await?;
+            finished = true;
+            continue;
+        }
         let vms: Vec<&Vm> = op.vms.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
         let cluster = s.clusters.get(&op.target).map(|c| &c.value);
         let step = advance(op, &vms, cluster, now_ms(), ctl.config.operation_timeout);
