@@ -39,9 +39,23 @@ pub enum Watch {
 }
 
 /// Decides from the source's report on its outgoing migration. `source_down`: the source host
-/// has not been heard from within the host timeout; `timed_out`: the migration ran past the
-/// operation timeout.
-pub fn watch(host: &str, answer: &Answer<MigrationProgress>, source_down: bool, timed_out: bool) -> Watch {
+/// has not been heard from within the host timeout; `dest_down`: the destination (named
+/// `dest`) has not, whose copy never ran, so a stream that stalls on a cut link is undone;
+/// `timed_out`: the migration ran past the operation timeout.
+pub fn watch(
+    host: &str,
+    answer: &Answer<MigrationProgress>,
+    source_down: bool,
+    dest: (&str, bool),
+    timed_out: bool,
+) -> Watch {
+    if let (Answer::Ok(p), (dest, true)) = (answer, dest) {
+        if p.phase != MigrationPhase::Completed {
+            return Watch::RollBack(format!(
+                "host {dest}, the destination, stopped answering the controller"
+            ));
+        }
+    }
     match answer {
         Answer::Ok(p) => match p.phase {
             MigrationPhase::Completed => Watch::Switch,
@@ -164,7 +178,7 @@ mod tests {
 
     #[test]
     fn watching_switches_only_on_completion_and_undoes_on_any_definite_failure() {
-        let w = |a: Answer<MigrationProgress>, down, late| watch("h1", &a, down, late);
+        let w = |a: Answer<MigrationProgress>, down, late| watch("h1", &a, down, ("h2", false), late);
         assert_eq!(
             w(Answer::Ok(progress(MigrationPhase::Memory)), false, false),
             Watch::Continue

@@ -228,7 +228,8 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
     let mut m = m.clone();
     let mut written = std::time::Instant::now();
     loop {
-        match decide::watch(&mig.from, &answer, down(ctl, &mig.from), timed_out(ctl, mig)) {
+        let dest_down = (mig.to.as_str(), down(ctl, &mig.to));
+        match decide::watch(&mig.from, &answer, down(ctl, &mig.from), dest_down, timed_out(ctl, mig)) {
             Watch::Continue => {}
             Watch::Switch => {
                 let p = match &answer {

@@ -145,17 +145,30 @@ impl Lab {
     pub fn start_controller(&mut self) {
         let port = free_port();
         self.url = format!("http://10.251.{}.1:{port}", self.octet);
+        self.spawn_controller("ctl.log");
+    }
+
+    /// Kills the controller (`kill -9`) and starts it again on the same address and data.
+    pub fn restart_controller(&mut self) {
+        if let Some(mut c) = self.ctl.take() {
+            c.kill9();
+        }
+        self.spawn_controller("ctl-restarted.log");
+    }
+
+    fn spawn_controller(&mut self, log: &str) {
+        let listen = self.url.trim_start_matches("http://").to_string();
         let d = Daemon::spawn(
             &[
                 "server",
                 "--listen",
-                &format!("10.251.{}.1:{port}", self.octet),
+                &listen,
                 "--data-dir",
                 self.data().join("ctl").to_str().unwrap(),
                 "--host-timeout",
                 "20",
             ],
-            &self.dir.path().join("ctl.log"),
+            &self.dir.path().join(log),
         );
         eventually(Duration::from_secs(30), "the admin token", || {
             self.data().join("ctl/admin.token").exists()
@@ -292,7 +305,7 @@ impl Lab {
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for f in ["ctl.log", "h0.log", "h1.log", "h2.log"] {
+        for f in ["ctl.log", "ctl-restarted.log", "h0.log", "h1.log", "h2.log"] {
             if let Ok(t) = std::fs::read_to_string(self.dir.path().join(f)) {
                 let tail: Vec<&str> = t.lines().rev().take(40).collect();
                 out.push_str(&format!(
