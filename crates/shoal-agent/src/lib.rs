@@ -426,6 +426,7 @@ fn ensure_failed(spec: &shoal_model::agent::VmSpec, e: &HvError, now: Option<VmS
             // Not a state the driver holds: it only settles a VM still pending.
             seq: 0,
             cpu_seconds: None,
+            disk_bytes: None,
         },
     }
 }
@@ -652,6 +653,7 @@ async fn remove_vms(State(state): State<AgentState>, req: Result<Json<RemoveVms>
                 reason: Some(e.to_string()),
                 seq: 0,
                 cpu_seconds: None,
+                disk_bytes: None,
             });
         }
     }

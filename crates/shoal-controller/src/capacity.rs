@@ -165,6 +165,7 @@ pub fn policy_vm(v: &Vm, cluster: Option<&Cluster>) -> shoal_policy::Vm {
         disk_mib: 0,
         template: Some(v.template.clone()),
         dirty_mib_s: None,
+        overlay_mib: 0,
         anti_affinity: cluster.and_then(|c| c.anti_affinity.domain()).map(str::to_string),
     }
 }

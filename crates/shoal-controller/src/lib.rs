@@ -121,6 +121,9 @@ pub struct Inner {
     /// Operations driven by a task of this process (moves in waves): one found running without
     /// its task was cut short by a restart.
     driving: Mutex<HashSet<Uuid>>,
+    /// Per host, the bandwidth its last committed migration achieved, MiB/s: what plans price
+    /// the next moves to or from it with.
+    pub(crate) migration_mib_s: Mutex<HashMap<String, f64>>,
     /// Turns true when the controller stops: its background tasks end without writing more.
     stopped: watch::Receiver<bool>,
 }
@@ -321,6 +324,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         peers_sent: Mutex::new(HashMap::new()),
         energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
         migrating: Mutex::new(HashSet::new()),
+        migration_mib_s: Mutex::new(HashMap::new()),
         driving: Mutex::new(HashSet::new()),
         stopped: stop_rx.clone(),
         config,

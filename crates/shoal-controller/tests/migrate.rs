@@ -273,7 +273,8 @@ async fn a_destination_that_stops_answering_after_the_switch_is_waited_for_never
     let mut h = Harness::start(Opts {
         hosts: 2,
         boot: Duration::from_secs(2),
-        host_timeout: Duration::from_secs(2),
+        // Not down before the copy completes: a destination lost during the copy is undone.
+        host_timeout: Duration::from_secs(30),
         ..Default::default()
     })
     .await;
@@ -312,5 +313,48 @@ async fn a_destination_that_stops_answering_after_the_switch_is_waited_for_never
     assert_eq!(
         h.client.migrations().await.unwrap()[0].step,
         shoal_model::MigrationStep::Switch
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_lost_during_the_copy_is_undone_and_the_vm_stays() {
+    let mut h = Harness::start(Opts {
+        hosts: 2,
+        boot: Duration::from_secs(6),
+        host_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    deployed(&h, "l", 1).await;
+    let before = vm(&h, "l-0").await;
+    let (dest, di) = if before.host == "host1" {
+        ("host2", 1)
+    } else {
+        ("host1", 0)
+    };
+    let op = h.client.migrate_vm("l-0", &to(dest)).await.unwrap();
+    wait_for("the copy to start", Duration::from_secs(20), async || {
+        let m = h.client.migrations().await.unwrap();
+        m.iter()
+            .any(|m| m.step == shoal_model::MigrationStep::Copy)
+            .then_some(())
+    })
+    .await;
+    h.agents[di].take().unwrap().kill();
+    let e = h.client.wait(op.id, |_| {}).await.unwrap_err().to_string();
+    assert!(
+        e.contains("rolled back") && e.contains(&format!("host {dest}, the destination")),
+        "{e}"
+    );
+    let after = vm(&h, "l-0").await;
+    assert_eq!(
+        (after.host.as_str(), after.state),
+        (before.host.as_str(), VmState::Running)
+    );
+    assert!(h.keys("/migrations/").await.is_empty());
+    assert_eq!(
+        claimed(&h).await.iter().sum::<u32>(),
+        2,
+        "the destination's claim was given back"
     );
 }

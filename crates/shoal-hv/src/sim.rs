@@ -230,6 +230,7 @@ impl Hypervisor for SimDriver {
             reason: None,
             seq: 1,
             cpu_seconds: None,
+            disk_bytes: None,
         });
         let target = spec.power.target();
         let allowed = match (status.state, spec.power) {
@@ -289,6 +290,7 @@ impl Hypervisor for SimDriver {
                         reason: Some(INCOMING.into()),
                         seq: 1,
                         cpu_seconds: None,
+                        disk_bytes: None,
                     },
                 );
                 self.persist(&vms).await?;

@@ -99,6 +99,10 @@ pub struct VmStatus {
     /// VM's process does). What the controller's energy accounting and consolidator measure.
     #[serde(default)]
     pub cpu_seconds: Option<f64>,
+    /// Bytes the VM's own disk data takes on the host (its copy-on-write overlay), for drivers
+    /// that keep disks: what a migration copies besides memory.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// A slice of a VM's serial console.

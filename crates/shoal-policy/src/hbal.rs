@@ -193,6 +193,7 @@ mod tests {
             disk_mib: gib * 10240,
             template: None,
             dirty_mib_s: None,
+            overlay_mib: 0,
             anti_affinity: None,
         }
     }

@@ -894,6 +894,7 @@ mod tests {
             disk_mib: 0,
             template: None,
             dirty_mib_s: None,
+            overlay_mib: 0,
             anti_affinity: Some("host".into()),
         });
         let plan = place_gang(&s, &anti(req(2, 1, 512, Placement::Pack), "host")).unwrap();
@@ -1042,6 +1043,7 @@ mod tests {
                     disk_mib: 0,
                     template: None,
                     dirty_mib_s: None,
+                    overlay_mib: 0,
                     anti_affinity: None,
                 })
                 .collect(),
@@ -1123,6 +1125,7 @@ mod tests {
                         disk_mib: 0,
                         template: None,
                         dirty_mib_s: None,
+                        overlay_mib: 0,
                         anti_affinity: None,
                     });
                 }

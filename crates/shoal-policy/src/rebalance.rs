@@ -333,7 +333,7 @@ impl<'s> Balance<'s> {
         if rate <= 0.0 {
             return None;
         }
-        let disk = if self.snap.shared_storage { 0 } else { v.disk_mib };
+        let disk = v.copied_disk_mib(self.snap.shared_storage);
         Some(v.memory_mib as f64 / rate + disk as f64 / bw)
     }
 
@@ -449,7 +449,7 @@ impl<'s> Balance<'s> {
             .filter(|&v| {
                 let x = &self.snap.vms[v];
                 let rule = x.anti_affinity.as_ref().map(|k| (k.as_str(), x.cluster.as_str()));
-                seen.insert((self.shape[v], rule, x.dirty_mib_s.map(f64::to_bits)))
+                seen.insert((self.shape[v], rule, x.dirty_mib_s.map(f64::to_bits), x.overlay_mib))
             })
             .collect()
     }
@@ -612,7 +612,7 @@ fn seconds_between(b: &Balance, vm: usize, from: usize, to: usize) -> Option<f64
     if rate <= 0.0 {
         return None;
     }
-    let disk = if b.snap.shared_storage { 0 } else { v.disk_mib };
+    let disk = v.copied_disk_mib(b.snap.shared_storage);
     Some(v.memory_mib as f64 / rate + disk as f64 / bw)
 }
 
@@ -1026,6 +1026,7 @@ mod tests {
             disk_mib: 0,
             template: None,
             dirty_mib_s: None,
+            overlay_mib: 0,
             anti_affinity: None,
         }
     }
@@ -1100,6 +1101,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(plan(&lopsided(), &opts).unwrap().moves.len(), 2);
+    }
+
+    /// Without shared storage a move also copies the VM's own disk blocks: of VMs alike but for
+    /// their overlays, the plan moves those with the least to copy, and prices them so.
+    #[test]
+    fn moves_copy_the_overlay_too_and_prefer_the_small_ones() {
+        let mut s = lopsided();
+        s.shared_storage = false;
+        for (i, v) in s.vms.iter_mut().enumerate() {
+            v.overlay_mib = if i % 2 == 0 { 40_000 } else { 10 };
+        }
+        let opts = RebalanceOptions {
+            max_moves: Some(3),
+            ..Default::default()
+        };
+        let p = plan(&s, &opts).unwrap();
+        assert_eq!(p.moves.len(), 3, "{p:?}");
+        for m in &p.moves {
+            let v: usize = m.vm[1..].parse().unwrap();
+            assert_eq!(v % 2, 1, "moved a VM with a 40 GB overlay: {m:?}");
+            // 4096 MiB of memory and 10 MiB of disk at 1250 MiB/s.
+            assert!((m.seconds - 4106.0 / 1250.0).abs() < 1e-9, "{m:?}");
+        }
+        assert_eq!(s.vms[0].copied_disk_mib(false), 40_000);
+        assert_eq!(s.vms[0].copied_disk_mib(true), 0);
     }
 
     #[test]

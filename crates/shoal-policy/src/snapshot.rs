@@ -151,9 +151,29 @@ pub struct Vm {
     /// Recently measured memory dirty rate; a migration must out-copy it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_mib_s: Option<f64>,
+    /// The disk data the VM wrote itself (its copy-on-write overlay, as its host measures it):
+    /// what a shared-nothing migration copies besides memory ([`Vm::copied_disk_mib`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overlay_mib: u64,
     /// Hard anti-affinity of its cluster, kept when the rebalancer moves it (`host`, `zone`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_affinity: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Vm {
+    /// The disk a migration of this VM copies, MiB: nothing on shared storage; else its own
+    /// blocks (`overlay_mib`), or its whole disk when that is all that is known (`disk_mib`).
+    pub fn copied_disk_mib(&self, shared_storage: bool) -> u64 {
+        if shared_storage {
+            0
+        } else {
+            self.disk_mib.max(self.overlay_mib)
+        }
+    }
 }
 
 /// Hosts, the VMs on them and image locality: everything a plan is computed from.

@@ -392,6 +392,7 @@ fn from_gen(v: &serde_json::Value) -> anyhow::Result<Snapshot> {
             disk_mib: num(x, "disk_gib")? * 1024,
             template: None,
             dirty_mib_s: None,
+            overlay_mib: 0,
             anti_affinity: None,
         });
     }

@@ -72,6 +72,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
         .into_iter()
         .filter(|v| v.claimed && v.state != VmState::Deleting && index.contains_key(v.host.as_str()))
         .collect();
+    let overlay = crate::domain::vms::overlay_mib(ctl);
     let migrating: std::collections::HashSet<String> =
         ctl.db.migrations().await?.into_iter().map(|m| m.value.vm).collect();
 
@@ -99,7 +100,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
             size: v.cpus as f64,
             demand: vm_meter.map_or(0.0, |m| m.rate),
             history: vm_meter.map_or(&[][..], |m| &m.history),
-            migration_s: v.memory_mib as f64 / MIGRATION_MIB_S,
+            migration_s: (v.memory_mib + overlay.get(&v.uuid).copied().unwrap_or(0)) as f64 / MIGRATION_MIB_S,
             memory: v.memory_mib as f64,
             cpus: v.cpus as f64,
             in_migration: migrating.contains(&v.name),

@@ -68,6 +68,23 @@ pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
             .filter(|v| v.claimed && v.state != VmState::Deleting)
             .map(|v| (v, clusters.get(&v.cluster))),
     );
+    // Moves are priced by what they copy (memory and the overlay's blocks) over the bandwidth
+    // the hosts' last migrations achieved.
+    let measured = ctl.migration_mib_s.lock().expect("bandwidth lock").clone();
+    for h in &mut snap.snapshot.hosts {
+        if let Some(bw) = measured.get(&h.name) {
+            h.migration_mib_s = Some(*bw);
+        }
+    }
+    let overlay = crate::domain::vms::overlay_mib(ctl);
+    let uuid_of: HashMap<&str, uuid::Uuid> = vms.iter().map(|v| (v.name.as_str(), v.uuid)).collect();
+    for v in &mut snap.snapshot.vms {
+        v.overlay_mib = uuid_of
+            .get(v.name.as_str())
+            .and_then(|u| overlay.get(u))
+            .copied()
+            .unwrap_or(0);
+    }
     for t in ctl.db.templates().await? {
         add_locality(ctl, &mut snap.snapshot, &t.template.name).await?;
     }

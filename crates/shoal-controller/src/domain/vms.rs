@@ -40,6 +40,16 @@ pub fn unknown_because(ctl: &Controller, vm: &Vm) -> Option<String> {
 }
 
 /// `vm list`, optionally of one cluster.
+/// Each VM's own disk data on its host (its overlay), MiB, as the hosts last reported it: what
+/// moving the VM copies besides its memory. VMs not reported count 0.
+pub fn overlay_mib(ctl: &Controller) -> std::collections::HashMap<uuid::Uuid, u64> {
+    ctl.liveness()
+        .values()
+        .flat_map(|l| l.vms.iter())
+        .filter_map(|r| Some((r.uuid, r.disk_bytes?.div_ceil(1 << 20))))
+        .collect()
+}
+
 pub async fn list(ctl: &Controller, cluster: Option<&str>) -> ApiResult<Vec<Vm>> {
     let vms = match cluster {
         Some(c) => {

@@ -126,6 +126,13 @@ pub fn source_settled(answer: &Answer<VmStatus>, source_down: bool) -> bool {
     }
 }
 
+/// The bandwidth a finished migration achieved, MiB/s (disk and memory sent over its time),
+/// when it moved enough to tell.
+pub fn bandwidth_mib_s(p: &MigrationProgress) -> Option<f64> {
+    let bytes = p.disk_sent_bytes + p.ram_sent_bytes;
+    (p.elapsed_ms >= 100 && bytes >= 1 << 20).then(|| bytes as f64 / 1048576.0 / (p.elapsed_ms as f64 / 1000.0))
+}
+
 /// One line of progress for the operation: what is sent, how fast the guest dirties memory,
 /// and the pause QEMU expects.
 pub fn progress_line(p: &MigrationProgress) -> String {
@@ -173,6 +180,7 @@ mod tests {
             reason: None,
             seq: 2,
             cpu_seconds: None,
+            disk_bytes: None,
         }
     }
 
@@ -246,6 +254,16 @@ mod tests {
         assert!(source_settled(&Answer::Ok(status(VmState::Running)), false));
         assert!(!source_settled(&Answer::Unreachable("x".into()), false));
         assert!(source_settled(&Answer::Unreachable("x".into()), true));
+    }
+
+    #[test]
+    fn bandwidth_is_what_was_sent_over_the_time_it_took() {
+        let mut p = progress(MigrationPhase::Completed);
+        p.elapsed_ms = 2000;
+        p.disk_sent_bytes = 64 << 20;
+        assert_eq!(bandwidth_mib_s(&p), Some(64.0));
+        p.elapsed_ms = 10;
+        assert_eq!(bandwidth_mib_s(&p), None, "too short to tell");
     }
 
     #[test]

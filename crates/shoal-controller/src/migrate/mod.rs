@@ -346,6 +346,11 @@ async fn commit(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
     );
     if ctl.db.try_commit(tx).await? {
         tracing::info!(vm = %mig.vm, from = %mig.from, to = %mig.to, "migration committed");
+        if let Some(bw) = mig.progress.as_ref().and_then(decide::bandwidth_mib_s) {
+            let mut measured = ctl.migration_mib_s.lock().expect("bandwidth lock");
+            measured.insert(mig.from.clone(), bw);
+            measured.insert(mig.to.clone(), bw);
+        }
         ctl.wake.notify_one();
     }
     Ok(())

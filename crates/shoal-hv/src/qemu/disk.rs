@@ -119,3 +119,10 @@ pub(super) async fn run(cmd: &mut Command, what: &str) -> Result<(), HvError> {
     }
     Ok(())
 }
+
+/// The bytes a file takes on disk (its allocated blocks, not its apparent size): an overlay's
+/// own data.
+pub(super) fn allocated_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}

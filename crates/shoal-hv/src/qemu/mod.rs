@@ -111,6 +111,7 @@ impl Vm {
             cpu_seconds: pid
                 .filter(|_| r.state == VmState::Running)
                 .and_then(process_cpu_seconds),
+            disk_bytes: disk::allocated_bytes(&self.dir.join("disk.qcow2")),
         }
     }
 
