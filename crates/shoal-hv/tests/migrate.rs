@@ -1,7 +1,8 @@
 //! Live migration between two QEMU drivers ("hosts" in their own directories) over 127.0.0.1,
 //! under TCG, with the demo guest: a busy guest moved paused with its disk, an idle one moved
-//! live and back, a migration cut half-way by a dead destination or cancelled, a completed one
-//! cancelled, a destination restarted while it waits, and a destination whose disk is full.
+//! live and back, a migration cut half-way by a dead destination, cancelled or removed, a
+//! completed one cancelled, agents restarted on either side, a destination whose disk is full
+//! and one that cannot listen.
 //! Each test boots one guest (5-25 s under TCG) and checks several things with it.
 
 mod common;
@@ -175,6 +176,22 @@ async fn remove_all(f: &Fixture, d: &QemuDriver, host: &str, uuid: Uuid) {
     if let Some(pid) = pid {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(dead(pid), "QEMU {pid} of {uuid} on {host} still runs");
+    }
+}
+
+/// No QEMU runs with a file under `dir` on its command line.
+fn no_qemu_under(dir: &Path) {
+    let dir = dir.to_string_lossy();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c);
+        let pid = p.file_name().to_string_lossy().parse::<i32>().unwrap_or(0);
+        assert!(
+            !(c.contains("qemu-system") && c.contains(dir.as_ref())) || dead(pid),
+            "a QEMU still runs under {dir}: {c}"
+        );
     }
 }
 
@@ -465,22 +482,15 @@ async fn a_migration_cut_or_cancelled_half_way_leaves_the_source_running() {
     wait_count(&a, uuid, n + 2).await;
     remove_all(&f, &b, "b", uuid).await;
 
-    // Only a running VM migrates.
-    a.ensure(&VmSpec {
-        power: Power::Stopped,
-        force_stop: true,
-        ..s.clone()
-    })
-    .await
-    .unwrap();
-    common::settle(a.as_ref(), uuid, VmState::Running, Duration::from_secs(60)).await;
+    // Removed while the memory copies: the job ends with it, and nothing stays on the source;
+    // the destination's QEMU sees the stream break.
     let to = b.prepare_incoming(&s, LOCALHOST).await.unwrap();
-    match a.migrate_out(uuid, &slow(to)).await {
-        Err(e @ HvError::NotRunning { .. }) => assert!(e.to_string().contains("stopped"), "{e}"),
-        other => panic!("migrating a stopped VM: {other:?}"),
-    }
-    remove_all(&f, &b, "b", uuid).await;
+    a.migrate_out(uuid, &slow(to)).await.unwrap();
+    wait_progress(&a, uuid, copying).await;
     remove_all(&f, &a, "a", uuid).await;
+    let st = common::settle(b.as_ref(), uuid, VmState::Creating, Duration::from_secs(60)).await;
+    assert_eq!(st.state, VmState::Failed, "{st:?}");
+    remove_all(&f, &b, "b", uuid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,5 +554,35 @@ async fn a_full_destination_disk_fails_the_migration_and_leaves_nothing_there() 
         0,
         "something left on the destination"
     );
+
+    // A preparation that fails leaves nothing either: here, an address not on this host.
+    let elsewhere = Ipv4Addr::new(192, 0, 2, 1);
+    match b.prepare_incoming(&s, elsewhere).await {
+        Err(e @ HvError::Listen { .. }) => assert!(e.to_string().contains("192.0.2.1"), "{e}"),
+        other => panic!("listening on a foreign address: {other:?}"),
+    }
+    assert!(b.list().await.iter().all(|v| v.uuid != uuid));
+    assert!(!vm_dir(&f, "b", uuid).exists());
+    no_qemu_under(&host_dir(&f, "b"));
+
+    // Only a running VM migrates.
+    a.ensure(&VmSpec {
+        power: Power::Stopped,
+        force_stop: true,
+        ..s.clone()
+    })
+    .await
+    .unwrap();
+    common::settle(a.as_ref(), uuid, VmState::Running, Duration::from_secs(60)).await;
+    let to = b.prepare_incoming(&s, LOCALHOST).await.unwrap();
+    let req = MigrateOut {
+        to,
+        params: params(MigrationMode::Pause),
+    };
+    match a.migrate_out(uuid, &req).await {
+        Err(e @ HvError::NotRunning { .. }) => assert!(e.to_string().contains("stopped"), "{e}"),
+        other => panic!("migrating a stopped VM: {other:?}"),
+    }
+    remove_all(&f, &b, "b", uuid).await;
     remove_all(&f, &a, "a", uuid).await;
 }

@@ -45,7 +45,7 @@ const PORT_TRIES: u32 = 5;
 const UNLIMITED_BYTES_PER_S: u64 = 100 << 30;
 const MIB: u64 = 1 << 20;
 /// What the source's VM says while it waits, paused, for the move to be committed or undone.
-pub(super) const MIGRATED: &str = "migrated; paused until the move is committed";
+const MIGRATED: &str = "migrated; paused until the move is committed";
 const INCOMING: &str = "incoming migration";
 
 /// An outgoing migration: its progress, and the task that carries it out.
@@ -125,7 +125,7 @@ impl Vm {
 
 impl QemuDriver {
     /// Destination: readies the incoming VM, or answers with the endpoints it already has.
-    pub(super) async fn prepare(self: &Arc<Self>, spec: &VmSpec, listen: Ipv4Addr) -> Result<IncomingVm, HvError> {
+    pub(super) async fn prepare(&self, spec: &VmSpec, listen: Ipv4Addr) -> Result<IncomingVm, HvError> {
         loop {
             let vm = match self.vm(spec.uuid) {
                 Some(vm) if !vm.incoming() => return Err(HvError::AlreadyHere(spec.uuid)),
@@ -304,14 +304,16 @@ impl QemuDriver {
         let t = Instant::now();
         match self.migrate(vm, job, req, nbd, mode).await {
             Ok(()) => {
-                let p = job.end(MigrationPhase::Completed, None);
+                let p = job.progress();
                 vm.record_timing("migrate_ms", ms(t));
                 if let Some(d) = p.downtime_ms {
                     vm.record_timing("downtime_ms", d as f64);
                 }
                 vm.record_timing("migrate_ram_bytes", p.ram_sent_bytes as f64);
                 vm.record_timing("migrate_disk_bytes", p.disk_sent_bytes as f64);
+                // Before the phase: whoever sees `completed` sees the VM say why it is paused.
                 vm.set(VmState::Running, Some(MIGRATED.into()));
+                job.end(MigrationPhase::Completed, None);
                 tracing::info!(vm = %vm.uuid, ms = ms(t), downtime_ms = ?p.downtime_ms, "migration completed");
             }
             Err(e) => {
@@ -705,6 +707,11 @@ fn mirror_arguments(node: &str, params: &MigrationParams) -> Value {
         args["speed"] = json!(mib.saturating_mul(MIB));
     }
     args
+}
+
+/// The memory stream's parameters with no cap.
+pub(super) fn unlimited() -> Value {
+    memory_parameters(&MigrationParams::default())
 }
 
 fn memory_parameters(params: &MigrationParams) -> Value {

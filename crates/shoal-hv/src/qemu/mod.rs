@@ -442,7 +442,7 @@ impl Hypervisor for QemuDriver {
     }
 
     async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
-        self.self_arc().prepare(spec, listen).await
+        self.prepare(spec, listen).await
     }
 
     async fn migrate_out(&self, uuid: Uuid, req: &MigrateOut) -> Result<MigrationProgress, HvError> {

@@ -336,6 +336,9 @@ impl QemuDriver {
         let tmp = vm.path("memory.state.partial");
         q.execute("stop", None).await?;
         let saved = async {
+            // A migration's bandwidth cap stays with QEMU, as does 7.2's default of 32 MiB/s.
+            q.execute("migrate-set-parameters", Some(super::migrate::unlimited()))
+                .await?;
             q.execute(
                 "migrate",
                 Some(json!({ "uri": format!("exec:cat > {}", tmp.display()) })),
