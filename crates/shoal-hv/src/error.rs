@@ -114,6 +114,15 @@ pub enum HvError {
     MigrationFailed { vm: Uuid, reason: String },
     #[error("VM {vm}: the destination has not received the whole VM yet (QEMU is {status})")]
     NotArrived { vm: Uuid, status: String },
+    /// A migration endpoint that is not `ADDRESS:PORT`.
+    #[error("VM {vm}: migration endpoint {value:?} is not ADDRESS:PORT")]
+    BadEndpoint { vm: Uuid, value: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::Ipv4Addr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {vm}: the {driver} driver keeps no disks to snapshot")]
     NoDisks { vm: Uuid, driver: String },
 
@@ -202,6 +211,7 @@ impl HvError {
             | E::MigrationUnsupported { .. }
             | E::NotRunning { .. }
             | E::AlreadyHere(_)
+            | E::BadEndpoint { .. }
             | E::GuestFailed { .. } => ErrorKind::Invalid,
             E::QemuMissing(_)
             | E::SocketPathTooLong(_)
@@ -214,7 +224,8 @@ impl HvError {
             | E::Spawn { .. }
             | E::Tool { .. }
             | E::MigrationFailed { .. }
-            | E::NotArrived { .. } => ErrorKind::Host,
+            | E::NotArrived { .. }
+            | E::Listen { .. } => ErrorKind::Host,
             E::Fetch { source, .. } | E::Store(source) => source.kind(),
             E::Network(n) => n.kind(),
             E::Vm { source, .. } => source.kind(),

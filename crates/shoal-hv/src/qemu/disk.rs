@@ -56,10 +56,13 @@ impl QemuDriver {
         let mut paused = false;
         if vm.state() == VmState::Running {
             let mut q = self.qmp(vm).await.map_err(in_vm("pausing for the snapshot"))?;
-            q.execute("stop", None)
-                .await
-                .map_err(|e| in_vm("pausing for the snapshot")(e.into()))?;
-            paused = true;
+            let pause = |e: crate::qemu::qmp::QmpError| in_vm("pausing for the snapshot")(e.into());
+            // A guest a migration paused stays paused: running it after the copy could make a
+            // second copy of a guest that runs elsewhere.
+            if q.status().await.map_err(pause)? == "running" {
+                q.execute("stop", None).await.map_err(pause)?;
+                paused = true;
+            }
         }
         let mut convert = Command::new(&self.cfg.qemu_img);
         // -U: QEMU holds the image's write lock; reading a paused guest's disk is safe.

@@ -6,12 +6,17 @@
 //! `qemu.log` (QEMU's own messages), `qmp.sock`, `qemu.pid` and, while suspended,
 //! `memory.state`. Templates are materialised once per host under `templates/<hash>/`.
 //!
+//! Live migration (`migrate.rs`) moves a running VM between two such drivers with no shared
+//! storage: the destination's QEMU waits for the memory stream and exports its empty overlay
+//! over NBD, the source mirrors its overlay into that export, then sends its memory.
+//!
 //! QEMU runs in its own process group, so it outlives the agent; a restarted agent re-adopts
 //! running VMs from their pid files. Transitions (boot, shutdown, suspend, resume) run one at a
 //! time per VM in the background; `ensure` only starts them and reports the state.
 
 pub mod accel;
 mod disk;
+mod migrate;
 mod process;
 pub mod qmp;
 pub mod seed;
@@ -26,7 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shoal_model::agent::{ConsoleChunk, DiskSnapshot, VmSpec, VmStatus};
+use shoal_model::agent::{ConsoleChunk, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec, VmStatus};
 use shoal_model::VmState;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -74,9 +79,32 @@ struct Record {
     reason: Option<String>,
     seq: u64,
     /// How long the last of each step took, in milliseconds (`clone`, `seed`, `qemu_start`,
-    /// `ready`, `suspend`, `resume`), and the size of the last saved memory (`state_bytes`).
+    /// `ready`, `suspend`, `resume`, `prepare_incoming`, `migrate`, `downtime`,
+    /// `finish_incoming`), and the size of the last saved memory (`state_bytes`) and of the
+    /// last migration's copies (`migrate_ram_bytes`, `migrate_disk_bytes`).
     #[serde(default)]
     timings: std::collections::BTreeMap<String, f64>,
+    /// The VM is arriving by migration: its QEMU waits for the source's memory and runs only
+    /// through `finish_incoming`.
+    #[serde(default)]
+    incoming: bool,
+    /// Where the source sends it, once prepared.
+    #[serde(default)]
+    incoming_vm: Option<IncomingVm>,
+}
+
+impl Record {
+    fn new(spec: &VmSpec) -> Record {
+        Record {
+            spec: spec.clone(),
+            state: VmState::Creating,
+            reason: None,
+            seq: 1,
+            timings: Default::default(),
+            incoming: false,
+            incoming_vm: None,
+        }
+    }
 }
 
 /// A QEMU process the driver watches: its pid, and how it ended once it has.
@@ -96,9 +124,24 @@ struct Vm {
     /// Set while the driver itself makes QEMU exit (stop, suspend, remove).
     expect_exit: AtomicBool,
     removed: AtomicBool,
+    /// The VM's outgoing migration, from `migrate_out` until it is cancelled.
+    migration: Mutex<Option<Arc<migrate::Job>>>,
 }
 
 impl Vm {
+    fn new(dir: PathBuf, record: Record) -> Vm {
+        Vm {
+            uuid: record.spec.uuid,
+            dir,
+            record: Mutex::new(record),
+            busy: tokio::sync::Mutex::new(()),
+            process: Mutex::new(None),
+            expect_exit: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            migration: Mutex::new(None),
+        }
+    }
+
     fn status(&self) -> VmStatus {
         let pid = self.process.lock().expect("process").as_ref().map(|p| p.pid);
         let r = self.record.lock().expect("vm record");
@@ -117,6 +160,10 @@ impl Vm {
 
     fn state(&self) -> VmState {
         self.record.lock().expect("vm record").state
+    }
+
+    fn incoming(&self) -> bool {
+        self.record.lock().expect("vm record").incoming
     }
 
     fn set(&self, state: VmState, reason: Option<String>) {
@@ -316,21 +363,7 @@ impl Hypervisor for QemuDriver {
                     path: dir.display().to_string(),
                     source,
                 })?;
-                let vm = Arc::new(Vm {
-                    uuid: spec.uuid,
-                    dir,
-                    record: Mutex::new(Record {
-                        spec: spec.clone(),
-                        state: VmState::Creating,
-                        reason: None,
-                        seq: 1,
-                        timings: Default::default(),
-                    }),
-                    busy: tokio::sync::Mutex::new(()),
-                    process: Mutex::new(None),
-                    expect_exit: AtomicBool::new(false),
-                    removed: AtomicBool::new(false),
-                });
+                let vm = Arc::new(Vm::new(dir, Record::new(spec)));
                 {
                     let r = vm.record.lock().expect("vm record");
                     vm.persist(&r);
@@ -350,6 +383,10 @@ impl Hypervisor for QemuDriver {
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError> {
         let Some(vm) = self.vm(uuid) else { return Ok(()) };
         vm.removed.store(true, Ordering::SeqCst);
+        let job = vm.migration.lock().expect("migration").take();
+        if let Some(job) = job {
+            job.abort().await;
+        }
         vm.expect_exit.store(true, Ordering::SeqCst);
         if let Some(p) = vm.process() {
             if p.exited.borrow().is_none() {
@@ -403,5 +440,25 @@ impl Hypervisor for QemuDriver {
             next: end as u64,
             data: String::from_utf8_lossy(&bytes[start..end]).into_owned(),
         })
+    }
+
+    async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
+        self.prepare(spec, listen).await
+    }
+
+    async fn migrate_out(&self, uuid: Uuid, req: &MigrateOut) -> Result<MigrationProgress, HvError> {
+        self.self_arc().send(uuid, req).await
+    }
+
+    async fn migration(&self, uuid: Uuid) -> Result<MigrationProgress, HvError> {
+        self.migration_progress(uuid)
+    }
+
+    async fn cancel_migration(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        self.cancel_outgoing(uuid).await
+    }
+
+    async fn finish_incoming(&self, uuid: Uuid) -> Result<VmStatus, HvError> {
+        self.finish(uuid).await
     }
 }

@@ -3,8 +3,8 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_model::agent::VmSpec;
@@ -37,18 +37,15 @@ impl QemuDriver {
                 continue;
             };
             let uuid = record.spec.uuid;
-            let vm = Arc::new(Vm {
-                uuid,
-                dir: dir.clone(),
-                record: Mutex::new(record),
-                busy: tokio::sync::Mutex::new(()),
-                process: Mutex::new(None),
-                expect_exit: AtomicBool::new(false),
-                removed: AtomicBool::new(false),
-            });
+            let vm = Arc::new(Vm::new(dir.clone(), record));
             let alive = alive_pid(&dir, uuid);
             let meant_to_run = vm.record.lock().expect("vm record").spec.power == Power::Running;
             match (vm.state(), alive) {
+                // Still arriving: it stays paused until `finish_incoming`.
+                (_, Some(pid)) if vm.incoming() => {
+                    tracing::info!(vm = %uuid, pid, "re-adopting the QEMU of an incoming migration");
+                    self.watch_adopted(&vm, pid);
+                }
                 (VmState::Running | VmState::Creating, Some(pid)) => {
                     tracing::info!(vm = %uuid, pid, "re-adopting running QEMU");
                     self.watch_adopted(&vm, pid);
@@ -81,13 +78,25 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// An adopted VM may have been paused by a suspend that never finished: let it run.
+    /// An adopted VM may have been paused by a suspend that never finished: let it run, unless
+    /// a migration paused it ([`on_adopt`]).
     fn unpause(self: &Arc<Self>, vm: &Arc<Vm>) {
         let (driver, vm) = (self.clone(), vm.clone());
         tokio::spawn(async move {
-            if let Ok(mut q) = driver.qmp(&vm).await {
-                if q.status().await.ok().as_deref() == Some("paused") {
+            let Ok(mut q) = driver.qmp(&vm).await else { return };
+            let Ok(run_state) = q.status().await else { return };
+            let migration = match q.execute("query-migrate", None).await {
+                Ok(m) => m["status"].as_str().map(str::to_string),
+                Err(_) => return,
+            };
+            match on_adopt(&run_state, migration.as_deref()) {
+                Adopt::Leave => {}
+                Adopt::Cont => {
                     let _ = q.execute("cont", None).await;
+                }
+                Adopt::Hold(reason) => {
+                    tracing::warn!(vm = %vm.uuid, "{reason}");
+                    vm.set(VmState::Running, Some(reason));
                 }
             }
         });
@@ -103,8 +112,9 @@ impl QemuDriver {
         }
     }
 
-    /// Starts QEMU for `vm`; `incoming` resumes from `memory.state`.
-    pub(super) async fn launch(&self, vm: &Arc<Vm>, spec: &VmSpec, base: &Base, incoming: bool) -> Result<(), HvError> {
+    /// Starts QEMU for `vm`, the same machine whatever `how`: a migration stream must find the
+    /// devices it was saved from.
+    pub(super) async fn launch(&self, vm: &Arc<Vm>, spec: &VmSpec, base: &Base, how: Launch) -> Result<(), HvError> {
         let sock = vm.path("qmp.sock");
         if sock.as_os_str().len() > 100 {
             return Err(HvError::SocketPathTooLong(sock));
@@ -170,9 +180,17 @@ impl QemuDriver {
                 cmd.arg("-initrd").arg(i);
             }
         }
-        if incoming {
-            cmd.arg("-incoming")
-                .arg(format!("exec:cat {}", vm.path("memory.state").display()));
+        match how {
+            Launch::Boot => {}
+            Launch::Resume => {
+                cmd.arg("-incoming")
+                    .arg(format!("exec:cat {}", vm.path("memory.state").display()));
+            }
+            // `defer`: the listening address is chosen over QMP, where a port in use can be
+            // retried. `-S` keeps the guest paused after the memory arrived.
+            Launch::Incoming => {
+                cmd.args(["-S", "-incoming", "defer"]);
+            }
         }
         cmd.stdin(std::process::Stdio::null())
             .stdout(log)
@@ -225,10 +243,49 @@ impl QemuDriver {
     }
 }
 
+/// How QEMU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Launch {
+    /// Boots the guest.
+    Boot,
+    /// Loads the guest's memory from `memory.state` (a suspended VM).
+    Resume,
+    /// Waits, paused, for a migration stream (`migrate-incoming` over QMP).
+    Incoming,
+}
+
+/// What the agent does with an adopted QEMU that is alive, from its run state and its
+/// migration's status (`query-migrate`, `None` when it never migrated).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Adopt {
+    Leave,
+    /// Paused by a suspend the previous agent did not finish: run it again.
+    Cont,
+    /// Paused by a migration: running it could make a second copy of a guest that runs
+    /// elsewhere, so it waits for the migration to be cancelled or the VM removed (the reason).
+    Hold(String),
+}
+
+pub(super) fn on_adopt(run_state: &str, migration: Option<&str>) -> Adopt {
+    // `completed` counts: the guest may run on the destination already.
+    let migrated = matches!(migration, Some(s) if !matches!(s, "none" | "failed" | "cancelled"));
+    let migration_state = matches!(run_state, "inmigrate" | "postmigrate" | "finish-migrate");
+    match run_state {
+        "running" => Adopt::Leave,
+        _ if migrated || migration_state => Adopt::Hold(format!(
+            "QEMU is {run_state} (migration {}): held paused until the migration is cancelled or the VM removed",
+            migration.unwrap_or("none")
+        )),
+        "paused" => Adopt::Cont,
+        _ => Adopt::Leave,
+    }
+}
+
 /// Records how QEMU ended; an exit nobody asked for fails the VM with the reason from its log.
 fn exited(vm: &Vm, how: String, tx: watch::Sender<Option<String>>) {
     let expected = vm.expect_exit.load(Ordering::SeqCst) || vm.removed.load(Ordering::SeqCst);
-    if !expected && vm.state() == VmState::Running {
+    // An incoming VM's QEMU exits by itself when the migration stream breaks.
+    if !expected && (vm.state() == VmState::Running || vm.incoming()) {
         let reason = format!("{how} unexpectedly{}", log_tail(&vm.path("qemu.log")));
         tracing::warn!(vm = %vm.uuid, "{reason}");
         vm.set(VmState::Failed, Some(reason));
@@ -286,6 +343,31 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::{on_adopt, Adopt};
+
+    #[test]
+    fn an_adopted_vm_is_run_again_only_when_no_migration_paused_it() {
+        assert_eq!(on_adopt("running", None), Adopt::Leave);
+        assert_eq!(on_adopt("running", Some("active")), Adopt::Leave);
+        assert_eq!(on_adopt("paused", None), Adopt::Cont, "an unfinished suspend");
+        assert_eq!(on_adopt("paused", Some("failed")), Adopt::Cont);
+        assert_eq!(on_adopt("paused", Some("cancelled")), Adopt::Cont);
+        for (run, migration) in [
+            ("postmigrate", Some("completed")),
+            ("paused", Some("active")),
+            ("paused", Some("completed")),
+            ("finish-migrate", Some("device")),
+            ("inmigrate", None),
+            ("postmigrate", None),
+        ] {
+            match on_adopt(run, migration) {
+                Adopt::Hold(reason) => assert!(reason.contains(run), "{reason}"),
+                other => panic!("{run} {migration:?}: {other:?}"),
+            }
+        }
+        assert_eq!(on_adopt("shutdown", None), Adopt::Leave);
+    }
+
     #[test]
     fn a_process_cpu_time_is_read_and_grows() {
         let me = std::process::id();

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use shoal_model::agent::VmSpec;
+use shoal_model::agent::{MigrationPhase, VmSpec};
 use shoal_model::guest::{GUEST_FAILED, GUEST_READY};
 use shoal_model::{Power, Readiness, VmState};
 
 use super::disk::cleanup_dir;
-use super::process::kill9;
+use super::process::{kill9, Launch};
 use super::qmp::{Qmp, QmpError};
 use super::template::Base;
 use super::{console_len, console_tail, log_tail, ms, read_from, seed, QemuDriver, Vm};
@@ -48,6 +48,14 @@ impl Step {
     fn boots(self) -> bool {
         matches!(self, Step::Create | Step::Start | Step::Resume)
     }
+}
+
+/// Whether a VM's power must not change: while it arrives by migration (only
+/// `finish_incoming` runs it), and while it is being sent away or has been (its guest is paused
+/// or copied: stopping or starting it now would lose or duplicate it). A migration that failed
+/// or was cancelled holds nothing.
+pub(super) fn power_held(incoming: bool, migration: Option<MigrationPhase>) -> bool {
+    incoming || matches!(migration, Some(p) if !matches!(p, MigrationPhase::Failed | MigrationPhase::Cancelled))
 }
 
 /// What a failed step leaves behind.
@@ -96,7 +104,7 @@ impl QemuDriver {
         let driver = self.clone();
         tokio::spawn(async move {
             let Ok(_g) = vm.busy.try_lock() else { return };
-            if vm.removed.load(Ordering::SeqCst) {
+            if vm.removed.load(Ordering::SeqCst) || power_held(vm.incoming(), vm.migration_phase()) {
                 return;
             }
             let before = vm.state();
@@ -175,7 +183,7 @@ impl QemuDriver {
     async fn boot(&self, vm: &Arc<Vm>, spec: &VmSpec, base: &Base) -> Result<(), HvError> {
         let offset = console_len(vm).await;
         let t = std::time::Instant::now();
-        self.launch(vm, spec, base, false).await?;
+        self.launch(vm, spec, base, Launch::Boot).await?;
         self.wait_status(vm, &["running"]).await?;
         vm.record_timing("qemu_start_ms", ms(t));
         if spec.ready != Readiness::Running {
@@ -219,7 +227,7 @@ impl QemuDriver {
     }
 
     /// Waits until QEMU reports one of `states`.
-    async fn wait_status(&self, vm: &Vm, states: &[&str]) -> Result<String, HvError> {
+    pub(super) async fn wait_status(&self, vm: &Vm, states: &[&str]) -> Result<String, HvError> {
         let mut q = self.qmp(vm).await?;
         let deadline = tokio::time::Instant::now() + STATUS_TIMEOUT;
         loop {
@@ -328,6 +336,9 @@ impl QemuDriver {
         let tmp = vm.path("memory.state.partial");
         q.execute("stop", None).await?;
         let saved = async {
+            // A migration's bandwidth cap stays with QEMU, as does 7.2's default of 32 MiB/s.
+            q.execute("migrate-set-parameters", Some(super::migrate::unlimited()))
+                .await?;
             q.execute(
                 "migrate",
                 Some(json!({ "uri": format!("exec:cat > {}", tmp.display()) })),
@@ -363,7 +374,7 @@ impl QemuDriver {
 
     async fn resume(&self, vm: &Arc<Vm>, spec: &VmSpec) -> Result<(), HvError> {
         let base = self.template(spec).await?;
-        self.launch(vm, spec, &base, true).await?;
+        self.launch(vm, spec, &base, Launch::Resume).await?;
         self.wait_status(vm, &["paused", "running"]).await?;
         let mut q = self.qmp(vm).await?;
         if q.status().await? == "paused" {
@@ -418,6 +429,21 @@ mod tests {
         assert_eq!(Step::toward(S::Suspended, Running, true), Some(Step::Resume));
         assert_eq!(Step::toward(S::Stopped, Suspended, true), None);
         assert_eq!(Step::toward(S::Running, Running, true), None);
+    }
+
+    #[test]
+    fn migrations_hold_the_power_where_a_change_would_lose_or_duplicate_the_guest() {
+        use MigrationPhase::*;
+        assert!(!power_held(false, None));
+        assert!(
+            power_held(true, None),
+            "an incoming VM runs only through finish_incoming"
+        );
+        for phase in [Disk, Memory, Completed] {
+            assert!(power_held(false, Some(phase)), "{phase:?}");
+        }
+        assert!(!power_held(false, Some(Failed)));
+        assert!(!power_held(false, Some(Cancelled)));
     }
 
     #[test]
