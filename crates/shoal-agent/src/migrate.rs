@@ -1,8 +1,8 @@
 //! The migration commands (controller → agent), each one call of the driver's migration steps:
 //! the destination prepares and finishes, the source sends, reports progress and cancels.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -52,10 +52,35 @@ pub(crate) async fn migrate_out(
     }
 }
 
-pub(crate) async fn progress(State(state): State<AgentState>, uuid: Result<UrlPath<Uuid>, PathRejection>) -> Response {
-    match uuid {
-        Ok(UrlPath(uuid)) => answer(state.hv.migration(uuid).await),
-        Err(e) => bad_request(e),
+#[derive(serde::Deserialize)]
+pub(crate) struct ProgressQuery {
+    /// Answer as soon as the migration is over, or after this long with its progress (at most
+    /// 10 s): the controller learns of the end within milliseconds, and the guest's pause is not
+    /// lengthened by a polling interval.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// How often a waiting progress request looks again.
+const WATCH: std::time::Duration = std::time::Duration::from_millis(2);
+
+pub(crate) async fn progress(
+    State(state): State<AgentState>,
+    uuid: Result<UrlPath<Uuid>, PathRejection>,
+    q: Result<Query<ProgressQuery>, QueryRejection>,
+) -> Response {
+    let (UrlPath(uuid), Query(q)) = match (uuid, q) {
+        (Ok(u), Ok(q)) => (u, q),
+        (Err(e), _) => return bad_request(e),
+        (_, Err(e)) => return bad_request(e),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(q.wait_ms.min(10_000));
+    loop {
+        let p = state.hv.migration(uuid).await;
+        match &p {
+            Ok(p) if !p.phase.is_over() && tokio::time::Instant::now() < deadline => tokio::time::sleep(WATCH).await,
+            _ => return answer(p),
+        }
     }
 }
 

@@ -690,9 +690,12 @@ impl AgentClient {
         self.http.post(&format!("/v1/vms/{uuid}/migration"), req).await
     }
 
-    /// Source: the progress of the VM's outgoing migration.
-    pub async fn migration(&self, uuid: Uuid) -> Result<MigrationProgress, ClientError> {
-        self.http.get(&format!("/v1/vms/{uuid}/migration")).await
+    /// Source: the progress of the VM's outgoing migration, as soon as it is over or after
+    /// `wait` at the latest.
+    pub async fn migration(&self, uuid: Uuid, wait: Duration) -> Result<MigrationProgress, ClientError> {
+        self.http
+            .get(&format!("/v1/vms/{uuid}/migration?wait_ms={}", wait.as_millis()))
+            .await
     }
 
     /// Source: cancels the VM's migration (whatever its phase) and lets it run on there.

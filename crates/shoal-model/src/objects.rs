@@ -567,6 +567,10 @@ pub struct Operation {
     pub error: Option<String>,
     pub created_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,
+    /// A VM migration's progress as its source last reported it (bytes sent, dirty rate,
+    /// expected and, once done, measured downtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::agent::MigrationProgress>,
 }
 
 impl Operation {

@@ -40,11 +40,12 @@ esac
     )
 }
 
-/// The `count N` values on a console, in order.
+/// The `count N` values on a console, in order (the demo guest prefixes its scripts' lines
+/// with `user-data: `).
 fn counts(console: &str) -> Vec<u64> {
     console
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
+        .filter_map(|l| l.trim_end().rsplit_once("count ")?.1.parse().ok())
         .collect()
 }
 

@@ -43,6 +43,7 @@ pub(crate) fn new_operation(kind: OperationKind, target: &str, steps: &[&str], p
         error: None,
         created_unix_ms: now_ms(),
         finished_unix_ms: None,
+        migration: None,
     }
 }
 

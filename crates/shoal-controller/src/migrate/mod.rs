@@ -19,8 +19,9 @@ use crate::Controller;
 pub mod decide;
 use decide::{Answer, Switched, Watch};
 
-/// How often the source is asked for progress.
-const POLL: Duration = Duration::from_millis(200);
+/// How long the source holds a progress request while its migration runs: it answers at once
+/// when the migration ends, so the switch follows the copy within milliseconds.
+const POLL: Duration = Duration::from_millis(1000);
 /// How often progress is written to the operation.
 const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// Pause before asking a host again that did not answer.
@@ -238,6 +239,7 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
                 };
                 let line = p.as_ref().map(decide::progress_line).unwrap_or_default();
                 let op = op_update(ctl, &m, |op| {
+                    op.migration = p.clone();
                     step(op, 1, StepState::Done, line);
                     step(op, 2, StepState::Running, format!("host {} takes over", mig.to));
                 })
@@ -259,6 +261,7 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
                     p.disk_total_bytes + p.ram_total_bytes.max(p.ram_sent_bytes + p.ram_remaining_bytes),
                 );
                 let op = op_update(ctl, &m, |op| {
+                    op.migration = Some(p.clone());
                     if let Some(s) = op.step_mut(STEPS[1]) {
                         s.done = done;
                         s.total = total.max(done);
@@ -277,8 +280,12 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
                 }
             }
         }
-        tokio::time::sleep(POLL).await;
-        answer = Answer::from_client(agent.migration(mig.uuid).await);
+        let asked = std::time::Instant::now();
+        answer = Answer::from_client(agent.migration(mig.uuid, POLL).await);
+        if !matches!(answer, Answer::Ok(_)) {
+            // A source that did not hold the request is not asked again at once.
+            tokio::time::sleep(POLL.saturating_sub(asked.elapsed())).await;
+        }
     }
 }
 
