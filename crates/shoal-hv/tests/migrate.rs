@@ -343,7 +343,12 @@ async fn a_busy_guest_moves_paused_with_its_disk_and_counts_on() {
         &there[..there.len().min(5)]
     );
     assert!(there.windows(2).all(|w| w[1] == w[0] + 1), "{there:?}");
-    assert!(b.timings(uuid).unwrap().contains_key("finish_incoming_ms"));
+    let there_timings = b.timings(uuid).unwrap();
+    assert!(there_timings.contains_key("finish_incoming_ms"), "{there_timings:?}");
+    eprintln!(
+        "pause mode, busy guest: source {:?}, destination {there_timings:?}",
+        a.timings(uuid).unwrap()
+    );
 
     // The source goes; the destination runs on.
     remove_all(&f, &a, "a", uuid).await;
