@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build demo demo-debian lint test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net openapi clean
+.PHONY: deps build demo demo-debian lint test test-net bench-deploy bench-vm bench-images bench-placement bench-sim bench-net bench-migrate openapi clean
 
 deps:
 	@scripts/install-deps.sh
@@ -57,6 +57,14 @@ bench-vm: deps
 bench-net: deps
 	$(CARGO) build --release -p shoal -p shoal-bench
 	target/release/bench-net target/release/shoal $(BENCH_FLAGS)
+
+## make bench-migrate: moving a running 128 MiB guest between two QEMU hosts of `shoal up`, idle and
+## busy, pause and live, next to the same migration driven by a bare QMP script
+## (scripts/migration/bare-migrate.py); busy guests back and forth in auto mode (corrupted ones
+## counted); a drain of four guests. Real guests under TCG; about 5 minutes.
+bench-migrate: deps
+	$(CARGO) build --release -p shoal -p shoal-bench
+	target/release/bench-migrate target/release/shoal $(BENCH_FLAGS)
 
 ## make bench-images: Shoal's image store against borg, casync and restic on the VM image corpus
 ## (seven 2 GiB Debian images). The corpus is built first when absent (root, about 11 minutes, about

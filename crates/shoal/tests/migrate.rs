@@ -75,12 +75,13 @@ fn counting_past(lab: &Lab, after: u64) -> Vec<u64> {
     c
 }
 
-/// QEMU processes of `vm` (by the `-name` QEMU gets) on the whole machine, with their command lines.
-fn qemus(vm: &str) -> Vec<(u32, String)> {
+/// QEMU processes of `vm` (by the `-name` QEMU gets) of this lab's hosts, with their command lines.
+fn qemus(lab: &Lab, vm: &str) -> Vec<(u32, String)> {
+    let data = lab.data().display().to_string();
     let o = Command::new("pgrep").args(["-af", "qemu-system"]).output().unwrap();
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .filter(|l| l.contains(&format!("-name {vm} ")))
+        .filter(|l| l.contains(&format!("-name {vm} ")) && l.contains(&data))
         .filter_map(|l| {
             let (pid, cmd) = l.split_once(' ')?;
             Some((pid.parse().ok()?, cmd.to_string()))
@@ -202,7 +203,7 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
         .into_iter()
         .find(|h| *h != host_of(&lab, "mig-0") && *h != host_of(&lab, "mig-1"))
         .unwrap();
-    let seen = *counts(&console(&lab, "mig-0")).last().unwrap();
+    let seen = counts(&console(&lab, "mig-0")).last().copied().unwrap_or(0);
     let pongs_before = pongs(&console(&lab, "mig-1"));
     let t = Instant::now();
     let out = lab.ok(&["vm", "migrate", "mig-0", "--to", dest, "--wait"]);
@@ -226,19 +227,22 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
         eprintln!("pings lost during the move: {lost} of {}", b - a + 1);
     }
     assert_eq!(
-        qemus("mig-0").len(),
+        qemus(&lab, "mig-0").len(),
         1,
         "exactly one QEMU of mig-0: {:?}",
-        qemus("mig-0")
+        qemus(&lab, "mig-0")
     );
 
     // Fault: the destination's QEMU killed mid-copy → rolled back, the guest runs on.
     let src = host_of(&lab, "mig-0");
     let dest = ["h0", "h1", "h2"].into_iter().find(|h| *h != src).unwrap();
     let id = start_migration(&lab, &["--to", dest, "--bandwidth", "1"]);
-    let incoming: Vec<(u32, String)> = qemus("mig-0")
+    // The destination's QEMU, by its data directory (a VM that arrived by migration keeps
+    // `-incoming` on its command line, so that does not tell them apart).
+    let at_dest = format!("/data/{dest}/qemu/");
+    let incoming: Vec<(u32, String)> = qemus(&lab, "mig-0")
         .into_iter()
-        .filter(|(_, c)| c.contains("-incoming"))
+        .filter(|(_, c)| c.contains(&at_dest))
         .collect();
     assert_eq!(incoming.len(), 1, "{incoming:?}");
     kill9(incoming[0].0);
@@ -247,10 +251,10 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     let err = op["error"].as_str().unwrap();
     assert!(err.contains("rolled back") && err.contains(&src), "{err}");
     assert_eq!(host_of(&lab, "mig-0"), src);
-    let seen = *counts(&console(&lab, "mig-0")).last().unwrap();
+    let seen = counts(&console(&lab, "mig-0")).last().copied().unwrap_or(0);
     counting_past(&lab, seen);
     eventually(Duration::from_secs(30), "one QEMU of mig-0", || {
-        qemus("mig-0").len() == 1
+        qemus(&lab, "mig-0").len() == 1
     });
 
     // Fault: the controller killed mid-copy → after its restart the move completes or is
@@ -265,9 +269,9 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     }
     eprintln!("after the controller's restart the migration {}", op["state"]);
     eventually(Duration::from_secs(60), "exactly one QEMU of mig-0", || {
-        qemus("mig-0").len() == 1
+        qemus(&lab, "mig-0").len() == 1
     });
-    let seen = *counts(&console(&lab, "mig-0")).last().unwrap();
+    let seen = counts(&console(&lab, "mig-0")).last().copied().unwrap_or(0);
     counting_past(&lab, seen);
 
     // Fault: the destination's link cut mid-copy → the destination is down to the controller,
@@ -286,10 +290,10 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     assert_eq!(op["state"], "failed", "{op}");
     assert!(op["error"].as_str().unwrap().contains(dest), "{op}");
     assert_eq!(host_of(&lab, "mig-0"), src);
-    let seen = *counts(&console(&lab, "mig-0")).last().unwrap();
+    let seen = counts(&console(&lab, "mig-0")).last().copied().unwrap_or(0);
     counting_past(&lab, seen);
     eventually(Duration::from_secs(90), "the cut-off copy to be removed", || {
-        qemus("mig-0").len() == 1
+        qemus(&lab, "mig-0").len() == 1
     });
     assert!(!console(&lab, "mig-0").contains("MISMATCH"));
 

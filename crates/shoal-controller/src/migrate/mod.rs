@@ -295,7 +295,13 @@ async fn switch(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
     let to = host(ctl, &mig.to).await?;
     let answer = Answer::from_client(ctl.agent(&to.address).finish_incoming(mig.uuid).await);
     match decide::switched(&mig.to, &answer) {
-        Switched::Commit => commit(ctl, m).await,
+        Switched::Commit => {
+            let seq = match &answer {
+                Answer::Ok(s) => s.seq,
+                _ => 0,
+            };
+            commit(ctl, m, seq).await
+        }
         Switched::RollBack(reason) => roll_back_because(ctl, m, reason, true).await,
         Switched::Wait(why) => {
             let tx = op_update(ctl, m, |op| {
@@ -313,8 +319,9 @@ async fn switch(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
 
 /// One transaction: the VM is on its new host, the source's claim is given back, the record
 /// is gone and the operation succeeded. The reconciler then removes the source's paused copy
-/// as an orphan.
-async fn commit(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
+/// as an orphan. `seq` is the destination's sequence number of the VM running, so that a
+/// heartbeat sent before the switch (the VM still arriving) never overwrites it.
+async fn commit(ctl: &Controller, m: &Versioned<Migration>, seq: u64) -> ApiResult<()> {
     let mig = &m.value;
     let _guard = ctl.db.lock().await;
     let v = ctl
@@ -326,7 +333,7 @@ async fn commit(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
     vm.host = mig.to.clone();
     vm.state = VmState::Running;
     vm.reason = None;
-    vm.observed_seq = 0;
+    vm.observed_seq = seq;
     let mut claims = ClaimChanges::default();
     claims.give_back(&mig.from, Claim::of(&v.value));
     let summary = match &mig.progress {
