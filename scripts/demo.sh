@@ -17,6 +17,7 @@ export SHOAL_URL="http://127.0.0.1:$PORT"
 UP=$!
 cleanup() {
   "$SHOAL" cluster delete lab --wait >/dev/null 2>&1 || true
+  "$SHOAL" cluster delete mover --wait >/dev/null 2>&1 || true
   kill -INT "$UP" 2>/dev/null && wait "$UP" 2>/dev/null || true
   rm -rf "$DATA"
 }
@@ -45,9 +46,20 @@ echo
 echo
 "$SHOAL" vm list --cluster lab
 
+# A running guest moves to another host: its own disk blocks, then its memory, no shared storage.
+echo
+set -x
+"$SHOAL" cluster create mover --profile tiny --size 1 --wait >/dev/null
+FROM=$("$SHOAL" --output json vm show mover-0 | sed -n 's/.*"host": *"\([^"]*\)".*/\1/p')
+"$SHOAL" vm migrate mover-0 --wait
+set +x
+TO=$("$SHOAL" --output json vm show mover-0 | sed -n 's/.*"host": *"\([^"]*\)".*/\1/p')
+[ -n "$TO" ] && [ "$TO" != "$FROM" ] || { echo "mover-0 did not move from $FROM" >&2; exit 1; }
+echo "mover-0 moved from $FROM to $TO and runs there."
+
 if [ "$EXIT" = 0 ]; then
   echo
   echo "Shoal is running at $SHOAL_URL (data in $DATA). Try: shoal vm console lab-0 --follow,"
-  echo "shoal cluster suspend lab, shoal cluster resume lab. Ctrl-C stops and removes everything."
+  echo "shoal cluster suspend lab, shoal cluster resume lab, shoal vm migrate mover-0. Ctrl-C stops and removes everything."
   wait "$UP"
 fi

@@ -176,7 +176,19 @@ async fn prepare(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
             Err(e) => return roll_back_because(ctl, m, e.to_string(), false).await,
         },
     };
-    let answer = Answer::from_client(ctl.agent(&to.address).prepare_incoming(&req).await);
+    // Any copy of the VM the destination still has is an orphan (the VM's record is on the
+    // source): an earlier copy not yet cleaned up, or a preparation a restart interrupted.
+    let cleared = Answer::from_client(
+        ctl.agent(&to.address)
+            .remove(&RemoveVms { uuids: vec![mig.uuid] })
+            .await
+            .map(|_| ()),
+    );
+    let answer = match cleared {
+        Answer::Ok(()) => Answer::from_client(ctl.agent(&to.address).prepare_incoming(&req).await),
+        Answer::NotThere(e) | Answer::Failed(e) => Answer::Failed(e),
+        Answer::Unreachable(e) => Answer::Unreachable(e),
+    };
     match answer {
         Answer::Ok(incoming) => {
             let op = op_update(ctl, m, |op| {
