@@ -92,7 +92,13 @@ fn the_consolidator_switches_hosts_off_then_on_and_accounts_energy() {
     }
     let p = json(&url, &["host", "power", "host1"]);
     assert_eq!(p["model"]["watts"], serde_json::json!([100.0, 250.0]), "{p}");
-    assert_eq!(p["state"], "on");
+    // Configuring changes no state; but an empty host with both commands may already have been
+    // switched off by the consolidator (a sample a second), and then its command says so.
+    let hooks_log = std::fs::read_to_string(&hooks).unwrap_or_default();
+    assert!(
+        p["state"] == "on" || (p["state"] == "off" && hooks_log.contains("off host1")),
+        "{p}, hooks: {hooks_log}"
+    );
 
     ok(
         &url,

@@ -235,6 +235,9 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     let src = host_of(&lab, "mig-0");
     let dest = ["h0", "h1", "h2"].into_iter().find(|h| *h != src).unwrap();
     let id = start_migration(&lab, &["--to", dest, "--bandwidth", "1"]);
+    // A second migration of the same VM meanwhile is refused.
+    let e = stderr(&lab.cli(&["vm", "migrate", "mig-0"]));
+    assert!(e.contains("VM mig-0 is already migrating"), "{e}");
     // The destination's QEMU, by its data directory (a VM that arrived by migration keeps
     // `-incoming` on its command line, so that does not tell them apart).
     let at_dest = format!("/data/{dest}/qemu/");
@@ -309,10 +312,31 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     assert!(!console(&lab, "mig-0").contains("MISMATCH"));
 
     // Bad input through the CLI: named, nothing changed.
-    let e = stderr(&lab.cli(&["vm", "migrate", "mig-0", "--to", "h9"]));
-    assert!(e.contains("host \"h9\" not found"), "{e}");
-    let e = stderr(&lab.cli(&["vm", "migrate", "mig-0", "--to", &src]));
-    assert!(e.contains(&format!("already runs on host {src}")), "{e}");
+    let refused = |args: &[&str], words: &[&str]| {
+        let mut a = vec!["vm", "migrate"];
+        a.extend_from_slice(args);
+        let o = lab.cli(&a);
+        assert!(!o.status.success(), "{a:?} was not refused");
+        let e = stderr(&o);
+        for w in words {
+            assert!(e.contains(w), "{a:?}: {e} lacks {w:?}");
+        }
+    };
+    refused(&["nope-0"], &["VM \"nope-0\" not found"]);
+    refused(&["mig-0", "--to", "h9"], &["host \"h9\" not found"]);
+    refused(&["mig-0", "--to", &src], &["already runs on host", &src]);
+    let other = ["h0", "h1", "h2"].into_iter().find(|h| *h != src).unwrap();
+    lab.ok(&["host", "maintenance", other]);
+    refused(&["mig-0", "--to", other], &[other, "maintenance"]);
+    lab.ok(&["host", "maintenance", other, "--off"]);
+    // A suspended or stopped guest does not migrate; it is told what to do instead.
+    lab.ok(&["vm", "suspend", "mig-1"]);
+    refused(&["mig-1"], &["suspended", "resume it first"]);
+    lab.ok(&["vm", "resume", "mig-1"]);
+    lab.ok(&["vm", "stop", "mig-1", "--force"]);
+    refused(&["mig-1"], &["stopped", "start it first"]);
+    lab.ok(&["vm", "start", "mig-1"]);
+    assert_eq!(host_of(&lab, "mig-0"), src, "nothing moved");
     assert!(lab
         .json(&["vm", "list"])
         .as_array()
