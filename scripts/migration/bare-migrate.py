@@ -33,7 +33,7 @@ def ticks(lines):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("-L", dest="firmware", action="append", default=[], help="QEMU firmware dir (repeatable)")
     ap.add_argument("--kernel", required=True)
@@ -42,12 +42,15 @@ def main():
     ap.add_argument("--base", required=True, help="raw base disk image; each side gets a qcow2 overlay on it")
     ap.add_argument("--seed", required=True, help="NoCloud seed image (mkseed.py)")
     ap.add_argument("--memory-mib", type=int, default=128)
+    ap.add_argument("--cpus", type=int, default=1, help="vCPUs (more than one runs TCG multi-threaded)")
+    ap.add_argument("--tcg-thread", choices=["single", "multi"], help="TCG's threading (QEMU's default: multi)")
     ap.add_argument("--mode", choices=["pause", "live"], default="live")
     ap.add_argument("--max-downtime-ms", type=int, help="QEMU's downtime-limit (default: QEMU's own, 300 ms)")
     ap.add_argument("--bandwidth-mib", type=int, help="cap on memory and on disk copy, MiB/s (default: unlimited)")
     ap.add_argument("--settle-s", type=float, default=0, help="let the workload run this long before migrating")
     ap.add_argument("--verify-disk", action="store_true", help="qemu-img compare both overlays before the guest runs on")
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--workload", help="a name for what the guest runs, echoed in the output")
     a = ap.parse_args()
 
     os.makedirs(a.workdir, exist_ok=True)
@@ -64,14 +67,16 @@ def main():
                        check=True)
 
     def qemu(side, incoming):
-        open(w(f"{side}-console.log"), "w").close()
         argv = vmlib.qemu_argv(a.qemu, a.kernel, a.initrd, a.append, w(f"{side}.qcow2"), a.seed, a.memory_mib,
-                               w(f"{side}.sock"), w(f"{side}-console.log"), extra)
+                               w(f"{side}.sock"), w(f"{side}-console.log"), extra, a.cpus, a.tcg_thread)
         if incoming:  # paused until told, waiting for the memory stream's address
             argv += ["-S", "-incoming", "defer"]
         return vmlib.Qemu(argv, w(f"{side}-qemu.log"))
 
     overlay(w("src.qcow2"))
+    # Empty consoles before anything follows them: a follower must not start on a previous run's.
+    for side in ("src", "dst"):
+        open(w(f"{side}-console.log"), "w").close()
     src_con, dst_con, src, dst = vmlib.Console(w("src-console.log")), None, None, None
     try:
         src = qemu("src", False)
@@ -99,7 +104,8 @@ def main():
         def mirror_job():
             return next((j for j in src.qmp.cmd("query-block-jobs") if j["device"] == "mig-mirror"), None)
 
-        job = vmlib.wait_for("the disk mirror to be ready", lambda: (j := mirror_job()) and j["ready"] and j, 600)
+        job = vmlib.wait_for("the disk mirror to be ready", lambda: (j := mirror_job()) and j["ready"] and j, 600,
+                             step=0.01)
         t_mirrored = time.monotonic()
 
         params = {"max-bandwidth": bandwidth}
@@ -159,8 +165,10 @@ def main():
         ram = m.get("ram", {})
         out = {
             "qemu": version,
+            "workload": a.workload,
             "mode": a.mode,
             "memory_mib": a.memory_mib,
+            "cpus": a.cpus, "tcg_thread": a.tcg_thread,
             "max_downtime_ms": a.max_downtime_ms,
             "bandwidth_mib": a.bandwidth_mib,
             # From starting the destination QEMU to its guest running (less the optional compare).
@@ -171,8 +179,12 @@ def main():
             # From the memory copy's end to the guest running: finishing the disk copy, the
             # export's removal, `cont`. The guest is paused throughout.
             "after_copy_ms": round((t_running - t_memory - verify_s) * 1000, 1),
-            # Last byte on the source's console to first byte on the destination's.
+            # Last byte on the source's console to first byte on the destination's; the sum of
+            # how long the source had been silent when the copy ended, after_copy_ms, and how
+            # long after `cont` the destination's first line came.
             "guest_downtime_ms": round((dst_con.first_data - src_con.last_data - verify_s) * 1000, 1),
+            "src_silent_ms": round((t_memory - src_con.last_data) * 1000, 1),
+            "dst_first_line_ms": round((dst_con.first_data - t_running) * 1000, 1),
             "ram_transferred_bytes": ram.get("transferred"),
             "ram_total_bytes": ram.get("total"),
             "disk_mirrored_bytes": disk_bytes,

@@ -75,7 +75,8 @@ def wait_for(what, check, timeout, step=0.05):
 
 
 def wait_job_gone(q, job, timeout=60):
-    wait_for(f"block job {job} to go", lambda: not any(j["device"] == job for j in q.cmd("query-block-jobs")), timeout)
+    gone = lambda: not any(j["device"] == job for j in q.cmd("query-block-jobs"))  # noqa: E731
+    wait_for(f"block job {job} to go", gone, timeout, step=0.005)
 
 
 # The demo guest's NIC: user-mode networking (restricted: nothing leaves the host) on QEMU's
@@ -83,11 +84,14 @@ def wait_job_gone(q, job, timeout=60):
 MAC = "52:54:00:12:34:56"
 
 
-def qemu_argv(qemu, kernel, initrd, append, disk, seed, mem_mib, qmp_sock, console, extra=()):
+def qemu_argv(qemu, kernel, initrd, append, disk, seed, mem_mib, qmp_sock, console, extra=(), cpus=1,
+              tcg_thread=None):
     """The demo guest as Shoal's QEMU driver starts it (crates/shoal-hv/src/qemu/process.rs),
-    always under TCG. The disk is a qcow2 overlay, the seed a raw vfat image."""
+    always under TCG (`tcg_thread`: "single" or "multi", one thread for all vCPUs or one each; QEMU
+    picks multi by default). The disk is a qcow2 overlay, the seed a raw vfat image."""
+    accel = ["-machine", "pc", "-accel", f"tcg,thread={tcg_thread}"] if tcg_thread else ["-machine", "pc,accel=tcg"]
     return [
-        qemu, "-machine", "pc,accel=tcg", "-m", str(mem_mib), "-smp", "1",
+        qemu, *accel, "-m", str(mem_mib), "-smp", str(cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-chardev", f"file,id=con0,path={console}", "-serial", "chardev:con0",
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
