@@ -120,7 +120,8 @@ def main():
             after = lines[resumed:] if resumed < len(lines) else []
             bad = [l for l in lines if "BAD" in l]
             oops = [l for l in lines
-                    if any(k in l for k in ("Kernel panic", "Oops", "BUG:", "segfault", "general protection"))]
+                    if any(k in l for k in ("Kernel panic", "Oops", "BUG:", "kernel BUG", "segfault",
+                                            "general protection", "detected stalls"))]
             passes = [l for l in after if l.startswith("user-data: busy ")]
             tail_ticks = [t for t, l in dst_con.snapshot() if "tick" in l and t > time.monotonic() - 2]
             exited = dst.proc.poll() is not None
