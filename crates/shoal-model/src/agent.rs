@@ -237,8 +237,9 @@ impl MigrationMode {
 
     /// The mode a migration between hosts running `source` and `destination` (their drivers as
     /// hosts report them: `sim`, `qemu/kvm`, `qemu/tcg`) really uses. `auto` is `live` only
-    /// when both sides track dirty memory reliably: QEMU 7.2 under TCG missed dirty pages of a
-    /// busy guest in 5 of 8 live runs (docs/migration.md), so any TCG side makes it `pause`.
+    /// when both sides track dirty memory reliably: QEMU 7.2 under TCG lost dirty pages of a
+    /// busy guest with two vCPUs in 11 of 32 live runs (none in 58 with one vCPU; QEMU 10.0.2
+    /// lost none: docs/migration.md), so any TCG side makes it `pause`.
     pub fn resolve(self, source: &str, destination: &str) -> MigrationMode {
         let tracks_dirty_pages = |d: &str| !d.ends_with("/tcg");
         match self {
