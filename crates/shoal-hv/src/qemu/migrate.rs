@@ -33,6 +33,9 @@ const EXPORT_ID: &str = "shoal-mig-export";
 const EXPORT_NAME: &str = "disk0";
 
 const POLL: Duration = Duration::from_millis(100);
+/// How often QEMU is looked at while the guest is (or may soon be) paused for the move: every
+/// look's delay adds to the pause.
+const PAUSED_POLL: Duration = Duration::from_millis(10);
 /// A copy that moves no byte for this long has stalled.
 const STALL: Duration = Duration::from_secs(120);
 /// How long putting the source back as it was may take.
@@ -417,7 +420,7 @@ impl QemuDriver {
             if stall.stuck(job.progress().ram_sent_bytes) {
                 return Err(failed(format!("copying the memory: no progress for {STALL:?}")));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(PAUSED_POLL).await;
         }
 
         // Cancelled without force, a ready mirror completes without switching the source to
@@ -456,7 +459,7 @@ impl QemuDriver {
                     "copying the last disk blocks: no progress for {STALL:?}"
                 )));
             }
-            tokio::time::sleep(POLL / 2).await;
+            tokio::time::sleep(PAUSED_POLL).await;
         }
         self.qmp(vm)
             .await?
@@ -572,7 +575,7 @@ impl QemuDriver {
                         status: format!("{status}, and its disk export did not close within {EXPORT_CLOSE_TIMEOUT:?}"),
                     });
                 }
-                tokio::time::sleep(POLL / 2).await;
+                tokio::time::sleep(PAUSED_POLL).await;
             }
         }
         match q.execute("nbd-server-stop", None).await {
