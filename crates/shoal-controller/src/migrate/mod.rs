@@ -250,9 +250,13 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
                     _ => None,
                 };
                 let line = p.as_ref().map(decide::progress_line).unwrap_or_default();
+                let sent_mib = p.as_ref().map_or(0, |p| (p.disk_sent_bytes + p.ram_sent_bytes) >> 20);
                 let op = op_update(ctl, &m, |op| {
                     op.migration = p.clone();
                     step(op, 1, StepState::Done, line);
+                    if let Some(s) = op.step_mut(STEPS[1]) {
+                        (s.done, s.total) = (sent_mib, sent_mib);
+                    }
                     step(op, 2, StepState::Running, format!("host {} takes over", mig.to));
                 })
                 .await?;
@@ -268,9 +272,11 @@ async fn copy(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
             if written.elapsed() >= WRITE_EVERY {
                 written = std::time::Instant::now();
                 let line = decide::progress_line(p);
+                // In MiB, as the progress bar shows them.
                 let (done, total) = (
-                    p.disk_sent_bytes + p.ram_sent_bytes,
-                    p.disk_total_bytes + p.ram_total_bytes.max(p.ram_sent_bytes + p.ram_remaining_bytes),
+                    (p.disk_sent_bytes + p.ram_sent_bytes) >> 20,
+                    (p.disk_total_bytes + p.ram_total_bytes.max(p.ram_sent_bytes + p.ram_remaining_bytes))
+                        .div_ceil(1 << 20),
                 );
                 let op = op_update(ctl, &m, |op| {
                     op.migration = Some(p.clone());
