@@ -5,11 +5,11 @@
 //! re-placement, plans, consolidation and resume, so that whether a VM fits is decided by the
 //! policy's filters and nowhere else.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use shoal_model::power::PowerState;
-use shoal_model::{Cluster, HostState, Vm};
+use shoal_model::{Cluster, HostState, Vm, VmState};
 use shoal_policy::{GangRequest, Placer};
 
 use crate::datastore::{Claims, HostMark, HostRecord, Tx};
@@ -202,6 +202,29 @@ impl HostSnapshot {
             records,
             marks,
         })
+    }
+
+    /// The hosts with every VM that holds resources on them (claimed, not being deleted) but
+    /// `except`, each with its cluster's rules: what placement, plans and resumes decide
+    /// against. Also the clusters by name and all VMs, as read.
+    pub async fn read_with_placed(
+        ctl: &Controller,
+        except: Option<uuid::Uuid>,
+    ) -> ApiResult<(HostSnapshot, HashMap<String, Cluster>, Vec<Vm>)> {
+        let clusters: HashMap<String, Cluster> = ctl
+            .db
+            .clusters()
+            .await?
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        let vms = ctl.db.vms().await?;
+        let snap = HostSnapshot::read(ctl).await?.with_vms(
+            vms.iter()
+                .filter(|v| v.claimed && v.state != VmState::Deleting && Some(v.uuid) != except)
+                .map(|v| (v, clusters.get(&v.cluster))),
+        );
+        Ok((snap, clusters, vms))
     }
 
     /// Adds VMs that count for affinity (on known hosts only), with their clusters' rules.

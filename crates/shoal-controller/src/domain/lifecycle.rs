@@ -6,7 +6,7 @@
 //! A suspended VM gives its vCPUs and memory back to its host (the reconciler releases the claim
 //! when the host reports the VM suspended); resuming claims them again, here, atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use shoal_model::PowerAction;
 use shoal_model::{
@@ -173,20 +173,7 @@ async fn resume_claims(ctl: &Controller, vms: &[&Versioned<Vm>], tx: Tx) -> ApiR
     if unclaimed.is_empty() {
         return Ok(tx);
     }
-    let clusters: HashMap<String, Cluster> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .map(|c| (c.name.clone(), c))
-        .collect();
-    let others = ctl.db.vms().await?;
-    let snap = HostSnapshot::read(ctl).await?.with_vms(
-        others
-            .iter()
-            .filter(|v| v.claimed && v.state != VmState::Deleting)
-            .map(|v| (v, clusters.get(&v.cluster))),
-    );
+    let (snap, clusters, _) = HostSnapshot::read_with_placed(ctl, None).await?;
     let mut placer = snap.placer();
     let mut groups: BTreeMap<(&str, &str, u32, u64), u32> = BTreeMap::new();
     for v in &unclaimed {

@@ -3,11 +3,9 @@
 //! and creates the operation. The executor (`crate::migrate`) carries it out from there. Every
 //! plan that moves VMs (rebalance, drain, consolidation, `cluster migrate`) starts its moves here.
 
-use std::collections::HashMap;
-
 use shoal_model::agent::MigrationParams;
 use shoal_model::{
-    now_ms, Cluster, HostState, MigrateVm, Migration, MigrationStep, Operation, OperationKind, StepState, Vm, VmState,
+    now_ms, HostState, MigrateVm, Migration, MigrationStep, Operation, OperationKind, StepState, Vm, VmState,
 };
 use shoal_policy::{Explanation, GangRequest};
 
@@ -52,20 +50,7 @@ async fn stored_vm(ctl: &Controller, name: &str) -> ApiResult<Versioned<Vm>> {
 /// Placement's request for one more copy of `vm` elsewhere: its cluster's rules against its
 /// siblings, never its own host, only `to` when given.
 async fn destination_request(ctl: &Controller, vm: &Vm, to: Option<&str>) -> ApiResult<(HostSnapshot, GangRequest)> {
-    let clusters: HashMap<String, Cluster> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .map(|c| (c.name.clone(), c))
-        .collect();
-    let others = ctl.db.vms().await?;
-    let snap = HostSnapshot::read(ctl).await?.with_vms(
-        others
-            .iter()
-            .filter(|v| v.claimed && v.state != VmState::Deleting && v.uuid != vm.uuid)
-            .map(|v| (v, clusters.get(&v.cluster))),
-    );
+    let (snap, clusters, _) = HostSnapshot::read_with_placed(ctl, Some(vm.uuid)).await?;
     let mut req = match clusters.get(&vm.cluster) {
         Some(c) => gang_request(c, 1),
         None => GangRequest::new(&vm.cluster, 1, vm.cpus, vm.memory_mib),

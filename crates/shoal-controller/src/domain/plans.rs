@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use shoal_model::agent::MigrationParams;
 use shoal_model::api::CreateCluster;
 use shoal_model::{
-    plural, Cluster, ClusterState, DeployStep, MigrateCluster, Operation, OperationKind, OperationState, StepState, Vm,
-    VmState,
+    plural, ClusterState, DeployStep, MigrateCluster, Operation, OperationKind, OperationState, StepState, Vm, VmState,
 };
 use shoal_policy::rebalance::{self, Move, RebalanceOptions, RebalancePlan};
 use shoal_policy::{Explanation, GangRequest, Snapshot};
@@ -55,19 +54,7 @@ pub(crate) async fn add_locality(ctl: &Controller, snap: &mut Snapshot, template
 
 /// The live hosts and the VMs holding resources on them, as the policy core sees them.
 pub async fn snapshot(ctl: &Controller) -> ApiResult<Snapshot> {
-    let clusters: HashMap<String, Cluster> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .map(|c| (c.name.clone(), c))
-        .collect();
-    let vms = ctl.db.vms().await?;
-    let mut snap = HostSnapshot::read(ctl).await?.with_vms(
-        vms.iter()
-            .filter(|v| v.claimed && v.state != VmState::Deleting)
-            .map(|v| (v, clusters.get(&v.cluster))),
-    );
+    let (mut snap, _, vms) = HostSnapshot::read_with_placed(ctl, None).await?;
     // Moves are priced by what they copy (memory and the overlay's blocks) over the bandwidth
     // the hosts' last migrations achieved.
     let measured = ctl.migration_mib_s.lock().expect("bandwidth lock").clone();
