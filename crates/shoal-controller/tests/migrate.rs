@@ -5,21 +5,21 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{cluster, Harness, Opts};
+use common::{cluster, wait_for, Harness, Opts};
 use shoal_model::agent::{MigrationMode, MigrationParams};
 use shoal_model::{MigrateCluster, MigrateVm, OperationKind, OperationState, Vm, VmState};
 
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits until a migration is in its copy step.
+async fn copying(h: &Harness) {
+    wait_for("the copy to start", Duration::from_secs(20), async || {
+        let m = h.client.migrations().await.unwrap();
+        m.iter()
+            .any(|m| m.step == shoal_model::MigrationStep::Copy)
+            .then_some(())
+    })
+    .await;
 }
 
 fn to(host: &str) -> MigrateVm {
@@ -250,13 +250,7 @@ async fn a_controller_restarted_mid_migration_finishes_it_exactly_once() {
     let before = vm(&h, "r-0").await;
     let dest = if before.host == "host1" { "host2" } else { "host1" };
     let op = h.client.migrate_vm("r-0", &to(dest)).await.unwrap();
-    wait_for("the copy to start", Duration::from_secs(10), async || {
-        let m = h.client.migrations().await.unwrap();
-        m.iter()
-            .any(|m| m.step == shoal_model::MigrationStep::Copy)
-            .then_some(())
-    })
-    .await;
+    copying(&h).await;
     h.restart_controller().await;
     let done = h.client.wait(op.id, |_| {}).await.unwrap();
     assert_eq!(done.state, OperationState::Succeeded);
@@ -286,13 +280,7 @@ async fn a_destination_that_stops_answering_after_the_switch_is_waited_for_never
         ("host1", 0)
     };
     let op = h.client.migrate_vm("w-0", &to(dest)).await.unwrap();
-    wait_for("the copy to start", Duration::from_secs(10), async || {
-        let m = h.client.migrations().await.unwrap();
-        m.iter()
-            .any(|m| m.step == shoal_model::MigrationStep::Copy)
-            .then_some(())
-    })
-    .await;
+    copying(&h).await;
     h.agents[di].take().unwrap().kill();
     // The simulated source completes on its own; the destination cannot say whether the guest
     // runs there, so the source is not resumed and the VM stays where its record says.
@@ -333,13 +321,7 @@ async fn a_destination_lost_during_the_copy_is_undone_and_the_vm_stays() {
         ("host1", 0)
     };
     let op = h.client.migrate_vm("l-0", &to(dest)).await.unwrap();
-    wait_for("the copy to start", Duration::from_secs(20), async || {
-        let m = h.client.migrations().await.unwrap();
-        m.iter()
-            .any(|m| m.step == shoal_model::MigrationStep::Copy)
-            .then_some(())
-    })
-    .await;
+    copying(&h).await;
     h.agents[di].take().unwrap().kill();
     let e = h.client.wait(op.id, |_| {}).await.unwrap_err().to_string();
     assert!(

@@ -5,22 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{cluster, Harness, Opts};
+use common::{cluster, wait_for, Harness, Opts};
 use shoal_model::agent::RegisterRequest;
 use shoal_model::{ClusterState, HostState, OperationState, VmState};
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_of_a_dead_host_show_unknown_and_their_cluster_degraded() {

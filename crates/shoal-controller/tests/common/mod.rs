@@ -139,6 +139,18 @@ impl Harness {
     }
 }
 
+/// Polls `f` until it returns `Some`, failing the test after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn cluster(name: &str, profile: &str, size: u32) -> CreateCluster {
     CreateCluster {
         name: name.into(),
