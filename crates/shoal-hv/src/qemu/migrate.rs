@@ -56,14 +56,17 @@ pub(super) struct Job {
     progress: Mutex<MigrationProgress>,
     started: Instant,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The destination's NBD server and memory listener, whose connections an undo cuts.
+    endpoints: Vec<Endpoint>,
 }
 
 impl Job {
-    fn new(mode: MigrationMode) -> Job {
+    fn new(mode: MigrationMode, endpoints: Vec<Endpoint>) -> Job {
         Job {
             progress: Mutex::new(MigrationProgress::starting(mode)),
             started: Instant::now(),
             task: Mutex::new(None),
+            endpoints,
         }
     }
 
@@ -291,7 +294,11 @@ impl QemuDriver {
             });
         }
         let mode = req.params.mode.resolve(&self.driver(), &self.driver());
-        let job = Arc::new(Job::new(mode));
+        let memory = req.to.memory_uri.strip_prefix("tcp:").and_then(Endpoint::parse);
+        let job = Arc::new(Job::new(
+            mode,
+            [Some(nbd.clone()), memory].into_iter().flatten().collect(),
+        ));
         let first = job.progress();
         let task = tokio::spawn({
             let (driver, vm, job, req) = (self.clone(), vm.clone(), job.clone(), req.clone());
@@ -325,6 +332,7 @@ impl QemuDriver {
                     e => e.to_string(),
                 };
                 tracing::warn!(vm = %vm.uuid, "migration failed: {reason}");
+                cut_connections(vm, &job.endpoints).await;
                 if let Err(u) = self.undo(vm).await {
                     reason.push_str(&format!("; putting the source back failed too: {u}"));
                 }
@@ -522,6 +530,7 @@ impl QemuDriver {
         if let Some(j) = &job {
             j.abort().await;
             j.end(MigrationPhase::Cancelled, None);
+            cut_connections(&vm, &j.endpoints).await;
         }
         let _busy = vm.busy.lock().await;
         if vm.incoming() || !vm.alive() {
@@ -605,6 +614,28 @@ fn ongoing(vm: &Vm) -> Option<MigrationProgress> {
     vm.job()
         .filter(|j| !matches!(j.phase(), MigrationPhase::Failed | MigrationPhase::Cancelled))
         .map(|j| j.progress())
+}
+
+/// Cuts this host's TCP connections to the destination's endpoints (`ss -K`), so that QEMU's
+/// NBD client and migration stream fail at once: to a destination that vanished without a reset
+/// (a cut link) QEMU 7.2 would otherwise block, its main loop and QMP with it, until TCP gives
+/// up minutes later, and the guest could not be resumed. Each endpoint belongs to this one
+/// migration (its ports were chosen for it). Needs CAP_NET_ADMIN; without it, the undo waits.
+async fn cut_connections(vm: &Vm, endpoints: &[Endpoint]) {
+    for e in endpoints {
+        let port = e.port.to_string();
+        let out = tokio::process::Command::new("ss")
+            .args(["-K", "dst", &e.host, "dport", "=", &port])
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                tracing::debug!(vm = %vm.uuid, "ss -K {}:{port}: {}", e.host, String::from_utf8_lossy(&o.stderr).trim())
+            }
+            Err(err) => tracing::debug!(vm = %vm.uuid, "ss -K {}:{port}: {err}", e.host),
+        }
+    }
 }
 
 /// An `ADDRESS:PORT`.
