@@ -68,6 +68,23 @@ where
     }
 }
 
+/// Imports the demo template's files as template `demo`, ready on the guest's own report.
+pub async fn import_demo(client: &shoal_client::Client, t: &shoal_demo::DemoTemplate) -> anyhow::Result<()> {
+    client
+        .import_template(
+            "demo",
+            &shoal_client::TemplateFiles {
+                disk: t.disk.clone(),
+                kernel: Some(t.kernel.clone()),
+                initrd: Some(t.initrd.clone()),
+                cmdline: Some(t.cmdline.clone()),
+                ready: shoal_model::Readiness::Report,
+            },
+        )
+        .await?;
+    Ok(())
+}
+
 /// Prints rows as an aligned table.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_bench::{free_port, print_table, spawn, until};
-use shoal_client::{Client, TemplateFiles};
+use shoal_client::Client;
 use shoal_model::agent::{MigrationMode, MigrationParams};
 use shoal_model::api::{CreateCluster, CreateProfile};
 use shoal_model::{MigrateVm, OperationState, Placement, Vm};
@@ -334,18 +334,7 @@ async fn main() -> anyhow::Result<()> {
         data,
         hosts: hosts.into_iter().map(|h| h.name).collect(),
     };
-    lab.client
-        .import_template(
-            "demo",
-            &TemplateFiles {
-                disk: template.disk.clone(),
-                kernel: Some(template.kernel.clone()),
-                initrd: Some(template.initrd.clone()),
-                cmdline: Some(template.cmdline.clone()),
-                ready: shoal_model::Readiness::Report,
-            },
-        )
-        .await?;
+    shoal_bench::import_demo(&lab.client, &template).await?;
     for w in ["idle", "busy"] {
         lab.client
             .create_profile(&CreateProfile {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_bench::{free_port, print_table, spawn, until};
-use shoal_client::{Client, TemplateFiles};
+use shoal_client::Client;
 use shoal_demo::{build_demo_template, DemoTemplate};
 use shoal_hv::{Hypervisor, QemuConfig, QemuDriver, SourceError, TemplateFile, TemplateSource};
 use shoal_model::agent::VmSpec;
@@ -252,18 +252,7 @@ async fn main() -> anyhow::Result<()> {
         client.hosts().await.ok().filter(|h| h.len() == 3)
     })
     .await?;
-    client
-        .import_template(
-            "demo",
-            &TemplateFiles {
-                disk: template.disk.clone(),
-                kernel: Some(template.kernel.clone()),
-                initrd: Some(template.initrd.clone()),
-                cmdline: Some(template.cmdline.clone()),
-                ready: shoal_model::Readiness::Report,
-            },
-        )
-        .await?;
+    shoal_bench::import_demo(&client, &template).await?;
     client
         .create_profile(&CreateProfile {
             name: "tiny".into(),
