@@ -133,9 +133,10 @@ pub async fn drain(ctl: &Controller, host: &str, opts: &RebalanceOptions, apply:
     let snap = snapshot(ctl).await?;
     let plan = rebalance::drain(&snap, host, opts).map_err(|e| ApiError::Capacity(e.to_string()))?;
     if apply {
+        // Checked before the host is marked, so a refused drain leaves it in service.
         migrations::check_moves(ctl, &plan.moves).await?;
         ctl.db.commit(Tx::new().mark(HostMark::Draining, host, true)).await?;
-        execute(ctl, &plan.moves, guard).await?;
+        run_waves(ctl, &plan.moves, MigrationParams::default(), None, Some(guard)).await?;
     }
     Ok(plan)
 }
