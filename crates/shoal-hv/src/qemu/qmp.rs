@@ -76,9 +76,18 @@ impl Qmp {
             timeout,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message("the greeting").await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
+        // QEMU can write an event to a connection it has just accepted before the greeting: it
+        // still treats the socket as the previous client's, who was in command mode (seen in CI
+        // with BLOCK_JOB_COMPLETED). Such events are kept like any other.
+        loop {
+            let m = qmp.read_message("the greeting").await?;
+            if m.get("QMP").is_some() {
+                break;
+            }
+            if m.get("event").is_none() {
+                return Err(QmpError::Protocol(format!("expected a greeting, got {m}")));
+            }
+            qmp.events.push(m);
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -151,5 +160,61 @@ impl Qmp {
     pub async fn status(&mut self) -> Result<String, QmpError> {
         let r = self.execute("query-status", None).await?;
         Ok(r["status"].as_str().unwrap_or("unknown").to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A QEMU that still treats a just-accepted socket as its previous client's writes an
+    /// event before the greeting. The client keeps the event and connects.
+    #[tokio::test]
+    async fn an_event_before_the_greeting_is_kept_and_the_connection_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"event\":\"BLOCK_JOB_COMPLETED\",\"data\":{\"device\":\"x\"}}\n")
+                .await
+                .unwrap();
+            w.write_all(b"{\"QMP\":{\"version\":{}}}\n").await.unwrap();
+            for ret in ["{}", "{\"status\":\"running\"}"] {
+                let mut line = String::new();
+                r.read_line(&mut line).await.unwrap();
+                let id = serde_json::from_str::<Value>(&line).unwrap()["id"].clone();
+                w.write_all(format!("{{\"return\":{ret},\"id\":{id}}}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(qmp.status().await.unwrap(), "running");
+        assert_eq!(qmp.events.len(), 1);
+        assert_eq!(qmp.events[0]["event"], "BLOCK_JOB_COMPLETED");
+        server.await.unwrap();
+    }
+
+    /// Anything else before the greeting is a protocol error naming what came.
+    #[tokio::test]
+    async fn a_reply_before_the_greeting_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"{\"return\":{}}\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let err = Qmp::connect(&path, Duration::from_secs(5)).await.err().unwrap();
+        assert!(
+            err.to_string().contains("expected a greeting, got {\"return\":{}}"),
+            "{err}"
+        );
     }
 }
