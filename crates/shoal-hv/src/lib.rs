@@ -5,7 +5,10 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use shoal_model::agent::{ConsoleChunk, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec, VmStatus};
+use shoal_model::agent::{
+    CheckpointDisk, ConsoleChunk, DiskCheckpoint, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec,
+    VmStatus,
+};
 use uuid::Uuid;
 
 pub mod error;
@@ -55,6 +58,17 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Records the VM's disk, as it is now, as an image in the controller's store (crash-consistent:
     /// a running VM is paused while its disk is read).
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
+        Err(HvError::NoDisks {
+            vm: uuid,
+            driver: self.driver(),
+        })
+    }
+
+    /// Records the VM's disk as a checkpoint in the image store while the guest runs
+    /// (crash-consistent, point in time): only the blocks written since `req.since` when the
+    /// host tracked them, else the overlay's blocks laid over `req.base`.
+    async fn checkpoint(&self, uuid: Uuid, req: &CheckpointDisk) -> Result<DiskCheckpoint, HvError> {
+        let _ = req;
         Err(HvError::NoDisks {
             vm: uuid,
             driver: self.driver(),
@@ -149,4 +163,39 @@ pub trait TemplateSource: Send + Sync + 'static {
     async fn store_image(&self, raw: &Path) -> Result<DiskSnapshot, SourceError> {
         Err(SourceError::NoStore(raw.to_path_buf()))
     }
+
+    /// Makes a new image from the image `parent` (manifest hex) with `changes` laid over it,
+    /// their data read from `data` at the same offsets (a sparse file of the disk's size), grown
+    /// to `size` bytes if larger; stores it and sends the controller what it lacks.
+    async fn store_changes(
+        &self,
+        parent: &str,
+        changes: &[DiskChange],
+        data: &Path,
+        size: u64,
+    ) -> Result<StoredChanges, SourceError> {
+        let _ = (parent, changes, size);
+        Err(SourceError::NoStore(data.to_path_buf()))
+    }
+}
+
+/// A run of a disk that changed: new data (read from the data file at `offset`) or zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskChange {
+    pub offset: u64,
+    pub len: u64,
+    pub zero: bool,
+}
+
+/// What [`TemplateSource::store_changes`] made and sent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredChanges {
+    /// Manifest id (hex) of the new image.
+    pub manifest: String,
+    /// Bytes read from the data file.
+    pub read_bytes: u64,
+    /// Distinct chunks of the new image, and those the controller lacked.
+    pub chunks: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
 }

@@ -53,6 +53,18 @@ pub struct VmSpec {
     /// QEMU's user-mode networking.
     #[serde(default)]
     pub network: Option<crate::network::VmNetwork>,
+    /// The image the VM's overlay sits on when it is not the template's (`manifest:<hex>`, a
+    /// disk checkpoint the VM was restarted from after its host failed). The template still
+    /// gives the kernel and initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_base: Option<String>,
+}
+
+impl VmSpec {
+    /// What the VM's overlay sits on: its checkpoint base, else the template's disk.
+    pub fn disk_base(&self) -> &str {
+        self.disk_base.as_deref().unwrap_or(&self.template_hash)
+    }
 }
 
 impl VmSpec {
@@ -66,6 +78,7 @@ impl VmSpec {
             cpus: 1,
             memory_mib: 128,
             disk_mib: None,
+            disk_base: None,
             template: "t".into(),
             template_hash: crate::TemplateDisk::File("0".repeat(64)).to_string(),
             template_format: DiskFormat::Raw,
@@ -194,6 +207,42 @@ pub struct DiskSnapshot {
     /// Chunks the controller did not have yet, and their compressed bytes.
     pub chunks_sent: u64,
     pub bytes_sent: u64,
+}
+
+/// Controller → agent: record the VM's disk as it is now as a checkpoint in the image store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointDisk {
+    /// The image the VM's overlay sits on (manifest hex): its template's disk, or the checkpoint
+    /// it was restarted from. A full checkpoint is this image with the overlay's blocks laid over.
+    pub base: String,
+    /// The VM's latest checkpoint (manifest hex). When the host tracked the VM's writes since
+    /// exactly this checkpoint, only those blocks are read (incremental); otherwise the
+    /// checkpoint is full.
+    #[serde(default)]
+    pub since: Option<String>,
+}
+
+/// Agent → controller: a checkpoint taken ([`CheckpointDisk`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskCheckpoint {
+    /// Manifest id (hex) of the whole disk as of the checkpoint.
+    pub manifest: String,
+    /// The manifest the changes were laid over: `since` for an incremental checkpoint, `base`
+    /// for a full one.
+    pub parent: String,
+    /// Only the blocks written since `parent` were read (QEMU's dirty bitmap).
+    pub incremental: bool,
+    /// The disk's size.
+    pub disk_bytes: u64,
+    /// Bytes of the disk that changed (written data and zeroed runs).
+    pub changed_bytes: u64,
+    /// Bytes read from the VM's disk to make it.
+    pub read_bytes: u64,
+    /// Distinct chunks of the checkpoint's image, and those the controller lacked (sent).
+    pub chunks: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
 }
 
 /// Asks a host whether it reaches another host's underlay address (controller → agent).

@@ -454,6 +454,10 @@ pub struct Vm {
     #[serde(default)]
     pub observed_seq: u64,
     pub created_unix_ms: u64,
+    /// The disk checkpoint (`manifest:<hex>`) the VM's overlay sits on since it was restarted
+    /// from it after its host failed; `None`: its template's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_base: Option<String>,
 }
 
 fn yes() -> bool {

@@ -128,6 +128,7 @@ fn spec(t: &DemoTemplate, i: usize) -> anyhow::Result<VmSpec> {
         user_data: None,
         user: None,
         ssh_keys: Vec::new(),
+        disk_base: None,
         network: None,
     })
 }

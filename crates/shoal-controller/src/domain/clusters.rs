@@ -140,6 +140,7 @@ async fn plan_new_vms(
             claimed: true,
             observed_seq: 0,
             created_unix_ms: now,
+            disk_base: None,
         })
         .collect();
     step_done(

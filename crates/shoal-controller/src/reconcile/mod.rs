@@ -377,6 +377,7 @@ fn spec_for(s: &Snapshot, topo: &crate::domain::networks::Topology, vm: &Vm) -> 
         user: cluster.shape.user.clone(),
         ssh_keys: cluster.shape.ssh_keys.clone(),
         network,
+        disk_base: vm.disk_base.clone(),
     })
 }
 
