@@ -334,6 +334,7 @@ mod tests {
             claimed: true,
             observed_seq: 1,
             created_unix_ms: 0,
+            disk_base: None,
         }
     }
 
