@@ -24,6 +24,7 @@ use shoal_model::VmState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod checkpoint;
 mod migrate;
 pub mod net;
 
@@ -162,7 +163,16 @@ pub async fn start_with_network(
             })
         }
     };
-    register(&config, &address, hv.as_ref(), net_info.as_ref(), &mut creds).await?;
+    // The watchdog runs before registration: an agent restarted while cut off from the
+    // controller must still stop its VMs once the lease it last had ran out.
+    let standing = Arc::new(std::sync::Mutex::new(Standing::load(&config.data_dir)));
+    let peers = standing.lock().expect("standing").peers.clone();
+    probe_peers(&peers, &standing).await;
+    let watchdog = tokio::spawn(fence_watchdog(config.name.clone(), hv.clone(), standing.clone()));
+    if let Err(e) = register(&config, &address, hv.as_ref(), net_info.as_ref(), &mut creds).await {
+        watchdog.abort();
+        return Err(e);
+    }
     if !loopback && creds.controller_token_hash.is_none() {
         bail!(
             "agent {} listens on {local} (not loopback) but the controller gave it no token to check commands with; \
@@ -210,6 +220,10 @@ pub async fn start_with_network(
         hv,
         net_info,
         creds,
+        Watchdog {
+            standing,
+            task: watchdog,
+        },
         stop_rx,
     )));
     tracing::info!(agent = %config.name, %address, "agent started");
@@ -230,6 +244,8 @@ fn router(state: AgentState) -> Router {
         .route("/v1/vms/remove", post(remove_vms))
         .route("/v1/vms/{uuid}/console", get(console))
         .route("/v1/vms/{uuid}/snapshot", post(snapshot))
+        .route("/v1/vms/{uuid}/checkpoint", post(checkpoint::checkpoint))
+        .route("/v1/images/hold", post(checkpoint::hold))
         .route("/v1/migrations/incoming", post(migrate::prepare_incoming))
         .route(
             "/v1/vms/{uuid}/migration",
@@ -322,37 +338,200 @@ async fn register(
     }
 }
 
+/// What the agent knows about its standing with the controller and its peers: the lease the
+/// controller gave and when it was last renewed, and when each peer was last reached. The
+/// watchdog (`fence_watchdog`) decides from it.
+#[derive(Debug, Default)]
+struct Standing {
+    /// When the last heartbeat the controller answered was sent.
+    acked: Option<std::time::Instant>,
+    lease: Option<Duration>,
+    peers: Vec<shoal_model::agent::PeerAddress>,
+    /// When each peer was last reached, monotonic and unix ms.
+    reached: std::collections::BTreeMap<String, (std::time::Instant, u64)>,
+    /// The VMs were stopped by the watchdog and the lease not renewed since.
+    fenced: bool,
+}
+
+/// The self-fencing watchdog's task and the standing it watches.
+struct Watchdog {
+    standing: Arc<std::sync::Mutex<Standing>>,
+    task: JoinHandle<()>,
+}
+
+/// What of [`Standing`] outlives the agent (`standing.json`), so that a restarted agent knows
+/// its lease, when it was last renewed and whom to ask.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedStanding {
+    acked_unix_ms: u64,
+    lease_ms: u64,
+    peers: Vec<shoal_model::agent::PeerAddress>,
+}
+
+impl Standing {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("standing.json")
+    }
+
+    /// The standing the agent had when it stopped (none the first time).
+    fn load(dir: &Path) -> Standing {
+        let Ok(bytes) = std::fs::read(Self::path(dir)) else {
+            return Standing::default();
+        };
+        let Ok(saved) = serde_json::from_slice::<SavedStanding>(&bytes) else {
+            tracing::warn!("ignoring an unreadable {}", Self::path(dir).display());
+            return Standing::default();
+        };
+        let ago = Duration::from_millis(shoal_model::now_ms().saturating_sub(saved.acked_unix_ms));
+        Standing {
+            acked: std::time::Instant::now().checked_sub(ago),
+            lease: (saved.lease_ms > 0).then(|| Duration::from_millis(saved.lease_ms)),
+            peers: saved.peers,
+            ..Default::default()
+        }
+    }
+
+    /// Written after every answered heartbeat (to a temporary file, then renamed). A failure
+    /// (a full disk) is only logged: the standing in memory is what the watchdog uses.
+    fn save(&self, dir: &Path, acked_unix_ms: u64) {
+        let saved = SavedStanding {
+            acked_unix_ms,
+            lease_ms: self.lease.map_or(0, |l| l.as_millis() as u64),
+            peers: self.peers.clone(),
+        };
+        let path = Self::path(dir);
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::debug!("saving {}: {e}", path.display());
+        }
+    }
+
+    /// Whether the host must stop its VMs: no answered heartbeat for longer than the lease, and
+    /// at most half of its peers reached within it. A host with no peers never fences: no other
+    /// host could run its VMs (see `docs/ha.md` for why this keeps a VM from running twice).
+    fn must_fence(&self) -> bool {
+        let (Some(acked), Some(lease)) = (self.acked, self.lease) else {
+            return false;
+        };
+        if self.fenced || acked.elapsed() <= lease || self.peers.is_empty() {
+            return false;
+        }
+        let reached = self
+            .peers
+            .iter()
+            .filter(|p| self.reached.get(&p.host).is_some_and(|(at, _)| at.elapsed() <= lease))
+            .count();
+        reached * 2 <= self.peers.len()
+    }
+}
+
 async fn heartbeat_loop(
     config: AgentConfig,
     address: String,
     hv: Arc<dyn Hypervisor>,
     net: Option<NetInfo>,
     mut creds: Credentials,
+    watchdog: Watchdog,
     mut stop: watch::Receiver<bool>,
 ) {
+    let standing = watchdog.standing;
     let mut client = Client::new(&config.controller_url, creds.credential.clone());
+    // A heartbeat that hangs must not keep the watchdog's view stale: each has a deadline.
+    let deadline = config.heartbeat_interval.max(Duration::from_secs(2));
     loop {
+        let peers = standing.lock().expect("standing").peers.clone();
+        probe_peers(&peers, &standing).await;
+        let (reached, peer_names) = {
+            let s = standing.lock().expect("standing");
+            (
+                s.reached.iter().map(|(h, (_, ms))| (h.clone(), *ms)).collect(),
+                s.peers.iter().map(|p| p.host.clone()).collect(),
+            )
+        };
         let hb = Heartbeat {
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             vms: hv.list().await,
             images: hv.cached_images().await,
+            reached,
+            peers: peer_names,
         };
-        match client.heartbeat(&config.name, &hb).await {
-            Ok(()) => {}
+        let (sent, sent_unix_ms) = (std::time::Instant::now(), shoal_model::now_ms());
+        let answer = tokio::time::timeout(deadline, client.heartbeat(&config.name, &hb)).await;
+        match answer {
+            Ok(Ok(reply)) => {
+                let mut s = standing.lock().expect("standing");
+                if s.fenced {
+                    tracing::warn!(agent = %config.name, "the controller answers again; the fenced VMs stay stopped until it says otherwise");
+                }
+                s.acked = Some(sent);
+                s.lease = (reply.lease_ms > 0).then(|| Duration::from_millis(reply.lease_ms));
+                s.reached.retain(|h, _| reply.peers.iter().any(|p| &p.host == h));
+                s.peers = reply.peers;
+                s.fenced = false;
+                s.save(&config.data_dir, sent_unix_ms);
+            }
             // The controller no longer knows this host (its state was reset): join again.
-            Err(e) if e.status() == Some(404) => {
+            Ok(Err(e)) if e.status() == Some(404) => {
                 tracing::warn!(agent = %config.name, "controller forgot this host, registering again");
                 if let Err(e) = register(&config, &address, hv.as_ref(), net.as_ref(), &mut creds).await {
                     tracing::error!("{e:#}");
                 }
                 client = Client::new(&config.controller_url, creds.credential.clone());
             }
-            Err(e) => tracing::warn!(agent = %config.name, "heartbeat failed: {e}"),
+            Ok(Err(e)) => tracing::warn!(agent = %config.name, "heartbeat failed: {e}"),
+            Err(_) => tracing::warn!(agent = %config.name, "heartbeat failed: no answer within {deadline:?}"),
         }
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat_interval) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => {
+                watchdog.task.abort();
+                return;
+            }
+        }
+    }
+}
+
+/// Connects to each peer's address (1 s each, all at once) and records those that answered.
+async fn probe_peers(peers: &[shoal_model::agent::PeerAddress], standing: &std::sync::Mutex<Standing>) {
+    let probes = peers.iter().map(|p| async move {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&p.address)).await,
+            Ok(Ok(_))
+        );
+        (p.host.clone(), ok)
+    });
+    let results = futures::future::join_all(probes).await;
+    let mut s = standing.lock().expect("standing");
+    for (host, ok) in results {
+        if ok {
+            s.reached
+                .insert(host, (std::time::Instant::now(), shoal_model::now_ms()));
+        }
+    }
+}
+
+/// Self-fencing: checks the agent's standing every 200 ms and stops every VM once the lease
+/// ran out with no majority of peers in reach ([`Standing::must_fence`]).
+async fn fence_watchdog(name: String, hv: Arc<dyn Hypervisor>, standing: Arc<std::sync::Mutex<Standing>>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let fence = {
+            let mut s = standing.lock().expect("standing");
+            let f = s.must_fence();
+            if f {
+                s.fenced = true;
+            }
+            f
+        };
+        if fence {
+            tracing::error!(agent = %name, "no answer from the controller within the lease and most peers out of reach: stopping every VM (self-fencing)");
+            let n = hv.fence().await;
+            tracing::error!(agent = %name, vms = n, "self-fenced");
         }
     }
 }
@@ -568,6 +747,10 @@ impl TemplateSource for ControllerTemplates {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    async fn hold_image(&self, manifest: &str) -> Result<(), SourceError> {
+        self.hold(manifest).await
     }
 
     async fn store_image(&self, raw: &Path) -> Result<shoal_model::agent::DiskSnapshot, SourceError> {

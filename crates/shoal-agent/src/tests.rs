@@ -223,6 +223,9 @@ impl Hypervisor for Failing {
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {
         self.sim.console(uuid, offset, max).await
     }
+    async fn fence(&self) -> usize {
+        self.sim.fence().await
+    }
 }
 
 #[tokio::test]
@@ -286,4 +289,48 @@ async fn ensure_failures_are_reported_by_kind() {
     let r = ensure(&spec("a-1")).await;
     assert_eq!(r.state, VmState::Failed);
     assert!(r.reason.unwrap().contains("\"sha1:00\""));
+}
+
+/// Self-fencing: only once the lease ran out, only with peers, and not while a strict majority
+/// of them is reached within the lease.
+#[test]
+fn an_agent_fences_itself_only_past_its_lease_and_out_of_reach_of_most_peers() {
+    use std::time::Instant;
+    let peer = |h: &str| shoal_model::agent::PeerAddress {
+        host: h.into(),
+        address: "127.0.0.1:1".into(),
+    };
+    let lease = Duration::from_millis(50);
+    let long_ago = Instant::now() - Duration::from_secs(1);
+    let mut s = crate::Standing {
+        acked: Some(Instant::now()),
+        lease: Some(lease),
+        peers: vec![peer("a"), peer("b"), peer("c")],
+        ..Default::default()
+    };
+    assert!(!s.must_fence(), "within the lease");
+    s.acked = Some(long_ago);
+    assert!(s.must_fence(), "lease over, no peer reached");
+    s.reached.insert("a".into(), (Instant::now(), 0));
+    assert!(s.must_fence(), "1 of 3 is no majority");
+    s.reached.insert("b".into(), (Instant::now(), 0));
+    assert!(
+        !s.must_fence(),
+        "2 of 3 reached: the controller hears of it through them"
+    );
+    s.reached.insert("b".into(), (long_ago, 0));
+    assert!(s.must_fence(), "a peer reached before the lease does not count");
+    s.fenced = true;
+    assert!(!s.must_fence(), "fenced once until the lease is renewed");
+    s.fenced = false;
+    s.peers.clear();
+    assert!(!s.must_fence(), "no peers: no other host could run its VMs");
+    s.peers = vec![peer("a")];
+    s.reached.clear();
+    assert!(s.must_fence());
+    s.reached.insert("a".into(), (Instant::now(), 0));
+    assert!(!s.must_fence(), "1 of 1");
+    s.lease = None;
+    s.reached.clear();
+    assert!(!s.must_fence(), "never heard from the controller: no lease to run out");
 }

@@ -280,6 +280,25 @@ impl Client {
         self.http.send(rb).await
     }
 
+    /// Checkpoints a VM's disk into the image store now.
+    pub async fn checkpoint_vm(&self, name: &str) -> Result<shoal_model::ha::CheckpointBlocks, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{}/checkpoint", seg(name)))
+            .timeout(Duration::from_secs(3600));
+        self.http.send(rb).await
+    }
+
+    /// A VM's block profile, checkpoint by checkpoint.
+    pub async fn vm_blocks(&self, name: &str) -> Result<shoal_model::ha::VmBlocks, ClientError> {
+        self.http.get(&format!("/v1/vms/{}/blocks", seg(name))).await
+    }
+
+    /// A cluster's block profile: each VM's latest checkpoint and their sum.
+    pub async fn cluster_blocks(&self, name: &str) -> Result<shoal_model::ha::ClusterBlocks, ClientError> {
+        self.http.get(&format!("/v1/clusters/{}/blocks", seg(name))).await
+    }
+
     pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
         self.http.get("/v1/templates").await
     }
@@ -587,7 +606,11 @@ impl Client {
         Ok(())
     }
 
-    pub async fn heartbeat(&self, host: &str, hb: &Heartbeat) -> Result<(), ClientError> {
+    pub async fn heartbeat(
+        &self,
+        host: &str,
+        hb: &Heartbeat,
+    ) -> Result<shoal_model::agent::HeartbeatReply, ClientError> {
         self.http.post(&format!("/v1/agents/{}/heartbeat", seg(host)), hb).await
     }
 }
@@ -710,6 +733,34 @@ impl AgentClient {
         self.http
             .post(&format!("/v1/vms/{uuid}/migration/finish"), &serde_json::json!({}))
             .await
+    }
+
+    /// Checkpoints the VM's disk into the controller's image store; may take minutes when
+    /// much of a large disk changed.
+    pub async fn checkpoint(
+        &self,
+        uuid: Uuid,
+        req: &shoal_model::agent::CheckpointDisk,
+    ) -> Result<shoal_model::agent::DiskCheckpoint, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/v1/vms/{uuid}/checkpoint"))
+            .timeout(Duration::from_secs(3600))
+            .json(req);
+        self.http.send(rb).await
+    }
+
+    /// Has the host keep an image of the controller's store whole in its chunk cache.
+    pub async fn hold_image(&self, manifest: &str) -> Result<(), ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, "/v1/images/hold")
+            .timeout(Duration::from_secs(3600))
+            .json(&shoal_model::agent::HoldImage {
+                manifest: manifest.to_string(),
+            });
+        let _: serde_json::Value = self.http.send(rb).await?;
+        Ok(())
     }
 
     /// Records the VM's disk in the image store; may take minutes for a large disk.

@@ -108,6 +108,8 @@ pub struct HostMarks {
     pub powered_off: HashSet<String>,
     /// Powered-off hosts that placement may count on: booting already, or with a power-on command.
     pub switchable_on: HashSet<String>,
+    /// Hosts declared failed (`/failures/`): nothing is placed there until they rejoin.
+    pub failed: HashSet<String>,
 }
 
 impl HostMarks {
@@ -122,6 +124,7 @@ impl HostMarks {
                 .filter(|p| p.state == PowerState::Booting || p.config.power_on_command.is_some())
                 .map(|p| p.host.clone())
                 .collect(),
+            failed: ctl.db.failures().await?.into_iter().map(|f| f.value.host).collect(),
         })
     }
 }
@@ -143,7 +146,7 @@ pub fn policy_host(ctl: &Controller, h: &HostRecord, marks: &HostMarks) -> shoal
 pub fn service_state(ctl: &Controller, host: &str, marks: &HostMarks) -> shoal_policy::HostState {
     if marks.powered_off.contains(host) {
         shoal_policy::HostState::PoweredOff
-    } else if ctl.host_state(host).0 != HostState::Up {
+    } else if marks.failed.contains(host) || ctl.host_state(host).0 != HostState::Up {
         shoal_policy::HostState::Down
     } else if marks.draining.contains(host) {
         shoal_policy::HostState::Draining

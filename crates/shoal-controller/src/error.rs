@@ -97,6 +97,12 @@ impl From<shoal_model::GuestError> for ApiError {
     }
 }
 
+impl From<shoal_model::ha::HaError> for ApiError {
+    fn from(e: shoal_model::ha::HaError) -> Self {
+        ApiError::Invalid(e.to_string())
+    }
+}
+
 impl From<shoal_model::SizeError> for ApiError {
     fn from(e: shoal_model::SizeError) -> Self {
         ApiError::Invalid(e.to_string())

@@ -25,6 +25,7 @@ pub mod capacity;
 pub mod datastore;
 pub mod domain;
 pub mod error;
+mod failover;
 mod ipam;
 pub mod locality;
 mod migrate;
@@ -40,8 +41,13 @@ pub struct ControllerConfig {
     pub subnet_pool: Ipv4Subnet,
     /// Prefix length of a cluster's subnet (a larger cluster gets the shortest prefix that fits).
     pub subnet_prefix: u8,
-    /// A host with no heartbeat for this long is down.
+    /// A host with no heartbeat for this long is down; its agent's lease (it stops its VMs
+    /// when it has not heard from the controller for this long and reaches few of its peers).
     pub host_timeout: Duration,
+    /// How long after a failed host's lease certainly ran out its VMs may restart elsewhere,
+    /// when its power-off command did not fence it: at least the agents' heartbeat interval
+    /// plus a second (`docs/ha.md`).
+    pub fence_margin: Duration,
     /// How often the reconciler runs when nothing wakes it.
     pub reconcile_interval: Duration,
     /// An operation whose VMs have not all started by then fails and is rolled back.
@@ -68,6 +74,7 @@ impl ControllerConfig {
             subnet_pool: "10.200.0.0/16".parse().expect("valid default pool"),
             subnet_prefix: 24,
             host_timeout: Duration::from_secs(10),
+            fence_margin: Duration::from_secs(3),
             reconcile_interval: Duration::from_millis(500),
             operation_timeout: Duration::from_secs(600),
             agent_timeout: Duration::from_secs(300),
@@ -88,6 +95,11 @@ pub struct Liveness {
     pub vms: Vec<VmStatus>,
     /// Images (manifest ids, hex) the host's cache holds whole.
     pub images: Vec<String>,
+    /// The peers the host reached, with when (unix ms): the failure detector's second channel.
+    pub reached: std::collections::BTreeMap<String, u64>,
+    /// The peers the host checks (the list it last got): those it needs a majority of to keep
+    /// its VMs running without the controller.
+    pub peers: Vec<String>,
 }
 
 pub struct Inner {
@@ -116,6 +128,8 @@ pub struct Inner {
     pub chunk_sets: locality::ChunkSets,
     /// CPU samples, energy accounts and the consolidator's memory.
     pub energy: tokio::sync::Mutex<domain::energy::Meter>,
+    /// VMs whose disk is being checkpointed now.
+    pub(crate) checkpointing: Mutex<HashSet<String>>,
     /// VMs whose migration has an executor task in this process.
     migrating: Mutex<HashSet<String>>,
     /// Operations driven by a task of this process (moves in waves): one found running without
@@ -192,16 +206,44 @@ impl Controller {
         }
     }
 
-    pub fn record_heartbeat(&self, host: &str, vms: Vec<VmStatus>, images: Vec<String>) {
+    pub fn record_heartbeat(&self, host: &str, hb: shoal_model::agent::Heartbeat) {
         self.live.lock().expect("liveness lock").insert(
             host.to_string(),
             Liveness {
                 seen: Instant::now(),
                 seen_unix_ms: now_ms(),
-                vms,
-                images,
+                vms: hb.vms,
+                images: hb.images,
+                reached: hb.reached,
+                peers: hb.peers,
             },
         );
+    }
+
+    /// When the controller started (unix ms): nothing it heard before counts after a restart.
+    pub fn started_unix_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// The last time a host that is heard now reported reaching `host` (unix ms): the failure
+    /// detector's second channel.
+    pub fn peer_seen(&self, host: &str) -> Option<u64> {
+        let timeout = self.config.host_timeout;
+        self.live
+            .lock()
+            .expect("liveness lock")
+            .iter()
+            .filter(|(peer, l)| peer.as_str() != host && l.seen.elapsed() < timeout)
+            .filter_map(|(_, l)| l.reached.get(host).copied())
+            .max()
+    }
+
+    /// Not heard from, but reached by a heard peer within the host timeout.
+    pub fn isolated(&self, host: &str) -> bool {
+        self.host_state(host).0 != HostState::Up
+            && self
+                .peer_seen(host)
+                .is_some_and(|t| now_ms().saturating_sub(t) <= self.config.host_timeout.as_millis() as u64)
     }
 
     pub fn liveness(&self) -> HashMap<String, Liveness> {
@@ -324,6 +366,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         peers_sent: Mutex::new(HashMap::new()),
         energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
         migrating: Mutex::new(HashSet::new()),
+        checkpointing: Mutex::new(HashSet::new()),
         migration_mib_s: Mutex::new(HashMap::new()),
         driving: Mutex::new(HashSet::new()),
         stopped: stop_rx.clone(),
@@ -341,6 +384,8 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         }
     });
     let reconciler = tokio::spawn(reconcile::run(controller.clone(), stop_rx.clone()));
+    let failover = tokio::spawn(failover::run(controller.clone(), stop_rx.clone()));
+    let checkpoints = tokio::spawn(domain::checkpoints::run(controller.clone(), stop_rx.clone()));
     let sampler = tokio::spawn(domain::energy::run(controller.clone(), stop_rx));
     let url = format!("http://{local}");
     tracing::info!(%url, auth = controller.auth_required, "controller started");
@@ -349,7 +394,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         url,
         admin_token,
         stop: stop_tx,
-        tasks: vec![server, reconciler, sampler],
+        tasks: vec![server, reconciler, failover, checkpoints, sampler],
     })
 }
 

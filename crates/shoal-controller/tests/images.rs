@@ -150,8 +150,14 @@ async fn locality_is_the_share_of_a_template_a_host_already_holds() {
     }
     let ctl = h.controller().clone();
     // Hosts that do not heartbeat here, so the simulated agents' empty reports do not interfere.
-    ctl.record_heartbeat("holds-a", vec![], vec![a.to_hex()]);
-    ctl.record_heartbeat("holds-nothing", vec![], vec![]);
+    ctl.record_heartbeat(
+        "holds-a",
+        shoal_model::agent::Heartbeat {
+            images: vec![a.to_hex()],
+            ..Default::default()
+        },
+    );
+    ctl.record_heartbeat("holds-nothing", Default::default());
     let la = shoal_controller::locality::image_locality(&ctl, a).await;
     assert_eq!(la.get("holds-a"), Some(&1.0));
     assert!(!la.contains_key("holds-nothing"));

@@ -174,7 +174,13 @@ async fn placement_prefers_the_host_that_caches_the_template() {
     }
     let ctl = h.controller().clone();
     for (host, images) in [("host1", vec![]), ("host2", vec![]), ("host3", vec![manifest])] {
-        ctl.record_heartbeat(host, vec![], images);
+        ctl.record_heartbeat(
+            host,
+            shoal_model::agent::Heartbeat {
+                images,
+                ..Default::default()
+            },
+        );
     }
     let e = h.client.plan_place(&cluster("near", "p", 1), true).await.unwrap();
     assert_eq!(e.plan[0].host, "host3", "{e:?}");

@@ -125,6 +125,8 @@ pub enum HvError {
     },
     #[error("VM {vm}: the {driver} driver keeps no disks to snapshot")]
     NoDisks { vm: Uuid, driver: String },
+    #[error("image {manifest}: the {driver} driver keeps no image cache")]
+    NoImageCache { manifest: String, driver: String },
 
     // Failures of the host.
     #[error("QEMU binary {} not found (install qemu-system-x86)", .0.display())]
@@ -208,6 +210,7 @@ impl HvError {
             | E::DiskTooSmall { .. }
             | E::CommaInPath(_)
             | E::NoDisks { .. }
+            | E::NoImageCache { .. }
             | E::MigrationUnsupported { .. }
             | E::NotRunning { .. }
             | E::AlreadyHere(_)

@@ -75,6 +75,20 @@ pub trait Hypervisor: Send + Sync + 'static {
         })
     }
 
+    /// Keeps the image `manifest` (hex) of the controller's store whole in this host's chunk
+    /// cache: a second copy of a checkpoint. Idempotent.
+    async fn hold_image(&self, manifest: &str) -> Result<(), HvError> {
+        Err(HvError::NoImageCache {
+            manifest: manifest.to_string(),
+            driver: self.driver(),
+        })
+    }
+
+    /// Self-fencing: stops every VM's process at once (no guest shutdown), keeping its disk,
+    /// because the controller may already be restarting them elsewhere. Returns how many it
+    /// stopped.
+    async fn fence(&self) -> usize;
+
     // Live migration, shared-nothing, in the order the controller calls it: the destination
     // prepares, the source sends, the destination runs the VM; or, on any failure, the source's
     // migration is cancelled and the destination's VM removed. Until `finish_incoming` the
@@ -162,6 +176,14 @@ pub trait TemplateSource: Send + Sync + 'static {
     /// Adds the raw disk image at `raw` to the image store and sends what the controller lacks.
     async fn store_image(&self, raw: &Path) -> Result<DiskSnapshot, SourceError> {
         Err(SourceError::NoStore(raw.to_path_buf()))
+    }
+
+    /// Keeps the image `manifest` (hex) of the controller's store whole in this host's cache.
+    async fn hold_image(&self, manifest: &str) -> Result<(), SourceError> {
+        Err(SourceError::NoImageStore {
+            template: String::new(),
+            manifest: manifest.to_string(),
+        })
     }
 
     /// Makes a new image from the image `parent` (manifest hex) with `changes` laid over it,

@@ -25,6 +25,8 @@ pub struct SimDriver {
     meters: std::sync::Mutex<HashMap<Uuid, Meter>>,
     /// Outgoing migrations, in memory only: like QEMU's, they do not survive the agent.
     migrations: std::sync::Mutex<HashMap<Uuid, SimMigration>>,
+    /// Images held for the controller (checkpoint replicas), in memory only.
+    held: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// An outgoing migration of the simulated driver: it completes `boot_delay` after it started.
@@ -147,6 +149,7 @@ impl SimDriver {
             started: Instant::now(),
             meters: Default::default(),
             migrations: Default::default(),
+            held: Default::default(),
         })
     }
 
@@ -160,6 +163,7 @@ impl SimDriver {
             started: Instant::now(),
             meters: Default::default(),
             migrations: Default::default(),
+            held: Default::default(),
         }
     }
 
@@ -257,6 +261,33 @@ impl Hypervisor for SimDriver {
             })
             .cpus = spec.cpus;
         Ok(status)
+    }
+
+    async fn hold_image(&self, manifest: &str) -> Result<(), HvError> {
+        self.held.lock().expect("held").insert(manifest.to_string());
+        Ok(())
+    }
+
+    async fn cached_images(&self) -> Vec<String> {
+        self.held.lock().expect("held").iter().cloned().collect()
+    }
+
+    async fn fence(&self) -> usize {
+        self.migrations.lock().expect("migrations").clear();
+        let mut vms = self.vms.lock().await;
+        let mut stopped = 0;
+        for v in vms.values_mut() {
+            if matches!(v.state, VmState::Running | VmState::Creating) {
+                v.state = VmState::Stopped;
+                v.reason = Some("fenced: the host lost the controller and its peers".into());
+                v.seq += 1;
+                stopped += 1;
+            }
+        }
+        if let Err(e) = self.persist(&vms).await {
+            tracing::error!("fencing: recording the stopped VMs: {e}");
+        }
+        stopped
     }
 
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError> {

@@ -170,7 +170,7 @@ pub struct RegisterResponse {
     pub controller_token: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Heartbeat {
     pub cpus: u32,
     pub memory_mib: u64,
@@ -178,6 +178,37 @@ pub struct Heartbeat {
     /// Images (manifest ids, hex) whole in the host's chunk cache: for image-locality placement.
     #[serde(default)]
     pub images: Vec<String>,
+    /// The host's peers it reached (a TCP connection to their underlay or agent address), each
+    /// with the last time it did (unix ms): the failure detector's second channel.
+    #[serde(default)]
+    pub reached: std::collections::BTreeMap<String, u64>,
+    /// The peers the host probes (the last list the controller gave it).
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// Controller → agent, in answer to a heartbeat: how long the host may run VMs without hearing
+/// from the controller again, and which other hosts it checks it can reach.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatReply {
+    /// Past this long without an answered heartbeat, the agent stops its VMs itself, unless it
+    /// still reaches a strict majority of its peers (self-fencing; see `docs/ha.md`).
+    pub lease_ms: u64,
+    pub peers: Vec<PeerAddress>,
+}
+
+/// Where a host's peers check that it is reachable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeerAddress {
+    pub host: String,
+    /// `ip:port`: the underlay address and port it registered, else its agent's address.
+    pub address: String,
+}
+
+/// Controller → agent: keep an image of the controller's store in this host's chunk cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HoldImage {
+    pub manifest: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -23,6 +23,15 @@ pub struct CreateProfile {
     /// SSH public keys (one `authorized_keys` line each).
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// Time between disk checkpoints (`60s`, `5m`, `off`).
+    #[serde(default)]
+    pub checkpoint_interval: Option<String>,
+    /// Checkpoints kept per VM.
+    #[serde(default)]
+    pub keep_checkpoints: Option<u32>,
+    /// Restart order after a host failure when capacity is short (higher first).
+    #[serde(default)]
+    pub ha_priority: Option<i32>,
 }
 
 /// A profile and what it resolves to after inheritance.
@@ -58,6 +67,15 @@ pub struct CreateCluster {
     /// SSH public keys, added to the profile's.
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// Time between disk checkpoints (`60s`, `5m`, `off`), in place of the profile's.
+    #[serde(default)]
+    pub checkpoint_interval: Option<String>,
+    /// Checkpoints kept per VM, in place of the profile's.
+    #[serde(default)]
+    pub keep_checkpoints: Option<u32>,
+    /// Restart order after a host failure, in place of the profile's.
+    #[serde(default)]
+    pub ha_priority: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

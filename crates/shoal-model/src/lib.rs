@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod disk;
 pub mod guest;
+pub mod ha;
 pub mod migration;
 pub mod name;
 pub mod net;
@@ -17,6 +18,7 @@ pub mod text;
 
 pub use disk::{DiskFormat, DiskFormatError, TemplateDisk, TemplateDiskError};
 pub use guest::{GuestError, Readiness};
+pub use ha::{Checkpoint, CheckpointChain, Fencing, HaSettings, HostFailure};
 pub use migration::{MigrateCluster, MigrateVm, Migration, MigrationStep};
 pub use name::{validate_name, NameError};
 pub use net::{Ipv4Subnet, MacAddr, NetError};

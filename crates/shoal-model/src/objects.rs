@@ -31,6 +31,11 @@ pub enum HostState {
     Maintenance,
     /// Switched off (or switched on and not heard from since) by its power command.
     Off,
+    /// Its agent's heartbeats stopped, but other hosts still reach it: its VMs are left alone.
+    Isolated,
+    /// Neither its heartbeats nor other hosts reach it: it is fenced, then its VMs restart
+    /// elsewhere. It rejoins empty.
+    Failed,
 }
 
 /// A physical host, as the controller knows it: what the agent registered plus what is claimed on it.
@@ -234,6 +239,13 @@ pub struct Profile {
     #[serde(default)]
     pub ssh_keys: Vec<String>,
     pub created_unix_ms: u64,
+    /// Seconds between disk checkpoints, `Some(0)` for off; `None`: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_priority: Option<i32>,
 }
 
 /// What a VM is made of once a profile and its ancestors are resolved.
@@ -250,6 +262,9 @@ pub struct VmShape {
     pub user: Option<String>,
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// Disk checkpoints and restart priority.
+    #[serde(default)]
+    pub ha: crate::HaSettings,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -480,6 +495,8 @@ pub enum OperationKind {
     VmResume,
     VmMigrate,
     ClusterMigrate,
+    /// A failed host's VMs restarted elsewhere (`target` is the host).
+    HostEvacuate,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -615,6 +615,8 @@ pub enum ProfileCmd {
         network: Option<String>,
         #[command(flatten)]
         guest: GuestArgs,
+        #[command(flatten)]
+        ha: HaArgs,
     },
     List,
     Show {
@@ -623,6 +625,22 @@ pub enum ProfileCmd {
     Delete {
         name: String,
     },
+}
+
+/// How the VMs of a profile or cluster survive their host's failure.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HaArgs {
+    /// Time between checkpoints of each VM's disk into the image store (`60s`, `5m`, `off`);
+    /// a VM of a failed host restarts from its latest [default: off]. On a cluster, in place
+    /// of the profile's.
+    #[arg(long, value_name = "INTERVAL")]
+    pub checkpoint_interval: Option<String>,
+    /// Checkpoints kept per VM [default: 3].
+    #[arg(long, value_name = "N")]
+    pub keep: Option<u32>,
+    /// When capacity is short after a host failure, higher priorities restart first [default: 0].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub ha_priority: Option<i32>,
 }
 
 /// What an operator gives the guests of a profile or cluster.
@@ -695,9 +713,16 @@ pub enum ClusterCmd {
         explain: bool,
         #[command(flatten)]
         guest: GuestArgs,
+        #[command(flatten)]
+        ha: HaArgs,
     },
     List,
     Show {
+        name: String,
+    },
+    /// The cluster's block profile: each VM's latest disk checkpoint, blocks shared with the
+    /// template and created by the VM, and their sum.
+    Blocks {
         name: String,
     },
     /// Grow or shrink a virtual cluster.
@@ -749,6 +774,16 @@ pub enum VmCmd {
         cluster: Option<String>,
     },
     Show {
+        name: String,
+    },
+    /// Checkpoint the VM's disk into the image store now (only the blocks written since its
+    /// last checkpoint are read; the guest keeps running).
+    Checkpoint {
+        name: String,
+    },
+    /// The VM's block profile: per checkpoint, blocks shared with its template, created by the
+    /// VM, and new since the checkpoint before.
+    Blocks {
         name: String,
     },
     /// Stop: ACPI power button, forced after the host's timeout.

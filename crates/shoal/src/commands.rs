@@ -224,6 +224,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 parent,
                 network,
                 guest,
+                ha,
             } => {
                 let Guest {
                     user_data,
@@ -231,6 +232,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ssh_keys,
                 } = read_guest_args(&guest)?;
                 let req = CreateProfile {
+                    checkpoint_interval: ha.checkpoint_interval,
+                    keep_checkpoints: ha.keep,
+                    ha_priority: ha.ha_priority,
                     name,
                     parent,
                     template,
@@ -252,6 +256,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Cluster(c) => match c {
+            ClusterCmd::Blocks { name } => {
+                output::emit(out, &client.cluster_blocks(&name).await?, output::cluster_blocks)
+            }
             ClusterCmd::Create {
                 name,
                 profile,
@@ -264,6 +271,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 explain,
                 guest,
+                ha,
             } => {
                 let Guest {
                     user_data,
@@ -271,6 +279,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ssh_keys,
                 } = read_guest_args(&guest)?;
                 let req = CreateCluster {
+                    checkpoint_interval: ha.checkpoint_interval,
+                    keep_checkpoints: ha.keep,
+                    ha_priority: ha.ha_priority,
                     name,
                     profile,
                     size,
@@ -358,6 +369,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             finish(&client, out, op, how.wait).await?
         }
         Command::Vm(VmCmd::Console { name, follow }) => console(&client, out, &name, follow).await?,
+        Command::Vm(VmCmd::Checkpoint { name }) => {
+            output::emit(out, &client.checkpoint_vm(&name).await?, output::checkpoint)
+        }
+        Command::Vm(VmCmd::Blocks { name }) => output::emit(out, &client.vm_blocks(&name).await?, output::vm_blocks),
         Command::Vm(VmCmd::Snapshot { name }) => {
             output::emit(out, &client.snapshot_vm(&name).await?, output::vm_snapshot)
         }

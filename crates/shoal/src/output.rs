@@ -274,6 +274,18 @@ pub fn template(t: &Template) -> String {
 /// What a VM shape gives the guest: user, keys and user data, one line each.
 fn guest_rows(s: &shoal_model::VmShape) -> Vec<(&'static str, String)> {
     vec![
+        (
+            "checkpoints",
+            match s.ha.checkpoint_interval_s {
+                Some(_) => format!(
+                    "every {}, {} kept",
+                    shoal_model::ha::format_interval(s.ha.checkpoint_interval_s),
+                    s.ha.keep
+                ),
+                None => "off".into(),
+            },
+        ),
+        ("ha priority", s.ha.priority.to_string()),
         ("user", s.user.clone().unwrap_or_else(|| "the image's default".into())),
         ("ssh keys", plural(s.ssh_keys.len(), "key")),
         (
@@ -559,4 +571,163 @@ mod tests {
         db-10  x
         ");
     }
+}
+
+/// Bytes as people read them: binary units, one decimal.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn age(unix_ms: u64) -> String {
+    let s = shoal_model::now_ms().saturating_sub(unix_ms) / 1000;
+    match s {
+        0..=119 => format!("{s} s ago"),
+        120..=7199 => format!("{} min ago", s / 60),
+        _ => format!("{} h ago", s / 3600),
+    }
+}
+
+fn replicas(c: &shoal_model::Checkpoint) -> String {
+    let safe = if c.safe() { "safe" } else { "NOT SAFE: one copy" };
+    format!("{} ({safe})", c.replicas.join(", "))
+}
+
+/// `vm checkpoint`.
+pub fn checkpoint(c: &shoal_model::ha::CheckpointBlocks) -> String {
+    let k = &c.checkpoint;
+    sheet(vec![
+        ("checkpoint", format!("#{}", k.seq)),
+        ("manifest", k.manifest.clone()),
+        (
+            "kind",
+            if k.incremental {
+                "incremental (blocks written since the last checkpoint)".into()
+            } else {
+                "full (the VM's own blocks over its base image)".into()
+            },
+        ),
+        ("host", k.host.clone()),
+        ("disk", size(k.disk_bytes)),
+        ("changed", size(k.changed_bytes)),
+        ("read", size(k.read_bytes)),
+        ("sent", size(k.bytes_sent)),
+        ("took", format!("{:.2} s", k.seconds)),
+        ("held by", replicas(k)),
+        (
+            "blocks",
+            format!(
+                "{} shared with the template, {} the VM's own ({} new since the last checkpoint)",
+                size(c.blocks.template_bytes),
+                size(c.blocks.own_bytes),
+                size(c.blocks.new_bytes)
+            ),
+        ),
+    ])
+}
+
+fn blocks_row(seq: String, when: String, b: &shoal_model::ha::BlockCounts, extra: Vec<String>) -> Vec<String> {
+    let mut row = vec![
+        seq,
+        when,
+        format!("{} ({})", b.template_chunks, size(b.template_bytes)),
+        format!("{} ({})", b.own_chunks, size(b.own_bytes)),
+        format!("{} ({})", b.new_chunks, size(b.new_bytes)),
+        size(b.zero_bytes),
+    ];
+    row.extend(extra);
+    row
+}
+
+/// `vm blocks`.
+pub fn vm_blocks(v: &shoal_model::ha::VmBlocks) -> String {
+    let head = format!(
+        "VM {} (template {}): checkpoints every {}, {} kept\n",
+        v.vm,
+        v.template,
+        shoal_model::ha::format_interval(v.checkpoint_interval_s),
+        v.keep
+    );
+    if v.checkpoints.is_empty() {
+        return format!("{head}no checkpoint yet (`shoal vm checkpoint {}` takes one)\n", v.vm);
+    }
+    let rows = v
+        .checkpoints
+        .iter()
+        .map(|c| {
+            let k = &c.checkpoint;
+            blocks_row(
+                format!("#{}", k.seq),
+                age(k.taken_unix_ms),
+                &c.blocks,
+                vec![
+                    if k.incremental { "incremental" } else { "full" }.into(),
+                    size(k.read_bytes),
+                    replicas(k),
+                ],
+            )
+        })
+        .collect();
+    head + &table(
+        &[
+            "checkpoint",
+            "taken",
+            "shared (template)",
+            "own",
+            "new",
+            "zeros",
+            "kind",
+            "read",
+            "held by",
+        ],
+        rows,
+    )
+}
+
+/// `cluster blocks`.
+pub fn cluster_blocks(c: &shoal_model::ha::ClusterBlocks) -> String {
+    let mut rows: Vec<Vec<String>> = c
+        .vms
+        .iter()
+        .map(|v| match &v.latest {
+            Some(l) => blocks_row(
+                format!("{} #{}", v.vm, l.checkpoint.seq),
+                age(l.checkpoint.taken_unix_ms),
+                &l.blocks,
+                vec![v.checkpoints.to_string()],
+            ),
+            None => vec![
+                v.vm.clone(),
+                "never".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "0".into(),
+            ],
+        })
+        .collect();
+    rows.push(blocks_row("total".into(), String::new(), &c.total, vec![String::new()]));
+    table(
+        &[
+            "vm (latest)",
+            "taken",
+            "shared (template)",
+            "own",
+            "new",
+            "zeros",
+            "kept",
+        ],
+        rows,
+    )
 }

@@ -4,7 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use shoal_model::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use shoal_model::agent::{Heartbeat, HeartbeatReply, RegisterRequest, RegisterResponse};
 
 use crate::auth;
 use crate::domain::agents;
@@ -24,15 +24,14 @@ pub async fn register(
 
 #[utoipa::path(post, path = "/v1/agents/{name}/heartbeat", tag = "agents", request_body = Heartbeat,
     params(("name" = String, Path, description = "Host name")),
-    responses((status = 200), (status = 401, body = shoal_model::api::ErrorBody), (status = 404, body = shoal_model::api::ErrorBody)))]
+    responses((status = 200, body = HeartbeatReply), (status = 401, body = shoal_model::api::ErrorBody), (status = 404, body = shoal_model::api::ErrorBody)))]
 pub async fn heartbeat(
     State(ctl): State<Controller>,
     Path(name): Path<String>,
     headers: HeaderMap,
     Json(hb): Json<Heartbeat>,
-) -> ApiResult<Json<()>> {
-    agents::heartbeat(&ctl, auth::bearer(&headers), &name, hb).await?;
-    Ok(Json(()))
+) -> ApiResult<Json<HeartbeatReply>> {
+    Ok(Json(agents::heartbeat(&ctl, auth::bearer(&headers), &name, hb).await?))
 }
 
 /// Streams one file of a template to an agent materialising it.

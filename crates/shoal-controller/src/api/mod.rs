@@ -10,6 +10,7 @@ use utoipa::OpenApi;
 use crate::{auth, Controller};
 
 pub mod agents;
+pub mod checkpoints;
 pub mod clusters;
 pub mod hosts;
 pub mod images;
@@ -31,6 +32,7 @@ pub mod vms;
         profiles::create_profile, profiles::list_profiles, profiles::show_profile, profiles::delete_profile,
         clusters::create_cluster, clusters::list_clusters, clusters::show_cluster, clusters::scale_cluster, clusters::delete_cluster, clusters::cluster_action,
         vms::list_vms, vms::show_vm, vms::vm_action, vms::console, vms::snapshot_vm,
+        checkpoints::checkpoint_vm, checkpoints::vm_blocks, checkpoints::cluster_blocks,
         migrations::migrate_vm, migrations::migrate_cluster, migrations::preview, migrations::list,
         operations::list_operations, operations::show_operation,
         plan::snapshot, plan::place, plan::rebalance,
@@ -161,6 +163,9 @@ pub fn router(ctl: Controller) -> Router {
         .route("/v1/vms/{name}", get(vms::show_vm))
         .route("/v1/vms/{name}/console", get(vms::console))
         .route("/v1/vms/{name}/snapshot", post(vms::snapshot_vm))
+        .route("/v1/vms/{name}/checkpoint", post(checkpoints::checkpoint_vm))
+        .route("/v1/vms/{name}/blocks", get(checkpoints::vm_blocks))
+        .route("/v1/clusters/{name}/blocks", get(checkpoints::cluster_blocks))
         .route("/v1/vms/{name}/migrate", post(migrations::migrate_vm))
         .route("/v1/plan/migrate", post(migrations::preview))
         .route("/v1/migrations", get(migrations::list))

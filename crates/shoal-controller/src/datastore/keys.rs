@@ -14,6 +14,8 @@
 //! | `/clusters/<name>` | [`shoal_model::Cluster`] | cluster create, scale, power changes, the reconciler |
 //! | `/vms/<cluster>/<index, 6 digits>` | [`shoal_model::Vm`] | deployment, power changes, moves, the reconciler |
 //! | `/migrations/<vm>` | [`shoal_model::Migration`] | `vm migrate` and every plan that moves VMs; the migration executor at each step; deleted when the move is committed or undone |
+//! | `/checkpoints/<vm>` | [`shoal_model::CheckpointChain`] | `vm checkpoint` and the checkpoint scheduler; the image store names each checkpoint `checkpoint/<vm>/<seq>` while it is kept |
+//! | `/failures/<host>` | [`shoal_model::HostFailure`] | the failure detector (a host declared failed, its fencing, its evacuation); deleted when the host rejoins |
 //! | `/operations/<id>` | [`shoal_model::Operation`] | every asynchronous request; pruned by age and count |
 //! | `/networks/<name>` | [`shoal_model::Network`] | network create / set, a cluster's own network |
 //! | `/ipam/subnets/<cidr>` | the network's (or cluster's) name, text | network create |
@@ -42,6 +44,8 @@ pub const CLUSTERS: &str = "/clusters/";
 pub const VMS: &str = "/vms/";
 pub const OPERATIONS: &str = "/operations/";
 pub const MIGRATIONS: &str = "/migrations/";
+pub const CHECKPOINTS: &str = "/checkpoints/";
+pub const FAILURES: &str = "/failures/";
 pub const NETWORKS: &str = "/networks/";
 pub const SUBNETS: &str = "/ipam/subnets/";
 pub const VNIS: &str = "/ipam/vnis/";
@@ -88,6 +92,19 @@ pub fn operation(id: &Uuid) -> String {
 pub fn migration(vm: &str) -> String {
     format!("{MIGRATIONS}{vm}")
 }
+pub fn checkpoints(vm: &str) -> String {
+    format!("{CHECKPOINTS}{vm}")
+}
+
+/// The image store's name of a kept checkpoint: a root the garbage collector keeps.
+pub fn checkpoint_image(vm: &str, seq: u64) -> String {
+    format!("checkpoint/{vm}/{seq}")
+}
+
+pub fn failure(host: &str) -> String {
+    format!("{FAILURES}{host}")
+}
+
 pub fn network(name: &str) -> String {
     format!("{NETWORKS}{name}")
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shoal_model::power::HostPower;
-use shoal_model::{Cluster, Ipv4Subnet, MacAddr, Migration, Network, Operation, Profile, Template, Vm};
+use shoal_model::{
+    CheckpointChain, Cluster, HostFailure, Ipv4Subnet, MacAddr, Migration, Network, Operation, Profile, Template, Vm,
+};
 use shoal_store::{Compare, Op, Store, Txn};
 use uuid::Uuid;
 
@@ -301,6 +303,29 @@ impl Tx {
         self.delete_if(keys::migration(vm), read_at)
     }
 
+    /// A VM's checkpoints: created when `read_at` is 0, else compared on it.
+    pub fn put_checkpoints(self, read_at: u64, c: &CheckpointChain) -> Tx {
+        if read_at == 0 {
+            self.create(keys::checkpoints(&c.vm), c)
+        } else {
+            self.put_if(keys::checkpoints(&c.vm), read_at, c)
+        }
+    }
+    pub fn delete_checkpoints(self, vm: &str, read_at: u64) -> Tx {
+        self.delete_if(keys::checkpoints(vm), read_at)
+    }
+    /// A host declared failed: created when `read_at` is 0, else compared on it.
+    pub fn put_failure(self, read_at: u64, f: &HostFailure) -> Tx {
+        if read_at == 0 {
+            self.create(keys::failure(&f.host), f)
+        } else {
+            self.put_if(keys::failure(&f.host), read_at, f)
+        }
+    }
+    pub fn delete_failure(self, host: &str, read_at: u64) -> Tx {
+        self.delete_if(keys::failure(host), read_at)
+    }
+
     // Networks and their identities.
 
     /// A new network with its subnet and VNI, none of which may exist yet.
@@ -554,6 +579,21 @@ impl Datastore {
     }
     pub async fn migrations(&self) -> ApiResult<Vec<Versioned<Migration>>> {
         self.list(keys::MIGRATIONS).await
+    }
+
+    // Checkpoints and failed hosts.
+
+    pub async fn checkpoints(&self, vm: &str) -> ApiResult<Option<Versioned<CheckpointChain>>> {
+        self.get(&keys::checkpoints(vm)).await
+    }
+    pub async fn all_checkpoints(&self) -> ApiResult<Vec<Versioned<CheckpointChain>>> {
+        self.list(keys::CHECKPOINTS).await
+    }
+    pub async fn failure(&self, host: &str) -> ApiResult<Option<Versioned<HostFailure>>> {
+        self.get(&keys::failure(host)).await
+    }
+    pub async fn failures(&self) -> ApiResult<Vec<Versioned<HostFailure>>> {
+        self.list(keys::FAILURES).await
     }
 
     // Networks and address management.

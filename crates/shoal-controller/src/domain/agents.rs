@@ -1,7 +1,7 @@
 //! Agents joining and reporting: registration (with a one-time join token or the host's own
 //! credential, after its underlay address is checked) and heartbeats.
 
-use shoal_model::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use shoal_model::agent::{Heartbeat, HeartbeatReply, PeerAddress, RegisterRequest, RegisterResponse};
 use shoal_model::{now_ms, validate_name};
 
 use crate::auth::{self, TokenKind, TokenRecord};
@@ -74,7 +74,17 @@ pub async fn register(ctl: &Controller, presented: Option<&str>, req: RegisterRe
     if !ctl.db.try_commit(tx).await? {
         return Err(ApiError::Unauthorized("invalid or already used join token".into()));
     }
-    ctl.record_heartbeat(&req.name, Vec::new(), Vec::new());
+    ctl.record_heartbeat(
+        &req.name,
+        Heartbeat {
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            vms: Vec::new(),
+            images: Vec::new(),
+            reached: Default::default(),
+            peers: Vec::new(),
+        },
+    );
     // A restarted agent has forgotten its networks' peers: send them again.
     ctl.peers_sent.lock().expect("peers_sent lock").remove(&req.name);
     tracing::info!(host = %req.name, address = %req.address, "host registered");
@@ -86,9 +96,38 @@ pub async fn register(ctl: &Controller, presented: Option<&str>, req: RegisterRe
 }
 
 /// A heartbeat: what the host runs now, and the images its cache holds.
-pub async fn heartbeat(ctl: &Controller, presented: Option<&str>, name: &str, hb: Heartbeat) -> ApiResult<()> {
+/// Records a heartbeat and answers with the agent's lease and the peers it checks: every other
+/// host that is switched on and not failed.
+pub async fn heartbeat(
+    ctl: &Controller,
+    presented: Option<&str>,
+    name: &str,
+    hb: Heartbeat,
+) -> ApiResult<HeartbeatReply> {
     auth::check_agent(ctl, presented, name).await?;
     ctl.db.known_host(name).await?;
-    ctl.record_heartbeat(name, hb.vms, hb.images);
-    Ok(())
+    ctl.record_heartbeat(name, hb);
+    let marks = crate::capacity::HostMarks::read(ctl).await?;
+    let peers = ctl
+        .db
+        .hosts()
+        .await?
+        .into_iter()
+        .filter(|h| h.name != name && !marks.powered_off.contains(&h.name) && !marks.failed.contains(&h.name))
+        .map(|h| PeerAddress {
+            address: authority(&h.address).to_string(),
+            host: h.name,
+        })
+        .collect();
+    Ok(HeartbeatReply {
+        lease_ms: ctl.config.host_timeout.as_millis() as u64,
+        peers,
+    })
+}
+
+/// `host:port` of an agent's base URL (`http://10.0.0.2:7701` → `10.0.0.2:7701`): where its
+/// peers connect to check it is reachable.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
 }

@@ -308,6 +308,12 @@ pub async fn create_cluster(ctl: &Controller, req: CreateCluster) -> ApiResult<O
         shape.user = req.user.clone();
     }
     shape.ssh_keys = crate::domain::profiles::merge_keys(shape.ssh_keys.iter().chain(&req.ssh_keys));
+    shape.ha = crate::domain::profiles::apply_ha(
+        shape.ha,
+        req.checkpoint_interval.as_deref(),
+        req.keep_checkpoints,
+        req.ha_priority,
+    )?;
     let wanted = req.network.as_deref().or(shape.network.as_deref());
     let (net, net_tx) = crate::domain::networks::network_for_cluster(ctl, &req.name, wanted, req.size, req.nat).await?;
     let cluster = Cluster {

@@ -278,6 +278,28 @@ pub async fn switch(ctl: &Controller, host: &str, on: bool) -> ApiResult<HostPow
     }
 }
 
+/// Fencing: runs a failed host's power-off command whatever VMs it holds (they are being
+/// restarted elsewhere), and records it off. `Ok(false)`: it has no power-off command.
+pub async fn fence_off(ctl: &Controller, host: &str) -> ApiResult<Result<bool, String>> {
+    let p = energy::power_record(ctl, host).await?;
+    let Some(cmd) = p.config.power_off_command.clone() else {
+        return Ok(Ok(false));
+    };
+    tracing::warn!(%host, %cmd, "fencing: running the power-off command");
+    Ok(match run_command(&cmd, host).await {
+        Ok(()) => {
+            energy::set_state(ctl, p, PowerState::Off, None).await?;
+            Ok(true)
+        }
+        Err(e) => {
+            let msg = format!("fencing: power-off command for host {host} failed: {e}");
+            let state = p.state;
+            energy::set_state(ctl, p, state, Some(msg.clone())).await?;
+            Err(msg)
+        }
+    })
+}
+
 /// Why a power command did not succeed.
 #[derive(Debug, thiserror::Error)]
 enum CommandError {

@@ -20,10 +20,12 @@ pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
             let claim = claims.get(&h.name);
             let (_, seen) = ctl.host_state(&h.name);
             let state = match service_state(ctl, &h.name, &marks) {
+                _ if marks.failed.contains(&h.name) => HostState::Failed,
                 shoal_policy::HostState::Up => HostState::Up,
                 shoal_policy::HostState::Draining => HostState::Draining,
                 shoal_policy::HostState::Maintenance => HostState::Maintenance,
                 shoal_policy::HostState::PoweredOff => HostState::Off,
+                shoal_policy::HostState::Down if ctl.isolated(&h.name) => HostState::Isolated,
                 shoal_policy::HostState::Down => HostState::Down,
             };
             Host {

@@ -3,6 +3,7 @@
 //! read and written only through the datastore layer (`crate::datastore`).
 
 pub mod agents;
+pub mod checkpoints;
 pub mod clusters;
 pub mod consolidate;
 pub mod energy;

@@ -51,7 +51,39 @@ pub fn resolve_profile(profiles: &HashMap<String, Profile>, name: &str) -> ApiRe
         user: pick(&|p| p.user.is_some()).and_then(|p| p.user.clone()),
         // Keys add up along the chain, the farthest ancestor's first.
         ssh_keys: merge_keys(chain.iter().rev().flat_map(|p| p.ssh_keys.iter())),
+        ha: shoal_model::HaSettings {
+            checkpoint_interval_s: pick(&|p| p.checkpoint_interval_s.is_some())
+                .and_then(|p| p.checkpoint_interval_s)
+                .filter(|s| *s > 0),
+            keep: pick(&|p| p.keep_checkpoints.is_some())
+                .and_then(|p| p.keep_checkpoints)
+                .unwrap_or(shoal_model::ha::DEFAULT_KEEP),
+            priority: pick(&|p| p.ha_priority.is_some())
+                .and_then(|p| p.ha_priority)
+                .unwrap_or(0),
+        },
     })
+}
+
+/// The HA settings a request gives, over `base`: an interval (`off` is off), a keep count, a
+/// priority; each checked, naming what is wrong.
+pub fn apply_ha(
+    base: shoal_model::HaSettings,
+    interval: Option<&str>,
+    keep: Option<u32>,
+    priority: Option<i32>,
+) -> ApiResult<shoal_model::HaSettings> {
+    let mut ha = base;
+    if let Some(i) = interval {
+        ha.checkpoint_interval_s = shoal_model::ha::parse_interval(i)?;
+    }
+    if let Some(k) = keep {
+        ha.keep = shoal_model::ha::check_keep(k)?;
+    }
+    if let Some(p) = priority {
+        ha.priority = p;
+    }
+    Ok(ha)
 }
 
 /// SSH keys without repeats, in the order given.
@@ -87,6 +119,12 @@ pub async fn create(ctl: &Controller, req: &CreateProfile) -> ApiResult<ProfileV
         }
     }
     shoal_model::guest::check_guest_settings(req.user_data.as_deref(), req.user.as_deref(), &req.ssh_keys)?;
+    let ha = apply_ha(
+        Default::default(),
+        req.checkpoint_interval.as_deref(),
+        req.keep_checkpoints,
+        req.ha_priority,
+    )?;
     let profile = Profile {
         name: req.name.clone(),
         parent: req.parent.clone(),
@@ -99,6 +137,13 @@ pub async fn create(ctl: &Controller, req: &CreateProfile) -> ApiResult<ProfileV
         user: req.user.clone(),
         ssh_keys: merge_keys(req.ssh_keys.iter()),
         created_unix_ms: now_ms(),
+        // `off` is kept as 0, so that it overrides a parent's interval.
+        checkpoint_interval_s: req
+            .checkpoint_interval
+            .as_ref()
+            .map(|_| ha.checkpoint_interval_s.unwrap_or(0)),
+        keep_checkpoints: req.keep_checkpoints.map(|_| ha.keep),
+        ha_priority: req.ha_priority,
     };
     let _guard = ctl.db.lock().await;
     if ctl.db.profile(&req.name).await?.is_some() {
@@ -211,6 +256,9 @@ mod tests {
             user: None,
             ssh_keys: Vec::new(),
             created_unix_ms: 0,
+            checkpoint_interval_s: None,
+            keep_checkpoints: None,
+            ha_priority: None,
         }
     }
 

@@ -70,7 +70,7 @@ pub async fn show(ctl: &Controller, name: &str) -> ApiResult<Vm> {
 }
 
 /// The host record of the host a VM is on.
-async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::datastore::HostRecord> {
+pub(crate) async fn vm_host(ctl: &Controller, vm: &shoal_model::Vm) -> ApiResult<crate::datastore::HostRecord> {
     ctl.db
         .host(&vm.host)
         .await?

@@ -17,6 +17,9 @@ pub enum HostLook {
     Down,
     /// Switched on by its power command and not heard from yet: its VMs wait for it.
     Booting,
+    /// Declared failed: its VMs are the failover task's to restart, and whatever it still
+    /// has is removed when it is heard again.
+    Failed,
 }
 
 /// What to do about one VM in this pass.
@@ -43,6 +46,8 @@ pub fn vm_step(state: VmState, host: HostLook, desired: Power) -> VmStep {
         // Only ever shown, never stored; nothing can be decided from it.
         (_, VmState::Unknown) => VmStep::Nothing,
         (HostLook::Booting, _) => VmStep::Nothing,
+        (HostLook::Failed, VmState::Deleting) => VmStep::Forget,
+        (HostLook::Failed, _) => VmStep::Nothing,
         (HostLook::Down, VmState::Pending) => VmStep::Replace,
         (HostLook::Down, VmState::Deleting) => VmStep::Forget,
         (HostLook::Down, _) => VmStep::Nothing,
@@ -101,8 +106,9 @@ pub fn advance(op: &Operation, vms: &[&Vm], cluster: Option<&Cluster>, now_ms: u
             .join(", ")
     };
     match op.kind {
-        // Moves report their own progress (the migration executor, the wave runner).
-        OperationKind::VmMigrate | OperationKind::ClusterMigrate => {}
+        // Moves and evacuations report their own progress (the migration executor, the wave
+        // runner, the failover task).
+        OperationKind::VmMigrate | OperationKind::ClusterMigrate | OperationKind::HostEvacuate => {}
         // Removals: done when the VMs (and, for a delete, the cluster) are gone.
         OperationKind::ClusterDelete | OperationKind::ClusterScale if removes => {
             let left = vms.len() as u64;
@@ -269,6 +275,10 @@ mod tests {
         );
         match host {
             HostLook::Booting => Nothing,
+            HostLook::Failed => match state {
+                VmState::Deleting => Forget,
+                _ => Nothing,
+            },
             HostLook::Down => match state {
                 VmState::Pending => Replace,
                 VmState::Deleting => Forget,
@@ -289,7 +299,7 @@ mod tests {
     fn every_vm_state_host_look_and_wanted_state() {
         let mut n = 0;
         for state in STATES {
-            for host in [HostLook::Up, HostLook::Down, HostLook::Booting] {
+            for host in [HostLook::Up, HostLook::Down, HostLook::Booting, HostLook::Failed] {
                 for desired in POWERS {
                     assert_eq!(
                         vm_step(state, host, desired),
@@ -300,7 +310,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 72);
+        assert_eq!(n, 96);
     }
 
     #[test]

@@ -133,6 +133,8 @@ struct Snapshot {
     /// Migrations under way: their VMs are also on the destination, for the network and for
     /// orphans.
     migrations: Vec<Versioned<shoal_model::Migration>>,
+    /// Hosts declared failed (`failover`).
+    failed: HashSet<String>,
 }
 
 async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
@@ -174,12 +176,15 @@ async fn read(ctl: &Controller) -> ApiResult<Snapshot> {
             .map(|n| (n.name.clone(), n))
             .collect(),
         migrations: ctl.db.migrations().await?,
+        failed: ctl.db.failures().await?.into_iter().map(|f| f.value.host).collect(),
     })
 }
 
 /// How `host` looks to the reconciler now.
 fn look(ctl: &Controller, s: &Snapshot, host: &str) -> HostLook {
-    if s.hosts.contains_key(host) && ctl.host_state(host).0 == HostState::Up {
+    if s.failed.contains(host) {
+        HostLook::Failed
+    } else if s.hosts.contains_key(host) && ctl.host_state(host).0 == HostState::Up {
         HostLook::Up
     } else if s.booting.contains(host) {
         HostLook::Booting
@@ -300,7 +305,9 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
         let Some(rec) = s.hosts.get(host) else { continue };
         for r in &l.vms {
             // A removal just sent shows in heartbeats until the host's next one: not again yet.
-            if !known.contains(&(r.uuid, host.as_str())) && ctl.orphan_due(r.uuid) {
+            // A failed host heard again rejoins empty: all it has is stale.
+            let stale = s.failed.contains(host) || !known.contains(&(r.uuid, host.as_str()));
+            if stale && ctl.orphan_due(r.uuid) {
                 cmds.remove
                     .entry(host.clone())
                     .or_insert_with(|| (rec.address.clone(), Vec::new()))
@@ -552,6 +559,16 @@ async fn set_state(ctl: &Controller, v: &Versioned<Vm>, state: VmState, reason: 
     commit_or_retry(ctl, Tx::new().update_vm(v.mod_revision, &vm), "setting a VM's state").await
 }
 
+/// Why a VM that never started fails when its host went down and no other host can take it:
+/// its deployment then rolls back.
+pub(crate) fn stranded_reason(host: &str, vm: &Vm, placement_error: &str) -> String {
+    format!(
+        "host {host} went down before the VM started, and no other host can take it ({} vCPU, {}): {placement_error}",
+        vm.cpus,
+        format_mib(vm.memory_mib)
+    )
+}
+
 /// Moves a VM that never started off its down host, or fails it when no host can take it.
 async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> ApiResult<()> {
     let old = v.value.host.clone();
@@ -585,11 +602,7 @@ async fn replace_stranded(ctl: &Controller, s: &Snapshot, v: Versioned<Vm>) -> A
             commit_or_retry(ctl, tx, "re-placing a VM").await?;
         }
         Err(e) => {
-            let reason = format!(
-                "host {old} went down before the VM started, and no other host can take it ({} vCPU, {}): {e}",
-                req.cpus,
-                format_mib(req.memory_mib)
-            );
+            let reason = stranded_reason(&old, &v.value, &e.to_string());
             set_state(ctl, &v, VmState::Failed, Some(reason)).await?;
         }
     }

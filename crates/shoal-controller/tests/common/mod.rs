@@ -31,6 +31,10 @@ pub struct Opts {
     pub zones: usize,
     /// Overcommit and reservations every host registers.
     pub allocation: shoal_model::Allocation,
+    /// Simulated VMs outlive their agent (as QEMU processes do).
+    pub persistent: bool,
+    /// How long after a failed host's lease ran out its VMs restart elsewhere.
+    pub fence_margin: Duration,
 }
 
 impl Default for Opts {
@@ -43,6 +47,8 @@ impl Default for Opts {
             host_timeout: Duration::from_secs(10),
             zones: 0,
             allocation: Default::default(),
+            persistent: false,
+            fence_margin: Duration::from_millis(500),
         }
     }
 }
@@ -52,31 +58,19 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ControllerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("controller"));
         config.host_timeout = o.host_timeout;
+        config.fence_margin = o.fence_margin;
         config.reconcile_interval = Duration::from_millis(100);
         let ctl = shoal_controller::start(config.clone()).await.unwrap();
         config.listen = ctl.url.trim_start_matches("http://").parse().unwrap();
         let client = Client::new(&ctl.url, None);
         let mut agents = Vec::new();
         for i in 1..=o.hosts {
-            let name = format!("host{i}");
-            let ac = AgentConfig {
-                name: name.clone(),
-                listen: "127.0.0.1:0".parse().unwrap(),
-                advertise: None,
-                controller_url: ctl.url.clone(),
-                data_dir: dir.path().join(&name),
-                cpus: o.cpus,
-                memory_mib: o.memory_mib,
-                join_token: None,
-                heartbeat_interval: Duration::from_millis(200),
-                allocation: o.allocation.clone(),
-                labels: if o.zones > 0 {
-                    [("zone".to_string(), format!("z{}", (i - 1) % o.zones + 1))].into()
-                } else {
-                    Default::default()
-                },
-            };
-            agents.push(Some(Agent::start(ac, o.boot).await));
+            let ac = agent_config(&ctl.url, dir.path(), i, &o);
+            agents.push(Some(if o.persistent {
+                Agent::start_persistent(ac, o.boot).await
+            } else {
+                Agent::start(ac, o.boot).await
+            }));
         }
         Harness {
             dir,
@@ -139,6 +133,28 @@ impl Harness {
     }
 }
 
+/// The configuration of test host `host<i>`, reporting to the controller at `url`.
+pub fn agent_config(url: &str, dir: &std::path::Path, i: usize, o: &Opts) -> AgentConfig {
+    let name = format!("host{i}");
+    AgentConfig {
+        name: name.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        controller_url: url.to_string(),
+        data_dir: dir.join(&name),
+        cpus: o.cpus,
+        memory_mib: o.memory_mib,
+        join_token: None,
+        heartbeat_interval: Duration::from_millis(200),
+        allocation: o.allocation.clone(),
+        labels: if o.zones > 0 {
+            [("zone".to_string(), format!("z{}", (i - 1) % o.zones + 1))].into()
+        } else {
+            Default::default()
+        },
+    }
+}
+
 /// Polls `f` until it returns `Some`, failing the test after `timeout`.
 pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + timeout;
@@ -174,6 +190,15 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: AgentConfig, boot: Duration) -> Agent {
+        Self::start_with(config, boot, false).await
+    }
+
+    /// An agent whose simulated VMs outlive it (kept in its data dir), as QEMU processes do.
+    pub async fn start_persistent(config: AgentConfig, boot: Duration) -> Agent {
+        Self::start_with(config, boot, true).await
+    }
+
+    async fn start_with(config: AgentConfig, boot: Duration, persistent: bool) -> Agent {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -183,7 +208,11 @@ impl Agent {
                 .build()
                 .unwrap();
             let running = rt.block_on(async {
-                let hv = Arc::new(SimDriver::ephemeral(boot));
+                let hv = Arc::new(if persistent {
+                    SimDriver::open(&config.data_dir.join("sim"), boot).unwrap()
+                } else {
+                    SimDriver::ephemeral(boot)
+                });
                 shoal_agent::start(config, hv).await.unwrap()
             });
             let _ = addr_tx.send(running.address.clone());

@@ -442,6 +442,29 @@ impl Hypervisor for QemuDriver {
         })
     }
 
+    async fn hold_image(&self, manifest: &str) -> Result<(), HvError> {
+        self.source.hold_image(manifest).await.map_err(HvError::Store)
+    }
+
+    async fn fence(&self) -> usize {
+        let vms: Vec<Arc<Vm>> = self.vms.lock().expect("vms").values().cloned().collect();
+        let mut stopped = 0;
+        for vm in vms {
+            let job = vm.migration.lock().expect("migration").take();
+            if let Some(job) = job {
+                job.abort().await;
+            }
+            let alive = vm.process().is_some_and(|p| p.exited.borrow().is_none());
+            if alive {
+                if let Err(e) = self.shut_down(&vm, true).await {
+                    tracing::error!(vm = %vm.uuid, "fencing: stopping QEMU: {e}");
+                }
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
     async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
         self.prepare(spec, listen).await
     }
