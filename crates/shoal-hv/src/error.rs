@@ -127,6 +127,19 @@ pub enum HvError {
     NoDisks { vm: Uuid, driver: String },
     #[error("image {manifest}: the {driver} driver keeps no image cache")]
     NoImageCache { manifest: String, driver: String },
+    /// Only a running VM's disk is checkpointed; `state` is what it is instead.
+    #[error("VM {vm} is {state}: only a running VM's disk is checkpointed")]
+    NotCheckpointable { vm: Uuid, state: String },
+    /// A checkpoint's `base` that is not the image the VM's overlay sits on: a full checkpoint
+    /// laid over it would be another disk than the VM's.
+    #[error("VM {vm}: checkpoint base {base} is not the image its disk sits on ({disk_base})")]
+    WrongCheckpointBase { vm: Uuid, base: String, disk_base: String },
+    /// A VM's disk base that is not `manifest:<hex>`.
+    #[error("VM {vm}: disk base {value:?} is not manifest:<64 hex digits>")]
+    BadDiskBase { vm: Uuid, value: String },
+    /// Another transition, snapshot or checkpoint of the VM is under way: ask again once it is done.
+    #[error("VM {vm} is busy ({what}); try again once it is done")]
+    Busy { vm: Uuid, what: &'static str },
 
     // Failures of the host.
     #[error("QEMU binary {} not found (install qemu-system-x86)", .0.display())]
@@ -196,6 +209,7 @@ impl HvError {
         use HvError as E;
         match self {
             E::NotFound(_) | E::NotMigrating(_) => ErrorKind::NotFound,
+            E::Busy { .. } => ErrorKind::Retryable,
             E::Io { source, .. } | E::File { source, .. } => io_kind(source),
             E::QemuExited { .. } | E::ExitedBeforeReady { .. } | E::QmpSilent { .. } => ErrorKind::Dead,
             E::Qmp(q) => match q {
@@ -211,6 +225,9 @@ impl HvError {
             | E::CommaInPath(_)
             | E::NoDisks { .. }
             | E::NoImageCache { .. }
+            | E::NotCheckpointable { .. }
+            | E::WrongCheckpointBase { .. }
+            | E::BadDiskBase { .. }
             | E::MigrationUnsupported { .. }
             | E::NotRunning { .. }
             | E::AlreadyHere(_)

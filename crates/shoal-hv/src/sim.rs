@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use shoal_model::agent::{
-    ConsoleChunk, IncomingVm, MigrateOut, MigrationMode, MigrationPhase, MigrationProgress, VmSpec, VmStatus,
+    CheckpointDisk, ConsoleChunk, DiskCheckpoint, IncomingVm, MigrateOut, MigrationMode, MigrationPhase,
+    MigrationProgress, VmSpec, VmStatus,
 };
 use shoal_model::{Power, VmState};
 use tokio::sync::Mutex;
@@ -27,6 +28,8 @@ pub struct SimDriver {
     migrations: std::sync::Mutex<HashMap<Uuid, SimMigration>>,
     /// Images held for the controller (checkpoint replicas), in memory only.
     held: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Each VM's disk size as its last `ensure` gave it, bytes (0 until then after a reopen).
+    disks: std::sync::Mutex<HashMap<Uuid, u64>>,
 }
 
 /// An outgoing migration of the simulated driver: it completes `boot_delay` after it started.
@@ -150,6 +153,7 @@ impl SimDriver {
             meters: Default::default(),
             migrations: Default::default(),
             held: Default::default(),
+            disks: Default::default(),
         })
     }
 
@@ -164,6 +168,7 @@ impl SimDriver {
             meters: Default::default(),
             migrations: Default::default(),
             held: Default::default(),
+            disks: Default::default(),
         }
     }
 
@@ -260,6 +265,10 @@ impl Hypervisor for SimDriver {
                 at: now,
             })
             .cpus = spec.cpus;
+        self.disks
+            .lock()
+            .expect("disks")
+            .insert(spec.uuid, spec.disk_mib.unwrap_or(0) << 20);
         Ok(status)
     }
 
@@ -293,6 +302,7 @@ impl Hypervisor for SimDriver {
     async fn remove(&self, uuid: Uuid) -> Result<(), HvError> {
         self.meters.lock().expect("meters").remove(&uuid);
         self.migrations.lock().expect("migrations").remove(&uuid);
+        self.disks.lock().expect("disks").remove(&uuid);
         let mut vms = self.vms.lock().await;
         if vms.remove(&uuid).is_some() {
             self.persist(&vms).await?;
@@ -304,6 +314,40 @@ impl Hypervisor for SimDriver {
         let mut vms: Vec<VmStatus> = self.vms.lock().await.values().cloned().collect();
         self.meter(&mut vms);
         vms
+    }
+
+    /// A simulated guest writes nothing: its checkpoint is the one it is taken since, or its
+    /// base, and nothing was read.
+    async fn checkpoint(&self, uuid: Uuid, req: &CheckpointDisk) -> Result<DiskCheckpoint, HvError> {
+        let (state, incoming) = {
+            let vms = self.vms.lock().await;
+            let v = vms.get(&uuid).ok_or(HvError::NotFound(uuid))?;
+            (v.state, v.reason.as_deref() == Some(INCOMING))
+        };
+        let migrating = self
+            .migrations
+            .lock()
+            .expect("migrations")
+            .get(&uuid)
+            .map(|m| m.progress.phase)
+            .filter(|p| !matches!(p, MigrationPhase::Failed | MigrationPhase::Cancelled));
+        let refused = match (incoming, migrating) {
+            (true, _) => Some("arriving by migration".to_string()),
+            (_, Some(phase)) => Some(format!("migrating (phase {})", phase.as_str())),
+            _ if state != VmState::Running => Some(state.as_str().to_string()),
+            _ => None,
+        };
+        if let Some(state) = refused {
+            return Err(HvError::NotCheckpointable { vm: uuid, state });
+        }
+        let manifest = req.since.clone().unwrap_or_else(|| req.base.clone());
+        Ok(DiskCheckpoint {
+            parent: manifest.clone(),
+            manifest,
+            incremental: req.since.is_some(),
+            disk_bytes: self.disks.lock().expect("disks").get(&uuid).copied().unwrap_or(0),
+            ..Default::default()
+        })
     }
 
     async fn prepare_incoming(&self, spec: &VmSpec, listen: std::net::Ipv4Addr) -> Result<IncomingVm, HvError> {
@@ -440,6 +484,54 @@ mod tests {
         assert!(d.list().await.is_empty());
         let d = SimDriver::open(dir.path(), Duration::ZERO).unwrap();
         assert!(d.list().await.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_simulated_checkpoint_reads_nothing_and_waits_for_a_migration_to_end() {
+        let d = SimDriver::ephemeral(Duration::ZERO);
+        let s = VmSpec {
+            disk_mib: Some(512),
+            ..VmSpec::example("a-0")
+        };
+        d.ensure(&s).await.unwrap();
+        let req = |since: Option<&str>| CheckpointDisk {
+            base: "b".into(),
+            since: since.map(Into::into),
+        };
+        let full = d.checkpoint(s.uuid, &req(None)).await.unwrap();
+        assert_eq!(
+            (
+                full.manifest.as_str(),
+                full.parent.as_str(),
+                full.incremental,
+                full.disk_bytes
+            ),
+            ("b", "b", false, 512 << 20)
+        );
+        let next = d.checkpoint(s.uuid, &req(Some("c"))).await.unwrap();
+        assert_eq!(
+            (next.manifest.as_str(), next.incremental, next.read_bytes),
+            ("c", true, 0)
+        );
+
+        let out = MigrateOut {
+            to: IncomingVm {
+                nbd: "127.0.0.1:10809".into(),
+                export: "disk0".into(),
+                memory_uri: "sim:127.0.0.1".into(),
+            },
+            params: Default::default(),
+        };
+        d.migrate_out(s.uuid, &out).await.unwrap();
+        let e = d.checkpoint(s.uuid, &req(None)).await.unwrap_err();
+        assert!(e.to_string().contains("migrating"), "{e}");
+        d.cancel_migration(s.uuid).await.unwrap();
+        d.checkpoint(s.uuid, &req(None)).await.unwrap();
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_hv::{ErrorKind, HvError, Hypervisor, SimDriver};
-use shoal_model::agent::VmSpec;
+use shoal_model::agent::{CheckpointDisk, VmSpec};
 use shoal_model::{Power, VmState};
 use uuid::Uuid;
 
@@ -20,6 +20,8 @@ pub struct Subject {
     pub spec: Box<dyn Fn(&str) -> VmSpec + Send + Sync>,
     /// How long any one transition may take.
     pub timeout: Duration,
+    /// The image (manifest hex) the specs' disks sit on, as the controller names it.
+    pub disk_base: String,
 }
 
 mod suite {
@@ -129,7 +131,46 @@ mod suite {
             }
             other => panic!("console of an unknown VM: {other:?}"),
         }
+        match s.hv.checkpoint(ghost, &checkpoint(s, None)).await {
+            Err(HvError::NotFound(u)) if u == ghost => {}
+            other => panic!("checkpoint of an unknown VM: {other:?}"),
+        }
         assert!(s.hv.list().await.iter().all(|v| v.uuid != ghost));
+    }
+
+    fn checkpoint(s: &Subject, since: Option<&str>) -> CheckpointDisk {
+        CheckpointDisk {
+            base: s.disk_base.clone(),
+            since: since.map(str::to_string),
+        }
+    }
+
+    /// A running VM's disk is checkpointed: the first time whole, laid over its base; then
+    /// incrementally, laid over the checkpoint before.
+    pub async fn checkpoints_a_running_vm(s: &Subject, spec: &VmSpec) {
+        let first =
+            s.hv.checkpoint(spec.uuid, &checkpoint(s, None))
+                .await
+                .expect("checkpoint");
+        assert!(!first.incremental && first.parent == s.disk_base, "{first:?}");
+        assert!(!first.manifest.is_empty(), "{first:?}");
+        let next =
+            s.hv.checkpoint(spec.uuid, &checkpoint(s, Some(&first.manifest)))
+                .await
+                .expect("checkpoint since the first");
+        assert!(next.incremental && next.parent == first.manifest, "{next:?}");
+        assert!(next.changed_bytes <= next.disk_bytes.max(first.disk_bytes), "{next:?}");
+    }
+
+    /// A VM that is not running is not checkpointed, and says why.
+    pub async fn only_a_running_vm_is_checkpointed(s: &Subject, spec: &VmSpec) {
+        match s.hv.checkpoint(spec.uuid, &checkpoint(s, None)).await {
+            Err(e @ HvError::NotCheckpointable { vm, .. }) if vm == spec.uuid => {
+                assert_eq!(e.kind(), ErrorKind::Invalid);
+                assert!(e.to_string().contains("stopped"), "{e}");
+            }
+            other => panic!("checkpoint of a stopped VM: {other:?}"),
+        }
     }
 
     /// `list` holds every VM the host has, each once, in its own state.
@@ -157,8 +198,10 @@ mod suite {
         let spec = (s.spec)("conf-0");
         ensure_runs_and_is_idempotent(s, &spec).await;
         console_is_readable(s, &spec).await;
+        checkpoints_a_running_vm(s, &spec).await;
         power_transitions(s, &spec).await;
         forced_stop(s, &spec).await;
+        only_a_running_vm_is_checkpointed(s, &spec).await;
         remove_is_idempotent(s, &spec).await;
         spec.uuid
     }
@@ -171,6 +214,7 @@ fn sim() -> Subject {
         hv: Arc::new(SimDriver::ephemeral(Duration::ZERO)),
         spec: Box::new(VmSpec::example),
         timeout: Duration::from_secs(5),
+        disk_base: "0".repeat(64),
     }
 }
 
@@ -194,14 +238,16 @@ fn qemu(f: &common::Fixture, d: Arc<shoal_hv::QemuDriver>) -> Subject {
         hv: d,
         spec: Box::new(move |name| common::spec(&template, name)),
         timeout: Duration::from_secs(180),
+        disk_base: common::disk_id(&f.template),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_lifecycle() {
     let f = common::fixture();
+    let store = Arc::new(common::ImageStore::new(f.template.clone(), &f.root.join("store")));
     // The demo guest powers off on the ACPI button: a stop that needs `quit` would take this long.
-    let d = common::driver(&f, |c| c.stop_timeout = Duration::from_secs(60)).await;
+    let d = common::driver_with(&f, store, |c| c.stop_timeout = Duration::from_secs(60)).await;
     let s = qemu(&f, d);
     let uuid = suite::lifecycle(&s).await;
     common::nothing_left(&f.root, uuid);

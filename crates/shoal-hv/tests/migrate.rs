@@ -8,11 +8,14 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{driver, fixture, spec, Fixture};
+use common::{
+    boot, console, counter_spec, counts, dead, driver, fixture, no_qemu_under, numbers, qemu_img_compare, spec, status,
+    wait_count, wait_number, Fixture, COUNTER,
+};
 use shoal_hv::qemu::qmp::Qmp;
 use shoal_hv::{HvError, Hypervisor, QemuDriver};
 use shoal_model::agent::{MigrateOut, MigrationMode, MigrationParams, MigrationPhase, MigrationProgress, VmSpec};
@@ -20,28 +23,7 @@ use shoal_model::{Power, VmState};
 use uuid::Uuid;
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
-const BOOT: Duration = Duration::from_secs(240);
 const MIGRATION: Duration = Duration::from_secs(180);
-
-/// Counts in RAM (a file in the guest's tmpfs), appends each count to a file on its root disk
-/// and syncs it, and prints it: a guest that keeps rewriting its memory and its disk.
-const COUNTER: &str = "#!/bin/sh
-n=0
-while :; do
-  n=$(( $(cat /tmp/count 2>/dev/null || echo 0) + 1 ))
-  echo $n >/tmp/count
-  echo $n >>/var/lib/shoal/counts
-  sync
-  echo \"count $n\"
-done
-";
-
-fn counter_spec(f: &Fixture, name: &str) -> VmSpec {
-    VmSpec {
-        user_data: Some(COUNTER.into()),
-        ..spec(&f.template, name)
-    }
-}
 
 /// Two hosts sharing the fixture's template source.
 async fn hosts(f: &Fixture) -> (Arc<QemuDriver>, Arc<QemuDriver>) {
@@ -58,63 +40,6 @@ fn host_dir(f: &Fixture, host: &str) -> PathBuf {
 
 fn vm_dir(f: &Fixture, host: &str, uuid: Uuid) -> PathBuf {
     host_dir(f, host).join("vms").join(uuid.to_string())
-}
-
-async fn status(d: &QemuDriver, uuid: Uuid) -> shoal_model::agent::VmStatus {
-    d.list().await.into_iter().find(|v| v.uuid == uuid).expect("VM listed")
-}
-
-async fn boot(d: &QemuDriver, s: &VmSpec) {
-    d.ensure(s).await.unwrap();
-    let end = tokio::time::Instant::now() + BOOT;
-    loop {
-        let st = status(d, s.uuid).await;
-        match st.state {
-            VmState::Running => return,
-            VmState::Creating => {}
-            _ => panic!("boot failed: {st:?}"),
-        }
-        assert!(tokio::time::Instant::now() < end, "not running after {BOOT:?}: {st:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn console(d: &QemuDriver, uuid: Uuid) -> String {
-    d.console(uuid, 0, 64 << 20).await.unwrap().data
-}
-
-/// The values of the complete `PREFIX N` lines of a console, in order.
-fn numbers(console: &str, prefix: &str) -> Vec<u64> {
-    console
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix(prefix)?.trim().parse().ok())
-        .collect()
-}
-
-fn counts(console: &str) -> Vec<u64> {
-    numbers(console, "user-data: count ")
-}
-
-/// Waits until the console shows a `PREFIX N` line with N above `above`; returns the last N.
-async fn wait_number(d: &QemuDriver, uuid: Uuid, prefix: &str, above: u64, timeout: Duration) -> u64 {
-    let end = tokio::time::Instant::now() + timeout;
-    loop {
-        let text = console(d, uuid).await;
-        if let Some(&n) = numbers(&text, prefix).last().filter(|n| **n > above) {
-            return n;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "no {prefix:?} above {above} within {timeout:?}; console ends with {:?}",
-            &text[text.len().saturating_sub(300)..]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_count(d: &QemuDriver, uuid: Uuid, above: u64) -> u64 {
-    wait_number(d, uuid, "user-data: count ", above, Duration::from_secs(120)).await
 }
 
 /// Waits until the migration is over (completed, failed or cancelled).
@@ -157,13 +82,6 @@ fn qemu_pid(f: &Fixture, host: &str, uuid: Uuid) -> i32 {
         .unwrap()
 }
 
-/// The process is gone (or a zombie nobody reaped yet).
-fn dead(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(true)
-}
-
 /// Removes the VM from the host and checks that nothing of it stays there.
 async fn remove_all(f: &Fixture, d: &QemuDriver, host: &str, uuid: Uuid) {
     let pid = std::fs::read_to_string(vm_dir(f, host, uuid).join("qemu.pid"))
@@ -179,41 +97,8 @@ async fn remove_all(f: &Fixture, d: &QemuDriver, host: &str, uuid: Uuid) {
     }
 }
 
-/// No QEMU runs with a file under `dir` on its command line.
-fn no_qemu_under(dir: &Path) {
-    let dir = dir.to_string_lossy();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let c = String::from_utf8_lossy(&c);
-        let pid = p.file_name().to_string_lossy().parse::<i32>().unwrap_or(0);
-        assert!(
-            !(c.contains("qemu-system") && c.contains(dir.as_ref())) || dead(pid),
-            "a QEMU still runs under {dir}: {c}"
-        );
-    }
-}
-
 fn kill9(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-}
-
-fn qemu_img_compare(a: &Path, b: &Path) -> (bool, String) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["compare", "-U"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

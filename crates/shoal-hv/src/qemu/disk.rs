@@ -12,11 +12,11 @@ use super::{ms, QemuDriver, Vm};
 use crate::HvError;
 
 impl QemuDriver {
-    /// Creates `disk.qcow2`, a copy-on-write overlay on the template's base image, grown to
-    /// the spec's disk size.
+    /// Creates `disk.qcow2`, a copy-on-write overlay on the VM's base image (its template's
+    /// disk, or the checkpoint it restarts from), grown to the spec's disk size.
     pub(super) async fn create_overlay(&self, vm: &Vm, spec: &VmSpec, base: &Base) -> Result<(), HvError> {
         let mut img = Command::new(&self.cfg.qemu_img);
-        img.args(["create", "-q", "-f", "qcow2", "-F", spec.template_format.as_str(), "-b"])
+        img.args(["create", "-q", "-f", "qcow2", "-F", base.format.as_str(), "-b"])
             .arg(&base.disk)
             .arg(vm.path("disk.qcow2"));
         if let Some(mib) = spec.disk_mib {
@@ -24,7 +24,7 @@ impl QemuDriver {
                 .await
                 .map(|m| m.len() / (1 << 20))
                 .unwrap_or(0);
-            if spec.template_format == DiskFormat::Raw && mib < base_mib {
+            if base.format == DiskFormat::Raw && mib < base_mib {
                 return Err(HvError::DiskTooSmall {
                     template: spec.template.clone(),
                     mib,
@@ -102,6 +102,9 @@ pub(super) async fn cleanup_dir(dir: &Path) {
         "qemu.pid",
         "memory.state",
         "memory.state.partial",
+        super::checkpoint::RECORD,
+        super::checkpoint::TEMP_IMAGE,
+        super::checkpoint::TEMP_RAW,
     ] {
         let _ = tokio::fs::remove_file(dir.join(f)).await;
     }
@@ -110,6 +113,11 @@ pub(super) async fn cleanup_dir(dir: &Path) {
 /// Runs a host tool (`qemu-img`, `mkfs.vfat`, `mcopy`) to completion; its stderr is the reason
 /// when it fails.
 pub(super) async fn run(cmd: &mut Command, what: &str) -> Result<(), HvError> {
+    output(cmd, what).await.map(|_| ())
+}
+
+/// Runs a host tool to completion and returns what it printed.
+pub(super) async fn output(cmd: &mut Command, what: &str) -> Result<Vec<u8>, HvError> {
     let out = cmd.output().await.map_err(|source| HvError::Spawn {
         what: what.to_string(),
         source,
@@ -120,7 +128,7 @@ pub(super) async fn run(cmd: &mut Command, what: &str) -> Result<(), HvError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// The bytes a file takes on disk (its allocated blocks, not its apparent size): an overlay's

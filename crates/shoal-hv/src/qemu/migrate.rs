@@ -113,7 +113,7 @@ impl Vm {
         self.migration.lock().expect("migration").clone()
     }
 
-    fn alive(&self) -> bool {
+    pub(super) fn alive(&self) -> bool {
         self.process().is_some_and(|p| p.exited.borrow().is_none())
     }
 
@@ -271,7 +271,7 @@ impl QemuDriver {
             return Err(HvError::NotRunning {
                 vm: uuid,
                 state: format!(
-                    "{} and changing (a power transition or snapshot is under way)",
+                    "{} and changing (a power transition, snapshot or checkpoint is under way)",
                     vm.state().as_str()
                 ),
             });
@@ -699,7 +699,7 @@ async fn start_listener(q: &mut Qmp, what: Listener, addr: Ipv4Addr) -> Result<u
 
 /// The node of the VM's disk in QEMU: found by its file, because QEMU names the nodes of
 /// `-drive` itself (VMs from older agents included); else the first virtio drive's.
-async fn disk_node(q: &mut Qmp, file: &Path) -> Result<String, HvError> {
+pub(super) async fn disk_node(q: &mut Qmp, file: &Path) -> Result<String, HvError> {
     let blocks = q.execute("query-block", None).await?;
     pick_disk_node(&blocks, &file.to_string_lossy()).ok_or_else(|| HvError::Tool {
         what: "query-block".into(),
@@ -772,7 +772,7 @@ struct MirrorJob {
 
 impl MirrorJob {
     /// Still copying, or able to.
-    fn alive(&self) -> bool {
+    pub(super) fn alive(&self) -> bool {
         matches!(
             self.status.as_str(),
             "created" | "running" | "paused" | "ready" | "standby" | "waiting" | "pending"

@@ -3,8 +3,10 @@
 //! Per VM, a directory `vms/<uuid>/` holds `vm.json` (spec, state, sequence number),
 //! `disk.qcow2` (a copy-on-write overlay on the host's base image of the template), `seed.img`
 //! (the NoCloud seed), `console.log` (the serial console, appended across restarts),
-//! `qemu.log` (QEMU's own messages), `qmp.sock`, `qemu.pid` and, while suspended,
-//! `memory.state`. Templates are materialised once per host under `templates/<hash>/`.
+//! `qemu.log` (QEMU's own messages), `qmp.sock`, `qemu.pid`, while suspended `memory.state`,
+//! and once its disk was checkpointed `checkpoint.json` (the checkpoint QEMU's dirty bitmap
+//! counts from, `checkpoint.rs`). Templates, and the checkpoints VMs restart from, are
+//! materialised once per host under `templates/<hash>/`.
 //!
 //! Live migration (`migrate.rs`) moves a running VM between two such drivers with no shared
 //! storage: the destination's QEMU waits for the memory stream and exports its empty overlay
@@ -15,6 +17,7 @@
 //! time per VM in the background; `ensure` only starts them and reports the state.
 
 pub mod accel;
+mod checkpoint;
 mod disk;
 mod migrate;
 mod process;
@@ -31,7 +34,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shoal_model::agent::{ConsoleChunk, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec, VmStatus};
+use shoal_model::agent::{
+    CheckpointDisk, ConsoleChunk, DiskCheckpoint, DiskSnapshot, IncomingVm, MigrateOut, MigrationProgress, VmSpec,
+    VmStatus,
+};
 use shoal_model::VmState;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -428,6 +434,11 @@ impl Hypervisor for QemuDriver {
     async fn snapshot(&self, uuid: Uuid) -> Result<DiskSnapshot, HvError> {
         let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
         self.snapshot_disk(&vm).await
+    }
+
+    async fn checkpoint(&self, uuid: Uuid, req: &CheckpointDisk) -> Result<DiskCheckpoint, HvError> {
+        let vm = self.vm(uuid).ok_or(HvError::NotFound(uuid))?;
+        self.checkpoint_disk(&vm, req).await
     }
 
     async fn console(&self, uuid: Uuid, offset: u64, max: usize) -> Result<ConsoleChunk, HvError> {
