@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -24,14 +24,14 @@ use serde::Serialize;
 
 use crate::backend::{ChunkBackend, ChunkWriter, PackBackend};
 use crate::blob;
-use crate::chunker::{split, ChunkParams, Cut};
+use crate::chunker::{split, ChunkParams, Cut, BLOCK};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Extent, Manifest};
 use crate::source::{self, ImageFormat, Layout, Segment};
 use crate::Error;
 
-/// Bytes read from the image per step of an import.
-const READ_STEP: u64 = 8 << 20;
+/// Bytes read from the image per step of an import or a splice.
+pub(crate) const READ_STEP: u64 = 8 << 20;
 
 /// A progress callback: (bytes done, bytes in all).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -125,7 +125,7 @@ pub struct ImageStore {
     refs_lock: Mutex<()>,
 }
 
-fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let m = format!("{what} {}", path.display());
     move |e| Error::Io(format!("{m}: {e}"), e.kind())
 }
@@ -243,8 +243,7 @@ impl ImageStore {
                 return Err(Error::Conflict(format!("image {name:?} already exists")));
             }
         }
-        let _gc = self.gc_lock.read().expect("gc lock");
-        let mut writer = self.backend.writer()?;
+        let mut image = self.new_image()?;
         let mut report = ImportReport {
             manifest: ManifestId([0; 32]),
             format: layout.format,
@@ -255,17 +254,11 @@ impl ImageStore {
             new_stored_bytes: 0,
             seconds: 0.0,
         };
-        let mut manifest = Manifest {
-            params: self.params,
-            size: layout.size,
-            extents: vec![],
-        };
-        let mut new_ids = vec![];
         let file = File::open(&layout.file).map_err(io_err("opening", &layout.file))?;
         let file_len = file.metadata().map_err(io_err("reading", &layout.file))?.len();
         enum Piece {
             Zero(u64),
-            /// `n` bytes at `buf[SLACK..]`; the room before them takes the previous tail.
+            /// `n` bytes at `buf[slack..]`; the room before them takes the previous tail.
             Data {
                 guest: u64,
                 buf: Vec<u8>,
@@ -277,7 +270,7 @@ impl ImageStore {
         let (tx, rx) = sync_channel::<Piece>(3);
         // Read buffers go back to the reader once absorbed: no allocating and zeroing per read.
         let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let slack = (self.params.max_blocks as usize + 1) * crate::chunker::BLOCK;
+        let slack = image.slack();
         std::thread::scope(|s| -> Result<(), Error> {
             let segments = &layout.segments;
             let (file, name) = (&file, &layout.file);
@@ -327,15 +320,12 @@ impl ImageStore {
                     }
                 }
             });
-            let mut carry: Vec<u8> = vec![];
-            let mut carry_base = 0u64;
-            let mut cuts = vec![];
             let mut done = 0u64;
             for piece in rx {
                 match piece {
                     Piece::Failed(e) => return Err(e),
                     Piece::Zero(len) => {
-                        manifest.push(Extent::Zero { len });
+                        image.push(Extent::Zero { len });
                         done += len;
                     }
                     Piece::Data {
@@ -345,21 +335,7 @@ impl ImageStore {
                         last,
                     } => {
                         report.read_bytes += n as u64;
-                        // The previous read's unfinished tail goes right before this read's bytes.
-                        let base = if carry.is_empty() { guest } else { carry_base };
-                        let start = slack
-                            .checked_sub(carry.len())
-                            .expect("a tail is shorter than the largest chunk");
-                        buf[start..slack].copy_from_slice(&carry);
-                        let work = &buf[start..slack + n];
-                        cuts.clear();
-                        let rest = split(&self.params, work, base, last, &mut cuts);
-                        self.absorb(work, &cuts, &mut *writer, &mut manifest, &mut report, &mut new_ids)?;
-                        carry.clear();
-                        if rest < work.len() {
-                            carry.extend_from_slice(&work[rest..]);
-                            carry_base = base + rest as u64;
-                        }
+                        image.feed(&mut buf, n, guest, last)?;
                         let _ = free_tx.send(buf);
                         done += n as u64;
                     }
@@ -370,84 +346,48 @@ impl ImageStore {
             }
             Ok(())
         })?;
-        let covered: u64 = manifest.extents.iter().map(|e| e.len()).sum();
-        if covered != layout.size {
-            return Err(Error::Corrupt(format!(
-                "the image map covers {covered} of {} bytes; refusing a partial import",
-                layout.size
-            )));
-        }
-        let bytes = manifest.encode();
-        let id = ManifestId::of(&bytes);
-        report.manifest = id;
-        // Name check, commit, manifest and ref under the refs lock: of two imports of one name,
-        // exactly one names it and the other leaves nothing behind.
-        let _refs = self.refs_lock.lock().expect("refs lock");
-        if let Some(name) = opts.ref_name {
-            if self.read_refs()?.contains_key(name) {
-                return Err(Error::Conflict(format!("image {name:?} already exists")));
-            }
-        }
-        writer.commit()?;
-        let finish = (|| {
-            write_atomic(&self.manifest_path(&id), &bytes)?;
-            if let Some(name) = opts.ref_name {
-                let mut refs = self.read_refs()?;
-                refs.insert(name.to_string(), id);
-                self.write_refs(&refs)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = finish {
-            let _ = self.backend.remove(&new_ids);
-            return Err(e);
-        }
+        report.chunks = image.chunks;
+        report.new_chunks = image.new_chunks;
+        report.new_stored_bytes = image.new_stored_bytes;
+        report.manifest = image.finish(layout.size, opts.ref_name, false)?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    /// Hashes the chunks of one buffer in parallel, compresses and stores the new ones, and
-    /// appends the buffer's extents to the manifest.
-    fn absorb(
-        &self,
-        work: &[u8],
-        cuts: &[Cut],
-        writer: &mut dyn ChunkWriter,
-        manifest: &mut Manifest,
-        report: &mut ImportReport,
-        new_ids: &mut Vec<ChunkId>,
-    ) -> Result<(), Error> {
-        let data: Vec<&Cut> = cuts.iter().filter(|c| !c.zero).collect();
-        let ids: Vec<ChunkId> = data.par_iter().map(|c| ChunkId::of(&work[c.start..c.end])).collect();
-        let mut seen = HashSet::new();
-        let fresh: Vec<usize> = (0..ids.len())
-            .filter(|&i| !writer.contains(&ids[i]) && seen.insert(ids[i]))
-            .collect();
-        let blobs: Vec<Vec<u8>> = fresh
-            .par_iter()
-            .map(|&i| blob::encode(&work[data[i].start..data[i].end]))
-            .collect();
-        for (&i, b) in fresh.iter().zip(&blobs) {
-            if writer.put(&ids[i], b)? {
-                report.new_chunks += 1;
-                report.new_stored_bytes += b.len() as u64;
-                new_ids.push(ids[i]);
-            }
+    /// Starts a new image: see [`NewImage`].
+    pub(crate) fn new_image(&self) -> Result<NewImage<'_>, Error> {
+        let gc = self.gc_lock.read().expect("gc lock");
+        let writer = self.backend.writer()?;
+        Ok(NewImage {
+            store: self,
+            _gc: gc,
+            writer,
+            manifest: Manifest {
+                params: self.params,
+                size: 0,
+                extents: vec![],
+            },
+            new_ids: vec![],
+            chunks: 0,
+            new_chunks: 0,
+            new_stored_bytes: 0,
+            carry: vec![],
+            carry_base: 0,
+        })
+    }
+
+    /// The content of the held chunk `id`, verified against its id and against the length `len`
+    /// a manifest gives it.
+    pub(crate) fn chunk_data(&self, id: &ChunkId, len: u64) -> Result<Vec<u8>, Error> {
+        let b = self.backend.get(id)?.ok_or_else(|| Error::Missing(vec![*id]))?;
+        let data = blob::open_verified(id, &b)?;
+        if data.len() as u64 != len {
+            return Err(Error::Corrupt(format!(
+                "chunk {id} holds {} bytes, the manifest says {len}",
+                data.len()
+            )));
         }
-        report.chunks += ids.len() as u64;
-        let mut next = ids.iter();
-        for c in cuts {
-            let len = (c.end - c.start) as u64;
-            if c.zero {
-                manifest.push(Extent::Zero { len });
-            } else {
-                manifest.push(Extent::Chunk {
-                    id: *next.next().expect("one id per data cut"),
-                    len,
-                });
-            }
-        }
-        Ok(())
+        Ok(data)
     }
 
     // ---------------------------------------------------------------- export
@@ -497,14 +437,7 @@ impl ImageStore {
         let done = AtomicU64::new(0);
         let total = m.data_bytes();
         chunks.par_iter().try_for_each(|&(off, id, len)| -> Result<(), Error> {
-            let b = self.backend.get(&id)?.ok_or_else(|| Error::Missing(vec![id]))?;
-            let data = blob::open_verified(&id, &b)?;
-            if data.len() as u64 != len {
-                return Err(Error::Corrupt(format!(
-                    "chunk {id} holds {} bytes, the manifest says {len}",
-                    data.len()
-                )));
-            }
+            let data = self.chunk_data(&id, len)?;
             f.write_all_at(&data, off).map_err(io_err("writing", path))?;
             let d = done.fetch_add(len, Ordering::Relaxed) + len;
             if let Some(p) = progress {
@@ -805,5 +738,147 @@ impl ImageStore {
             manifests: ids.len() as u64,
             refs: self.refs()?.len() as u64,
         })
+    }
+}
+
+/// An image being written. New chunks go into a write session and extents into its manifest,
+/// under the store's shared GC lock, so that a chunk found already held (or a kept extent of
+/// another image) cannot be collected before the manifest is named. Nothing is visible before
+/// [`NewImage::finish`]; dropped, it leaves the store as it was. Import and splice both build
+/// images through it, so both chunk alike.
+pub(crate) struct NewImage<'s> {
+    store: &'s ImageStore,
+    _gc: RwLockReadGuard<'s, ()>,
+    writer: Box<dyn ChunkWriter + 's>,
+    manifest: Manifest,
+    /// Chunks this session wrote: removed again if naming the manifest fails after the commit.
+    new_ids: Vec<ChunkId>,
+    /// Chunk extents cut (not distinct).
+    pub(crate) chunks: u64,
+    /// Chunks the store lacked, and their compressed bytes.
+    pub(crate) new_chunks: u64,
+    pub(crate) new_stored_bytes: u64,
+    /// The unfinished tail of the last piece fed, and its guest offset.
+    carry: Vec<u8>,
+    carry_base: u64,
+}
+
+impl NewImage<'_> {
+    /// Room a piece's buffer keeps before its bytes, for the tail carried over from the piece
+    /// before (less than the largest chunk).
+    pub(crate) fn slack(&self) -> usize {
+        (self.store.params.max_blocks as usize + 1) * BLOCK
+    }
+
+    /// Appends an extent as it is: zeros, or a chunk the store holds. Only between stretches of
+    /// fed data, never inside one.
+    pub(crate) fn push(&mut self, e: Extent) {
+        debug_assert!(self.carry.is_empty(), "an extent pushed inside a stretch of data");
+        self.manifest.push(e);
+    }
+
+    /// Chunks the `n` bytes at `buf[slack..]`, the first at guest offset `guest`. A stretch of
+    /// data may come in several pieces, in order; `last` ends the stretch: every byte of it is
+    /// then in the manifest and nothing is carried.
+    pub(crate) fn feed(&mut self, buf: &mut [u8], n: usize, guest: u64, last: bool) -> Result<(), Error> {
+        let slack = self.slack();
+        // The previous piece's unfinished tail goes right before this piece's bytes.
+        let base = if self.carry.is_empty() { guest } else { self.carry_base };
+        let start = slack
+            .checked_sub(self.carry.len())
+            .expect("a tail is shorter than the largest chunk");
+        buf[start..slack].copy_from_slice(&self.carry);
+        let work = &buf[start..slack + n];
+        let mut cuts = vec![];
+        let rest = split(&self.store.params, work, base, last, &mut cuts);
+        self.absorb(work, &cuts)?;
+        self.carry.clear();
+        if rest < work.len() {
+            self.carry.extend_from_slice(&work[rest..]);
+            self.carry_base = base + rest as u64;
+        }
+        Ok(())
+    }
+
+    /// Hashes the chunks of one buffer in parallel, compresses and stores the new ones, and
+    /// appends the buffer's extents to the manifest.
+    fn absorb(&mut self, work: &[u8], cuts: &[Cut]) -> Result<(), Error> {
+        let data: Vec<&Cut> = cuts.iter().filter(|c| !c.zero).collect();
+        let ids: Vec<ChunkId> = data.par_iter().map(|c| ChunkId::of(&work[c.start..c.end])).collect();
+        let mut seen = HashSet::new();
+        let fresh: Vec<usize> = (0..ids.len())
+            .filter(|&i| !self.writer.contains(&ids[i]) && seen.insert(ids[i]))
+            .collect();
+        let blobs: Vec<Vec<u8>> = fresh
+            .par_iter()
+            .map(|&i| blob::encode(&work[data[i].start..data[i].end]))
+            .collect();
+        for (&i, b) in fresh.iter().zip(&blobs) {
+            if self.writer.put(&ids[i], b)? {
+                self.new_chunks += 1;
+                self.new_stored_bytes += b.len() as u64;
+                self.new_ids.push(ids[i]);
+            }
+        }
+        self.chunks += ids.len() as u64;
+        let mut next = ids.iter();
+        for c in cuts {
+            let len = (c.end - c.start) as u64;
+            if c.zero {
+                self.manifest.push(Extent::Zero { len });
+            } else {
+                self.manifest.push(Extent::Chunk {
+                    id: *next.next().expect("one id per data cut"),
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the image at `size` bytes, which its extents must cover exactly: commits its chunks,
+    /// writes its manifest and, if asked, names it `ref_name`, replacing what that named when
+    /// `replace`, else failing (leaving nothing behind) when the name is taken.
+    pub(crate) fn finish(self, size: u64, ref_name: Option<&str>, replace: bool) -> Result<ManifestId, Error> {
+        let NewImage {
+            store,
+            _gc,
+            writer,
+            mut manifest,
+            new_ids,
+            ..
+        } = self;
+        let covered: u64 = manifest.extents.iter().map(|e| e.len()).sum();
+        if covered != size {
+            return Err(Error::Corrupt(format!(
+                "the image's extents cover {covered} of {size} bytes; refusing a partial image"
+            )));
+        }
+        manifest.size = size;
+        let bytes = manifest.encode();
+        let id = ManifestId::of(&bytes);
+        // Name check, commit, manifest and ref under the refs lock: of two imports of one name,
+        // exactly one names it and the other leaves nothing behind.
+        let _refs = store.refs_lock.lock().expect("refs lock");
+        if let Some(name) = ref_name {
+            if !replace && store.read_refs()?.contains_key(name) {
+                return Err(Error::Conflict(format!("image {name:?} already exists")));
+            }
+        }
+        writer.commit()?;
+        let named = (|| {
+            write_atomic(&store.manifest_path(&id), &bytes)?;
+            if let Some(name) = ref_name {
+                let mut refs = store.read_refs()?;
+                refs.insert(name.to_string(), id);
+                store.write_refs(&refs)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = named {
+            let _ = store.backend.remove(&new_ids);
+            return Err(e);
+        }
+        Ok(id)
     }
 }
