@@ -15,6 +15,7 @@ pub mod chunker;
 mod id;
 pub mod manifest;
 pub mod source;
+mod splice;
 mod store;
 pub mod wire;
 
@@ -23,6 +24,7 @@ pub use chunker::ChunkParams;
 pub use id::{ChunkId, ManifestId};
 pub use manifest::{Extent, Manifest, MANIFEST_VERSION};
 pub use source::ImageFormat;
+pub use splice::{Change, SpliceReport};
 pub use store::{
     check_ref_name, ExportReport, GcReport, ImageStore, ImportOptions, ImportReport, Progress, Stats, TransferReport,
     VerifyReport,

@@ -376,6 +376,11 @@ impl ImageStore {
         })
     }
 
+    /// The chunking parameters this store cuts new images with.
+    pub(crate) fn params(&self) -> ChunkParams {
+        self.params
+    }
+
     /// The content of the held chunk `id`, verified against its id and against the length `len`
     /// a manifest gives it.
     pub(crate) fn chunk_data(&self, id: &ChunkId, len: u64) -> Result<Vec<u8>, Error> {
@@ -768,6 +773,11 @@ impl NewImage<'_> {
     /// before (less than the largest chunk).
     pub(crate) fn slack(&self) -> usize {
         (self.store.params.max_blocks as usize + 1) * BLOCK
+    }
+
+    /// The extents so far.
+    pub(crate) fn manifest(&self) -> &Manifest {
+        &self.manifest
     }
 
     /// Appends an extent as it is: zeros, or a chunk the store holds. Only between stretches of
