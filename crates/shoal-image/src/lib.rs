@@ -14,6 +14,7 @@ pub mod blob;
 pub mod chunker;
 mod id;
 pub mod manifest;
+mod profile;
 pub mod source;
 mod splice;
 mod store;
@@ -23,6 +24,7 @@ pub use backend::{ChunkBackend, ChunkWriter, MemoryBackend, PackBackend, Usage};
 pub use chunker::ChunkParams;
 pub use id::{ChunkId, ManifestId};
 pub use manifest::{Extent, Manifest, MANIFEST_VERSION};
+pub use profile::{profile, BlockProfile};
 pub use source::ImageFormat;
 pub use splice::{Change, SpliceReport};
 pub use store::{
