@@ -786,6 +786,78 @@ impl TemplateSource for ControllerTemplates {
         })
     }
 
+    async fn store_changes(
+        &self,
+        parent: &str,
+        changes: &[shoal_hv::DiskChange],
+        data: &Path,
+        size: u64,
+    ) -> Result<shoal_hv::StoredChanges, SourceError> {
+        let id: shoal_image::ManifestId = parent.parse().map_err(|e: shoal_image::Error| SourceError::Missing {
+            what: format!("parent image {parent}"),
+            reason: e.to_string(),
+        })?;
+        let images = self.images().await?;
+        // The parent is the previous checkpoint (kept under its checkpoint ref) or the template's
+        // image; a cache without it whole (a new host, a quarantined chunk) gets what it lacks
+        // from the controller first, since the new image keeps the parent's chunks by reference.
+        let held = {
+            let store = images.clone();
+            let checking = cache_error("reading the parent image");
+            tokio::task::spawn_blocking(move || store.manifest(&id).is_ok_and(|m| store.missing(&m).is_empty()))
+                .await
+                .map_err(|e| checking(e.into()))?
+        };
+        if !held {
+            self.client()
+                .await?
+                .pull_image(Some(&self.host), images.clone(), id, &|_, _| {})
+                .await
+                .map_err(|e| source_error(format!("fetching parent image {parent}"), e))?;
+        }
+        let changes: Vec<shoal_image::Change> = changes
+            .iter()
+            .map(|c| shoal_image::Change {
+                offset: c.offset,
+                len: c.len,
+                zero: c.zero,
+            })
+            .collect();
+        let (store, path) = (images.clone(), data.to_path_buf());
+        let splicing = cache_error("storing the disk's changes");
+        let rep = tokio::task::spawn_blocking(move || {
+            let rep = store.splice(&id, &changes, &path, Some(size), None)?;
+            // Named in the cache so that its gc keeps it: it is the next checkpoint's parent.
+            store.set_ref(&format!("checkpoint/{}", rep.manifest.to_hex()), &rep.manifest)?;
+            Ok::<_, shoal_image::Error>(rep)
+        })
+        .await
+        .map_err(|e| splicing(e.into()))?
+        .map_err(|e| splicing(e.into()))?;
+        let t = self
+            .client()
+            .await?
+            .push_image(Some(&self.host), images.clone(), rep.manifest, &|_, _| {})
+            .await
+            .map_err(|e| source_error("sending the disk's changes to the controller".into(), e))?;
+        tracing::info!(
+            parent,
+            manifest = %rep.manifest,
+            read_bytes = rep.read_bytes,
+            new_chunks = rep.new_chunks,
+            sent = t.chunks_sent,
+            seconds = rep.seconds,
+            "disk checkpoint stored"
+        );
+        Ok(shoal_hv::StoredChanges {
+            manifest: rep.manifest.to_hex(),
+            read_bytes: rep.read_bytes,
+            chunks: t.chunks_total,
+            chunks_sent: t.chunks_sent,
+            bytes_sent: t.bytes_sent,
+        })
+    }
+
     async fn fetch_image(&self, template: &str, manifest: &str, dest: &Path) -> Result<(), SourceError> {
         let id: shoal_image::ManifestId = manifest.parse().map_err(|e: shoal_image::Error| SourceError::Missing {
             what: format!("image {manifest} of template {template}"),
