@@ -879,7 +879,9 @@ impl TemplateSource for ControllerTemplates {
             seconds = started.elapsed().as_secs_f64(),
             "template image in the host's cache"
         );
-        let (dest, name) = (dest.to_path_buf(), format!("template/{template}"));
+        // Named by what it is, not by the template: a VM restarted from a checkpoint sits on an
+        // image of its own, and the template's image must keep its name beside it.
+        let (dest, name) = (dest.to_path_buf(), format!("base/{manifest}"));
         let writing = cache_error("writing the base image");
         tokio::task::spawn_blocking(move || {
             images.set_ref(&name, &id)?;

@@ -206,6 +206,16 @@ impl Controller {
         }
     }
 
+    /// A heartbeat from the host arrived within the host timeout. Unlike [`Self::host_state`],
+    /// no grace after a controller start: what the failure detector and fencing go by.
+    pub fn heard(&self, host: &str) -> bool {
+        self.live
+            .lock()
+            .expect("liveness lock")
+            .get(host)
+            .is_some_and(|l| l.seen.elapsed() < self.config.host_timeout)
+    }
+
     pub fn record_heartbeat(&self, host: &str, hb: shoal_model::agent::Heartbeat) {
         self.live.lock().expect("liveness lock").insert(
             host.to_string(),

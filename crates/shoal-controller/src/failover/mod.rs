@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use shoal_model::{
-    now_ms, plural, CheckpointChain, Cluster, Fencing, HostFailure, HostState, Operation, OperationKind,
-    OperationState, Power, StepState, Vm, VmState,
+    now_ms, plural, CheckpointChain, Cluster, Fencing, HostFailure, Operation, OperationKind, OperationState, Power,
+    StepState, Vm, VmState,
 };
 use tokio::sync::watch;
 
@@ -60,10 +60,6 @@ async fn pass(ctl: &Controller) -> ApiResult<()> {
     Ok(())
 }
 
-fn heard(ctl: &Controller, host: &str) -> bool {
-    ctl.host_state(host).0 == HostState::Up
-}
-
 /// Declares failed the hosts that are.
 async fn detect(ctl: &Controller) -> ApiResult<()> {
     let hosts = ctl.db.hosts().await?;
@@ -76,11 +72,7 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
         .map(|p| (p.host.clone(), p))
         .collect();
     let live = ctl.liveness();
-    let heard_hosts: HashSet<&str> = hosts
-        .iter()
-        .map(|h| h.name.as_str())
-        .filter(|h| heard(ctl, h))
-        .collect();
+    let heard_hosts: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).filter(|h| ctl.heard(h)).collect();
     let (now, timeout) = (now_ms(), ctl.config.host_timeout.as_millis() as u64);
     for h in &hosts {
         let power = powers.get(&h.name);
@@ -97,10 +89,14 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
             peers: l.map(|l| l.peers.as_slice()),
             power_off: power.is_some_and(|p| p.config.power_off_command.is_some()),
         };
+        let verdict = decide::classify(&evidence, &heard_hosts, now, timeout, ctl.started_unix_ms());
+        if std::env::var("SHOAL_DEBUG_FAILOVER").is_ok() && verdict != Verdict::Up {
+            eprintln!("DEBUG {} {:?} {:?}", h.name, verdict, evidence);
+        }
         if let Verdict::Failed {
             last_seen_ms,
             lease_safe,
-        } = decide::classify(&evidence, &heard_hosts, now, timeout, ctl.started_unix_ms())
+        } = verdict
         {
             let record = HostFailure {
                 host: h.name.clone(),
@@ -131,7 +127,7 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
 /// Moves one failed host on: rejoin, fence, evacuate.
 async fn handle(ctl: &Controller, f: Versioned<HostFailure>) -> ApiResult<()> {
     let host = f.value.host.clone();
-    if heard(ctl, &host) {
+    if ctl.heard(&host) {
         return rejoin(ctl, &f).await;
     }
     if f.value.fenced.is_none() {

@@ -99,6 +99,22 @@ impl Harness {
         }
     }
 
+    /// Waits until every live host reports reaching all the others: what the failure detector
+    /// needs to tell a failed host from a cut-off one.
+    pub async fn wait_peers(&self) {
+        let live = self.agents.iter().filter(|a| a.is_some()).count();
+        wait_for("every host to reach its peers", Duration::from_secs(10), async || {
+            let l = self.controller().liveness();
+            let fresh = shoal_model::now_ms().saturating_sub(1000);
+            let ok = l.len() >= live
+                && l.values().filter(|h| h.seen_unix_ms >= fresh).all(|h| {
+                    h.peers.len() + 1 >= live && h.reached.values().filter(|t| **t >= fresh).count() + 1 >= live
+                });
+            ok.then_some(())
+        })
+        .await;
+    }
+
     pub fn controller(&self) -> &shoal_controller::Controller {
         &self.ctl.as_ref().unwrap().controller
     }
