@@ -468,7 +468,11 @@ async fn vms_of_a_host_that_vanishes_mid_deployment_are_placed_elsewhere() {
     );
     let hosts = h.client.hosts().await.unwrap();
     let h1 = hosts.iter().find(|x| x.name == "host1").unwrap();
-    assert_eq!(h1.state, shoal_model::HostState::Down);
+    // Down, or failed once its peers confirm it: either way it takes nothing.
+    assert!(
+        matches!(h1.state, shoal_model::HostState::Down | shoal_model::HostState::Failed),
+        "{h1:?}"
+    );
     assert_eq!((h1.used_cpus, h1.vms), (0, 0));
 }
 

@@ -13,9 +13,11 @@ use shoal_model::{ClusterState, HostState, OperationState, VmState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_of_a_dead_host_show_unknown_and_their_cluster_degraded() {
+    // Its lease fences it only after a minute here: until then its VMs are not restarted.
     let mut h = Harness::start(Opts {
         hosts: 3,
         host_timeout: Duration::from_millis(1500),
+        fence_margin: Duration::from_secs(60),
         ..Default::default()
     })
     .await;
@@ -26,6 +28,7 @@ async fn vms_of_a_dead_host_show_unknown_and_their_cluster_degraded() {
         h.client.wait(op.id, |_| {}).await.unwrap().state,
         OperationState::Succeeded
     );
+    h.wait_peers().await;
     let victim = h.client.vms(Some("web")).await.unwrap()[0].host.clone();
     let i: usize = victim.trim_start_matches("host").parse::<usize>().unwrap() - 1;
     h.agents[i].take().unwrap().kill();
@@ -61,7 +64,19 @@ async fn vms_of_a_dead_host_show_unknown_and_their_cluster_degraded() {
     .await;
     assert_eq!(c.vms_running, 2, "{c:?}");
     let hosts = h.client.hosts().await.unwrap();
-    assert_eq!(hosts.iter().find(|x| x.name == victim).unwrap().state, HostState::Down);
+    let state = hosts.iter().find(|x| x.name == victim).unwrap().state;
+    assert!(matches!(state, HostState::Down | HostState::Failed), "{state:?}");
+    // Both channels silent and its peers heard: failed (and being fenced) within a pass.
+    wait_for("the host to be failed", Duration::from_secs(5), async || {
+        let hosts = h.client.hosts().await.unwrap();
+        (hosts.iter().find(|x| x.name == victim).unwrap().state == HostState::Failed).then_some(())
+    })
+    .await;
+    let vms = h.client.vms(Some("web")).await.unwrap();
+    assert!(
+        vms.iter().filter(|v| v.host == victim).all(|v| v.state == VmState::Unknown),
+        "not restarted before it is fenced: {vms:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
