@@ -74,7 +74,9 @@ async fn vms_of_a_dead_host_show_unknown_and_their_cluster_degraded() {
     .await;
     let vms = h.client.vms(Some("web")).await.unwrap();
     assert!(
-        vms.iter().filter(|v| v.host == victim).all(|v| v.state == VmState::Unknown),
+        vms.iter()
+            .filter(|v| v.host == victim)
+            .all(|v| v.state == VmState::Unknown),
         "not restarted before it is fenced: {vms:?}"
     );
 }

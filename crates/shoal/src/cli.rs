@@ -125,9 +125,16 @@ pub struct ControllerOpts {
     /// Prefix length of each cluster's subnet.
     #[arg(long, default_value_t = 24)]
     pub subnet_prefix: u8,
-    /// Seconds without a heartbeat after which a host is down.
+    /// Seconds without a heartbeat after which a host is down (and failed, if no peer reaches
+    /// it either); also each agent's lease: an agent that has not heard from the controller for
+    /// this long, and reaches at most half of its peers, stops its VMs.
     #[arg(long, default_value_t = 10.0)]
     pub host_timeout: f64,
+    /// Seconds a failed host's VMs wait, after its lease certainly ran out, before they restart
+    /// elsewhere, when no power-off command fenced it: at least the agents' heartbeat interval
+    /// plus one (docs/ha.md).
+    #[arg(long, default_value_t = 3.0)]
+    pub fence_margin: f64,
     /// Seconds between samples of the hosts' CPU use: each sample adds to the energy account,
     /// the record and, with --consolidate, is one decision step of the consolidator.
     #[arg(long, default_value_t = 300.0)]

@@ -42,6 +42,7 @@ fn controller_config(listen: std::net::SocketAddr, o: &ControllerOpts) -> anyhow
         bail!("--host-timeout {}: must be positive", o.host_timeout);
     }
     c.host_timeout = Duration::from_secs_f64(o.host_timeout);
+    c.fence_margin = seconds("--fence-margin", o.fence_margin)?;
     c.sample_interval = seconds("--sample-interval", o.sample_interval)?;
     c.consolidate = o.consolidate;
     c.record = o.record.clone();
