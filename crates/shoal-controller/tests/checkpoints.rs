@@ -21,7 +21,10 @@ async fn checkpoints_are_taken_kept_in_two_places_profiled_and_pruned() {
     let mut req = cluster("web", "p", 2);
     req.keep_checkpoints = Some(2);
     let op = h.client.create_cluster(&req).await.unwrap();
-    assert_eq!(h.client.wait(op.id, |_| {}).await.unwrap().state, OperationState::Succeeded);
+    assert_eq!(
+        h.client.wait(op.id, |_| {}).await.unwrap().state,
+        OperationState::Succeeded
+    );
     let vm = h.client.vms(Some("web")).await.unwrap().remove(0);
 
     let first = h.client.checkpoint_vm(&vm.name).await.unwrap();
@@ -32,7 +35,14 @@ async fn checkpoints_are_taken_kept_in_two_places_profiled_and_pruned() {
     assert_eq!(first.checkpoint.replicas[0], "controller");
     assert_ne!(first.checkpoint.replicas[1], vm.host, "the copy is on another host");
     // The sim writes nothing: the disk is its template's, every block shared.
-    let t = h.client.templates().await.unwrap().into_iter().find(|t| t.name == "t").unwrap();
+    let t = h
+        .client
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "t")
+        .unwrap();
     assert_eq!(format!("manifest:{}", first.checkpoint.manifest), t.hash);
     assert_eq!(first.blocks.own_bytes, 0);
     assert!(first.blocks.template_bytes > 0);
@@ -115,7 +125,10 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
     let mut req = cluster("ha", "p", 3);
     req.checkpoint_interval = Some("5s".into());
     let op = h.client.create_cluster(&req).await.unwrap();
-    assert_eq!(h.client.wait(op.id, |_| {}).await.unwrap().state, OperationState::Succeeded);
+    assert_eq!(
+        h.client.wait(op.id, |_| {}).await.unwrap().state,
+        OperationState::Succeeded
+    );
     let shown = h.client.cluster("ha").await.unwrap();
     assert_eq!(shown.cluster.shape.ha.checkpoint_interval_s, Some(5));
     // Each VM's first checkpoint comes at once, the next one interval later.
@@ -148,6 +161,17 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
     let after = h.client.vm(&vms[0].name).await.unwrap();
     assert_eq!(after.state, VmState::Running);
     assert_ne!(after.host, victim);
-    let t = h.client.templates().await.unwrap().into_iter().find(|t| t.name == "t").unwrap();
-    assert_eq!(after.disk_base.as_deref(), Some(t.hash.as_str()), "restarted on its checkpoint");
+    let t = h
+        .client
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "t")
+        .unwrap();
+    assert_eq!(
+        after.disk_base.as_deref(),
+        Some(t.hash.as_str()),
+        "restarted on its checkpoint"
+    );
 }

@@ -45,6 +45,9 @@ pub struct Lab {
     pub agents: Vec<Daemon>,
     pub url: String,
     pub admin: String,
+    /// The controller's `--host-timeout` and `--fence-margin`, seconds.
+    pub host_timeout: &'static str,
+    pub fence_margin: &'static str,
 }
 
 impl Lab {
@@ -69,6 +72,8 @@ impl Lab {
             agents: Vec::new(),
             url: String::new(),
             admin: String::new(),
+            host_timeout: "20",
+            fence_margin: "3",
         };
         ip(&["link", "add", &lab.bridge, "mtu", "1600", "type", "bridge"]);
         ip(&["addr", "add", &format!("10.251.{octet}.1/24"), "dev", &lab.bridge]);
@@ -166,7 +171,9 @@ impl Lab {
                 "--data-dir",
                 self.data().join("ctl").to_str().unwrap(),
                 "--host-timeout",
-                "20",
+                self.host_timeout,
+                "--fence-margin",
+                self.fence_margin,
             ],
             &self.dir.path().join(log),
         );
@@ -280,6 +287,20 @@ impl Lab {
         }
         let log = self.dir.path().join(format!("h{i}.log"));
         self.agents.push(spawn_ip(&args, &log));
+    }
+
+    /// Host `i` loses its power: every process in its namespace (agent, QEMUs) is killed at once.
+    pub fn kill_host(&self, i: usize) {
+        let pids = ip(&["netns", "pids", &self.namespaces[i]]);
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+
+    /// Host `i`'s underlay link, cut (`false`) or restored (`true`) on the lab's side.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let veth = format!("slv{}{i}", self.tag);
+        ip(&["link", "set", &veth, if up { "up" } else { "down" }]);
     }
 
     /// Every link in namespace `i`, by name.
