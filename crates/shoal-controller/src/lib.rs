@@ -130,6 +130,9 @@ pub struct Inner {
     pub energy: tokio::sync::Mutex<domain::energy::Meter>,
     /// VMs whose disk is being checkpointed now.
     pub(crate) checkpointing: Mutex<HashSet<String>>,
+    /// Checkpoint images already checked whole (every chunk present and matching its id) or
+    /// found damaged, by manifest: an image never changes.
+    pub(crate) checked_images: Mutex<HashMap<String, bool>>,
     /// VMs whose migration has an executor task in this process.
     migrating: Mutex<HashSet<String>>,
     /// Operations driven by a task of this process (moves in waves): one found running without
@@ -377,6 +380,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         energy: tokio::sync::Mutex::new(domain::energy::Meter::default()),
         migrating: Mutex::new(HashSet::new()),
         checkpointing: Mutex::new(HashSet::new()),
+        checked_images: Mutex::new(HashMap::new()),
         migration_mib_s: Mutex::new(HashMap::new()),
         driving: Mutex::new(HashSet::new()),
         stopped: stop_rx.clone(),

@@ -175,3 +175,97 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
         "restarted on its checkpoint"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_latest_checkpoint_is_passed_over_for_the_one_before_and_said_so() {
+    let mut h = Harness::start(Opts {
+        hosts: 3,
+        host_timeout: Duration::from_millis(1500),
+        persistent: true,
+        ..Default::default()
+    })
+    .await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "256MiB").await;
+    let op = h.client.create_cluster(&cluster("cc", "p", 1)).await.unwrap();
+    assert_eq!(
+        h.client.wait(op.id, |_| {}).await.unwrap().state,
+        OperationState::Succeeded
+    );
+    let vm = h.client.vm("cc-0").await.unwrap();
+    // Two checkpoints of distinct disks, as a real host would have sent them.
+    let mut manifests = Vec::new();
+    for (name, fill) in [("img1", 1u8), ("img2", 2u8)] {
+        let f = h.dir.path().join(format!("{name}.img"));
+        let mut disk = vec![fill; 1 << 20];
+        disk[510..512].copy_from_slice(&[0x55, 0xAA]);
+        std::fs::write(&f, disk).unwrap();
+        h.client
+            .import_template(name, &shoal_client::TemplateFiles::disk(&f))
+            .await
+            .unwrap();
+        let t = h
+            .client
+            .templates()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap();
+        manifests.push(t.hash.trim_start_matches("manifest:").to_string());
+    }
+    let cp = |seq: u64, manifest: &str, copy: &str| shoal_model::Checkpoint {
+        seq,
+        manifest: manifest.to_string(),
+        parent: String::new(),
+        incremental: seq > 1,
+        host: vm.host.clone(),
+        taken_unix_ms: shoal_model::now_ms(),
+        disk_bytes: 1 << 20,
+        changed_bytes: 0,
+        read_bytes: 0,
+        bytes_sent: 0,
+        seconds: 0.0,
+        replicas: vec!["controller".into(), copy.into()],
+    };
+    let chain = shoal_model::CheckpointChain {
+        vm: vm.name.clone(),
+        uuid: vm.uuid,
+        last_seq: 2,
+        checkpoints: vec![cp(1, &manifests[0], "x"), cp(2, &manifests[1], "y")],
+    };
+    let ctl = h.controller().clone();
+    ctl.db
+        .commit(shoal_controller::datastore::Tx::new().put_checkpoints(0, &chain))
+        .await
+        .unwrap();
+    // A chunk of #2's image is corrupt in the controller's store.
+    let id: shoal_image::ManifestId = manifests[1].parse().unwrap();
+    let chunk = ctl.images.manifest(&id).unwrap().distinct_chunks()[0];
+    ctl.images.backend().remove(&[chunk]).unwrap();
+    let mut w = ctl.images.backend().writer().unwrap();
+    w.put(&chunk, b"not the chunk it claims to be").unwrap();
+    w.commit().unwrap();
+    assert_eq!(ctl.images.damaged(&id).unwrap(), vec![chunk]);
+
+    h.wait_peers().await;
+    let i: usize = vm.host.trim_start_matches("host").parse::<usize>().unwrap() - 1;
+    h.agents[i].take().unwrap().kill();
+    let op = wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
+        h.client
+            .operations()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|o| o.kind == OperationKind::HostEvacuate && o.state == OperationState::Succeeded)
+    })
+    .await;
+    let msg = &op.steps[1].message;
+    assert!(
+        msg.contains("from checkpoint #1") && msg.contains("#2 damaged"),
+        "{msg}"
+    );
+    let after = h.client.vm("cc-0").await.unwrap();
+    assert_eq!(after.disk_base, Some(format!("manifest:{}", manifests[0])));
+    assert_eq!(after.state, VmState::Running);
+}

@@ -678,6 +678,25 @@ impl ImageStore {
     }
 
     /// Re-hashes every chunk; moves corrupt ones to quarantine and names the refs they damage.
+    /// The chunks of image `id` that are missing or do not match their id (read and hashed,
+    /// nothing changed): empty when the image can be exported whole. What a restart checks
+    /// before it relies on an image.
+    pub fn damaged(&self, id: &ManifestId) -> Result<Vec<ChunkId>, Error> {
+        let m = self.manifest(id)?;
+        let _gc = self.gc_lock.read().expect("gc lock");
+        let mut bad: Vec<ChunkId> = m
+            .distinct_chunks()
+            .par_iter()
+            .filter(|c| match self.backend.get(c) {
+                Ok(Some(b)) => blob::open_verified(c, &b).is_err(),
+                Ok(None) | Err(_) => true,
+            })
+            .copied()
+            .collect();
+        bad.sort();
+        Ok(bad)
+    }
+
     pub fn verify(&self) -> Result<VerifyReport, Error> {
         let _gc = self.gc_lock.write().expect("gc lock");
         let ids = self.backend.list();

@@ -294,7 +294,18 @@ fn a_corrupt_chunk_is_found_quarantined_and_named_and_export_refuses_it() {
         !d.path().join("out.raw").exists() && !d.path().join("out.raw.part").exists(),
         "no half-written export"
     );
+    // The image's own check finds it too, and changes nothing.
+    let damaged = s.damaged(&r.manifest).unwrap();
+    assert!(!damaged.is_empty());
+    assert_eq!(
+        s.damaged(&r.manifest).unwrap(),
+        damaged,
+        "nothing quarantined by the check"
+    );
     let v = s.verify().unwrap();
+    let mut corrupt = v.corrupt.clone();
+    corrupt.sort();
+    assert_eq!(corrupt, damaged, "the check names exactly the corrupt chunks");
     assert!(!v.corrupt.is_empty());
     assert_eq!(v.damaged_refs, vec!["victim".to_string()]);
     for c in &v.corrupt {
@@ -306,6 +317,7 @@ fn a_corrupt_chunk_is_found_quarantined_and_named_and_export_refuses_it() {
     assert_eq!(healed.new_chunks as usize, v.corrupt.len());
     let v2 = s.verify().unwrap();
     assert!(v2.corrupt.is_empty() && v2.damaged_refs.is_empty());
+    assert!(s.damaged(&r.manifest).unwrap().is_empty(), "healed");
     s.export(&r.manifest, &d.path().join("out.raw"), ImageFormat::Raw, None)
         .unwrap();
     assert_eq!(

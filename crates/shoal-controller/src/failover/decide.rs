@@ -130,27 +130,44 @@ pub fn fenced(f: &HostFailure, how: Fencing, now_ms: u64) -> HostFailure {
     }
 }
 
-/// One VM of a failed host to restart: the checkpoint it restarts from (`None`: its template).
+/// One VM of a failed host to restart: the checkpoint it restarts from (`None`: its template),
+/// and the newer safe ones passed over because their image is damaged.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Restart<'a> {
     pub vm: &'a Vm,
     pub from: Option<&'a Checkpoint>,
+    pub damaged: Vec<u64>,
     pub priority: i32,
 }
 
 /// The VMs of a failed host in the order they restart: higher HA priority first, then by name.
-/// Each restarts from its newest checkpoint held in two places, or its template.
+/// Each restarts from its newest checkpoint held in two places whose image is `intact`, or its
+/// template.
 pub fn restarts<'a>(
     vms: impl IntoIterator<Item = &'a Vm>,
     priority: impl Fn(&Vm) -> i32,
     chain: impl Fn(&Vm) -> Option<&'a CheckpointChain>,
+    intact: impl Fn(&Checkpoint) -> bool,
 ) -> Vec<Restart<'a>> {
     let mut out: Vec<Restart> = vms
         .into_iter()
-        .map(|vm| Restart {
-            vm,
-            from: chain(vm).filter(|c| c.uuid == vm.uuid).and_then(|c| c.latest_safe()),
-            priority: priority(vm),
+        .map(|vm| {
+            let mut damaged = Vec::new();
+            let from = chain(vm).filter(|c| c.uuid == vm.uuid).and_then(|c| {
+                c.checkpoints.iter().rev().filter(|k| k.safe()).find(|k| {
+                    let ok = intact(k);
+                    if !ok {
+                        damaged.push(k.seq);
+                    }
+                    ok
+                })
+            });
+            Restart {
+                vm,
+                from,
+                damaged,
+                priority: priority(vm),
+            }
         })
         .collect();
     out.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.vm.name.cmp(&b.vm.name)));
@@ -164,13 +181,24 @@ pub fn disk_base(r: &Restart) -> Option<String> {
 
 /// What the operation says of a restart.
 pub fn restart_note(r: &Restart, to: &str) -> String {
-    match r.from {
+    let from = match r.from {
         Some(c) => format!("{} on {to} from checkpoint #{}", r.vm.name, c.seq),
-        None => format!(
-            "{} on {to} from its template (no checkpoint held in two places)",
-            r.vm.name
-        ),
+        None if r.damaged.is_empty() => {
+            format!(
+                "{} on {to} from its template (no checkpoint held in two places)",
+                r.vm.name
+            )
+        }
+        None => format!("{} on {to} from its template", r.vm.name),
+    };
+    if r.damaged.is_empty() {
+        return from;
     }
+    let seqs: Vec<String> = r.damaged.iter().map(|s| format!("#{s}")).collect();
+    format!(
+        "{from} (checkpoint {} damaged in the image store: passed over)",
+        seqs.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -374,6 +402,7 @@ mod tests {
                 "z" => Some(&stale_z),
                 _ => None,
             },
+            |_| true,
         );
         let names: Vec<&str> = order.iter().map(|r| r.vm.name.as_str()).collect();
         assert_eq!(names, ["z", "x", "y"]);
@@ -381,5 +410,25 @@ mod tests {
         assert_eq!(disk_base(&order[2]), Some(format!("manifest:{:064x}", 1)));
         assert!(order[0].from.is_none() && order[1].from.is_none());
         assert!(restart_note(&order[0], "b").contains("from its template"));
+
+        // A damaged newest checkpoint is passed over for the one before, and said so.
+        let chain = CheckpointChain {
+            vm: "y".into(),
+            uuid: y.uuid,
+            last_seq: 3,
+            checkpoints: vec![cp(2, &["controller", "b"]), cp(3, &["controller", "c"])],
+        };
+        let order = restarts([&y], |_| 0, |_| Some(&chain), |c| c.seq != 3);
+        assert_eq!(order[0].from.map(|c| c.seq), Some(2));
+        assert_eq!(order[0].damaged, [3]);
+        let note = restart_note(&order[0], "b");
+        assert!(
+            note.contains("from checkpoint #2") && note.contains("#3 damaged"),
+            "{note}"
+        );
+        let order = restarts([&y], |_| 0, |_| Some(&chain), |_| false);
+        assert!(order[0].from.is_none());
+        assert_eq!(order[0].damaged, [3, 2]);
+        assert!(restart_note(&order[0], "b").contains("from its template (checkpoint #3, #2 damaged"));
     }
 }

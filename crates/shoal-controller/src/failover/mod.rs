@@ -292,10 +292,50 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<
         // A migration from or to the host is rolled back by its executor first.
         .filter(|v| !moving.contains(&v.value.name))
         .collect();
+    // Whether each safe checkpoint's image can be restarted from: every chunk present and
+    // matching its id in the controller's store (checked once per pass).
+    let mut damaged: HashSet<String> = HashSet::new();
+    for v in &on_host {
+        let Some(c) = chains.get(&v.value.name).filter(|c| c.uuid == v.value.uuid) else {
+            continue;
+        };
+        for k in c.checkpoints.iter().filter(|k| k.safe()) {
+            let known = ctl
+                .checked_images
+                .lock()
+                .expect("checked images")
+                .get(&k.manifest)
+                .copied();
+            let whole = match known {
+                Some(w) => w,
+                None => {
+                    let whole = match k.manifest.parse::<shoal_image::ManifestId>() {
+                        Ok(id) => {
+                            let bad = crate::api::images::blocking(ctl, move |s| s.damaged(&id)).await;
+                            if !matches!(&bad, Ok(b) if b.is_empty()) {
+                                tracing::error!(vm = %v.value.name, seq = k.seq, "checkpoint image damaged: {bad:?}");
+                            }
+                            matches!(&bad, Ok(b) if b.is_empty())
+                        }
+                        Err(_) => false,
+                    };
+                    ctl.checked_images
+                        .lock()
+                        .expect("checked images")
+                        .insert(k.manifest.clone(), whole);
+                    whole
+                }
+            };
+            if !whole {
+                damaged.insert(k.manifest.clone());
+            }
+        }
+    }
     let order = decide::restarts(
         on_host.iter().map(|v| &v.value),
         |v| clusters.get(&v.cluster).map_or(0, |c| c.shape.ha.priority),
         |v| chains.get(&v.name),
+        |k| !damaged.contains(&k.manifest),
     );
     let mut snap = snap;
     let mut claims = ClaimChanges::default();
