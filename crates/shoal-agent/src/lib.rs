@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod checkpoint;
+pub mod fence_guard;
 mod migrate;
 pub mod net;
 
@@ -165,7 +166,12 @@ pub async fn start_with_network(
     };
     // The watchdog runs before registration: an agent restarted while cut off from the
     // controller must still stop its VMs once the lease it last had ran out.
-    let standing = Arc::new(std::sync::Mutex::new(Standing::load(&config.data_dir)));
+    let loaded = Standing::load(&config.data_dir);
+    if loaded.ran_out_while_away() {
+        let n = hv.fence().await;
+        tracing::error!(agent = %config.name, vms = n, "the lease ran out while the agent was away: its VMs were stopped (self-fenced)");
+    }
+    let standing = Arc::new(std::sync::Mutex::new(loaded));
     let peers = standing.lock().expect("standing").peers.clone();
     probe_peers(&peers, &standing).await;
     let watchdog = tokio::spawn(fence_watchdog(config.name.clone(), hv.clone(), standing.clone()));
@@ -343,8 +349,9 @@ async fn register(
 /// watchdog (`fence_watchdog`) decides from it.
 #[derive(Debug, Default)]
 struct Standing {
-    /// When the last heartbeat the controller answered was sent.
+    /// When the last heartbeat the controller answered was sent, monotonic and unix ms.
     acked: Option<std::time::Instant>,
+    acked_unix_ms: u64,
     lease: Option<Duration>,
     peers: Vec<shoal_model::agent::PeerAddress>,
     /// When each peer was last reached, monotonic and unix ms.
@@ -385,6 +392,7 @@ impl Standing {
         let ago = Duration::from_millis(shoal_model::now_ms().saturating_sub(saved.acked_unix_ms));
         Standing {
             acked: std::time::Instant::now().checked_sub(ago),
+            acked_unix_ms: saved.acked_unix_ms,
             lease: (saved.lease_ms > 0).then(|| Duration::from_millis(saved.lease_ms)),
             peers: saved.peers,
             ..Default::default()
@@ -408,6 +416,30 @@ impl Standing {
         if let Err(e) = written {
             tracing::debug!("saving {}: {e}", path.display());
         }
+    }
+
+    /// The moment (unix ms) the lease runs out unless renewed: the last answered heartbeat, or
+    /// the last moment a strict majority of peers was reached, plus the lease. `None` when
+    /// there is nothing to run out (no lease yet, or no peers). What the fence guard acts on.
+    fn deadline_unix_ms(&self) -> Option<u64> {
+        let lease = self.lease?.as_millis() as u64;
+        if self.peers.is_empty() || self.acked_unix_ms == 0 {
+            return None;
+        }
+        let mut reached: Vec<u64> = self
+            .peers
+            .iter()
+            .filter_map(|p| self.reached.get(&p.host).map(|(_, ms)| *ms))
+            .collect();
+        reached.sort_unstable_by(|a, b| b.cmp(a));
+        let majority = reached.get(self.peers.len() / 2).copied().unwrap_or(0);
+        Some(self.acked_unix_ms.max(majority) + lease)
+    }
+
+    /// The lease it had when it stopped ran out while the agent was away: the controller may
+    /// have restarted its VMs elsewhere meanwhile, whatever the peers say now.
+    fn ran_out_while_away(&self) -> bool {
+        self.deadline_unix_ms().is_some_and(|d| shoal_model::now_ms() > d)
     }
 
     /// Whether the host must stop its VMs: no answered heartbeat for longer than the lease, and
@@ -439,6 +471,7 @@ async fn heartbeat_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let standing = watchdog.standing;
+    let mut written_deadline = None;
     let mut client = Client::new(&config.controller_url, creds.credential.clone());
     // A heartbeat that hangs must not keep the watchdog's view stale: each has a deadline.
     let deadline = config.heartbeat_interval.max(Duration::from_secs(2));
@@ -469,6 +502,7 @@ async fn heartbeat_loop(
                     tracing::warn!(agent = %config.name, "the controller answers again; the fenced VMs stay stopped until it says otherwise");
                 }
                 s.acked = Some(sent);
+                s.acked_unix_ms = sent_unix_ms;
                 s.lease = (reply.lease_ms > 0).then(|| Duration::from_millis(reply.lease_ms));
                 s.reached.retain(|h, _| reply.peers.iter().any(|p| &p.host == h));
                 s.peers = reply.peers;
@@ -485,6 +519,11 @@ async fn heartbeat_loop(
             }
             Ok(Err(e)) => tracing::warn!(agent = %config.name, "heartbeat failed: {e}"),
             Err(_) => tracing::warn!(agent = %config.name, "heartbeat failed: no answer within {deadline:?}"),
+        }
+        let lease_deadline = standing.lock().expect("standing").deadline_unix_ms();
+        if lease_deadline != written_deadline {
+            fence_guard::write_deadline(&config.data_dir, lease_deadline);
+            written_deadline = lease_deadline;
         }
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat_interval) => {}

@@ -347,3 +347,131 @@ async fn a_silent_host_that_cannot_be_fenced_is_not_restarted_and_says_why() {
     let v = vms.iter().find(|v| v.host == "host1").unwrap();
     assert_eq!(v.state, VmState::Unknown);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_returns_while_its_vms_restart_elsewhere_rejoins_empty() {
+    let mut h = Harness::start(Opts {
+        boot: Duration::from_secs(2),
+        ..opts(3)
+    })
+    .await;
+    h.template("t").await;
+    let before = deploy(&h, "web", 6, 1).await;
+    let victim = before[0].host.clone();
+    let i = index(&victim);
+    h.agents[i].take().unwrap().kill();
+    wait_for("the evacuation to start", Duration::from_secs(15), async || {
+        evacuation(&h, &victim).await
+    })
+    .await;
+    // Back at once, with its old VMs, while theirs are still booting elsewhere.
+    let url = h.ctl.as_ref().unwrap().url.clone();
+    let o = Opts {
+        boot: Duration::from_secs(2),
+        ..opts(3)
+    };
+    h.agents[i] = Some(Agent::start_persistent(agent_config(&url, h.dir.path(), i + 1, &o), o.boot).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let copies = running_copies(&h).await;
+        assert!(
+            copies.values().all(|hosts| hosts.len() == 1),
+            "a VM runs twice: {copies:?}"
+        );
+        let done = evacuation(&h, &victim).await.unwrap().state == OperationState::Succeeded;
+        if done && host_state(&h, &victim).await == HostState::Up && copies.len() == 6 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not settled: {copies:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vms = h.client.vms(Some("web")).await.unwrap();
+    assert!(
+        vms.iter().all(|v| v.state == VmState::Running && v.host != victim),
+        "{vms:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_dies_mid_migration_is_undone_then_evacuated() {
+    let mut h = Harness::start(Opts {
+        boot: Duration::from_secs(3),
+        ..opts(3)
+    })
+    .await;
+    h.template("t").await;
+    let before = deploy(&h, "m", 2, 1).await;
+    let to = |host: &str| shoal_model::MigrateVm {
+        to: Some(host.into()),
+        params: Default::default(),
+    };
+    let copying = async |h: &Harness| {
+        wait_for("the copy to start", Duration::from_secs(20), async || {
+            let m = h.client.migrations().await.unwrap();
+            m.iter()
+                .any(|m| m.step == shoal_model::MigrationStep::Copy)
+                .then_some(())
+        })
+        .await
+    };
+    // The source dies during the copy: the move is undone, then the VM is evacuated.
+    let v = &before[0];
+    let dest = ["host1", "host2", "host3"].into_iter().find(|x| *x != v.host).unwrap();
+    let op = h.client.migrate_vm(&v.name, &to(dest)).await.unwrap();
+    copying(&h).await;
+    h.agents[index(&v.host)].take().unwrap().kill();
+    let e = h.client.wait(op.id, |_| {}).await.unwrap_err().to_string();
+    assert!(e.contains("rolled back"), "{e}");
+    wait_for("the evacuation to succeed", Duration::from_secs(30), async || {
+        evacuation(&h, &v.host)
+            .await
+            .filter(|o| o.state == OperationState::Succeeded)
+    })
+    .await;
+    let now = h.client.vm(&v.name).await.unwrap();
+    assert!(now.state == VmState::Running && now.host != v.host, "{now:?}");
+    assert!(h.keys("/migrations/").await.is_empty());
+    let copies = running_copies(&h).await;
+    assert_eq!(copies.get(&v.uuid).map(Vec::len), Some(1), "{copies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_fenced_after_the_switch_gives_the_vm_back_to_its_source() {
+    // The copy completes before the destination is missed (2 s < 4 s): the switch is asked of
+    // a destination that is gone, and only its fencing settles where the guest runs.
+    let mut h = Harness::start(Opts {
+        boot: Duration::from_secs(2),
+        host_timeout: Duration::from_secs(4),
+        ..opts(3)
+    })
+    .await;
+    h.template("t").await;
+    let before = deploy(&h, "m", 1, 1).await;
+    let w = &before[0];
+    let dest = ["host1", "host2", "host3"].into_iter().find(|x| *x != w.host).unwrap();
+    let to = shoal_model::MigrateVm {
+        to: Some(dest.into()),
+        params: Default::default(),
+    };
+    let op = h.client.migrate_vm(&w.name, &to).await.unwrap();
+    wait_for("the copy to start", Duration::from_secs(20), async || {
+        let m = h.client.migrations().await.unwrap();
+        m.iter()
+            .any(|m| m.step == shoal_model::MigrationStep::Copy)
+            .then_some(())
+    })
+    .await;
+    h.agents[index(dest)].take().unwrap().kill();
+    let e = h.client.wait(op.id, |_| {}).await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "host {dest}, the destination, failed after the switch and was fenced"
+        )),
+        "{e}"
+    );
+    let after = h.client.vm(&w.name).await.unwrap();
+    assert_eq!((after.host.as_str(), after.state), (w.host.as_str(), VmState::Running));
+    assert!(h.keys("/migrations/").await.is_empty());
+    let copies = running_copies(&h).await;
+    assert_eq!(copies.get(&w.uuid), Some(&vec![w.host.clone()]), "{copies:?}");
+}

@@ -32,6 +32,13 @@ pub enum Command {
     Agent(AgentArgs),
     /// All-in-one: a controller and N local host agents in one process.
     Up(UpArgs),
+    /// Started by a QEMU agent: kills the host's QEMUs once the agent's lease runs out, even
+    /// when the agent is gone (see docs/ha.md).
+    #[command(hide = true)]
+    FenceGuard {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Physical hosts.
     #[command(subcommand)]
     Host(HostCmd),
@@ -600,6 +607,8 @@ pub enum NetDriverArg {
     Udp,
 }
 
+// `Create` is much larger than the rest; a command is parsed once per run.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum ProfileCmd {
     Create {

@@ -21,11 +21,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => return daemons::agent(a).await,
         Command::Up(a) => return daemons::up(a).await,
         Command::Sim(a) => return sim(a, out),
+        Command::FenceGuard { data_dir } => return daemons::fence_guard(&data_dir),
         _ => {}
     }
     let client = connect(cli.url)?;
     match cli.command {
-        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Sim(_) => unreachable!("handled above"),
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Sim(_) | Command::FenceGuard { .. } => {
+            unreachable!("handled above")
+        }
         Command::Host(HostCmd::List) => output::emit(out, &client.hosts().await?, output::hosts),
         Command::Host(HostCmd::Rebalance {
             plan: _,

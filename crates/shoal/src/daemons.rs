@@ -161,7 +161,7 @@ async fn hypervisor_with_network(
             ))
         }
         Driver::Qemu => {
-            let mut q = QemuConfig::new(dir.join("qemu"));
+            let mut q = QemuConfig::new(qemu_dir(dir));
             q.qemu = h.qemu.clone();
             q.accel = match h.accel {
                 AccelArg::Auto => None,
@@ -227,10 +227,28 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     config.join_token = a.join_token.clone();
     let net = network(&a).await?;
     let hv = hypervisor_with_network(&a.host, &config, net.clone()).await?;
+    // QEMU outlives the agent: a guard of its own stops it when the agent's lease runs out.
+    if matches!(a.host.driver, Driver::Qemu) {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let exe = std::env::current_exe().context("finding the shoal binary for the fence guard")?;
+        shoal_agent::fence_guard::ensure_running(&exe, &config.data_dir)?;
+    }
     let running = shoal_agent::start_with_network(config, hv, net).await?;
     eprintln!("shoal agent {} serving on {}", running.name, running.address);
     stop_signal().await;
     running.stop().await;
+    Ok(())
+}
+
+/// Where an agent's QEMU driver keeps its templates and VMs.
+fn qemu_dir(agent_data_dir: &std::path::Path) -> std::path::PathBuf {
+    agent_data_dir.join("qemu")
+}
+
+/// `shoal fence-guard`: runs until the agent's data dir is gone.
+pub fn fence_guard(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    init_logging();
+    shoal_agent::fence_guard::run(data_dir, &qemu_dir(data_dir));
     Ok(())
 }
 

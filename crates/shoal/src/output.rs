@@ -552,27 +552,6 @@ pub fn vm_snapshot(s: &shoal_model::api::VmSnapshot) -> String {
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_aligns_columns() {
-        let t = table(
-            &["name", "ip"],
-            vec![
-                vec!["web-0".into(), "10.200.0.2".into()],
-                vec!["db-10".into(), "x".into()],
-            ],
-        );
-        insta::assert_snapshot!(t, @r"
-        NAME   IP
-        web-0  10.200.0.2
-        db-10  x
-        ");
-    }
-}
-
 /// Bytes as people read them: binary units, one decimal.
 fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -730,4 +709,25 @@ pub fn cluster_blocks(c: &shoal_model::ha::ClusterBlocks) -> String {
         ],
         rows,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["name", "ip"],
+            vec![
+                vec!["web-0".into(), "10.200.0.2".into()],
+                vec!["db-10".into(), "x".into()],
+            ],
+        );
+        insta::assert_snapshot!(t, @r"
+        NAME   IP
+        web-0  10.200.0.2
+        db-10  x
+        ");
+    }
 }

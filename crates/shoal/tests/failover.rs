@@ -83,6 +83,10 @@ fn qemus(lab: &Lab, vm: &str) -> Vec<u32> {
         .collect()
 }
 
+fn stdout_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn index(host: &str) -> usize {
     host.trim_start_matches('h').parse().unwrap()
 }
@@ -306,6 +310,33 @@ fn a_dead_hosts_guest_restarts_elsewhere_from_its_checkpoint_and_a_cut_off_host_
             .all(|v| v["host"] != third.as_str())
     });
     assert_eq!(qemus(&lab, "fo-0").len(), 1);
+
+    // Only the agent dies; its host and the guest's QEMU live on. Its fence guard kills the
+    // QEMU once the lease runs out, before the guest is restarted elsewhere.
+    let host = host_of(&lab, "fo-0");
+    let old_qemu = qemus(&lab, "fo-0");
+    let agent = Command::new("pgrep")
+        .args(["-f", &format!("agent --name {host} ")])
+        .output()
+        .unwrap();
+    let agent_pids: Vec<String> = stdout_of(&agent).split_whitespace().map(str::to_string).collect();
+    assert!(!agent_pids.is_empty(), "the agent of {host}");
+    for pid in &agent_pids {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    let t = Instant::now();
+    eventually(Duration::from_secs(120), "fo-0 to run elsewhere", || {
+        let v = lab.json(&["vm", "show", "fo-0"]);
+        v["host"] != host.as_str() && v["state"] == "running"
+    });
+    eprintln!("agent killed to the guest running elsewhere: {:.1?}", t.elapsed());
+    assert!(
+        old_qemu.iter().all(|p| !qemus(&lab, "fo-0").contains(p)),
+        "the guard stopped the old copy"
+    );
+    assert_eq!(qemus(&lab, "fo-0").len(), 1);
+    let guard = std::fs::read_to_string(lab.data().join(&host).join("fence-guard.log")).unwrap_or_default();
+    assert!(guard.contains("killed every QEMU"), "{guard}");
     lab.ok(&["cluster", "delete", "fo", "--wait"]);
     eventually(Duration::from_secs(60), "no QEMU left", || {
         qemus(&lab, "fo-0").is_empty() && qemus(&lab, "fo-1").is_empty()

@@ -354,13 +354,13 @@ impl Drop for Busy<'_> {
 
 /// The VMs whose scheduled checkpoint is due: running on a heard host, with an interval, not
 /// migrating, not under way or recently failed, and the interval passed since their last.
-pub fn due<'a>(
-    vms: &'a [Vm],
+pub fn due(
+    vms: &[Vm],
     interval: impl Fn(&Vm) -> Option<u64>,
     last_taken: impl Fn(&Vm) -> Option<u64>,
     skip: impl Fn(&Vm) -> bool,
     now_ms: u64,
-) -> Vec<&'a Vm> {
+) -> Vec<&Vm> {
     let mut due: Vec<(&Vm, u64)> = vms
         .iter()
         .filter(|v| v.state == VmState::Running && !skip(v))

@@ -51,11 +51,22 @@ pub async fn run(ctl: Controller, mut stop: watch::Receiver<bool>) {
 
 async fn pass(ctl: &Controller) -> ApiResult<()> {
     detect(ctl).await?;
-    for f in ctl.db.failures().await? {
+    let failures = ctl.db.failures().await?;
+    let failed: HashSet<String> = failures.iter().map(|f| f.value.host.clone()).collect();
+    for f in failures {
         if *ctl.stopped.borrow() {
             return Ok(());
         }
         handle(ctl, f).await?;
+    }
+    // An evacuation whose host rejoined meanwhile: its VMs left waiting there restart there;
+    // it finishes once they run.
+    for op in ctl.db.operations().await? {
+        if op.kind == OperationKind::HostEvacuate && op.state == OperationState::Running && !failed.contains(&op.target)
+        {
+            let host = op.target.clone();
+            evacuate(ctl, &host, op, false).await?;
+        }
     }
     Ok(())
 }
@@ -127,19 +138,26 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
 /// Moves one failed host on: rejoin, fence, evacuate.
 async fn handle(ctl: &Controller, f: Versioned<HostFailure>) -> ApiResult<()> {
     let host = f.value.host.clone();
-    if ctl.heard(&host) {
-        return rejoin(ctl, &f).await;
-    }
     if f.value.fenced.is_none() {
+        // Heard again before it was fenced: nothing of it was restarted, it simply comes back.
+        if ctl.heard(&host) {
+            return rejoin(ctl, &f).await;
+        }
         return fence(ctl, &f).await;
     }
     let Some(op_id) = f.value.operation else {
         return start_evacuation(ctl, &f).await;
     };
-    match ctl.db.operation(&op_id).await? {
-        Some(op) if op.state == OperationState::Running => evacuate(ctl, &host, op).await,
-        _ => Ok(()),
+    // Its VMs are restarted from their checkpoints even if it is heard again meanwhile.
+    if let Some(op) = ctl.db.operation(&op_id).await? {
+        if op.state == OperationState::Running {
+            evacuate(ctl, &host, op, true).await?;
+        }
     }
+    if ctl.heard(&host) {
+        rejoin(ctl, &f).await?;
+    }
+    Ok(())
 }
 
 /// A failed host heard again: once it holds no VM (the reconciler removes them all), it
@@ -273,8 +291,9 @@ async fn start_evacuation(ctl: &Controller, f: &Versioned<HostFailure>) -> ApiRe
     Ok(())
 }
 
-/// Places the VMs still on the failed host and moves their records there; reports progress.
-async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<()> {
+/// Places the VMs still on the failed host (`place`: it is still failed) and moves their
+/// records there; reports progress.
+async fn evacuate(ctl: &Controller, host: &str, mut op: Operation, place: bool) -> ApiResult<()> {
     let _g = ctl.db.lock().await;
     let (snap, clusters, all) = HostSnapshot::read_with_placed(ctl, None).await?;
     let versioned = ctl.db.vms_versioned().await?;
@@ -288,6 +307,7 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<
     let moving: HashSet<String> = ctl.db.migrations().await?.into_iter().map(|m| m.value.vm).collect();
     let on_host: Vec<&Versioned<Vm>> = versioned
         .iter()
+        .filter(|_| place)
         .filter(|v| v.value.host == host && v.value.state != VmState::Deleting)
         // A migration from or to the host is rolled back by its executor first.
         .filter(|v| !moving.contains(&v.value.name))
@@ -337,6 +357,17 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<
         |v| chains.get(&v.name),
         |k| !damaged.contains(&k.manifest),
     );
+    let deploying: HashSet<String> = ctl
+        .db
+        .operations()
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o.state == OperationState::Running
+                && matches!(o.kind, OperationKind::ClusterCreate | OperationKind::ClusterScale)
+        })
+        .flat_map(|o| o.vms)
+        .collect();
     let mut snap = snap;
     let mut claims = ClaimChanges::default();
     let mut tx = Tx::new();
@@ -367,9 +398,9 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<
                 notes.push(decide::restart_note(r, &to));
                 tx = tx.update_vm(v.mod_revision, &vm);
             }
-            // One that never started fails, so that its deployment rolls back; the others
-            // wait for capacity.
-            Err(e) if matches!(r.vm.state, VmState::Pending | VmState::Creating) => {
+            // One its deployment is still waiting for fails, so that the deployment rolls
+            // back; the others wait for capacity.
+            Err(e) if deploying.contains(&r.vm.name) => {
                 let vm = Vm {
                     state: VmState::Failed,
                     reason: Some(crate::reconcile::stranded_reason(host, r.vm, &e)),
@@ -377,7 +408,23 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation) -> ApiResult<
                 };
                 tx = tx.update_vm(v.mod_revision, &vm);
             }
-            Err(e) => unplaced.push(format!("{} ({e})", r.vm.name)),
+            // It waits, pending where it was, until capacity returns (or its host does,
+            // empty): it restarts from its checkpoint either way, never from the stale copy.
+            Err(e) => {
+                unplaced.push(format!("{} ({e})", r.vm.name));
+                let vm = Vm {
+                    state: VmState::Pending,
+                    observed_seq: 0,
+                    disk_base: decide::disk_base(r),
+                    reason: Some(format!(
+                        "unplaced after host {host} failed: {e}; restarts when capacity returns"
+                    )),
+                    ..r.vm.clone()
+                };
+                if vm != *r.vm {
+                    tx = tx.update_vm(v.mod_revision, &vm);
+                }
+            }
         }
     }
     for n in &notes {

@@ -83,6 +83,11 @@ fn down(ctl: &Controller, host: &str) -> bool {
     ctl.host_state(host).0 != HostState::Up
 }
 
+/// The host was declared failed and is fenced: nothing of it runs any more.
+async fn fenced(ctl: &Controller, host: &str) -> ApiResult<bool> {
+    Ok(ctl.db.failure(host).await?.is_some_and(|f| f.value.fenced.is_some()))
+}
+
 fn timed_out(ctl: &Controller, m: &Migration) -> bool {
     now_ms().saturating_sub(m.started_unix_ms) > ctl.config.operation_timeout.as_millis() as u64
 }
@@ -321,6 +326,15 @@ async fn switch(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> {
             commit(ctl, m, seq).await
         }
         Switched::RollBack(reason) => roll_back_because(ctl, m, reason, true).await,
+        // The destination failed and was fenced: the guest no longer runs there, so the source's
+        // copy (as of the switch) runs on.
+        Switched::Wait(_) if fenced(ctl, &mig.to).await? => {
+            let reason = format!(
+                "host {}, the destination, failed after the switch and was fenced; the VM runs on from the source",
+                mig.to
+            );
+            roll_back_because(ctl, m, reason, true).await
+        }
         Switched::Wait(why) => {
             let tx = op_update(ctl, m, |op| {
                 if let Some(s) = op.step_mut(STEPS[2]) {
@@ -402,7 +416,7 @@ async fn roll_back(ctl: &Controller, m: &Versioned<Migration>) -> ApiResult<()> 
             .await
             .map(|_| ()),
     );
-    if !decide::destination_settled(&removed, *switched) {
+    if !decide::destination_settled(&removed, *switched && !fenced(ctl, &mig.to).await?) {
         tracing::warn!(vm = %mig.vm, "waiting for host {} to remove the VM's copy: {removed:?}", mig.to);
         tokio::time::sleep(RETRY * 2).await;
         return Ok(());

@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use accel::Accel;
+pub use process::kill_all;
 pub use process::process_cpu_seconds;
 
 use crate::{HvError, Hypervisor, TemplateSource, VmNet};

@@ -302,6 +302,29 @@ pub(super) fn kill9(pid: u32) {
     }
 }
 
+/// Kills (`SIGKILL`) every live QEMU of the VMs under the driver directory `dir`, without an
+/// agent: what a host's fence guard does when the agent's lease ran out. Returns how many.
+pub fn kill_all(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir.join("vms")) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in entries.flatten() {
+        let vm = e.path();
+        let Ok(bytes) = std::fs::read(vm.join("vm.json")) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
+            continue;
+        };
+        if let Some(pid) = alive_pid(&vm, record.spec.uuid) {
+            kill9(pid);
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// The pid in `qemu.pid` if that process is alive and is this VM's QEMU (not a reused pid).
 fn alive_pid(dir: &Path, uuid: Uuid) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
