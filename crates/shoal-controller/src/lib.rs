@@ -25,7 +25,7 @@ pub mod capacity;
 pub mod datastore;
 pub mod domain;
 pub mod error;
-mod failover;
+pub(crate) mod failover;
 mod ipam;
 pub mod locality;
 mod migrate;
@@ -133,6 +133,8 @@ pub struct Inner {
     /// Checkpoint images already checked whole (every chunk present and matching its id) or
     /// found damaged, by manifest: an image never changes.
     pub(crate) checked_images: Mutex<HashMap<String, bool>>,
+    /// Why each host that is not up is what it is, as the failure detector last concluded.
+    pub(crate) host_notes: Mutex<HashMap<String, String>>,
     /// VMs whose migration has an executor task in this process.
     migrating: Mutex<HashSet<String>>,
     /// Operations driven by a task of this process (moves in waves): one found running without
@@ -381,6 +383,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         migrating: Mutex::new(HashSet::new()),
         checkpointing: Mutex::new(HashSet::new()),
         checked_images: Mutex::new(HashMap::new()),
+        host_notes: Mutex::new(HashMap::new()),
         migration_mib_s: Mutex::new(HashMap::new()),
         driving: Mutex::new(HashSet::new()),
         stopped: stop_rx.clone(),

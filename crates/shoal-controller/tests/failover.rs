@@ -89,6 +89,15 @@ async fn a_dead_hosts_vms_restart_elsewhere_as_themselves_and_it_rejoins_empty()
         (host_state(&h, &victim).await == HostState::Failed).then_some(())
     })
     .await;
+    let hosts = h.client.hosts().await.unwrap();
+    let reason = hosts
+        .iter()
+        .find(|x| x.name == victim)
+        .unwrap()
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(reason.starts_with("failed "), "{reason}");
     let op = wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
         evacuation(&h, &victim)
             .await
@@ -259,6 +268,15 @@ async fn a_host_cut_off_from_the_controller_only_is_isolated_and_keeps_its_vms()
         (host_state(&h, "host3").await == HostState::Isolated).then_some(())
     })
     .await;
+    let hosts = h.client.hosts().await.unwrap();
+    let reason = hosts
+        .iter()
+        .find(|x| x.name == "host3")
+        .unwrap()
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(reason.contains("its peers reach it"), "{reason}");
     // Well past its lease and the fence margin: still isolated, nothing restarted or fenced.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(host_state(&h, "host3").await, HostState::Isolated);
@@ -343,6 +361,18 @@ async fn a_silent_host_that_cannot_be_fenced_is_not_restarted_and_says_why() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(h.keys("/failures/").await.is_empty());
     assert_eq!(host_state(&h, "host1").await, HostState::Down);
+    let hosts = h.client.hosts().await.unwrap();
+    let reason = hosts
+        .iter()
+        .find(|x| x.name == "host1")
+        .unwrap()
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("cannot tell a failed host from one cut off") && reason.contains("host2"),
+        "{reason}"
+    );
     let vms = h.client.vms(Some("web")).await.unwrap();
     let v = vms.iter().find(|v| v.host == "host1").unwrap();
     assert_eq!(v.state, VmState::Unknown);

@@ -68,6 +68,10 @@ pub struct Host {
     /// Whether the host is switched on (the consolidator and `shoal host power` switch it).
     #[serde(default)]
     pub power: crate::power::PowerState,
+    /// Why it is `down`, `isolated` or `failed`: how long it has been silent, whether it is
+    /// fenced and how, or why it cannot be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// How placement may use a host's capacity: vCPUs per core and memory it may hand out beyond the

@@ -137,9 +137,9 @@ pub struct ControllerOpts {
     /// this long, and reaches at most half of its peers, stops its VMs.
     #[arg(long, default_value_t = 10.0)]
     pub host_timeout: f64,
-    /// Seconds a failed host's VMs wait, after its lease certainly ran out, before they restart
-    /// elsewhere, when no power-off command fenced it: at least the agents' heartbeat interval
-    /// plus one (docs/ha.md).
+    /// Seconds a failed host's VMs wait, after its lease certainly ran out, before they are
+    /// started on other hosts, when no power-off command fenced it: at least the agents'
+    /// heartbeat interval plus one (docs/ha.md).
     #[arg(long, default_value_t = 3.0)]
     pub fence_margin: f64,
     /// Seconds between samples of the hosts' CPU use: each sample adds to the energy account,

@@ -162,6 +162,7 @@ pub fn hosts(hosts: &Vec<Host>) -> String {
             "used memory",
             "vms",
             "address",
+            "reason",
         ],
         hosts
             .iter()
@@ -177,6 +178,7 @@ pub fn hosts(hosts: &Vec<Host>) -> String {
                     format_mib(h.used_memory_mib),
                     h.vms.to_string(),
                     h.address.clone(),
+                    opt(&h.reason),
                 ]
             })
             .collect(),

@@ -305,6 +305,15 @@ fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     eventually(Duration::from_secs(90), "the cut-off copy to be removed", || {
         qemus(&lab, "mig-0").len() == 1
     });
+    // Cut off from everything for longer than its lease, it was declared failed (and fenced
+    // itself); it rejoins once it holds nothing.
+    eventually(Duration::from_secs(90), "the cut-off host to rejoin", || {
+        lab.json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == dest && h["state"] == "up")
+    });
     assert!(!console(&lab, "mig-0").contains("MISMATCH"));
 
     // Bad input through the CLI: named, nothing changed.

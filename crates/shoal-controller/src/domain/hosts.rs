@@ -13,6 +13,13 @@ pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
     let powers = crate::domain::energy::power_records(ctl, &hosts).await?;
     let claims = ctl.db.claims().await?;
     let marks = HostMarks::read(ctl).await?;
+    let failures: std::collections::HashMap<String, shoal_model::HostFailure> = ctl
+        .db
+        .failures()
+        .await?
+        .into_iter()
+        .map(|f| (f.value.host.clone(), f.value))
+        .collect();
     Ok(hosts
         .into_iter()
         .map(|h| {
@@ -28,7 +35,14 @@ pub async fn list(ctl: &Controller) -> ApiResult<Vec<Host>> {
                 shoal_policy::HostState::Down if ctl.isolated(&h.name) => HostState::Isolated,
                 shoal_policy::HostState::Down => HostState::Down,
             };
+            let reason = match failures.get(&h.name) {
+                Some(f) => Some(crate::failover::describe(f)),
+                None if state == HostState::Isolated => Some(crate::failover::isolated_note(ctl, &h.name)),
+                None if state != HostState::Down => None,
+                None => ctl.host_notes.lock().expect("host notes").get(&h.name).cloned(),
+            };
             Host {
+                reason,
                 name: h.name,
                 state,
                 address: h.address,

@@ -71,6 +71,37 @@ async fn pass(ctl: &Controller) -> ApiResult<()> {
     Ok(())
 }
 
+/// What `host list` says of a failed host.
+pub fn describe(f: &HostFailure) -> String {
+    let ago = |ms: u64| format!("{:.0} s ago", now_ms().saturating_sub(ms) as f64 / 1000.0);
+    let mut s = format!(
+        "failed {} (last seen {})",
+        ago(f.detected_unix_ms),
+        ago(f.last_seen_unix_ms)
+    );
+    match (f.fenced, &f.waiting) {
+        (Some(Fencing::PowerOff), _) => s.push_str("; fenced by its power-off command"),
+        (Some(Fencing::Lease), _) => s.push_str("; fenced: its lease ran out"),
+        (None, Some(w)) => s.push_str(&format!("; not fenced yet: {w}")),
+        (None, None) => s.push_str("; being fenced"),
+    }
+    if let Some(op) = f.operation {
+        s.push_str(&format!("; its VMs restart elsewhere (operation {op})"));
+    }
+    s
+}
+
+/// What `host list` says of an isolated host.
+pub fn isolated_note(ctl: &Controller, host: &str) -> String {
+    match ctl.host_state(host).1 {
+        Some(seen) => format!(
+            "not heard from for {:.0} s, but its peers reach it: its VMs are left alone",
+            now_ms().saturating_sub(seen) as f64 / 1000.0
+        ),
+        None => "not heard from since the controller started, but its peers reach it: its VMs are left alone".into(),
+    }
+}
+
 /// Declares failed the hosts that are.
 async fn detect(ctl: &Controller) -> ApiResult<()> {
     let hosts = ctl.db.hosts().await?;
@@ -101,8 +132,16 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
             power_off: power.is_some_and(|p| p.config.power_off_command.is_some()),
         };
         let verdict = decide::classify(&evidence, &heard_hosts, now, timeout, ctl.started_unix_ms());
-        if std::env::var("SHOAL_DEBUG_FAILOVER").is_ok() && verdict != Verdict::Up {
-            eprintln!("DEBUG {} {:?} {:?}", h.name, verdict, evidence);
+        let note = match &verdict {
+            Verdict::Silent(why) => Some(why.clone()),
+            _ => None,
+        };
+        {
+            let mut notes = ctl.host_notes.lock().expect("host notes");
+            match note {
+                Some(n) => notes.insert(h.name.clone(), n),
+                None => notes.remove(&h.name),
+            };
         }
         if let Verdict::Failed {
             last_seen_ms,
