@@ -147,7 +147,12 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
     h.wait_peers().await;
     let victim = vms[0].host.clone();
     let i: usize = victim.trim_start_matches("host").parse::<usize>().unwrap() - 1;
+    let kept = h.client.vm_blocks(&vms[0].name).await.unwrap().checkpoints.len();
     h.agents[i].take().unwrap().kill();
+    // A checkpoint asked of a dead host is refused and records nothing.
+    let e = h.client.checkpoint_vm(&vms[0].name).await.unwrap_err();
+    assert!(matches!(e.status(), Some(409 | 503)), "{e}");
+    assert_eq!(h.client.vm_blocks(&vms[0].name).await.unwrap().checkpoints.len(), kept);
     let op = wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
         h.client
             .operations()
@@ -174,6 +179,10 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
         Some(t.hash.as_str()),
         "restarted on its checkpoint"
     );
+    // Its checkpoints go on from its new host, numbered on.
+    let next = h.client.checkpoint_vm(&vms[0].name).await.unwrap();
+    assert_eq!(next.checkpoint.host, after.host);
+    assert!(next.checkpoint.seq > kept as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -430,6 +430,13 @@ pub fn vm(v: &Vm) -> String {
         ("cpus", v.cpus.to_string()),
         ("memory", format_mib(v.memory_mib)),
         ("template", v.template.clone()),
+        (
+            "disk",
+            match &v.disk_base {
+                Some(b) => format!("on checkpoint {b} (restarted after its host failed)"),
+                None => "on its template".into(),
+            },
+        ),
         ("reason", opt(&v.reason)),
     ])
 }

@@ -202,6 +202,11 @@ fn a_dead_hosts_guest_restarts_elsewhere_from_its_checkpoint_and_a_cut_off_host_
     assert!(cp["blocks"]["own_bytes"].as_u64().unwrap() > 0, "the guest wrote: {cp}");
     let blocks = lab.ok(&["vm", "blocks", "fo-0"]);
     assert!(blocks.contains("#1") && blocks.contains("safe"), "{blocks}");
+    let blocks = lab.ok(&["cluster", "blocks", "fo"]);
+    assert!(
+        blocks.contains("fo-0 #1") && blocks.contains("fo-1") && blocks.contains("never") && blocks.contains("total"),
+        "{blocks}"
+    );
     // Counting goes on well past the checkpoint before the host dies.
     eventually(Duration::from_secs(60), "the counter to pass the checkpoint", || {
         numbers(&console(&lab, "fo-0"), "count ")
