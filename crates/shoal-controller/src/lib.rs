@@ -117,7 +117,7 @@ pub struct Inner {
     /// asked again only now and then.
     ensure_sent: Throttle<(Uuid, shoal_model::Power)>,
     /// When each orphan was last asked to go: its host lists it until its next heartbeat.
-    orphans_sent: Throttle<Uuid>,
+    orphans_sent: Throttle<(Uuid, String)>,
     /// The remote VTEPs last sent to each host, so that only changes are sent.
     pub(crate) peers_sent: Mutex<HashMap<String, shoal_model::network::NetworkPeers>>,
     /// One HTTP client per agent address, so connections are reused.
@@ -296,8 +296,8 @@ impl Controller {
 
     /// Whether to ask a host again to remove an orphan VM: at once the first time, then every
     /// few seconds while its heartbeats still list it.
-    fn orphan_due(&self, uuid: Uuid) -> bool {
-        self.orphans_sent.due(uuid)
+    fn orphan_due(&self, uuid: Uuid, host: &str) -> bool {
+        self.orphans_sent.due((uuid, host.to_string()))
     }
 
     pub(crate) fn agent(&self, address: &str) -> AgentClient {
