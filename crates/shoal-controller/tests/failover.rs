@@ -505,3 +505,43 @@ async fn a_destination_fenced_after_the_switch_gives_the_vm_back_to_its_source()
     let copies = running_copies(&h).await;
     assert_eq!(copies.get(&w.uuid), Some(&vec![w.host.clone()]), "{copies:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_failing_one_after_the_other_each_rejoin_empty() {
+    let mut h = Harness::start(Opts { cpus: 16, ..opts(3) }).await;
+    h.template("t").await;
+    let before = deploy(&h, "web", 6, 1).await;
+    // The first dies; its VMs go to the other two.
+    let first = before[0].host.clone();
+    h.agents[index(&first)].take().unwrap().kill();
+    wait_for("the first evacuation", Duration::from_secs(20), async || {
+        evacuation(&h, &first)
+            .await
+            .filter(|o| o.state == OperationState::Succeeded)
+    })
+    .await;
+    // Then one that took some of them: the same VMs, on a second failed host.
+    let moved = h.client.vm(&before[0].name).await.unwrap();
+    let second = moved.host.clone();
+    h.agents[index(&second)].take().unwrap().kill();
+    wait_for("the second evacuation", Duration::from_secs(20), async || {
+        evacuation(&h, &second)
+            .await
+            .filter(|o| o.state == OperationState::Succeeded)
+    })
+    .await;
+    // The first comes back holding its stale copies: removed, and it rejoins, while the second
+    // (which listed some of the same VMs when it died) stays failed.
+    let i = index(&first);
+    let url = h.ctl.as_ref().unwrap().url.clone();
+    h.agents[i] =
+        Some(Agent::start_persistent(agent_config(&url, h.dir.path(), i + 1, &opts(3)), Default::default()).await);
+    wait_for("the first host to rejoin", Duration::from_secs(20), async || {
+        (host_state(&h, &first).await == HostState::Up).then_some(())
+    })
+    .await;
+    assert_eq!(host_state(&h, &second).await, HostState::Failed);
+    let copies = running_copies(&h).await;
+    assert_eq!(copies.len(), 6, "{copies:?}");
+    assert!(copies.values().all(|hosts| hosts.len() == 1), "{copies:?}");
+}
