@@ -479,6 +479,34 @@ pub struct Vm {
     pub disk_base: Option<String>,
 }
 
+impl Vm {
+    /// A running 1-vCPU, 64 MiB VM `name` of cluster `c` on host `h`, with a fresh UUID: the base
+    /// of tests, which override what matters to them (`Vm { host: "a".into(), ..Vm::example("x") }`).
+    pub fn example(name: &str) -> Vm {
+        Vm {
+            name: name.into(),
+            uuid: Uuid::new_v4(),
+            cluster: "c".into(),
+            index: 0,
+            host: "h".into(),
+            state: VmState::Running,
+            ip: Ipv4Addr::new(10, 0, 0, 2),
+            mac: MacAddr::qemu(1),
+            cpus: 1,
+            memory_mib: 64,
+            disk_mib: None,
+            template: "t".into(),
+            desired: Power::Running,
+            force_stop: false,
+            reason: None,
+            claimed: true,
+            observed_seq: 0,
+            created_unix_ms: 0,
+            disk_base: None,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -116,42 +116,8 @@ fn a_dead_hosts_guest_restarts_elsewhere_from_its_checkpoint_and_a_cut_off_host_
     let mut lab = Lab::new(3);
     lab.host_timeout = "6";
     lab.fence_margin = "3";
-    lab.start_controller();
-    for i in 0..3 {
-        lab.start_agent(i, "bridge");
-    }
-    eventually(Duration::from_secs(60), "3 hosts", || {
-        lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(3)
-    });
-    lab.ok(&["template", "build-demo", "demo"]);
-    let o = lab.octet;
-    lab.ok(&[
-        "network",
-        "create",
-        "fn",
-        "--subnet",
-        &format!("10.78.{o}.0/24"),
-        "--vni",
-        "4546",
-    ]);
-    let target = format!("10.78.{o}.2");
-    let ud = lab.dir.path().join("workload.sh");
-    std::fs::write(&ud, workload(&target)).unwrap();
-    lab.ok(&[
-        "profile",
-        "create",
-        "ha",
-        "--template",
-        "demo",
-        "--cpus",
-        "1",
-        "--memory",
-        "128MiB",
-        "--network",
-        "fn",
-        "--user-data",
-        ud.to_str().unwrap(),
-    ]);
+    lab.start_demo_hosts(3);
+    let target = lab.demo_network("fn", 78, 4546, "ha", workload);
     // Bad input first: refused, naming the value, nothing made.
     let e = lab.cli(&[
         "cluster",

@@ -114,42 +114,8 @@ fn wait_op(lab: &Lab, id: &str) -> serde_json::Value {
 #[test]
 fn running_guests_move_between_hosts_and_every_fault_rolls_back() {
     let mut lab = Lab::new(3);
-    lab.start_controller();
-    for i in 0..3 {
-        lab.start_agent(i, "bridge");
-    }
-    eventually(Duration::from_secs(60), "3 hosts", || {
-        lab.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(3)
-    });
-    lab.ok(&["template", "build-demo", "demo"]);
-    let o = lab.octet;
-    lab.ok(&[
-        "network",
-        "create",
-        "mn",
-        "--subnet",
-        &format!("10.79.{o}.0/24"),
-        "--vni",
-        "4545",
-    ]);
-    let target = format!("10.79.{o}.2");
-    let ud = lab.dir.path().join("workload.sh");
-    std::fs::write(&ud, workload(&target)).unwrap();
-    lab.ok(&[
-        "profile",
-        "create",
-        "busy",
-        "--template",
-        "demo",
-        "--cpus",
-        "1",
-        "--memory",
-        "128MiB",
-        "--network",
-        "mn",
-        "--user-data",
-        ud.to_str().unwrap(),
-    ]);
+    lab.start_demo_hosts(3);
+    lab.demo_network("mn", 79, 4545, "busy", workload);
     lab.ok(&[
         "cluster",
         "create",

@@ -536,6 +536,10 @@ impl Datastore {
             .await?
             .ok_or_else(|| ApiError::not_found("cluster", name))
     }
+    /// The VM, or not found naming it.
+    pub async fn known_vm(&self, name: &str) -> ApiResult<Versioned<Vm>> {
+        self.vm(name).await?.ok_or_else(|| ApiError::not_found("VM", name))
+    }
     pub async fn clusters(&self) -> ApiResult<Vec<Cluster>> {
         self.values(keys::CLUSTERS).await
     }
@@ -580,6 +584,10 @@ impl Datastore {
     pub async fn migrations(&self) -> ApiResult<Vec<Versioned<Migration>>> {
         self.list(keys::MIGRATIONS).await
     }
+    /// The VMs with a migration under way.
+    pub async fn migrating_vms(&self) -> ApiResult<HashSet<String>> {
+        Ok(self.migrations().await?.into_iter().map(|m| m.value.vm).collect())
+    }
 
     // Checkpoints and failed hosts.
 
@@ -588,6 +596,15 @@ impl Datastore {
     }
     pub async fn all_checkpoints(&self) -> ApiResult<Vec<Versioned<CheckpointChain>>> {
         self.list(keys::CHECKPOINTS).await
+    }
+    /// Every VM's checkpoint chain, by VM name.
+    pub async fn checkpoint_chains(&self) -> ApiResult<HashMap<String, CheckpointChain>> {
+        Ok(self
+            .all_checkpoints()
+            .await?
+            .into_iter()
+            .map(|c| (c.value.vm.clone(), c.value))
+            .collect())
     }
     pub async fn failure(&self, host: &str) -> ApiResult<Option<Versioned<HostFailure>>> {
         self.get(&keys::failure(host)).await

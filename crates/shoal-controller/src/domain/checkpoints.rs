@@ -4,7 +4,7 @@
 //! kept, and held by one other host's chunk cache too before it counts as safe to restart from.
 //! The scheduler takes one per `--checkpoint-interval`; `vm checkpoint` takes one now.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use shoal_model::agent::CheckpointDisk;
@@ -26,12 +26,7 @@ const RETRY: Duration = Duration::from_secs(15);
 
 /// `vm checkpoint NAME`: checkpoints the VM's disk now.
 pub async fn checkpoint_vm(ctl: &Controller, name: &str) -> ApiResult<CheckpointBlocks> {
-    let vm = ctl
-        .db
-        .vm(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("VM", name))?
-        .value;
+    let vm = ctl.db.known_vm(name).await?.value;
     if let Some(why) = crate::domain::vms::unknown_because(ctl, &vm) {
         return Err(ApiError::Unavailable(format!(
             "VM {name} cannot be checkpointed now: {why}"
@@ -270,12 +265,7 @@ async fn counts(ctl: &Controller, template: &str, previous: Option<&str>, manife
 
 /// `vm blocks NAME`: the VM's block profile, checkpoint by checkpoint.
 pub async fn vm_blocks(ctl: &Controller, name: &str) -> ApiResult<VmBlocks> {
-    let vm = ctl
-        .db
-        .vm(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("VM", name))?
-        .value;
+    let vm = ctl.db.known_vm(name).await?.value;
     let ha = ctl
         .db
         .cluster(&vm.cluster)
@@ -416,14 +406,8 @@ async fn schedule(
         return Ok(());
     }
     let vms = ctl.db.vms().await?;
-    let chains: HashMap<String, CheckpointChain> = ctl
-        .db
-        .all_checkpoints()
-        .await?
-        .into_iter()
-        .map(|c| (c.value.vm.clone(), c.value))
-        .collect();
-    let moving: HashSet<String> = ctl.db.migrations().await?.into_iter().map(|m| m.value.vm).collect();
+    let chains = ctl.db.checkpoint_chains().await?;
+    let moving = ctl.db.migrating_vms().await?;
     let busy = ctl.checkpointing.lock().expect("checkpointing").clone();
     let recently_failed = |v: &Vm| {
         failed_at
@@ -500,25 +484,8 @@ mod tests {
 
     fn vm(name: &str, state: VmState) -> Vm {
         Vm {
-            name: name.into(),
-            uuid: uuid::Uuid::new_v4(),
-            cluster: "c".into(),
-            index: 0,
-            host: "h".into(),
             state,
-            ip: "10.0.0.2".parse().unwrap(),
-            mac: shoal_model::MacAddr::qemu(1),
-            cpus: 1,
-            memory_mib: 64,
-            disk_mib: None,
-            template: "t".into(),
-            desired: shoal_model::Power::Running,
-            force_stop: false,
-            reason: None,
-            claimed: true,
-            observed_seq: 0,
-            created_unix_ms: 0,
-            disk_base: None,
+            ..Vm::example(name)
         }
     }
 

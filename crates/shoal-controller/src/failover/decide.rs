@@ -346,25 +346,8 @@ mod tests {
     #[test]
     fn restarts_go_by_priority_then_name_each_from_its_newest_safe_checkpoint() {
         let vm = |name: &str| Vm {
-            name: name.into(),
-            uuid: uuid::Uuid::new_v4(),
-            cluster: "c".into(),
-            index: 0,
             host: "a".into(),
-            state: shoal_model::VmState::Running,
-            ip: "10.0.0.2".parse().unwrap(),
-            mac: shoal_model::MacAddr::qemu(1),
-            cpus: 1,
-            memory_mib: 64,
-            disk_mib: None,
-            template: "t".into(),
-            desired: shoal_model::Power::Running,
-            force_stop: false,
-            reason: None,
-            claimed: true,
-            observed_seq: 0,
-            created_unix_ms: 0,
-            disk_base: None,
+            ..Vm::example(name)
         };
         let (x, y, z) = (vm("x"), vm("y"), vm("z"));
         let cp = |seq: u64, replicas: &[&str]| Checkpoint {

@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use shoal_model::{
-    now_ms, plural, CheckpointChain, Cluster, Fencing, HostFailure, Operation, OperationKind, OperationState, Power,
-    StepState, Vm, VmState,
+    now_ms, plural, Cluster, Fencing, HostFailure, Operation, OperationKind, OperationState, Power, StepState, Vm,
+    VmState,
 };
 use tokio::sync::watch;
 
@@ -336,14 +336,8 @@ async fn evacuate(ctl: &Controller, host: &str, mut op: Operation, place: bool) 
     let _g = ctl.db.lock().await;
     let (snap, clusters, all) = HostSnapshot::read_with_placed(ctl, None).await?;
     let versioned = ctl.db.vms_versioned().await?;
-    let chains: HashMap<String, CheckpointChain> = ctl
-        .db
-        .all_checkpoints()
-        .await?
-        .into_iter()
-        .map(|c| (c.value.vm.clone(), c.value))
-        .collect();
-    let moving: HashSet<String> = ctl.db.migrations().await?.into_iter().map(|m| m.value.vm).collect();
+    let chains = ctl.db.checkpoint_chains().await?;
+    let moving = ctl.db.migrating_vms().await?;
     let on_host: Vec<&Versioned<Vm>> = versioned
         .iter()
         .filter(|_| place)

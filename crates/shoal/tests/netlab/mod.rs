@@ -303,6 +303,54 @@ impl Lab {
         ip(&["link", "set", &veth, if up { "up" } else { "down" }]);
     }
 
+    /// The controller and `hosts` QEMU agents with the bridge driver, all joined, and the demo
+    /// template built.
+    pub fn start_demo_hosts(&mut self, hosts: usize) {
+        self.start_controller();
+        for i in 0..hosts {
+            self.start_agent(i, "bridge");
+        }
+        eventually(Duration::from_secs(60), "every host to join", || {
+            self.json(&["host", "list"]).as_array().map(|a| a.len()) == Some(hosts)
+        });
+        self.ok(&["template", "build-demo", "demo"]);
+    }
+
+    /// Network `net` on 10.`a`.<lab octet>.0/24 with VNI `vni`, and profile `profile` (demo
+    /// template, 1 vCPU, 128 MiB) on it whose guests run the user data `workload(first
+    /// address)`; returns that first address (the cluster's `*-0`).
+    pub fn demo_network(&self, net: &str, a: u8, vni: u32, profile: &str, workload: impl Fn(&str) -> String) -> String {
+        let o = self.octet;
+        self.ok(&[
+            "network",
+            "create",
+            net,
+            "--subnet",
+            &format!("10.{a}.{o}.0/24"),
+            "--vni",
+            &vni.to_string(),
+        ]);
+        let first = format!("10.{a}.{o}.2");
+        let ud = self.dir.path().join(format!("{profile}.sh"));
+        std::fs::write(&ud, workload(&first)).unwrap();
+        self.ok(&[
+            "profile",
+            "create",
+            profile,
+            "--template",
+            "demo",
+            "--cpus",
+            "1",
+            "--memory",
+            "128MiB",
+            "--network",
+            net,
+            "--user-data",
+            ud.to_str().unwrap(),
+        ]);
+        first
+    }
+
     /// Every link in namespace `i`, by name.
     pub fn links(&self, i: usize) -> Vec<String> {
         ip(&["-n", &self.namespaces[i], "-o", "link", "show"])
