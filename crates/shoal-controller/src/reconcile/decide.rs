@@ -2,11 +2,13 @@
 //! with no I/O: the executor in [`super`] reads the state, asks [`vm_step`] for every VM, and
 //! carries the steps out. Unit-tested over every VM state × host look × wanted power state.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use shoal_model::{
     plural, Cluster, DeployStep, Operation, OperationKind, OperationState, Power, StepState, Vm, VmState,
 };
+use uuid::Uuid;
 
 /// How a VM's host looks to the reconciler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +79,25 @@ pub fn command(step: VmStep, due: impl FnOnce() -> bool) -> Option<Command> {
         VmStep::Remove => Some(Command::Remove),
         VmStep::EnsureIfDue | VmStep::Nothing | VmStep::Replace | VmStep::Forget => None,
     }
+}
+
+/// The VMs to remove from hosts as orphans, from what each host last reported (`reports`: the
+/// host, whether it is heard now, the VMs it listed): those the store does not place there
+/// (`known`: VM and host pairs, migrations' destinations included), and everything a failed
+/// host has (it rejoins empty). Only hosts heard now are asked: one that is not would not
+/// answer, and its last report still lists what it had (a failed host's VMs, restarted elsewhere
+/// under the same uuids).
+pub fn orphans<'a>(
+    reports: &'a [(&'a str, bool, Vec<Uuid>)],
+    known: &HashSet<(Uuid, &str)>,
+    failed: &HashSet<String>,
+) -> Vec<(&'a str, Uuid)> {
+    reports
+        .iter()
+        .filter(|(_, heard, _)| *heard)
+        .flat_map(|(host, _, vms)| vms.iter().map(move |u| (*host, *u)))
+        .filter(|(host, uuid)| failed.contains(*host) || !known.contains(&(*uuid, *host)))
+        .collect()
 }
 
 /// A running operation moved on, and whether what it created must be rolled back.
@@ -293,6 +314,30 @@ mod tests {
                 _ => EnsureIfDue,
             },
         }
+    }
+
+    #[test]
+    fn orphans_are_asked_of_heard_hosts_only_and_a_failed_host_loses_everything() {
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // `a` was restarted on h2 after h1 and then h3 failed; h3 is not heard, h1 is back.
+        let reports = vec![
+            ("h1", true, vec![a, c]),
+            ("h2", true, vec![a, b]),
+            ("h3", false, vec![a]),
+        ];
+        let known: HashSet<(Uuid, &str)> = [(a, "h2"), (b, "h2"), (c, "h1")].into();
+        let failed: HashSet<String> = ["h1".to_string(), "h3".to_string()].into();
+        let mut got = orphans(&reports, &known, &failed);
+        got.sort();
+        let mut want = vec![("h1", a), ("h1", c)];
+        want.sort();
+        assert_eq!(got, want, "h1 rejoins empty (c too), h3 is not asked, h2 keeps its own");
+        let none: HashSet<String> = HashSet::new();
+        assert_eq!(
+            orphans(&reports, &known, &none),
+            vec![("h1", a)],
+            "only what the store does not place there"
+        );
     }
 
     #[test]

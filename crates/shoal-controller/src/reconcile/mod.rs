@@ -301,29 +301,31 @@ async fn settle(ctl: &Controller) -> ApiResult<Commands> {
     }
     // Orphans: VMs a host runs that the store does not place there (a rolled-back deployment
     // whose host was unreachable, a VM re-placed away from a host that came back).
-    // Only to hosts heard now: one that is not would not answer, and its last heartbeat still
-    // lists what it had (a failed host's VMs, restarted elsewhere under the same uuids).
-    for (host, l) in &live {
-        let Some(rec) = s.hosts.get(host) else { continue };
-        if !ctl.heard(host) {
+    let reports: Vec<(&str, bool, Vec<Uuid>)> = live
+        .iter()
+        .filter(|(host, _)| s.hosts.contains_key(host.as_str()))
+        .map(|(host, l)| (host.as_str(), ctl.heard(host), l.vms.iter().map(|r| r.uuid).collect()))
+        .collect();
+    for (host, uuid) in decide::orphans(&reports, &known, &s.failed) {
+        // A removal just sent shows in heartbeats until the host's next one: not again yet.
+        if !ctl.orphan_due(uuid, host) {
             continue;
         }
-        for r in &l.vms {
-            // A removal just sent shows in heartbeats until the host's next one: not again yet.
-            // A failed host heard again rejoins empty: all it has is stale.
-            let stale = s.failed.contains(host) || !known.contains(&(r.uuid, host.as_str()));
-            if stale && ctl.orphan_due(r.uuid, host) {
-                cmds.remove
-                    .entry(host.clone())
-                    .or_insert_with(|| (rec.address.clone(), Vec::new()))
-                    .1
-                    .push(Removal {
-                        vm: None,
-                        uuid: r.uuid,
-                        name: r.name.clone(),
-                    });
-            }
-        }
+        let (Some(rec), Some(r)) = (
+            s.hosts.get(host),
+            live.get(host).and_then(|l| l.vms.iter().find(|r| r.uuid == uuid)),
+        ) else {
+            continue;
+        };
+        cmds.remove
+            .entry(host.to_string())
+            .or_insert_with(|| (rec.address.clone(), Vec::new()))
+            .1
+            .push(Removal {
+                vm: None,
+                uuid,
+                name: r.name.clone(),
+            });
     }
     Ok(cmds)
 }
