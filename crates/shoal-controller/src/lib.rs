@@ -133,6 +133,9 @@ pub struct Inner {
     /// Checkpoint images already checked whole (every chunk present and matching its id) or
     /// found damaged, by manifest: an image never changes.
     pub(crate) checked_images: Mutex<HashMap<String, bool>>,
+    /// The hosts that may be peers (on, not failed) with their `host:port`, and when they were
+    /// read: every heartbeat's answer needs them, and they change rarely.
+    peer_candidates: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
     /// Why each host that is not up is what it is, as the failure detector last concluded.
     pub(crate) host_notes: Mutex<HashMap<String, String>>,
     /// VMs whose migration has an executor task in this process.
@@ -233,6 +236,29 @@ impl Controller {
                 peers: hb.peers,
             },
         );
+    }
+
+    /// The hosts that may be peers: switched on and not failed, with their agents' `host:port`,
+    /// read at most once a second.
+    pub async fn peer_candidates(&self) -> error::ApiResult<Arc<Vec<(String, String)>>> {
+        let mut cached = self.peer_candidates.lock().await;
+        if let Some((at, c)) = cached.as_ref() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return Ok(c.clone());
+            }
+        }
+        let marks = capacity::HostMarks::read(self).await?;
+        let c: Arc<Vec<(String, String)>> = Arc::new(
+            self.db
+                .hosts()
+                .await?
+                .into_iter()
+                .filter(|h| !marks.powered_off.contains(&h.name) && !marks.failed.contains(&h.name))
+                .map(|h| (h.name.clone(), domain::agents::authority(&h.address).to_string()))
+                .collect(),
+        );
+        *cached = Some((Instant::now(), c.clone()));
+        Ok(c)
     }
 
     /// When the controller started (unix ms): nothing it heard before counts after a restart.
@@ -384,6 +410,7 @@ pub async fn start_with_store(config: ControllerConfig, store: Arc<dyn Store>) -
         checkpointing: Mutex::new(HashSet::new()),
         checked_images: Mutex::new(HashMap::new()),
         host_notes: Mutex::new(HashMap::new()),
+        peer_candidates: tokio::sync::Mutex::new(None),
         migration_mib_s: Mutex::new(HashMap::new()),
         driving: Mutex::new(HashSet::new()),
         stopped: stop_rx.clone(),

@@ -107,27 +107,61 @@ pub async fn heartbeat(
     auth::check_agent(ctl, presented, name).await?;
     ctl.db.known_host(name).await?;
     ctl.record_heartbeat(name, hb);
-    let marks = crate::capacity::HostMarks::read(ctl).await?;
-    let peers = ctl
-        .db
-        .hosts()
-        .await?
-        .into_iter()
-        .filter(|h| h.name != name && !marks.powered_off.contains(&h.name) && !marks.failed.contains(&h.name))
-        .map(|h| PeerAddress {
-            address: authority(&h.address).to_string(),
-            host: h.name,
-        })
-        .collect();
+    let peers = peers_of(name, &ctl.peer_candidates().await?);
     Ok(HeartbeatReply {
         lease_ms: ctl.config.host_timeout.as_millis() as u64,
         peers,
     })
 }
 
+/// The most peers a host checks: enough that a majority of them tells a cut-off host from a
+/// dead one, few enough that a pool of thousands does not probe itself quadratically.
+pub const PEERS: usize = 8;
+
+/// The peers `host` checks among `candidates` (name, `host:port`): up to [`PEERS`], those that
+/// rank first for it by rendezvous hashing, so that its set changes only when one of them
+/// comes or goes, and every host is some other hosts' peer.
+pub fn peers_of(host: &str, candidates: &[(String, String)]) -> Vec<PeerAddress> {
+    let mut ranked: Vec<(blake3::Hash, &(String, String))> = candidates
+        .iter()
+        .filter(|(name, _)| name != host)
+        .map(|c| (blake3::hash(format!("{host}/{}", c.0).as_bytes()), c))
+        .collect();
+    ranked.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    ranked
+        .into_iter()
+        .take(PEERS)
+        .map(|(_, (name, address))| PeerAddress {
+            host: name.clone(),
+            address: address.clone(),
+        })
+        .collect()
+}
+
 /// `host:port` of an agent's base URL (`http://10.0.0.2:7701` → `10.0.0.2:7701`): where its
 /// peers connect to check it is reachable.
-fn authority(url: &str) -> &str {
+pub(crate) fn authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_checks_a_stable_bounded_set_of_peers_never_itself() {
+        let hosts: Vec<(String, String)> = (0..50).map(|i| (format!("h{i}"), format!("10.0.0.{i}:7701"))).collect();
+        let p = peers_of("h7", &hosts);
+        assert_eq!(p.len(), PEERS);
+        assert!(p.iter().all(|x| x.host != "h7"));
+        assert_eq!(p, peers_of("h7", &hosts), "deterministic");
+        // One host leaving changes at most one peer.
+        let fewer: Vec<(String, String)> = hosts.iter().filter(|h| h.0 != p[0].host).cloned().collect();
+        let q = peers_of("h7", &fewer);
+        assert_eq!(q.iter().filter(|x| p.contains(x)).count(), PEERS - 1);
+        // Small pools: everyone else.
+        assert_eq!(peers_of("h1", &hosts[..3]).len(), 2);
+        assert_eq!(authority("http://10.0.0.2:7701/"), "10.0.0.2:7701");
+    }
 }
