@@ -87,6 +87,9 @@ impl ControllerConfig {
     }
 }
 
+/// Hosts that may be peers, with their agents' `host:port`.
+pub type PeerCandidates = Arc<Vec<(String, String)>>;
+
 /// What the controller last heard from a host's agent.
 #[derive(Clone, Debug)]
 pub struct Liveness {
@@ -135,7 +138,7 @@ pub struct Inner {
     pub(crate) checked_images: Mutex<HashMap<String, bool>>,
     /// The hosts that may be peers (on, not failed) with their `host:port`, and when they were
     /// read: every heartbeat's answer needs them, and they change rarely.
-    peer_candidates: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+    peer_candidates: tokio::sync::Mutex<Option<(Instant, PeerCandidates)>>,
     /// Why each host that is not up is what it is, as the failure detector last concluded.
     pub(crate) host_notes: Mutex<HashMap<String, String>>,
     /// VMs whose migration has an executor task in this process.
@@ -240,7 +243,7 @@ impl Controller {
 
     /// The hosts that may be peers: switched on and not failed, with their agents' `host:port`,
     /// read at most once a second.
-    pub async fn peer_candidates(&self) -> error::ApiResult<Arc<Vec<(String, String)>>> {
+    pub async fn peer_candidates(&self) -> error::ApiResult<PeerCandidates> {
         let mut cached = self.peer_candidates.lock().await;
         if let Some((at, c)) = cached.as_ref() {
             if at.elapsed() < Duration::from_secs(1) {
@@ -248,7 +251,7 @@ impl Controller {
             }
         }
         let marks = capacity::HostMarks::read(self).await?;
-        let c: Arc<Vec<(String, String)>> = Arc::new(
+        let c: PeerCandidates = Arc::new(
             self.db
                 .hosts()
                 .await?
