@@ -272,14 +272,25 @@ impl Controller {
     /// The last time a host that is heard now reported reaching `host` (unix ms): the failure
     /// detector's second channel.
     pub fn peer_seen(&self, host: &str) -> Option<u64> {
+        self.peers_seen().get(host).copied()
+    }
+
+    /// [`Self::peer_seen`] of every host at once, in one pass over the heard hosts' reports.
+    pub fn peers_seen(&self) -> HashMap<String, u64> {
         let timeout = self.config.host_timeout;
-        self.live
-            .lock()
-            .expect("liveness lock")
-            .iter()
-            .filter(|(peer, l)| peer.as_str() != host && l.seen.elapsed() < timeout)
-            .filter_map(|(_, l)| l.reached.get(host).copied())
-            .max()
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        for (peer, l) in self.live.lock().expect("liveness lock").iter() {
+            if l.seen.elapsed() >= timeout {
+                continue;
+            }
+            for (host, at) in &l.reached {
+                if host != peer {
+                    let e = seen.entry(host.clone()).or_default();
+                    *e = (*e).max(*at);
+                }
+            }
+        }
+        seen
     }
 
     /// Not heard from, but reached by a heard peer within the host timeout.

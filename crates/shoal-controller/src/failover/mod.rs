@@ -116,6 +116,7 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
     let live = ctl.liveness();
     let heard_hosts: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).filter(|h| ctl.heard(h)).collect();
     let (now, timeout) = (now_ms(), ctl.config.host_timeout.as_millis() as u64);
+    let peers_seen = ctl.peers_seen();
     for h in &hosts {
         let power = powers.get(&h.name);
         // A host switched off (or not on yet) is not failing.
@@ -127,7 +128,7 @@ async fn detect(ctl: &Controller) -> ApiResult<()> {
         let evidence = decide::Evidence {
             heard: heard_hosts.contains(h.name.as_str()),
             heartbeat_ms: l.map(|l| l.seen_unix_ms),
-            peer_seen_ms: ctl.peer_seen(&h.name),
+            peer_seen_ms: peers_seen.get(&h.name).copied(),
             peers: l.map(|l| l.peers.as_slice()),
             power_off: power.is_some_and(|p| p.config.power_off_command.is_some()),
         };
