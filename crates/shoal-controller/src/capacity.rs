@@ -214,13 +214,7 @@ impl HostSnapshot {
         ctl: &Controller,
         except: Option<uuid::Uuid>,
     ) -> ApiResult<(HostSnapshot, HashMap<String, Cluster>, Vec<Vm>)> {
-        let clusters: HashMap<String, Cluster> = ctl
-            .db
-            .clusters()
-            .await?
-            .into_iter()
-            .map(|c| (c.name.clone(), c))
-            .collect();
+        let clusters = ctl.db.clusters_by_name().await?;
         let vms = ctl.db.vms().await?;
         let snap = HostSnapshot::read(ctl).await?.with_vms(
             vms.iter()

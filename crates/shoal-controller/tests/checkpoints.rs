@@ -9,6 +9,34 @@ use std::time::Duration;
 use common::{cluster, wait_for, Harness, Opts};
 use shoal_model::{OperationKind, OperationState, VmState};
 
+/// Three hosts whose VMs outlive their agents, declared failed 1.5 s after their last sign of
+/// life; template `t` and profile `p` (1 vCPU, 256 MiB).
+async fn failing_pool() -> Harness {
+    let h = Harness::start(Opts {
+        hosts: 3,
+        host_timeout: Duration::from_millis(1500),
+        persistent: true,
+        ..Default::default()
+    })
+    .await;
+    h.template("t").await;
+    h.profile("p", "t", 1, "256MiB").await;
+    h
+}
+
+/// The first host evacuation to succeed.
+async fn evacuated(h: &Harness) -> shoal_model::Operation {
+    wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
+        h.client
+            .operations()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|o| o.kind == OperationKind::HostEvacuate && o.state == OperationState::Succeeded)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_taken_kept_in_two_places_profiled_and_pruned() {
     let h = Harness::start(Opts {
@@ -113,15 +141,7 @@ async fn checkpoints_are_taken_kept_in_two_places_profiled_and_pruned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm_restarts_from_it() {
-    let mut h = Harness::start(Opts {
-        hosts: 3,
-        host_timeout: Duration::from_millis(1500),
-        persistent: true,
-        ..Default::default()
-    })
-    .await;
-    h.template("t").await;
-    h.profile("p", "t", 1, "256MiB").await;
+    let mut h = failing_pool().await;
     let mut req = cluster("ha", "p", 3);
     req.checkpoint_interval = Some("5s".into());
     let op = h.client.create_cluster(&req).await.unwrap();
@@ -153,15 +173,7 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
     let e = h.client.checkpoint_vm(&vms[0].name).await.unwrap_err();
     assert!(matches!(e.status(), Some(409 | 503)), "{e}");
     assert_eq!(h.client.vm_blocks(&vms[0].name).await.unwrap().checkpoints.len(), kept);
-    let op = wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
-        h.client
-            .operations()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|o| o.kind == OperationKind::HostEvacuate && o.state == OperationState::Succeeded)
-    })
-    .await;
+    let op = evacuated(&h).await;
     assert!(op.steps[1].message.contains("from checkpoint #"), "{op:?}");
     let after = h.client.vm(&vms[0].name).await.unwrap();
     assert_eq!(after.state, VmState::Running);
@@ -187,15 +199,7 @@ async fn the_scheduler_checkpoints_each_vm_at_its_interval_and_a_failed_hosts_vm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_latest_checkpoint_is_passed_over_for_the_one_before_and_said_so() {
-    let mut h = Harness::start(Opts {
-        hosts: 3,
-        host_timeout: Duration::from_millis(1500),
-        persistent: true,
-        ..Default::default()
-    })
-    .await;
-    h.template("t").await;
-    h.profile("p", "t", 1, "256MiB").await;
+    let mut h = failing_pool().await;
     let op = h.client.create_cluster(&cluster("cc", "p", 1)).await.unwrap();
     assert_eq!(
         h.client.wait(op.id, |_| {}).await.unwrap().state,
@@ -260,15 +264,7 @@ async fn a_damaged_latest_checkpoint_is_passed_over_for_the_one_before_and_said_
     h.wait_peers().await;
     let i: usize = vm.host.trim_start_matches("host").parse::<usize>().unwrap() - 1;
     h.agents[i].take().unwrap().kill();
-    let op = wait_for("the evacuation to succeed", Duration::from_secs(20), async || {
-        h.client
-            .operations()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|o| o.kind == OperationKind::HostEvacuate && o.state == OperationState::Succeeded)
-    })
-    .await;
+    let op = evacuated(&h).await;
     let msg = &op.steps[1].message;
     assert!(
         msg.contains("from checkpoint #1") && msg.contains("#2 damaged"),

@@ -543,6 +543,15 @@ impl Datastore {
     pub async fn clusters(&self) -> ApiResult<Vec<Cluster>> {
         self.values(keys::CLUSTERS).await
     }
+    /// Every cluster, by name.
+    pub async fn clusters_by_name(&self) -> ApiResult<HashMap<String, Cluster>> {
+        Ok(self
+            .clusters()
+            .await?
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect())
+    }
     pub async fn clusters_versioned(&self) -> ApiResult<Vec<Versioned<Cluster>>> {
         self.list(keys::CLUSTERS).await
     }

@@ -106,8 +106,8 @@ pub async fn checkpoint_vm(ctl: &Controller, name: &str) -> ApiResult<Checkpoint
         seconds = cp.seconds,
         "checkpoint taken"
     );
-    let previous = chain.checkpoints.last().map(|c| c.manifest.clone());
-    let blocks = counts(ctl, &vm.template, previous.as_deref(), &cp.manifest).await?;
+    let previous = chain.checkpoints.last().map(|c| c.manifest.as_str());
+    let blocks = counts(ctl, &vm.template, previous, &[&cp.manifest]).await?.remove(0);
     Ok(CheckpointBlocks {
         safe: cp.safe(),
         checkpoint: cp,
@@ -224,8 +224,9 @@ async fn forget_images(ctl: &Controller, vm: &str, dropped: &[Checkpoint]) {
     }
 }
 
-/// Block counts of a checkpoint: against the VM's template and its previous checkpoint.
-async fn counts(ctl: &Controller, template: &str, previous: Option<&str>, manifest: &str) -> ApiResult<BlockCounts> {
+/// Block counts of checkpoint images (`chain`, oldest first), each against the VM's template
+/// and the image before it (`before` for the first): every manifest read once.
+async fn counts(ctl: &Controller, template: &str, before: Option<&str>, chain: &[&str]) -> ApiResult<Vec<BlockCounts>> {
     let template = ctl
         .db
         .template(template)
@@ -234,31 +235,35 @@ async fn counts(ctl: &Controller, template: &str, previous: Option<&str>, manife
         .and_then(|d| d.manifest().map(str::to_string));
     let parse = |m: &str| m.parse::<shoal_image::ManifestId>().map_err(ApiError::from);
     let template = template.as_deref().map(parse).transpose()?;
-    let previous = previous.map(parse).transpose()?;
-    let this = parse(manifest)?;
+    let before = before.map(parse).transpose()?;
+    let chain: Vec<shoal_image::ManifestId> = chain.iter().map(|m| parse(m)).collect::<ApiResult<_>>()?;
     blocking(ctl, move |s| {
-        let empty = shoal_image::Manifest {
-            params: shoal_image::ChunkParams::V1,
-            size: 0,
-            extents: Vec::new(),
-        };
         let t = match template {
             Some(t) => s.manifest(&t)?,
-            None => empty,
+            None => shoal_image::Manifest {
+                params: shoal_image::ChunkParams::V1,
+                size: 0,
+                extents: Vec::new(),
+            },
         };
-        let p = previous.map(|p| s.manifest(&p)).transpose()?;
-        let m = s.manifest(&this)?;
-        let b = shoal_image::profile(&t, p.as_ref(), &m);
-        Ok(BlockCounts {
-            size: b.size,
-            zero_bytes: b.zero_bytes,
-            template_chunks: b.template_chunks,
-            template_bytes: b.template_bytes,
-            own_chunks: b.own_chunks,
-            own_bytes: b.own_bytes,
-            new_chunks: b.new_chunks,
-            new_bytes: b.new_bytes,
-        })
+        let mut previous = before.map(|p| s.manifest(&p)).transpose()?;
+        let mut out = Vec::with_capacity(chain.len());
+        for id in &chain {
+            let m = s.manifest(id)?;
+            let b = shoal_image::profile(&t, previous.as_ref(), &m);
+            out.push(BlockCounts {
+                size: b.size,
+                zero_bytes: b.zero_bytes,
+                template_chunks: b.template_chunks,
+                template_bytes: b.template_bytes,
+                own_chunks: b.own_chunks,
+                own_bytes: b.own_bytes,
+                new_chunks: b.new_chunks,
+                new_bytes: b.new_bytes,
+            });
+            previous = Some(m);
+        }
+        Ok(out)
     })
     .await
 }
@@ -273,17 +278,18 @@ pub async fn vm_blocks(ctl: &Controller, name: &str) -> ApiResult<VmBlocks> {
         .map(|c| c.value.shape.ha)
         .unwrap_or_default();
     let chain = chain_of(ctl, &vm).await?;
-    let mut checkpoints = Vec::new();
-    let mut previous: Option<String> = None;
-    for c in chain.checkpoints {
-        let blocks = counts(ctl, &vm.template, previous.as_deref(), &c.manifest).await?;
-        previous = Some(c.manifest.clone());
-        checkpoints.push(CheckpointBlocks {
+    let manifests: Vec<&str> = chain.checkpoints.iter().map(|c| c.manifest.as_str()).collect();
+    let blocks = counts(ctl, &vm.template, None, &manifests).await?;
+    let checkpoints = chain
+        .checkpoints
+        .iter()
+        .zip(blocks)
+        .map(|(c, blocks)| CheckpointBlocks {
             safe: c.safe(),
-            checkpoint: c,
+            checkpoint: c.clone(),
             blocks,
-        });
-    }
+        })
+        .collect();
     Ok(VmBlocks {
         vm: vm.name,
         template: vm.template,
@@ -395,13 +401,7 @@ async fn schedule(
     running: &std::sync::Arc<tokio::sync::Semaphore>,
     failed_at: &FailedAt,
 ) -> ApiResult<()> {
-    let clusters: HashMap<String, shoal_model::Cluster> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .map(|c| (c.name.clone(), c))
-        .collect();
+    let clusters = ctl.db.clusters_by_name().await?;
     if clusters.values().all(|c| c.shape.ha.checkpoint_interval_s.is_none()) {
         return Ok(());
     }

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use shoal_model::power::{ConsolidationPlan, HostPower, PlannedMove, PowerState};
-use shoal_model::{AntiAffinity, Cluster, VmState};
+use shoal_model::{AntiAffinity, VmState};
 use shoal_policy::consolidate::{self, Consolidator};
 use shoal_policy::rebalance::Move;
 
@@ -48,13 +48,7 @@ pub async fn plan(ctl: &Controller, commit: bool) -> ApiResult<ConsolidationPlan
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let powers = energy::power_records(ctl, hosts).await?;
-    let clusters: HashMap<String, Cluster> = ctl
-        .db
-        .clusters()
-        .await?
-        .into_iter()
-        .map(|c| (c.name.clone(), c))
-        .collect();
+    let clusters = ctl.db.clusters_by_name().await?;
     // Up to placement: not down, draining, in maintenance or powered off.
     let in_service: Vec<bool> = snap
         .snapshot
